@@ -1,0 +1,145 @@
+"""Training datasets for stage 1 (two global views) and stage 3 (global + intra + inter).
+
+A file that fails to decode mid-run is not fatal: the sample is replaced by the next
+readable one and the file is reported once through the logger (pre-run scans already drop
+files whose header cannot be read).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from orl.augment import byol_pipeline, crop_patch
+from orl.boxes import jitter_box
+from orl.config import AugmentConfig, TrainConfig
+from orl.correspondence import Correspondence
+from orl.images import ImageError, load_rgb
+
+log = logging.getLogger(__name__)
+
+
+class _Robust(torch.utils.data.Dataset):
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+        self.bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        for k in range(len(self.paths)):
+            j = (i + k) % len(self.paths)
+            if j in self.bad:
+                continue
+            try:
+                return self.sample(j)
+            except ImageError as exc:
+                self.bad.add(j)
+                log.warning("skipping unreadable image %s: %s", self.paths[j], exc)
+        raise RuntimeError("no readable image left in the dataset")
+
+    def sample(self, i: int):
+        raise NotImplementedError
+
+
+class BYOLDataset(_Robust):
+    """Two augmented global views of each image: {"global": (v1, v2)}."""
+
+    def __init__(self, paths: list[str], aug: AugmentConfig):
+        super().__init__(paths)
+        self.t1 = byol_pipeline(1, aug.image_size, aug.min_scale)
+        self.t2 = byol_pipeline(2, aug.image_size, aug.min_scale)
+
+    def sample(self, i: int):
+        img = load_rgb(self.paths[i])
+        return {"global": (self.t1(img), self.t2(img))}
+
+
+class ORLDataset(_Robust):
+    """Stage-3 samples, as the authors build them.
+
+    For image x: two global views; an intra-RoI pair (one random filtered box of x and a
+    jittered copy); an inter-RoI pair (one random mined pair between x and one random
+    neighbour that has pairs). Patches are cut from the original images and warped to
+    patch_size, then augmented with the BYOL pipelines minus the random crop. An image
+    without boxes yields no intra pair; one without mined pairs yields no inter pair: it
+    still trains through the other branches.
+    """
+
+    def __init__(self, root: str | Path, corr: Correspondence, aug: AugmentConfig, train: TrainConfig):
+        super().__init__([str(Path(root) / f) for f in corr.files])
+        self.corr = corr
+        self.aug = aug
+        self.train_cfg = train
+        self.t1 = byol_pipeline(1, aug.image_size, aug.min_scale)
+        self.t2 = byol_pipeline(2, aug.image_size, aug.min_scale)
+        self.p1 = byol_pipeline(1, aug.patch_size, random_crop=False)
+        self.p2 = byol_pipeline(2, aug.patch_size, random_crop=False)
+
+    def sample(self, i: int):
+        # One numpy Generator per sample, drawn from torch's (per-worker seeded) RNG, so the
+        # box choice and jitter are reproducible for a given run seed.
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+        img = load_rgb(self.paths[i])
+        out = {"global": (self.t1(img), self.t2(img)), "intra": None, "inter": None}
+        boxes = self.corr.boxes[i]
+        if len(boxes):
+            b = boxes[rng.integers(len(boxes))]
+            jb = jitter_box(b, img.size, rng, self.train_cfg.jitter_tries, self.train_cfg.jitter_min_iou)
+            s = self.aug.patch_size
+            out["intra"] = (self.p1(crop_patch(img, b, s)), self.p2(crop_patch(img, jb, s)))
+        with_pairs = [k for k, p in enumerate(self.corr.pairs[i]) if len(p)]
+        if with_pairs:
+            k = with_pairs[rng.integers(len(with_pairs))]
+            pair = self.corr.pairs[i][k][rng.integers(len(self.corr.pairs[i][k]))]
+            j = int(self.corr.knn[i, k])
+            try:
+                other = load_rgb(self.paths[j])
+                s = self.aug.patch_size
+                out["inter"] = (self.p1(crop_patch(img, pair[:4], s)), self.p2(crop_patch(other, pair[4:], s)))
+            except ImageError as exc:  # a bad neighbour costs only this inter pair
+                log.warning("neighbour %s unreadable: %s", self.paths[j], exc)
+        return out
+
+
+def collate_views(batch: list[dict]) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Stack each branch's pairs; a branch with fewer than 2 samples is None (BN needs 2)."""
+    out = {}
+    for key in batch[0]:
+        items = [b[key] for b in batch if b[key] is not None]
+        out[key] = (torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])) if len(items) >= 2 else None
+    return out
+
+
+class ResumableSampler(torch.utils.data.Sampler[int]):
+    """A per-epoch seeded permutation that can start mid-epoch, sharded over ranks.
+
+    The permutation depends only on (seed, epoch), so a resumed run sees exactly the
+    remaining indices of the interrupted epoch: no sample lost or repeated.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.epoch = 0
+        self.start_step = 0
+
+    def steps_per_epoch(self) -> int:
+        return (self.n // self.world) // self.batch_size
+
+    def set_position(self, epoch: int, start_step: int) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        mine = perm[self.rank :: self.world]
+        usable = self.steps_per_epoch() * self.batch_size
+        return iter(mine[self.start_step * self.batch_size : usable])
+
+    def __len__(self) -> int:
+        return max(0, (self.steps_per_epoch() - self.start_step) * self.batch_size)

@@ -1,0 +1,231 @@
+"""Selective-search region proposals: the only place that touches cv2.ximgproc.
+
+OpenCV's selective search is fragile: it can assert on unusual aspect ratios and takes
+minutes on very large images. So each image is proposed in a worker process with a time
+limit; a timeout, an exception or a crash becomes a per-image failure record with its reason,
+and the run goes on. Images are downscaled to ``max_side_px`` first (None keeps full
+resolution, the authors' path) and boxes are mapped back to original pixels.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import wait as mp_wait
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from orl.boxes import filter_boxes
+
+
+@dataclass
+class ProposalResult:
+    """Outcome for one image. ``boxes``: (K, 4) float xyxy in original pixels, filtered."""
+
+    path: str
+    ok: bool
+    reason: str = ""
+    width: int = 0
+    height: int = 0
+    n_raw: int = 0
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    seconds: float = 0.0
+
+    def to_record(self) -> dict:
+        d = asdict(self)
+        d["n_boxes"] = len(self.boxes)
+        del d["boxes"]
+        return d
+
+
+def selective_search(rgb: np.ndarray, mode: str = "fast", max_side_px: int | None = None) -> np.ndarray:
+    """Raw selective-search boxes in OpenCV's order. (H, W, 3) uint8 RGB -> (N, 4) float xyxy.
+
+    With ``max_side_px`` the image is downscaled (INTER_AREA) so its longer side is at most
+    that, and the boxes are scaled back to original pixels.
+    """
+    import cv2
+
+    cv2.setNumThreads(1)  # parallelism comes from the worker processes, not OpenCV threads
+    if mode not in ("fast", "quality", "single"):
+        raise ValueError(f"unknown selective search mode {mode!r}; valid: fast, quality, single")
+    h, w = rgb.shape[:2]
+    scale = 1.0
+    img = rgb
+    if max_side_px is not None and max(h, w) > max_side_px:
+        scale = max_side_px / max(h, w)
+        img = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    bgr = np.ascontiguousarray(img[:, :, ::-1])
+    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    ss.setBaseImage(bgr)
+    {"fast": ss.switchToSelectiveSearchFast, "quality": ss.switchToSelectiveSearchQuality,
+     "single": ss.switchToSingleStrategy}[mode]()
+    rects = np.asarray(ss.process(), dtype=np.float64).reshape(-1, 4)  # x, y, w, h
+    boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1) / scale
+    boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, w)
+    boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, h)
+    return boxes
+
+
+def propose_image(path: str, params: dict) -> ProposalResult:
+    """Decode, run selective search, apply the official filter. Never raises for a bad image."""
+    from orl.images import ImageError, load_rgb
+
+    t0 = time.perf_counter()
+    try:
+        img = load_rgb(path)
+    except ImageError as exc:
+        return ProposalResult(path, False, str(exc), seconds=time.perf_counter() - t0)
+    w, h = img.size
+    try:
+        raw = selective_search(np.asarray(img), params.get("mode", "fast"), params.get("max_side_px"))
+    except Exception as exc:  # cv2.error and friends: record, do not stop the run
+        return ProposalResult(path, False, f"selective search failed: {type(exc).__name__}: {exc}".strip(),
+                              w, h, seconds=time.perf_counter() - t0)
+    if len(raw) == 0:
+        return ProposalResult(path, False, "selective search returned no regions", w, h,
+                              seconds=time.perf_counter() - t0)
+    kept = filter_boxes(raw, params.get("min_side_px", 96.0), params.get("max_aspect", 3.0),
+                        params.get("max_iou", 0.5), params.get("max_boxes", 100))
+    return ProposalResult(path, True, "", w, h, len(raw), kept, time.perf_counter() - t0)
+
+
+def _read_msg(stream):
+    head = stream.read(8)
+    if len(head) < 8:
+        raise EOFError("worker pipe closed")
+    body = stream.read(int.from_bytes(head, "little"))
+    return pickle.loads(body)
+
+
+def _write_msg(stream, obj) -> None:
+    body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(len(body).to_bytes(8, "little") + body)
+    stream.flush()
+
+
+def worker_main() -> None:
+    """Body of ``python -m orl.proposals``: read (idx, path, params), write (idx, result)."""
+    out = sys.stdout.buffer
+    sys.stdout = sys.stderr  # keep the protocol pipe clean of stray prints
+    while True:
+        try:
+            msg = _read_msg(sys.stdin.buffer)
+        except EOFError:
+            return
+        if msg is None:
+            return
+        idx, path, params = msg
+        _write_msg(out, (idx, propose_image(path, params)))
+
+
+class _Worker:
+    """A selective-search worker: a fresh interpreter (``python -m orl.proposals``) on pipes.
+
+    A plain subprocess, not multiprocessing: it neither re-imports the caller's __main__
+    nor inherits torch/CUDA state, and daemonic processes (Celery's prefork pool) may start
+    it, which they may not do with multiprocessing.
+    """
+
+    def __init__(self):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "orl.proposals"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env)
+        self.task: tuple[int, str] | None = None
+        self.deadline = 0.0
+        self.started = 0.0
+
+    def send(self, msg) -> None:
+        _write_msg(self.proc.stdin, msg)
+
+    def recv(self):
+        return _read_msg(self.proc.stdout)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(5)
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        try:
+            self.send(None)
+            self.proc.stdin.close()
+            self.proc.wait(2)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        if self.proc.poll() is None:
+            self.kill()
+
+
+def run_proposals(
+    paths: Iterable[str],
+    params: dict,
+    workers: int = 2,
+    timeout_s: float = 60.0,
+) -> Iterator[tuple[int, ProposalResult]]:
+    """Propose every image; yields (index, result) as results arrive (not in order).
+
+    ``workers=0`` runs in this process (no time limit, no crash isolation): for callers
+    that are already sandboxed, e.g. daemonic Celery pool processes that cannot fork.
+    """
+    items = list(enumerate(paths))
+    if workers <= 0:
+        for idx, p in items:
+            yield idx, propose_image(p, params)
+        return
+    pool = [_Worker() for _ in range(min(workers, max(1, len(items))))]
+    todo = list(reversed(items))
+    try:
+        while todo or any(w.task for w in pool):
+            for w in pool:
+                if w.task is None and todo:
+                    idx, p = todo.pop()
+                    w.task, w.started = (idx, p), time.monotonic()
+                    w.deadline = w.started + timeout_s
+                    w.send((idx, p, params))
+            busy = [w for w in pool if w.task]
+            wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+            ready = mp_wait([w.proc.stdout for w in busy], timeout=wait_s)
+            for i, w in enumerate(pool):
+                if w.task is None:
+                    continue
+                idx, p = w.task
+                reason = None
+                if w.proc.stdout in ready:
+                    try:
+                        got_idx, result = w.recv()
+                        w.task = None
+                        yield got_idx, result
+                        continue
+                    except (EOFError, OSError, pickle.UnpicklingError):
+                        code = w.proc.wait(5)
+                        reason = f"selective search worker crashed (exit code {code})"
+                elif time.monotonic() >= w.deadline:
+                    reason = f"selective search timed out after {timeout_s:g} s"
+                if reason:
+                    w.kill()
+                    pool[i] = _Worker()
+                    yield idx, ProposalResult(p, False, reason, seconds=time.monotonic() - w.started)
+    finally:
+        for w in pool:
+            w.close()
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+if __name__ == "__main__":
+    # Import by name so pickled results reference orl.proposals, not __main__.
+    from orl.proposals import worker_main as _main
+
+    _main()
