@@ -92,6 +92,25 @@ class Config:
             kwargs[name] = typ(**{k: v for k, v in d.get(name, {}).items() if k in known})
         return cls(preset=d.get("preset", "custom"), **kwargs)
 
+    def validate(self) -> "Config":
+        """Raise ValueError naming the valid choices for any bad name or range; return self."""
+        from orl.models.backbones import BACKBONES
+
+        if self.model.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.model.backbone!r}; valid backbones: {', '.join(BACKBONES)}")
+        if self.mine.roi_mode not in ("crop", "roi_align"):
+            raise ValueError(f"unknown roi_mode {self.mine.roi_mode!r}; valid: crop, roi_align")
+        if self.mine.ss_mode not in ("fast", "quality", "single"):
+            raise ValueError(f"unknown ss_mode {self.mine.ss_mode!r}; valid: fast, quality, single")
+        if not 0 < self.mine.pair_ratio <= 1:
+            raise ValueError(f"mine.pair_ratio must be in (0, 1], got {self.mine.pair_ratio}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self.train, name) < 1:
+                raise ValueError(f"train.{name} must be at least 1, got {getattr(self.train, name)}")
+        if self.augment.image_size < 32 or self.augment.patch_size < 32:
+            raise ValueError("augment.image_size and augment.patch_size must be at least 32 px")
+        return self
+
     def override(self, **dotted: Any) -> "Config":
         """Return a copy with ``section.field=value`` overrides applied (None values skipped)."""
         cfg = self

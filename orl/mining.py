@@ -340,4 +340,4 @@ def _write_status(path: Path, files, props, failed) -> None:
             elif not r.ok:
                 w.writerow([f, "no_boxes", r.reason, r.width, r.height, r.n_raw, 0, f"{r.seconds:.3f}"])
             else:
-                w.writerow([f, "ok", "", r.width, r.height, r.n_raw, len(r.boxes), f"{r.seconds:.3f}"])
+                w.writerow([f, "ok", r.reason, r.width, r.height, r.n_raw, len(r.boxes), f"{r.seconds:.3f}"])

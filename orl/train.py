@@ -145,10 +145,10 @@ def train(
                          "loss_intra", "loss_inter", "images_per_s", "time"])
     last_metrics: dict[str, Any] = {}
     pbar = _progress_bar(total_steps, global_step, show_progress and rank == 0, stage)
-    stopped = False
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
     t_start = time.time()
     steps_done_here = 0
+    stopped = max_steps is not None and global_step >= max_steps
     try:
         while epoch < tc.epochs and not stopped:
             sampler.set_position(epoch, step_in_epoch)

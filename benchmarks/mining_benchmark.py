@@ -1,0 +1,266 @@
+#!/usr/bin/env python
+"""Stage-2 benchmark: our miner against the paper-faithful reference path, side by side.
+
+One run, one stage-1 checkpoint, one machine:
+1. Our miner over the whole folder (default ../shared/data/coco128, 256 photos), once per
+   selective-search scale (max side 320, 500, full resolution) and once with roi_align:
+   wall time and images/s of every stage-2 step, CNN forwards, pairs, pair precision
+   against the ground truth (labels are read only here, to score).
+2. The reference path, as the authors' code does it, on a subset of query images:
+   full-resolution selective search, and for every query its own boxes plus each of its
+   K neighbours' boxes re-cropped and re-encoded, one process. Our per-image cost on the
+   same images is measured in the same process (downscaled selective search, each image's
+   boxes encoded once). Both are repeated --repeats times, interleaved; medians reported.
+Writes benchmarks/results/mining_<dataset>_<device>.json and a .md summary beside it.
+
+Usage: python benchmarks/mining_benchmark.py [--images DIR --labels DIR] [--checkpoint CKPT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from orl.checkpoint import load_model  # noqa: E402
+from orl.config import get_preset  # noqa: E402
+from orl.correspondence import Correspondence  # noqa: E402
+from orl.images import list_images, load_rgb  # noqa: E402
+from orl.labels import load_labels  # noqa: E402
+from orl.metrics import correspondence_precision  # noqa: E402
+from orl.mining import embed_images, embed_rois, knn_search, mine, select_pairs  # noqa: E402
+from orl.proposals import propose_image  # noqa: E402
+from orl.train import resolve_device, train  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data" / "coco128"
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", default=str(SHARED / "images"))
+    p.add_argument("--labels", default=str(SHARED / "labels"))
+    p.add_argument("--checkpoint", help="stage-1 checkpoint; default: train one (--preset, --epochs)")
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--scales", default="320,500,full", help="selective-search max sides to compare")
+    p.add_argument("--ref-queries", type=int, default=6, help="query images for the reference path")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--work", default=str(REPO / "benchmarks" / "work"))
+    p.add_argument("--out", help="results json (default benchmarks/results/mining_<dataset>_<device>.json)")
+    return p.parse_args()
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev).replace(" ", "-")
+    return f"cpu{torch.get_num_threads()}t"
+
+
+def restrict(corr: Correspondence, keep: set[int]) -> Correspondence:
+    """Same correspondence with pairs only for the query images in ``keep``."""
+    pairs = [row if i in keep else [np.zeros((0, 8)) for _ in row] for i, row in enumerate(corr.pairs)]
+    scores = [row if i in keep else [np.zeros(0) for _ in row] for i, row in enumerate(corr.pair_scores)]
+    return dataclasses.replace(corr, pairs=pairs, pair_scores=scores)
+
+
+def ss_params(mc, max_side):
+    return {"mode": mc.ss_mode, "max_side_px": max_side, "min_side_px": mc.min_side_px,
+            "max_aspect": mc.max_aspect, "max_iou": mc.max_iou, "max_boxes": mc.max_boxes}
+
+
+def reference_query(model, mc, paths, q, nbrs, boxes_full, dev):
+    """The authors' per-query work: encode the query's and every neighbour's boxes anew."""
+    fwd = 0
+    fq, n = embed_rois(model.backbone, load_rgb(paths[q]), boxes_full[q], mc, dev)
+    fwd += n
+    pairs = []
+    for j in nbrs:
+        fk, n = embed_rois(model.backbone, load_rgb(paths[j]), boxes_full[j], mc, dev)
+        fwd += n
+        ij, s = select_pairs(fq, fk, mc.pair_ratio, dev)
+        pairs.append((np.concatenate([boxes_full[q][ij[:, 0]], boxes_full[j][ij[:, 1]]], 1) if len(ij)
+                      else np.zeros((0, 8)), s))
+    return fwd, pairs
+
+
+def main():
+    args = parse_args()
+    torch.manual_seed(0)
+    dev = resolve_device(args.device)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    files = list_images(args.images)
+    gt = load_labels(args.images, args.labels)
+    dname = device_name(dev)
+    results = {"dataset": str(args.images), "images": len(files), "device": dname,
+               "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+               "threads": torch.get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    # -- checkpoint -------------------------------------------------------------------
+    ckpt = args.checkpoint
+    if ckpt is None:
+        run = work / f"stage1_{args.preset}_{args.epochs}ep"
+        t0 = time.perf_counter()
+        train("byol", args.images, run, get_preset(args.preset).override(**{"train.epochs": args.epochs}),
+              files=files, device=str(dev), show_progress=False)
+        results["stage1_train_seconds"] = time.perf_counter() - t0
+        ckpt = run / "last.pt"
+    model, cfg, _ = load_model(ckpt)
+    model = model.to(dev).eval()
+    results["checkpoint"] = {"path": str(ckpt), "preset": cfg.preset, "backbone": cfg.model.backbone}
+    base = cfg.mine
+
+    # -- 1. our miner over the whole folder, per selective-search scale and RoI mode ----
+    runs = {}
+    scales = args.scales.split(",")
+    default_scale = str(base.ss_max_side_px or "full")
+    if default_scale not in scales:  # the reference comparison needs the default run
+        scales.append(default_scale)
+    variants = [(s, "crop") for s in scales] + [(default_scale, "roi_align")]
+    for scale, roi_mode in variants:
+        max_side = None if scale == "full" else int(scale)
+        mc = dataclasses.replace(base, ss_max_side_px=max_side, roi_mode=roi_mode)
+        name = f"ss{scale}_{roi_mode}"
+        out = work / f"mine_{name}"
+        if (out / "proposals.jsonl").exists():
+            (out / "proposals.jsonl").unlink()  # time selective search afresh
+        t0 = time.perf_counter()
+        corr, stats = mine(model, args.images, files, out, mc, dev)
+        wall = time.perf_counter() - t0
+        n = len(files)
+        prec = correspondence_precision(corr, gt)
+        runs[name] = {
+            "ss_max_side_px": max_side, "roi_mode": roi_mode, "wall_seconds": wall,
+            "images_per_s": {k: n / v if v > 0 else None for k, v in stats["seconds"].items()},
+            "seconds": stats["seconds"], "cnn_forwards": stats["cnn_forwards"],
+            "pairs": stats["pairs"], "failed_images": stats["failed_images"],
+            "precision": prec["precision"], "top1_precision": prec["top1_precision"],
+            "random_precision": prec["random"]["precision"], "knn_share_same_class": prec["knn"],
+            "knn_random_share": prec["knn_random"],
+        }
+        print(f"{name}: {wall:.1f} s, {stats['pairs']} pairs, precision {prec['precision']}", flush=True)
+    results["miner"] = runs
+
+    # -- 2. reference path vs ours, per query image, same process -----------------------
+    default_name = f"ss{default_scale}_crop"
+    ours = Correspondence.load(work / f"mine_{default_name}")
+    paths = [str(Path(args.images) / f) for f in ours.files]
+    emb, _ = embed_images(model, paths, base, dev)
+    knn, _ = knn_search(emb, base.knn_k, dev)
+    rng = np.random.default_rng(0)
+    queries = sorted(rng.choice(len(paths), size=min(args.ref_queries, len(paths)), replace=False).tolist())
+    involved = sorted(set(queries) | {int(j) for q in queries for j in knn[q]})
+    ref_mc = dataclasses.replace(base, roi_mode="crop")
+    per_rep = {"ref": [], "ours": []}
+    ref_forwards = ours_forwards = 0
+    ref_pairs = {}
+    for rep in range(args.repeats):
+        # reference: full-resolution selective search once per involved image (the authors
+        # precompute it in a separate pass), then per-query re-encoding
+        t0 = time.perf_counter()
+        full = {i: propose_image(paths[i], ss_params(base, None)) for i in involved}
+        ss_full_s = {i: r.seconds for i, r in full.items()}
+        boxes_full = {i: (r.boxes if r.ok else np.zeros((0, 4))) for i, r in full.items()}
+        enc_s, fwd_total = [], 0
+        for q in queries:
+            t1 = time.perf_counter()
+            fwd, pairs = reference_query(model, ref_mc, paths, q, [int(j) for j in knn[q]], boxes_full, dev)
+            enc_s.append(time.perf_counter() - t1)
+            fwd_total += fwd
+            ref_pairs[q] = pairs
+        ref_per_query = statistics.mean(ss_full_s[q] for q in queries) + statistics.mean(enc_s)
+        ref_forwards = fwd_total / len(queries)
+        # ours: downscaled selective search, each image's boxes encoded once, embedding forward
+        t0 = time.perf_counter()
+        ours_s = []
+        fwd_total = 0
+        for q in queries:
+            t1 = time.perf_counter()
+            r = propose_image(paths[q], ss_params(base, base.ss_max_side_px))
+            f, n = embed_rois(model.backbone, load_rgb(paths[q]), r.boxes, base, dev)
+            ours_s.append(time.perf_counter() - t1)
+            fwd_total += n + 1  # + the image-embedding forward
+        ours_forwards = fwd_total / len(queries)
+        per_rep["ref"].append(ref_per_query)
+        per_rep["ours"].append(statistics.mean(ours_s))
+        print(f"repeat {rep}: reference {ref_per_query:.2f} s/query, ours {statistics.mean(ours_s):.2f} s/image",
+              flush=True)
+    # precision of the reference pairs on those queries, and of ours on the same queries
+    ref_corr = dataclasses.replace(
+        ours,
+        boxes=[boxes_full.get(i, np.zeros((0, 4))) for i in range(len(ours))],
+        knn=knn,
+        pairs=[[p for p, _ in ref_pairs[i]] if i in ref_pairs else [np.zeros((0, 8))] * knn.shape[1]
+               for i in range(len(ours))],
+        pair_scores=[[s for _, s in ref_pairs[i]] if i in ref_pairs else [np.zeros(0)] * knn.shape[1]
+                     for i in range(len(ours))],
+    )
+    ref_prec = correspondence_precision(ref_corr, gt)
+    our_prec = correspondence_precision(restrict(ours, set(queries)), gt)
+    med_ref, med_ours = statistics.median(per_rep["ref"]), statistics.median(per_rep["ours"])
+    results["reference_vs_ours"] = {
+        "queries": [ours.files[q] for q in queries], "repeats": args.repeats,
+        "reference_seconds_per_query": per_rep["ref"], "ours_seconds_per_image": per_rep["ours"],
+        "median_reference_s": med_ref, "median_ours_s": med_ours, "speedup_median": med_ref / med_ours,
+        "cnn_forwards_per_image": {"reference": ref_forwards, "ours": ours_forwards,
+                                   "ratio": ref_forwards / max(1e-9, ours_forwards)},
+        "precision_on_queries": {"reference": ref_prec["precision"], "ours": our_prec["precision"],
+                                 "reference_random": ref_prec["random"]["precision"],
+                                 "ours_random": our_prec["random"]["precision"],
+                                 "reference_pairs": ref_prec["pairs"], "ours_pairs": our_prec["pairs"]},
+        "note": "per-image costs in one process; ours additionally runs selective search in parallel "
+                "worker processes in the full run (see miner.*.wall_seconds)",
+    }
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"mining_{Path(args.images).parent.name}_{dname}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    out.with_suffix(".md").write_text(summary_md(results))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+def _f(x, nd=3):
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def summary_md(r: dict) -> str:
+    lines = [f"# Mining benchmark: {r['dataset']} ({r['images']} images), device {r['device']}", "",
+             f"Checkpoint: {r['checkpoint']['preset']} preset, {r['checkpoint']['backbone']}. "
+             f"Generated by `benchmarks/mining_benchmark.py` on {r['finished']}.", "",
+             "## Our miner over the whole folder", "",
+             "| variant | wall s | SS img/s | RoI img/s | embed img/s | RoI forwards | pairs | precision | random | KNN same-class | random img |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, v in r["miner"].items():
+        ips = v["images_per_s"]
+        lines.append(f"| {name} | {v['wall_seconds']:.1f} | {_f(ips.get('selective_search'), 2)} | "
+                     f"{_f(ips.get('embed_rois'), 2)} | {_f(ips.get('embed_images'), 1)} | {v['cnn_forwards']['embed_rois']} | "
+                     f"{v['pairs']} | {_f(v['precision'])} | {_f(v['random_precision'])} | "
+                     f"{_f(v['knn_share_same_class']['share'])} | {_f(v['knn_random_share']['share'])} |")
+    c = r["reference_vs_ours"]
+    lines += ["", "## Reference path (authors' code) against ours, per query image", "",
+              f"{len(c['queries'])} query images, {c['repeats']} interleaved repeats, medians.", "",
+              "| | reference | ours | ratio |", "|---|---|---|---|",
+              f"| seconds per image | {c['median_reference_s']:.2f} | {c['median_ours_s']:.2f} | {c['speedup_median']:.1f}x |",
+              f"| CNN forwards per image | {c['cnn_forwards_per_image']['reference']:.0f} | "
+              f"{c['cnn_forwards_per_image']['ours']:.0f} | {c['cnn_forwards_per_image']['ratio']:.1f}x |",
+              f"| pair precision on these queries | {_f(c['precision_on_queries']['reference'])} | "
+              f"{_f(c['precision_on_queries']['ours'])} | |",
+              f"| random-pair precision, same images | {_f(c['precision_on_queries']['reference_random'])} | "
+              f"{_f(c['precision_on_queries']['ours_random'])} | |", "", c["note"], ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from orl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,389 @@
+"""Command-line interface: ``orl pretrain | mine | train | eval | attention | ...``.
+
+Outside scripts rely on the five main commands and their options; add options freely,
+never rename. Exit codes: 0 success, 2 bad input (the message says what to change),
+1 an unexpected internal error (with a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from orl.config import PRESETS, Config, get_preset
+
+log = logging.getLogger("orl")
+
+
+class CLIError(Exception):
+    """Bad input from the user; printed without a traceback, exit code 2."""
+
+
+# -- shared option helpers ------------------------------------------------------------------
+
+def _add_common(p: argparse.ArgumentParser, preset: bool = True) -> None:
+    if preset:
+        p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                       help="configuration preset: tiny (seconds on CPU, tests), cpu (2 CPU cores, tens of "
+                            "minutes), paper (ResNet-50, the paper's hyper-parameters). Default: paper when a "
+                            "GPU is present, else cpu")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                       help="override any config field, e.g. --set train.base_lr=0.3 --set mine.roi_mode=roi_align "
+                            "(sections: model, augment, train, mine); repeatable")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+
+
+def _add_train_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, help="number of epochs (preset default otherwise)")
+    p.add_argument("--batch-size", type=int, help="images per step (preset default otherwise)")
+    p.add_argument("--lr", type=float, help="base learning rate per 256 images (lr = base x batch / 256)")
+    p.add_argument("--workers", type=int, help="data-loading worker processes")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps in total (checkpointed; "
+                                                 "rerun the same command without it to continue)")
+
+
+def _parse_value(raw: str, current: Any) -> Any:
+    if raw.lower() in ("none", "null", "full"):
+        return None
+    if isinstance(current, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise CLIError(f"expected true/false, got {raw!r}")
+    for typ in (int, float):
+        if isinstance(current, typ) or current is None:
+            try:
+                return typ(raw)
+            except ValueError:
+                if current is not None:
+                    raise CLIError(f"expected a number, got {raw!r}") from None
+    return raw
+
+
+def _config(args, base: Config | None = None) -> Config:
+    import torch
+
+    name = args.preset or ("paper" if torch.cuda.is_available() else "cpu")
+    cfg = base if (base is not None and args.preset is None) else get_preset(name)
+    dotted: dict[str, Any] = {}
+    for k, attr in (("train.epochs", "epochs"), ("train.batch_size", "batch_size"), ("train.base_lr", "lr"),
+                    ("train.num_workers", "workers"), ("train.seed", "seed")):
+        if getattr(args, attr, None) is not None:
+            dotted[k] = getattr(args, attr)
+    for item in args.overrides:
+        key, sep, raw = item.partition("=")
+        section, _, field = key.partition(".")
+        if not sep or not hasattr(cfg, section) or section == "preset":
+            raise CLIError(f"--set expects SECTION.FIELD=VALUE with SECTION in model, augment, train, mine; got {item!r}")
+        part = getattr(cfg, section)
+        names = [f.name for f in dataclasses.fields(part)]
+        if field not in names:
+            raise CLIError(f"unknown field {field!r} in section {section!r}; valid: {', '.join(names)}")
+        dotted[key] = _parse_value(raw, getattr(part, field))
+    try:
+        # --set may set a field to None explicitly (e.g. mine.ss_max_side_px=full)
+        for key, value in dotted.items():
+            section, _, field = key.partition(".")
+            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{field: value})})
+        cfg.validate()
+    except (TypeError, ValueError) as exc:
+        raise CLIError(str(exc)) from exc
+    return cfg
+
+
+def _images(root: str) -> list[str]:
+    from orl.images import list_images
+
+    try:
+        files = list_images(root)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise CLIError(str(exc)) from exc
+    if not files:
+        raise CLIError(f"no image files (jpg, png, bmp, webp, tif) found under {root}")
+    return files
+
+
+def _readable_images(root: str, out_dir: Path) -> list[str]:
+    """List and header-check images; unreadable ones are written to out_dir/image_status.csv."""
+    import csv
+
+    from orl.images import scan_images
+
+    good, bad = scan_images(root, _images(root))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "image_status.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "status", "reason"])
+        for f in good:
+            w.writerow([f, "ok", ""])
+        for f, reason in bad.items():
+            w.writerow([f, "failed", reason])
+    for f, reason in bad.items():
+        log.warning("skipping %s: %s", f, reason)
+    if not good:
+        raise CLIError(f"no readable images under {root} ({len(bad)} files failed; see {out_dir / 'image_status.csv'})")
+    return good
+
+
+def _device(args) -> str:
+    from orl.train import resolve_device
+
+    return str(resolve_device(args.device))
+
+
+def _load_model(path: str, device: str):
+    from orl.checkpoint import CheckpointError, load_model
+    from orl.train import resolve_device
+
+    try:
+        model, cfg, ck = load_model(path, map_location="cpu")
+    except CheckpointError as exc:
+        raise CLIError(str(exc)) from exc
+    dev = resolve_device(device)
+    return model.to(dev), cfg, ck, dev
+
+
+# -- commands -----------------------------------------------------------------------------
+
+def cmd_pretrain(args) -> dict:
+    from orl.train import train
+
+    out = Path(args.out)
+    cfg = _config(args)
+    files = _readable_images(args.images, out)
+    log.info("stage 1 (BYOL): %d images, preset %s, %d epochs -> %s", len(files), cfg.preset, cfg.train.epochs, out)
+    summary = train("byol", args.images, out, cfg, files=files, device=args.device, show_progress=not args.quiet,
+                    max_steps=args.max_steps)
+    return summary
+
+
+def cmd_mine(args) -> dict:
+    from orl.mining import mine
+
+    model, ckcfg, ck, dev = _load_model(args.checkpoint, args.device)
+    cfg = _config(args, base=ckcfg)
+    mc = cfg.mine
+    if args.roi_mode:
+        mc = dataclasses.replace(mc, roi_mode=args.roi_mode)
+    if args.ss_max_side is not None:
+        mc = dataclasses.replace(mc, ss_max_side_px=None if args.ss_max_side == "full" else int(args.ss_max_side))
+    if args.ss_workers is not None:
+        mc = dataclasses.replace(mc, ss_workers=args.ss_workers)
+    files = _images(args.images)
+    log.info("stage 2: %d images, roi_mode %s, selective search max side %s -> %s", len(files), mc.roi_mode,
+             mc.ss_max_side_px or "full resolution", args.out)
+    progress = _Progress(not args.quiet)
+    corr, stats = mine(model, args.images, files, args.out, mc, dev, progress=progress,
+                       info={"checkpoint": str(Path(args.checkpoint).resolve()), "images_root": str(Path(args.images).resolve())})
+    progress.close()
+    return {"correspondence": str(Path(args.out) / "correspondence.json"),
+            "image_status": str(Path(args.out) / "image_status.csv"), "images": len(corr),
+            "failed_images": stats["failed_images"], "images_without_boxes": stats["images_without_boxes"],
+            "pairs": stats["pairs"], "seconds": stats["seconds"]}
+
+
+def cmd_train(args) -> dict:
+    from orl.correspondence import Correspondence
+    from orl.train import train
+
+    try:
+        corr = Correspondence.load(args.pairs)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from exc
+    missing = [f for f in corr.files[:20] if not (Path(args.images) / f).is_file()]
+    if missing:
+        raise CLIError(f"{len(missing)} of the first {min(20, len(corr))} images in {args.pairs} are not under "
+                       f"{args.images} (e.g. {missing[0]}): pass the --images folder that was mined")
+    cfg = _config(args)
+    out = Path(args.out)
+    log.info("stage 3 (ORL): %d images, %d mined pairs, preset %s, %d epochs -> %s", len(corr), corr.num_pairs,
+             cfg.preset, cfg.train.epochs, out)
+    try:
+        return train("orl", args.images, out, cfg, corr=corr, init_from=args.init_from, device=args.device,
+                     show_progress=not args.quiet, max_steps=args.max_steps)
+    except Exception as exc:
+        from orl.checkpoint import CheckpointError
+        if isinstance(exc, CheckpointError):
+            raise CLIError(str(exc)) from exc
+        raise
+
+
+def cmd_eval(args) -> dict:
+    from orl.checkpoint import CheckpointError
+    from orl.evaluate import evaluate_checkpoint
+
+    _images(args.images)
+    try:
+        return evaluate_checkpoint(args.checkpoint, args.images, args.labels, out=args.out, device=_device(args))
+    except CheckpointError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def cmd_attention(args) -> dict:
+    from orl.attention import render_attention
+    from orl.checkpoint import CheckpointError
+    from orl.images import ImageError
+
+    try:
+        render_attention(args.checkpoint, args.image, args.out, opacity=args.opacity, device=_device(args),
+                         method=args.method)
+    except (CheckpointError, ImageError) as exc:
+        raise CLIError(str(exc)) from exc
+    return {"attention": args.out}
+
+
+def cmd_render_pairs(args) -> dict:
+    from orl.correspondence import Correspondence
+    from orl.render import render_top_pairs
+
+    try:
+        corr = Correspondence.load(args.pairs)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from exc
+    paths = render_top_pairs(corr, args.images, args.out, n=args.n)
+    return {"rendered": [str(p) for p in paths]}
+
+
+def cmd_export_backbone(args) -> dict:
+    from orl.checkpoint import CheckpointError, export_backbone
+
+    try:
+        export_backbone(args.checkpoint, args.out)
+    except CheckpointError as exc:
+        raise CLIError(str(exc)) from exc
+    return {"backbone": args.out}
+
+
+class _Progress:
+    """tqdm bars for the mining steps, one per step name."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bars = enabled, {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="img", dynamic_ncols=True)
+        bar.n = done
+        bar.refresh()
+
+    def close(self) -> None:
+        for b in self.bars.values():
+            b.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="orl", description="ORL: object-level self-supervised pre-training from scene images. "
+                                "Stage 1 `pretrain` (BYOL) -> stage 2 `mine` (correspondences) -> stage 3 `train` (ORL).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("pretrain", help="stage 1: image-level BYOL pre-training on a folder of images",
+                       description="Stage 1: BYOL on every image under --images (recursively). Writes RUN_DIR/last.pt "
+                                   "(checkpoint with its config), metrics.csv, image_status.csv and, when finished, "
+                                   "backbone.pth. Rerunning the same command resumes an interrupted run.")
+    s.add_argument("--images", required=True, help="folder of images, searched recursively; labels are never read")
+    s.add_argument("--out", required=True, help="run folder (created; an existing run there is resumed)")
+    _add_common(s)
+    _add_train_opts(s)
+    s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser("mine", help="stage 2: image KNN, selective search, RoI-pair retrieval",
+                       description="Stage 2 with a stage-1 checkpoint: image embeddings + exact cosine KNN, selective "
+                                   "search + the official box filter, RoI embeddings, top pairs per neighbour. Writes "
+                                   "MINE_DIR/correspondence.json (the authors' layout plus scores), image_status.csv "
+                                   "(each image ok / no_boxes / failed, with the reason), proposals.jsonl (resumable "
+                                   "cache) and mine_stats.json. Mining options default to the checkpoint's preset.")
+    s.add_argument("--images", required=True, help="folder of images (recursively)")
+    s.add_argument("--checkpoint", required=True, help="stage-1 checkpoint (RUN_DIR/last.pt)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--roi-mode", choices=["crop", "roi_align"], help="RoI features: crop (faithful, each box warped "
+                   "and encoded) or roi_align (one backbone pass per image)")
+    s.add_argument("--ss-max-side", help="downscale images to this longer side (px) before selective search; "
+                   "'full' for the authors' full-resolution path")
+    s.add_argument("--ss-workers", type=int, help="selective-search worker processes")
+    _add_common(s)
+    s.set_defaults(func=cmd_mine)
+
+    s = sub.add_parser("train", help="stage 3: ORL pre-training with global, intra-RoI and inter-RoI losses",
+                       description="Stage 3 on the mined pairs. Starts from random weights as the authors do, or from "
+                                   "a stage-1 checkpoint with --init-from. Writes RUN_DIR/last.pt, metrics.csv, "
+                                   "backbone.pth; the same command resumes.")
+    s.add_argument("--images", required=True, help="the folder that was mined")
+    s.add_argument("--pairs", required=True, help="MINE_DIR or a correspondence.json (the authors' files work too)")
+    s.add_argument("--out", required=True, help="run folder")
+    s.add_argument("--init-from", help="initialise from this stage-1 checkpoint instead of random weights")
+    _add_common(s)
+    _add_train_opts(s)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="frozen-feature evaluation against ground-truth labels",
+                       description="Object-level probe (kNN and linear) on ground-truth box crops, and the authors' "
+                                   "VOC07-style linear SVM on whole images. Fits on the train split, scores on val "
+                                   "(splits from folder names like train2017/val2017, else a fixed hash split).")
+    s.add_argument("--checkpoint", required=True, help="checkpoint to evaluate (any stage)")
+    s.add_argument("--images", required=True, help="folder of images")
+    s.add_argument("--labels", required=True, help="YOLO label folder (like coco128/labels) or a COCO instances json "
+                                                   "(or a folder of instances_*.json)")
+    s.add_argument("--out", help="write the results as JSON here")
+    _add_common(s, preset=False)
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("attention", help="render an attention heatmap overlay of one image as PNG")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--image", required=True)
+    s.add_argument("--out", required=True, help="PNG file to write")
+    s.add_argument("--opacity", type=float, default=0.5, help="heatmap opacity in [0, 1] (default 0.5)")
+    s.add_argument("--method", default="similarity", help="attention method (see docs/ARCHITECTURE.md)")
+    _add_common(s, preset=False)
+    s.set_defaults(func=cmd_attention)
+
+    s = sub.add_parser("render-pairs", help="render the best mined pairs as PNG files")
+    s.add_argument("--pairs", required=True, help="MINE_DIR or correspondence.json")
+    s.add_argument("--images", required=True, help="the folder that was mined")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--n", type=int, default=16, help="how many pairs (default 16)")
+    _add_common(s, preset=False)
+    s.set_defaults(func=cmd_render_pairs)
+
+    s = sub.add_parser("export-backbone", help="write backbone-only weights that torchvision's ResNet loads")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--out", required=True)
+    _add_common(s, preset=False)
+    s.set_defaults(func=cmd_export_backbone)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = args.func(args)
+    except CLIError as exc:
+        print(f"orl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"orl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # bad options that surfaced deeper (unknown backbone, mode, ...)
+        print(f"orl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Training loop: checkpoint contents, resume position, ORL branches, clear errors."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from orl.checkpoint import CheckpointError, export_backbone, load_checkpoint, load_model
+from orl.config import get_preset
+from orl.correspondence import Correspondence
+from orl.data import ResumableSampler
+from orl.images import list_images
+from orl.train import ConfigMismatch, train
+
+
+def _cfg(epochs=2, batch=4):
+    return get_preset("tiny").override(**{"train.epochs": epochs, "train.batch_size": batch,
+                                          "train.checkpoint_every_steps": 1})
+
+
+def test_sampler_resume_covers_epoch_exactly_once():
+    s = ResumableSampler(20, 4, seed=3)
+    s.set_position(1, 0)
+    full = list(s)
+    s.set_position(1, 2)
+    assert list(s) == full[8:]
+    assert sorted(full) == sorted(set(full)) and len(full) == 20
+    s.set_position(2, 0)
+    assert list(s) != full  # a new permutation each epoch
+    shards = [list(ResumableSampler(20, 4, 3, rank=r, world=2)) for r in range(2)]
+    assert not set(shards[0]) & set(shards[1])
+
+
+def test_checkpoint_holds_everything_and_resume_continues(tmp_path, eight_images):
+    root = eight_images / "images"
+    files = list_images(root)
+    cfg = _cfg()
+    # 8 images, batch 4 -> 2 steps per epoch, 4 in total; stop after 3 (mid-epoch 1)
+    s = train("byol", root, tmp_path, cfg, files=files, show_progress=False, max_steps=3)
+    assert s["stopped"] and not s["finished"] and s["global_step"] == 3
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert {"model", "optimizer", "position", "rng", "config", "stage"} <= set(ck)
+    assert ck["position"] == {"epoch": 1, "step_in_epoch": 1, "global_step": 3, "total_steps": 4,
+                              "steps_per_epoch": 2, "finished": False}
+    assert any(k.startswith("target_backbone.") for k in ck["model"])
+    assert ck["optimizer"]["state"], "SGD momentum buffers must be saved"
+    # resume with the same command: exactly the one remaining step runs
+    s2 = train("byol", root, tmp_path, cfg, files=files, show_progress=False)
+    assert s2["finished"] and s2["global_step"] == 4
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [int(r["global_step"]) for r in rows] == [1, 2, 3, 4]
+    # momentum follows the per-iteration cosine schedule across the resume
+    assert float(rows[0]["momentum"]) == pytest.approx(0.99)
+    assert float(rows[-1]["momentum"]) > float(rows[0]["momentum"])
+    # the exported backbone loads into a plain torchvision ResNet
+    import torchvision
+
+    net = torchvision.models.resnet18()
+    missing, unexpected = net.load_state_dict(torch.load(tmp_path / "backbone.pth"), strict=False)
+    assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
+
+
+def test_target_is_ema_not_copy(tmp_path, eight_images):
+    root = eight_images / "images"
+    train("byol", root, tmp_path, _cfg(epochs=1), files=list_images(root), show_progress=False)
+    model, _, _ = load_model(tmp_path / "last.pt")
+    w_on = model.backbone.net.conv1.weight
+    w_tg = model.target_backbone.net.conv1.weight
+    assert not torch.equal(w_on, w_tg)
+
+
+def test_resume_with_other_model_is_refused(tmp_path, eight_images):
+    root = eight_images / "images"
+    files = list_images(root)
+    train("byol", root, tmp_path, _cfg(epochs=1), files=files, show_progress=False, max_steps=1)
+    other = _cfg(epochs=1).override(**{"model.proj_out": 16})
+    with pytest.raises(ConfigMismatch, match="new --out"):
+        train("byol", root, tmp_path, other, files=files, show_progress=False)
+
+
+def _toy_corr(files):
+    n = len(files)
+    boxes = [np.array([[0, 0, 200, 200], [100, 100, 300, 300.0]]) if i % 4 else np.zeros((0, 4)) for i in range(n)]
+    knn = np.array([[(i + 1) % n, (i + 2) % n] for i in range(n)])
+    pairs, scores = [], []
+    for i in range(n):
+        row = []
+        for k in range(2):
+            has = i % 3 != 0 and len(boxes[i]) and len(boxes[knn[i, k]])
+            row.append(np.array([[0, 0, 200, 200, 100, 100, 300, 300.0]]) if has else np.zeros((0, 8)))
+        pairs.append(row)
+        scores.append([np.ones(len(r)) for r in row])
+    return Correspondence(files, np.full((n, 2), 400), boxes, knn, np.ones((n, 2)), pairs, scores)
+
+
+def test_orl_trains_all_branches_and_images_without_pairs(tmp_path, eight_images):
+    root = eight_images / "images"
+    corr = _toy_corr(list_images(root))
+    s = train("orl", root, tmp_path, _cfg(epochs=1, batch=8), corr=corr, show_progress=False)
+    m = s["metrics"]
+    assert s["finished"]
+    assert {"loss_global", "loss_intra", "loss_inter"} <= set(m)
+    assert m["loss"] == pytest.approx(m["loss_global"] + m["loss_intra"] + m["loss_inter"], rel=1e-5)
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert ck["stage"] == "orl"
+    assert {k.split(".")[1] for k in ck["model"] if k.startswith("predictors.")} == {"global", "intra", "inter"}
+
+
+def test_orl_init_from_stage1(tmp_path, eight_images, tiny_byol_checkpoint):
+    root = eight_images / "images"
+    corr = _toy_corr(list_images(root))
+    train("orl", root, tmp_path, _cfg(epochs=1, batch=8), corr=corr, init_from=tiny_byol_checkpoint,
+          show_progress=False, max_steps=0)
+    src, _, _ = load_model(tiny_byol_checkpoint)
+    dst, _, _ = load_model(tmp_path / "last.pt")
+    assert torch.equal(src.backbone.net.conv1.weight, dst.backbone.net.conv1.weight)
+
+
+def test_too_few_images_and_bad_checkpoint(tmp_path, eight_images):
+    root = eight_images / "images"
+    with pytest.raises(ValueError, match="at least 2 images"):
+        train("byol", root, tmp_path, _cfg(), files=list_images(root)[:1], show_progress=False)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "bad.pt")
