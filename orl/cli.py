@@ -222,9 +222,19 @@ def cmd_eval(args) -> dict:
 
     _images(args.images)
     try:
-        return evaluate_checkpoint(args.checkpoint, args.images, args.labels, out=args.out, device=_device(args))
+        result = evaluate_checkpoint(args.checkpoint, args.images, args.labels, out=args.out, device=_device(args))
     except CheckpointError as exc:
         raise CLIError(str(exc)) from exc
+    if args.pairs:
+        from orl.correspondence import Correspondence
+        from orl.labels import load_labels
+        from orl.metrics import correspondence_precision
+
+        result["correspondence"] = correspondence_precision(Correspondence.load(args.pairs),
+                                                            load_labels(args.images, args.labels))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    return result
 
 
 def cmd_attention(args) -> dict:
@@ -337,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", required=True, help="YOLO label folder (like coco128/labels) or a COCO instances json "
                                                    "(or a folder of instances_*.json)")
     s.add_argument("--out", help="write the results as JSON here")
+    s.add_argument("--pairs", help="also score mined pairs (MINE_DIR or correspondence.json) against the labels: "
+                                   "precision of mined pairs next to random box pairs from the same neighbour images")
     _add_common(s, preset=False)
     s.set_defaults(func=cmd_eval)
 

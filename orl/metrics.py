@@ -18,26 +18,49 @@ from orl.correspondence import Correspondence
 from orl.labels import GroundTruth, ImageObjects
 
 
-def matched_classes(boxes: np.ndarray, obj: ImageObjects, num_classes: int, iou_threshold: float) -> np.ndarray:
-    """(P, 4) xyxy boxes -> (P, K) bool: [p, c] when box p has IoU >= threshold with some
-    ground-truth object of class c in ``obj``. A box may match several classes."""
+RULES = ("iou", "ioa")
+
+
+def overlap(boxes: np.ndarray, gt_boxes: np.ndarray, rule: str = "iou") -> np.ndarray:
+    """(P, 4), (G, 4) xyxy -> (P, G) overlap under a matching rule.
+
+    ``iou``: intersection over union (the box frames the object).
+    ``ioa``: intersection over the proposal's own area (the box lies on the object: whole
+    objects and object parts both count, as the paper describes its pairs).
+    """
+    if rule == "iou":
+        return iou_matrix(boxes, gt_boxes)
+    if rule == "ioa":
+        lt = np.maximum(boxes[:, None, :2], gt_boxes[None, :, :2])
+        rb = np.minimum(boxes[:, None, 2:], gt_boxes[None, :, 2:])
+        wh = np.clip(rb - lt, 0, None)
+        area = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+        return wh[..., 0] * wh[..., 1] / np.maximum(area, 1e-9)[:, None]
+    raise ValueError(f"unknown matching rule {rule!r}; valid: {', '.join(RULES)}")
+
+
+def matched_classes(boxes: np.ndarray, obj: ImageObjects, num_classes: int, iou_threshold: float,
+                    rule: str = "iou") -> np.ndarray:
+    """(P, 4) xyxy boxes -> (P, K) bool: [p, c] when box p overlaps some ground-truth object
+    of class c in ``obj`` by at least the threshold under ``rule`` (see ``overlap``). A box
+    may match several classes."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     out = np.zeros((len(boxes), num_classes), dtype=bool)
     if len(boxes) == 0 or len(obj) == 0:
         return out
-    hit = iou_matrix(boxes, obj.boxes) >= iou_threshold  # (P, G)
+    hit = overlap(boxes, obj.boxes, rule) >= iou_threshold  # (P, G)
     onehot = np.zeros((len(obj), num_classes), dtype=bool)
     onehot[np.arange(len(obj)), obj.class_ids] = True
     return (hit.astype(np.int64) @ onehot.astype(np.int64)) > 0
 
 
 def pairs_correct(q_boxes, n_boxes, q_obj: ImageObjects, n_obj: ImageObjects,
-                  num_classes: int, iou_threshold: float) -> np.ndarray:
+                  num_classes: int, iou_threshold: float, rule: str = "iou") -> np.ndarray:
     """(P, 4) query boxes and (P, 4) neighbour boxes -> (P,) bool: row p is correct when
     one class c is matched by query box p in the query image and by neighbour box p in the
     neighbour image."""
-    mq = matched_classes(q_boxes, q_obj, num_classes, iou_threshold)
-    mn = matched_classes(n_boxes, n_obj, num_classes, iou_threshold)
+    mq = matched_classes(q_boxes, q_obj, num_classes, iou_threshold, rule)
+    mn = matched_classes(n_boxes, n_obj, num_classes, iou_threshold, rule)
     return (mq & mn).any(axis=1)
 
 
@@ -86,12 +109,13 @@ def _random_image_pairs(pairs, labelled: list[int], rng: np.random.Generator) ->
 
 
 def correspondence_precision(
-    corr: Correspondence, gt: GroundTruth, iou_threshold: float = 0.5, seed: int = 0
+    corr: Correspondence, gt: GroundTruth, iou_threshold: float = 0.5, seed: int = 0, rule: str = "iou"
 ) -> dict[str, Any]:
     """Precision of mined RoI pairs and quality of the image KNN, each against chance.
 
     Matching rule. A box *matches* a ground-truth object when their IoU is at least
-    ``iou_threshold``. A mined pair (query box in image i, neighbour box in image j) is
+    ``iou_threshold`` (``rule="iou"``; with ``rule="ioa"`` the intersection over the box's
+    own area is used instead, so a box lying on part of an object matches it too). A mined pair (query box in image i, neighbour box in image j) is
     *correct* when there is a class c such that the query box matches a class-c object of
     image i and the neighbour box matches a class-c object of image j. Only pairs whose
     two images are both labelled count (a labelled image with no objects makes every pair
@@ -130,13 +154,14 @@ def correspondence_precision(
             arr = corr.pairs[i][k].reshape(-1, 8)
             if len(arr) == 0:
                 continue
-            ok = pairs_correct(arr[:, :4], arr[:, 4:], gt[keys[i]], gt[keys[j]], K, iou_threshold)
+            ok = pairs_correct(arr[:, :4], arr[:, 4:], gt[keys[i]], gt[keys[j]], K, iou_threshold, rule)
             _add(mined, ok)
             _add(top1, ok[:1])
             _add(rand, _random_pairs_correct(corr, i, j, len(arr), gt[keys[i]], gt[keys[j]],
-                                             K, iou_threshold, rng))
+                                             K, iou_threshold, rng, rule))
     return {
         "iou_threshold": float(iou_threshold),
+        "rule": rule,
         "seed": seed,
         "images": {"total": len(corr), "labelled": len(labelled)},
         "pairs_total": corr.num_pairs,
@@ -166,7 +191,7 @@ def _lift(mined, rand) -> float | None:
     return p / r if p is not None and r else None
 
 
-def _random_pairs_correct(corr, i, j, n, q_obj, n_obj, K, thr, rng) -> np.ndarray:
+def _random_pairs_correct(corr, i, j, n, q_obj, n_obj, K, thr, rng, rule="iou") -> np.ndarray:
     """(n,) bool for n random (box of image i, box of image j) pairs; empty if either
     image has no filtered boxes."""
     bi, bj = np.asarray(corr.boxes[i]).reshape(-1, 4), np.asarray(corr.boxes[j]).reshape(-1, 4)
@@ -174,4 +199,4 @@ def _random_pairs_correct(corr, i, j, n, q_obj, n_obj, K, thr, rng) -> np.ndarra
         return np.zeros(0, dtype=bool)
     qa = bi[rng.integers(len(bi), size=n)]
     na = bj[rng.integers(len(bj), size=n)]
-    return pairs_correct(qa, na, q_obj, n_obj, K, thr)
+    return pairs_correct(qa, na, q_obj, n_obj, K, thr, rule)

@@ -234,6 +234,9 @@ def mine(
             failed[i] = r.reason
 
     keep = [i for i in range(len(files)) if i not in failed]
+    if not keep:
+        _write_status(out / "image_status.csv", files, props, failed)
+        raise ValueError(f"none of the {len(files)} images could be decoded; see {out / 'image_status.csv'}")
     t0 = time.perf_counter()
     knn_local, knn_sim = knn_search(emb[keep], cfg.knn_k, device)
     stats["seconds"]["knn"] = time.perf_counter() - t0

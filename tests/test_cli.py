@@ -43,10 +43,14 @@ def test_end_to_end_tiny(tmp_path, eight_images):
     assert s3["finished"] and {"loss_global", "loss_intra", "loss_inter"} <= set(s3["metrics"])
 
     r = run("eval", "--checkpoint", tmp_path / "s3" / "last.pt", "--images", images, "--labels", labels,
-            "--out", tmp_path / "eval.json", "--quiet")
+            "--out", tmp_path / "eval.json", "--pairs", tmp_path / "m", "--quiet")
     assert r.returncode == 0, r.stderr
     ev = json.loads((tmp_path / "eval.json").read_text())
-    assert ev["object_probe"]["train_crops"] > 0 if "object_probe" in ev else ev
+    assert ev["stage"] == "orl" and ev["counts"]["labelled"] == 8
+    assert ev["object_probe"]["train_crops"] > 0 and ev["object_probe"]["val_crops"] > 0
+    assert 0.0 <= ev["object_probe"]["knn_acc"] <= 1.0
+    assert ev["svm"]["map_all"] is not None and 0.0 <= ev["svm"]["map_all"] <= 1.0
+    assert ev["correspondence"]["pairs"] == m["pairs"] and ev["correspondence"]["random"]["pairs"] == m["pairs"]
 
     img = next((images / "val2017").glob("*.jpg"))
     r = run("attention", "--checkpoint", tmp_path / "s3" / "last.pt", "--image", img, "--out", tmp_path / "att.png")

@@ -95,3 +95,16 @@ def test_basename_fallback_and_no_labels_error():
                   [[np.zeros((0, 8))], [np.zeros((0, 8))]])
     with pytest.raises(ValueError, match="no image of the correspondence"):
         correspondence_precision(other, _gt())
+
+
+def test_ioa_rule_counts_object_parts():
+    from orl.metrics import overlap
+
+    gt_box = np.array([[0.0, 0.0, 200.0, 200.0]])
+    part = np.array([[50.0, 50.0, 100.0, 100.0]])  # inside the object: IoU 1/16, IoA 1
+    half = np.array([[100.0, 0.0, 300.0, 200.0]])  # half on it: IoU 1/3, IoA 1/2
+    assert overlap(part, gt_box, "iou")[0, 0] == pytest.approx(1 / 16)
+    assert overlap(part, gt_box, "ioa")[0, 0] == pytest.approx(1.0)
+    assert overlap(half, gt_box, "ioa")[0, 0] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="valid: iou, ioa"):
+        overlap(part, gt_box, "dice")
