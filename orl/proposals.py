@@ -9,6 +9,8 @@ resolution, the authors' path) and boxes are mapped back to original pixels.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import pickle
 import subprocess
@@ -43,11 +45,29 @@ class ProposalResult:
         return d
 
 
-def selective_search(rgb: np.ndarray, mode: str = "fast", max_side_px: int | None = None) -> np.ndarray:
+def _seed_c_rand(seed: int) -> None:
+    """Seed the C library's rand(), which OpenCV's selective search uses to rank regions.
+
+    Without this the proposal ORDER (and so which boxes survive the first-100 filter)
+    depends on how many images the process handled before, i.e. on worker scheduling; with
+    it, every image gets the same proposals in any process, on any run.
+    """
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        _LIBC = ctypes.CDLL(name) if name else ctypes.CDLL(None)
+    _LIBC.srand(ctypes.c_uint(seed))
+
+
+_LIBC = None
+
+
+def selective_search(rgb: np.ndarray, mode: str = "fast", max_side_px: int | None = None, seed: int = 0) -> np.ndarray:
     """Raw selective-search boxes in OpenCV's order. (H, W, 3) uint8 RGB -> (N, 4) float xyxy.
 
     With ``max_side_px`` the image is downscaled (INTER_AREA) so its longer side is at most
-    that, and the boxes are scaled back to original pixels.
+    that, and the boxes are scaled back to original pixels. ``seed`` fixes OpenCV's
+    pseudo-random region ranking, so the result depends on the image alone.
     """
     import cv2
 
@@ -65,6 +85,7 @@ def selective_search(rgb: np.ndarray, mode: str = "fast", max_side_px: int | Non
     ss.setBaseImage(bgr)
     {"fast": ss.switchToSelectiveSearchFast, "quality": ss.switchToSelectiveSearchQuality,
      "single": ss.switchToSingleStrategy}[mode]()
+    _seed_c_rand(seed)
     rects = np.asarray(ss.process(), dtype=np.float64).reshape(-1, 4)  # x, y, w, h
     boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1) / scale
     boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, w)

@@ -85,3 +85,15 @@ def test_worker_crash_is_isolated(tmp_path, sample_images):
     finally:
         P._Worker = orig
     assert len(out) == 2 and all("crashed" in r.reason for r in out.values())
+
+
+def test_proposals_are_reproducible_across_processes(sample_images):
+    """OpenCV ranks regions with C rand(); seeding it per image makes the order (and so the
+    first-100 filter) independent of which worker ran which images before."""
+    paths = [str(p) for p in sorted(sample_images.glob("train2017/*.jpg"))[:3]]
+    in_process = [propose_image(p, PARAMS).boxes for p in paths]
+    again = [propose_image(p, PARAMS).boxes for p in reversed(paths)][::-1]
+    workers = dict(run_proposals(paths, PARAMS, workers=2, timeout_s=60))
+    for i in range(3):
+        assert np.array_equal(in_process[i], again[i])
+        assert np.array_equal(in_process[i], workers[i].boxes)
