@@ -7,13 +7,16 @@ PRESET ?= tiny
 DEMO_EPOCHS ?= 5
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test bench clean help
+.PHONY: setup up down status demo demo-cli test bench clean help
 
 help:
-	@echo "make demo   - set up (first use) and run the three ORL stages on the bundled sample"
-	@echo "make test   - set up (first use) and run the test suite"
-	@echo "make bench  - mining benchmark on ../shared/data/coco128 (writes benchmarks/results/)"
-	@echo "make clean  - remove runs/ and the virtualenv"
+	@echo "make demo      - start the stack, run a pipeline job on the bundled sample, print the dashboard URL"
+	@echo "make demo-cli  - the three ORL stages through the CLI only (no services)"
+	@echo "make up/down   - single-machine mode: start/stop API, workers, trainer, dashboard (data kept)"
+	@echo "make status    - what is running"
+	@echo "make test      - the test suite"
+	@echo "make bench     - mining benchmark on ../shared/data/coco128 (writes benchmarks/results/)"
+	@echo "make clean     - stop everything, remove .state/, runs/ and the virtualenv"
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,7 +27,19 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 setup: $(STAMP)
 
+up: setup
+	$(BIN)/python scripts/stack.py up
+
+down:
+	$(PY) scripts/stack.py down
+
+status: setup
+	$(BIN)/python scripts/stack.py status
+
 demo: setup
+	$(BIN)/python scripts/demo_stack.py --preset $(PRESET) --epochs $(DEMO_EPOCHS)
+
+demo-cli: setup
 	PRESET=$(PRESET) EPOCHS=$(DEMO_EPOCHS) OUT=$(DEMO_DIR) ORL=$(BIN)/orl bash scripts/demo.sh
 
 test: setup
@@ -34,4 +49,5 @@ bench: setup
 	$(BIN)/python benchmarks/mining_benchmark.py
 
 clean:
+	$(PY) scripts/stack.py clean
 	rm -rf runs $(VENV) .pytest_cache .hypothesis

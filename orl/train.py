@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import random
 import time
 from contextlib import nullcontext
@@ -104,9 +103,14 @@ def train(
         model = model.to(memory_format=torch.channels_last)
     net: torch.nn.Module = model
     if world > 1:
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
-        model = net.module
+        # SyncBN as the authors train; torch implements it for CUDA only, so CPU ranks (gloo,
+        # used for tests) keep per-process BatchNorm.
+        if dev.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # A step may lack the intra or inter branch (images without boxes or pairs), so some
+        # predictors go unused: DDP must be told to expect that.
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
     # Weight decay on every parameter, plain SGD: as the authors' configs.
     optimizer = torch.optim.SGD(list(model.trainable_parameters()), lr=0.0, momentum=tc.momentum,
                                 weight_decay=tc.weight_decay)
@@ -165,7 +169,7 @@ def train(
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 with autocast():
-                    losses = _losses(model, views, dev, use_amp)
+                    losses = net(_to_device(views, dev, use_amp))
                 loss = (tc.w_global * losses["global"] + tc.w_intra * losses.get("intra", 0.0)
                         + tc.w_inter * losses.get("inter", 0.0))
                 if not torch.isfinite(loss):
@@ -221,16 +225,10 @@ def train(
             "images": len(dataset), "batch_size": batch, "device": str(dev)}
 
 
-def _losses(model: ORLModel, views: dict, dev: torch.device, channels_last: bool) -> dict[str, torch.Tensor]:
-    out = {}
-    for branch, pair in views.items():
-        if pair is None or branch not in model.predictors:
-            continue
-        v1, v2 = (t.to(dev, non_blocking=True) for t in pair)
-        if channels_last:
-            v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
-        out[branch] = model.branch_loss(branch, v1, v2)
-    return out
+def _to_device(views: dict, dev: torch.device, channels_last: bool) -> dict:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return {b: None if pair is None else tuple(t.to(dev, non_blocking=True).contiguous(memory_format=fmt) for t in pair)
+            for b, pair in views.items()}
 
 
 def _fmt(v) -> str:

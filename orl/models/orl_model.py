@@ -61,6 +61,15 @@ class ORLModel(nn.Module):
     def target_embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.target_projector(self.target_backbone(x))
 
+    def forward(self, views: dict[str, tuple[torch.Tensor, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
+        """Losses of every branch present in ``views`` ({"global": (v1, v2), "intra": ...}).
+
+        Going through forward (rather than calling branch_loss from outside) is what lets
+        DistributedDataParallel see the computation and average the gradients across ranks.
+        """
+        return {b: self.branch_loss(b, *pair) for b, pair in views.items()
+                if pair is not None and b in self.predictors}
+
     def branch_loss(self, branch: str, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
         """Symmetric BYOL loss of one branch: L(v1 -> v2) + L(v2 -> v1).
 

@@ -1,0 +1,111 @@
+"""A small synchronous client for the ORL REST API (the endpoints of docs/SERVICES.md).
+
+The dashboard's only way to the system. Errors become ``ApiError`` with the API's own message
+(FastAPI's ``detail``), so a page can show the user what to change instead of a stack trace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+API_PREFIX = "/api/v1"
+
+
+class ApiError(Exception):
+    """A failed request. ``status`` is the HTTP status, or None when the API was not reached."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+def _detail(resp: httpx.Response) -> str:
+    """The human part of an error response: FastAPI's ``detail`` (a string or validation list)."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:300] or resp.reason_phrase
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    if isinstance(detail, list):  # request validation errors: [{"loc": [...], "msg": ...}, ...]
+        parts = []
+        for err in detail:
+            if isinstance(err, dict):
+                loc = ".".join(str(p) for p in err.get("loc", []) if p not in ("body", "query"))
+                parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+            else:
+                parts.append(str(err))
+        return "; ".join(parts)
+    return str(detail)
+
+
+def items_of(body: Any) -> list[dict]:
+    """The rows of a list response: ``{"items": [...]}`` or a bare list."""
+    if isinstance(body, dict):
+        return list(body.get("items") or [])
+    return list(body or [])
+
+
+@dataclass(frozen=True)
+class Binary:
+    """Bytes of an image response plus the headers a page may need (value ranges, sizes)."""
+
+    content: bytes
+    headers: dict[str, str]
+
+
+class ApiClient:
+    """One ``httpx.Client`` (connection pool) per API URL and token; thread-safe for reads."""
+
+    def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 30.0,
+                 transport: httpx.BaseTransport | None = None):
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s,
+                                  transport=transport, follow_redirects=True)
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- transport --------------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        url = API_PREFIX + path  # every resource lives under /api/v1; health endpoints use ready()
+        try:
+            resp = self._http.request(method, url, **kwargs)
+        except httpx.TimeoutException:
+            raise ApiError(f"the API at {self.base_url} did not answer in time ({method} {url})") from None
+        except httpx.HTTPError as exc:
+            raise ApiError(f"cannot reach the API at {self.base_url}: {exc}; is it running? "
+                           "(set ORL_API_URL if it lives elsewhere)") from None
+        if resp.status_code >= 400:
+            raise ApiError(f"{resp.status_code}: {_detail(resp)}", resp.status_code)
+        return resp
+
+    def get(self, path: str, **params) -> Any:
+        return self._request("GET", path, params=_clean(params)).json()
+
+    def get_binary(self, path: str, **params) -> Binary:
+        resp = self._request("GET", path, params=_clean(params))
+        return Binary(resp.content, {k.lower(): v for k, v in resp.headers.items()})
+
+    def post(self, path: str, json: Any = None, headers: dict[str, str] | None = None) -> Any:
+        resp = self._request("POST", path, json=json, headers=headers)
+        return resp.json() if resp.content else None
+
+    # -- health -----------------------------------------------------------------------------
+    def ready(self) -> tuple[bool, str]:
+        """(ready, message) from /readyz; never raises."""
+        try:
+            resp = self._http.get("/readyz", timeout=5)
+        except httpx.HTTPError as exc:
+            return False, f"cannot reach the API at {self.base_url}: {exc}"
+        if resp.status_code == 200:
+            return True, "ready"
+        return False, _detail(resp)
+
+
+def _clean(params: dict[str, Any]) -> dict[str, Any]:
+    """Drop unset query parameters, so the API applies its own defaults."""
+    return {k: v for k, v in params.items() if v is not None and v != ""}

@@ -1,0 +1,178 @@
+"""What every page shares: the API connection, cached queries, URL state, small widgets.
+
+Caching: the HTTP client is a ``st.cache_resource`` (one connection pool per API URL and
+token, shared by all sessions); queries are ``st.cache_data`` with a TTL that fits how fast the
+answer changes: job progress seconds, pair pages a minute, rendered images an hour (they are
+immutable for a given image and box). Write actions clear the short-lived caches.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import streamlit as st
+
+from dashboard import urlstate
+from dashboard.api_client import ApiClient, ApiError, Binary, items_of
+
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+@st.cache_resource(show_spinner=False)
+def get_client(base_url: str, token: str | None) -> ApiClient:
+    return ApiClient(base_url, token)
+
+
+def _params(items: tuple) -> dict[str, Any]:
+    return dict(items)
+
+
+# One cached function per freshness class; arguments are plain values, so they form the key.
+@st.cache_data(ttl=2, show_spinner=False, max_entries=200)
+def _get_live(base_url: str, token: str | None, path: str, items: tuple) -> Any:
+    return get_client(base_url, token).get(path, **_params(items))
+
+
+@st.cache_data(ttl=30, show_spinner=False, max_entries=500)
+def _get_fresh(base_url: str, token: str | None, path: str, items: tuple) -> Any:
+    return get_client(base_url, token).get(path, **_params(items))
+
+
+@st.cache_data(ttl=3600, show_spinner=False, max_entries=2000)
+def _get_binary(base_url: str, token: str | None, path: str, items: tuple) -> Binary:
+    return get_client(base_url, token).get_binary(path, **_params(items))
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def _ready(base_url: str, token: str | None) -> tuple[bool, str]:
+    return get_client(base_url, token).ready()
+
+
+class Api:
+    """The API calls the pages make, each with its cache policy."""
+
+    def __init__(self, base_url: str, token: str | None):
+        self.base_url, self.token = base_url, token
+
+    def _get(self, fn, path: str, **params) -> Any:
+        return fn(self.base_url, self.token, path, tuple(sorted((k, v) for k, v in params.items() if v is not None)))
+
+    # reads
+    def datasets(self) -> list[dict]:
+        return items_of(self._get(_get_fresh, "/datasets"))
+
+    def dataset(self, dataset_id: int) -> dict:
+        return self._get(_get_live, f"/datasets/{dataset_id}")
+
+    def images(self, dataset_id: int, **params) -> dict:
+        return self._get(_get_fresh, f"/datasets/{dataset_id}/images", **params)
+
+    def image(self, image_id: int) -> dict:
+        return self._get(_get_fresh, f"/images/{image_id}")
+
+    def jobs(self, **params) -> list[dict]:
+        return items_of(self._get(_get_live, "/jobs", **params))
+
+    def pairs(self, **params) -> dict:
+        return self._get(_get_fresh, "/correspondences", **params)
+
+    def histogram(self, **params) -> dict:
+        return self._get(_get_fresh, "/correspondences/histogram", **params)
+
+    def checkpoints(self, **params) -> list[dict]:
+        return items_of(self._get(_get_fresh, "/checkpoints", **params))
+
+    def thumbnail(self, image_id: int, size: int) -> Binary:
+        return self._get(_get_binary, f"/images/{image_id}/thumbnail", size=size)
+
+    def crop(self, image_id: int, box, size: int) -> Binary:
+        return self._get(_get_binary, f"/images/{image_id}/crop", box=",".join(f"{v:.2f}" for v in box), size=size)
+
+    def attention(self, image_id: int, checkpoint_id: int, size: int) -> Binary:
+        # opacity 1: the bare heat map; the page blends it over the thumbnail itself, so moving
+        # the opacity slider costs no request (and no model run) at all.
+        return self._get(_get_binary, f"/images/{image_id}/attention", checkpoint_id=checkpoint_id, opacity=1.0,
+                         size=size)
+
+    # writes (never cached; they make the live caches stale)
+    def _write(self, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+        out = get_client(self.base_url, self.token).post(path, json=body, headers=headers)
+        _get_live.clear()
+        _get_fresh.clear()
+        return out
+
+    def register_dataset(self, name: str, path: str) -> dict:
+        return self._write("/datasets", {"name": name, "path": path})
+
+    def submit_job(self, kind: str, dataset_id: int, params: dict, idempotency_key: str) -> dict:
+        return self._write("/jobs", {"kind": kind, "dataset_id": dataset_id, "params": params},
+                           headers={"Idempotency-Key": idempotency_key})
+
+    def cancel_job(self, job_id: int) -> dict:
+        return self._write(f"/jobs/{job_id}/cancel")
+
+
+# -- URL state ----------------------------------------------------------------------------------
+def query_values(page: str) -> dict[str, Any]:
+    return urlstate.parse(page, st.query_params.to_dict())
+
+
+def set_query(page: str, values: dict[str, Any]) -> None:
+    """Make the URL show ``page`` with ``values`` (only rewritten when it changes)."""
+    wanted = urlstate.encode(page, values)
+    if st.query_params.to_dict() != wanted:
+        st.query_params.from_dict(wanted)
+
+
+# -- sidebar: connection --------------------------------------------------------------------------
+def sidebar_connection() -> Api | None:
+    """API URL, readiness and token in the sidebar; the Api to use, or None when unreachable."""
+    base_url = os.environ.get("ORL_API_URL", DEFAULT_API_URL).rstrip("/")
+    env_token = os.environ.get("ORL_API_TOKEN") or None
+    st.divider()
+    st.caption(f"API: [{base_url}]({base_url}/docs)")
+    token = env_token
+    if env_token is None:
+        # Kept in the session only, never in the URL: links get shared.
+        token = st.text_input("API token", type="password", key="api_token",
+                              help="ORL_API_TOKEN, printed by `make up`; needed to submit or cancel jobs") or None
+    ok, message = _ready(base_url, token)
+    if not ok:
+        st.error(f"API not ready: {message}")
+        if st.button("Retry", key="retry_api"):
+            _ready.clear()
+            st.rerun()
+        return None
+    st.caption(":green[API ready]" + ("" if token else " · read-only (no token)"))
+    return Api(base_url, token)
+
+
+# -- widgets shared by pages ------------------------------------------------------------------------
+def show_error(exc: ApiError, what: str) -> None:
+    st.error(f"{what}: {exc}")
+
+
+def dataset_picker(api: Api, current: int | None, key: str) -> int | None:
+    """A selectbox of the registered datasets; returns the chosen id (None when there are none)."""
+    try:
+        datasets = api.datasets()
+    except ApiError as exc:
+        show_error(exc, "cannot list datasets")
+        return None
+    if not datasets:
+        st.info("No dataset registered yet. Register a folder of images on the Jobs page.")
+        return None
+    ids = [d["id"] for d in datasets]
+    names = {d["id"]: f"{d['name']} (#{d['id']})" for d in datasets}
+    index = ids.index(current) if current in ids else len(ids) - 1  # newest by default
+    return st.selectbox("Dataset", ids, index=index, format_func=names.get, key=key)
+
+
+def is_active(job: dict) -> bool:
+    return job.get("status") not in TERMINAL
+
+
+def job_label(job: dict) -> str:
+    return f"#{job['id']} {job['kind']} · {job['status']}"

@@ -1,0 +1,147 @@
+"""Pairs: mined RoI pairs side by side, best first, with filters and cursor pagination.
+
+Each row: the query image and its neighbour as thumbnails with the two boxes in one colour,
+then the two crops (framed in that colour), score and ranks. Images come from the API's
+thumbnail and crop endpoints; boxes are drawn here onto the thumbnails.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import drawing, urlstate
+from dashboard.api_client import ApiError
+from dashboard.views import common
+
+THUMB_PX = 320
+CROP_PX = 160
+
+
+def render(api: common.Api) -> None:
+    values = common.query_values("pairs")
+    st.header("Pairs")
+    dataset_id = common.dataset_picker(api, values["dataset"], key="pairs_dataset")
+    if dataset_id is None:
+        return
+    try:
+        mine_jobs = [j for j in api.jobs(dataset_id=dataset_id, kind="mine", limit=100)]
+    except ApiError as exc:
+        common.show_error(exc, "cannot list mining jobs")
+        return
+    job_ids = [j["id"] for j in mine_jobs]
+    # A pipeline link (?job=<pipeline id>) is accepted by the API as its mine stage; show it too.
+    if values["job"] is not None and values["job"] not in job_ids:
+        job_ids.insert(0, values["job"])
+    if not job_ids:
+        st.info("No mining job for this dataset yet: submit a pipeline on the Jobs page.")
+        common.set_query("pairs", {"dataset": dataset_id})
+        return
+    status_of = {j["id"]: j["status"] for j in mine_jobs}
+    default_job = values["job"] if values["job"] in job_ids else next(
+        (j["id"] for j in mine_jobs if j["status"] == "succeeded"), job_ids[0])
+
+    c1, c2, c3, c4 = st.columns([2, 1, 1, 1])
+    job_id = c1.selectbox("Mining job", job_ids, index=job_ids.index(default_job), key="pairs_job",
+                          format_func=lambda i: f"#{i} ({status_of.get(i, 'pipeline')})")
+    image_id = c2.number_input("Query image id", min_value=1, value=values["image"], step=1, key="pairs_image",
+                               placeholder="any")
+    min_score = c3.number_input("Minimum score", min_value=-1.0, max_value=1.0, value=values["min_score"],
+                                step=0.05, format="%.2f", key="pairs_min_score", placeholder="any")
+    per_page = c4.selectbox("Per page", urlstate.PAGE_SIZES, index=urlstate.PAGE_SIZES.index(values["per_page"]),
+                            key="pairs_per_page")
+    state = urlstate.with_filters(values, dataset=dataset_id, job=job_id, image=image_id, min_score=min_score,
+                                  per_page=per_page)
+    common.set_query("pairs", state)
+    _page(api, state)
+
+
+def _filter_key(state: dict) -> tuple:
+    return tuple(state.get(k) for k in urlstate.PAIR_FILTERS)
+
+
+def _fetch(api: common.Api, state: dict) -> dict:
+    return api.pairs(job_id=state["job"], image_id=state["image"], min_score=state["min_score"],
+                     limit=state["per_page"], cursor=state["cursor"])
+
+
+def _page(api: common.Api, state: dict) -> None:
+    try:
+        try:
+            page = _fetch(api, state)
+        except ApiError as exc:
+            if exc.status != 400 or not state["cursor"]:
+                raise
+            # A stale or hand-edited link: its cursor no longer fits. Keep the filters, start over.
+            st.warning(f"{exc}. Showing the first page.")
+            state = {**state, "cursor": None}
+            common.set_query("pairs", state)
+            page = _fetch(api, state)
+    except ApiError as exc:
+        common.show_error(exc, "cannot load pairs")
+        return
+    items = page.get("items") or []
+    # Cursors of the pages before this one (this session only): the API pages forward, "Back"
+    # walks this stack. It belongs to one filter combination.
+    history = st.session_state.setdefault("pairs_history", {"key": None, "cursors": []})
+    if history["key"] != _filter_key(state):
+        history.update(key=_filter_key(state), cursors=[])
+    page_no = len(history["cursors"]) + 1
+    st.caption(f"page {page_no} · {len(items)} pairs, best score first" if items else "no pairs match these filters")
+    for i, pair in enumerate(items):
+        _pair_row(api, pair, drawing.pair_colour(i), (page_no - 1) * state["per_page"] + i + 1)
+    _pager(state, page.get("next_cursor"), history)
+
+
+def _pager(state: dict, next_cursor: str | None, history: dict) -> None:
+    back, first, nxt, _ = st.columns([1, 1, 1, 4])
+    if back.button("← Back", disabled=not history["cursors"], key="pairs_back"):
+        previous = history["cursors"].pop()
+        common.set_query("pairs", {**state, "cursor": previous})
+        st.rerun()
+    if first.button("First page", disabled=state["cursor"] is None, key="pairs_first"):
+        history["cursors"] = []
+        common.set_query("pairs", {**state, "cursor": None})
+        st.rerun()
+    if nxt.button("Next →", disabled=next_cursor is None, key="pairs_next", type="primary"):
+        history["cursors"].append(state["cursor"])
+        common.set_query("pairs", {**state, "cursor": next_cursor})
+        st.rerun()
+
+
+def _boxed_thumbnail(api: common.Api, image_id: int, box, size: tuple[int | None, int | None], colour):
+    thumb = drawing.open_image(api.thumbnail(image_id, THUMB_PX).content)
+    if size[0] and size[1]:
+        return drawing.draw_box(thumb, drawing.scale_box(box, (size[0], size[1]), thumb.size), colour)
+    return thumb  # size unknown (not yet recorded): show the image without the box
+
+
+def _pair_row(api: common.Api, pair: dict, colour, number: int) -> None:
+    with st.container(border=True):
+        q_img, n_img, q_crop, n_crop, info = st.columns([3, 3, 1.6, 1.6, 1.6], vertical_alignment="center")
+        try:
+            q = _boxed_thumbnail(api, pair["image_id"], pair["query_box"],
+                                 (pair.get("image_width"), pair.get("image_height")), colour)
+            n = _boxed_thumbnail(api, pair["neighbor_image_id"], pair["neighbor_box"],
+                                 (pair.get("neighbor_width"), pair.get("neighbor_height")), colour)
+            qc = drawing.framed(drawing.open_image(api.crop(pair["image_id"], pair["query_box"], CROP_PX).content),
+                                colour)
+            nc = drawing.framed(drawing.open_image(
+                api.crop(pair["neighbor_image_id"], pair["neighbor_box"], CROP_PX).content), colour)
+        except ApiError as exc:
+            st.warning(f"pair {pair['id']}: cannot load its images ({exc})")
+            return
+        # JPEG: these are photos, and PNG would send several times the bytes to the browser.
+        q_img.image(q, caption=f"query · image {pair['image_id']} · {pair.get('image_path', '')}",
+                    output_format="JPEG")
+        n_img.image(n, caption=f"neighbour {pair['neighbor_rank'] + 1} · image {pair['neighbor_image_id']}"
+                               f" · {pair.get('neighbor_path', '')}", output_format="JPEG")
+        q_crop.image(qc, caption="query box", output_format="JPEG")
+        n_crop.image(nc, caption="neighbour box", output_format="JPEG")
+        info.markdown(f"**#{number}**  \nscore **{pair['score']:.3f}**  \npair rank {pair['rank'] + 1} "
+                      f"for these two images  \nneighbour rank {pair['neighbor_rank'] + 1}  \n"
+                      f"<small>pair id {pair['id']} · job {pair['job_id']}</small>", unsafe_allow_html=True)
+        info.button("Only this image", key=f"only_{pair['id']}", on_click=_only_image, args=(pair["image_id"],))
+
+
+def _only_image(image_id: int) -> None:
+    st.session_state["pairs_image"] = image_id

@@ -1,0 +1,110 @@
+"""Datasets: register a folder under a data root, rescan it, read its counts and images."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Response, status
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from services.api import cursors
+from services.api.deps import SessionDep, SettingsDep, WriteAccess
+from services.api.schemas import Counts, DatasetCreate, DatasetOut, ImageOut, ImagePage, ScanOut
+from services.common.datasets import PathRefused, dataset_counts, resolve_dataset_path, scan_dataset
+from services.common.models import Dataset, Image
+
+router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
+
+MAX_PAGE = 500
+
+
+def get_dataset_or_404(session, dataset_id: int) -> Dataset:
+    ds = session.get(Dataset, dataset_id)
+    if ds is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND,
+                            f"dataset {dataset_id} does not exist; list datasets with GET /api/v1/datasets")
+    return ds
+
+
+def _out(session, ds: Dataset, scan=None) -> DatasetOut:
+    out = DatasetOut.model_validate(ds)
+    out.counts = Counts(**dataset_counts(session, ds.id))
+    if scan is not None:
+        out.scan = ScanOut(found=scan.found, added=scan.added, added_failed=scan.added_failed)
+    return out
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut, dependencies=[WriteAccess],
+             summary="Register a folder of images (or rescan it, if already registered under this name)",
+             responses={200: {"description": "already registered with this path: rescanned, new images added"},
+                        400: {"description": "path refused"}, 409: {"description": "name taken by another folder"}})
+def register_dataset(body: DatasetCreate, session: SessionDep, settings: SettingsDep, response: Response) -> DatasetOut:
+    try:
+        real = resolve_dataset_path(body.path, settings.data_root_paths)
+    except PathRefused as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
+    ds = session.execute(select(Dataset).where(Dataset.name == body.name)).scalar_one_or_none()
+    if ds is not None and ds.path != str(real):
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            f"a dataset named {body.name!r} already exists for folder {ds.path}; choose another name")
+    if ds is None:
+        ds = Dataset(name=body.name, path=str(real))
+        session.add(ds)
+        try:
+            session.flush()
+        except IntegrityError:  # registered concurrently under the same name
+            session.rollback()
+            raise HTTPException(status.HTTP_409_CONFLICT,
+                                f"a dataset named {body.name!r} was just registered; retry to rescan it") from None
+    else:
+        response.status_code = status.HTTP_200_OK
+    scan = scan_dataset(session, ds)
+    session.commit()
+    return _out(session, ds, scan)
+
+
+@router.get("", response_model=list[DatasetOut], summary="All datasets (without counts)")
+def list_datasets(session: SessionDep) -> list[DatasetOut]:
+    return [DatasetOut.model_validate(d) for d in session.execute(select(Dataset).order_by(Dataset.id)).scalars()]
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, summary="A dataset and its counts")
+def get_dataset(dataset_id: int, session: SessionDep) -> DatasetOut:
+    return _out(session, get_dataset_or_404(session, dataset_id))
+
+
+@router.post("/{dataset_id}/rescan", response_model=DatasetOut, dependencies=[WriteAccess],
+             summary="Record images added to the folder since the last scan")
+def rescan_dataset(dataset_id: int, session: SessionDep) -> DatasetOut:
+    ds = get_dataset_or_404(session, dataset_id)
+    try:
+        scan = scan_dataset(session, ds)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"the dataset folder is gone: {exc}") from None
+    session.commit()
+    return _out(session, ds, scan)
+
+
+@router.get("/{dataset_id}/images", response_model=ImagePage,
+            summary="A dataset's images, by id; ?status=failed lists the unreadable ones with reasons")
+def list_images(
+    dataset_id: int,
+    session: SessionDep,
+    status_: Annotated[Literal["ok", "failed"] | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    cursor: str | None = None,
+) -> ImagePage:
+    get_dataset_or_404(session, dataset_id)
+    filters = {"dataset_id": dataset_id, "status": status_}
+    where = [Image.dataset_id == dataset_id]
+    if status_ is not None:
+        where.append(Image.status == status_)
+    total = session.execute(select(func.count()).select_from(Image).where(*where)).scalar_one()
+    stmt = select(Image).where(*where)
+    if cursor:
+        (after,) = cursors.decode(cursor, filters, 1)
+        stmt = stmt.where(Image.id > after)
+    rows = list(session.execute(stmt.order_by(Image.id).limit(limit + 1)).scalars())
+    nxt = cursors.encode([rows[limit - 1].id], filters) if len(rows) > limit else None
+    return ImagePage(items=[ImageOut.model_validate(r) for r in rows[:limit]], next_cursor=nxt, total=total)

@@ -1,0 +1,149 @@
+"""Jobs: submit (202 + Location, Idempotency-Key), list, read, cancel.
+
+Job state lives in the database; the broker only transports "start mining job N". Mine jobs are
+sent to the miner's gpu queue by task name, pretrain/train jobs wait in the table for a trainer
+to claim them, and a pipeline creates its stages one after the other (services.common.jobs).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from sqlalchemy import select
+
+from services.api import cursors
+from services.api.deps import SessionDep, WriteAccess
+from services.api.schemas import JobCreate, JobKind, JobOut, JobStatus, Page
+from services.common import broker, jobs
+from services.common.models import Artifact, Dataset, Job
+
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
+
+MAX_PAGE = 200
+MAX_PARAMS_BYTES = 64 * 1024
+
+
+def _job_or_404(session, job_id: int) -> Job:
+    try:
+        return jobs.get_job(session, job_id)
+    except jobs.JobNotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} does not exist") from None
+
+
+def _out(session, job: Job) -> JobOut:
+    kids = [c.id for c in jobs.children(session, job.id)] if job.kind == "pipeline" else None
+    return JobOut.of(job, kids)
+
+
+def _checkpoint_ids(kind: str, params: dict[str, Any]) -> list[tuple[str, Any]]:
+    if kind == "pipeline":
+        return [(f"params.{stage}.checkpoint_id", p["checkpoint_id"]) for stage, p in params.items()
+                if "checkpoint_id" in p]
+    return [("params.checkpoint_id", params["checkpoint_id"])] if "checkpoint_id" in params else []
+
+
+def _validate(session, body: JobCreate) -> None:
+    if session.get(Dataset, body.dataset_id) is None:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"dataset_id {body.dataset_id} does not exist; register the folder with POST /api/v1/datasets")
+    if len(json.dumps(body.params)) > MAX_PARAMS_BYTES:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"params are larger than {MAX_PARAMS_BYTES} bytes")
+    mine_ref = body.params.get("mine_job_id") if body.kind == "train" else None
+    if mine_ref is not None:
+        ref = session.get(Job, mine_ref) if isinstance(mine_ref, int) and not isinstance(mine_ref, bool) else None
+        if ref is None or ref.kind != "mine":
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                                f"params.mine_job_id={mine_ref!r} is not a mine job; list them with GET /api/v1/jobs?kind=mine")
+    for where, cid in _checkpoint_ids(body.kind, body.params):
+        art = session.get(Artifact, cid) if isinstance(cid, int) and not isinstance(cid, bool) else None
+        if art is None or art.kind != "checkpoint":
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                                f"{where}={cid!r} is not a checkpoint id; list them with GET /api/v1/checkpoints")
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, dependencies=[WriteAccess],
+             summary="Submit a job (pretrain, mine, train or a whole pipeline)",
+             responses={409: {"description": "Idempotency-Key reused with a different request"},
+                        503: {"description": "the broker is unreachable"}})
+def submit_job(
+    body: JobCreate,
+    session: SessionDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=200, description=(
+        "any unique string; retrying the POST with the same key returns the same job"))] = None,
+) -> JobOut:
+    _validate(session, body)
+    try:
+        created = jobs.create_job(session, kind=body.kind, dataset_id=body.dataset_id, params=body.params,
+                                  idempotency_key=idempotency_key or None)
+    except jobs.IdempotencyConflict as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    session.commit()  # before dispatch: the worker must find the row
+    job = created.job
+    response.headers["Location"] = f"/api/v1/jobs/{job.id}"
+    if not created.created:
+        response.headers["Idempotent-Replayed"] = "true"
+        return _out(session, job)
+    try:
+        for job_id, kind in created.to_dispatch:
+            broker.dispatch(job_id, kind)
+    except Exception as exc:  # kombu raises several types when Redis is down
+        # Failing the job keeps the table honest: a queued mine job nobody will ever run would
+        # otherwise sit there forever.
+        for job_id, _ in created.to_dispatch:
+            jobs.finish_job(session, job_id, "failed", error=f"could not reach the broker to start the job: {exc}")
+        session.commit()
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            f"the broker is unreachable ({type(exc).__name__}); job {job.id} was marked failed. "
+                            "Check ORL_BROKER_URL / Redis and submit again with a new Idempotency-Key") from None
+    session.refresh(job)
+    return _out(session, job)
+
+
+@router.get("", response_model=Page[JobOut], summary="Jobs, newest first")
+def list_jobs(
+    session: SessionDep,
+    status_: Annotated[JobStatus | None, Query(alias="status")] = None,
+    kind: JobKind | None = None,
+    dataset_id: int | None = None,
+    parent_id: int | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    cursor: str | None = None,
+) -> Page[JobOut]:
+    filters = {"status": status_, "kind": kind, "dataset_id": dataset_id, "parent_id": parent_id}
+    stmt = select(Job)
+    if status_:
+        stmt = stmt.where(Job.status == status_)
+    if kind:
+        stmt = stmt.where(Job.kind == kind)
+    if dataset_id is not None:
+        stmt = stmt.where(Job.dataset_id == dataset_id)
+    if parent_id is not None:
+        stmt = stmt.where(Job.parent_id == parent_id)
+    if cursor:
+        (before,) = cursors.decode(cursor, filters, 1)
+        stmt = stmt.where(Job.id < before)
+    rows = list(session.execute(stmt.order_by(Job.id.desc()).limit(limit + 1)).scalars())
+    nxt = cursors.encode([rows[limit - 1].id], filters) if len(rows) > limit else None
+    return Page[JobOut](items=[_out(session, j) for j in rows[:limit]], next_cursor=nxt)
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="A job: status, progress, error, params, timestamps")
+def get_job(job_id: int, session: SessionDep) -> JobOut:
+    return _out(session, _job_or_404(session, job_id))
+
+
+@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
+             dependencies=[WriteAccess], summary="Request cancellation (workers stop between batches)",
+             responses={409: {"description": "the job already succeeded or failed"}})
+def cancel_job(job_id: int, session: SessionDep) -> JobOut:
+    _job_or_404(session, job_id)
+    try:
+        job = jobs.cancel_job(session, job_id)
+    except jobs.InvalidTransition as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    session.commit()
+    session.refresh(job)
+    return _out(session, job)

@@ -1,0 +1,69 @@
+"""A mining job's rows -> ``orl.correspondence.Correspondence``: the one place that does it.
+
+The miner exports it as correspondence.json when a job finishes, the trainer feeds it to stage 3,
+and the API serves it as the authors' json layout: all three must see the same thing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from orl.correspondence import Correspondence
+from services.common.models import Image, Job, Neighbor, Proposal, RoiPair
+
+
+def job_params_key(job: Job) -> str | None:
+    """The selective-search parameters key of a mine job (the miner records it in result.plan)."""
+    result = job.result or {}
+    return ((result.get("plan") or {}).get("params_key") or result.get("params_key")
+            or (job.params or {}).get("params_key"))
+
+
+def correspondence_from_db(session: Session, job_id: int, params_key: str | None = None,
+                           info: dict[str, Any] | None = None) -> Correspondence:
+    """Images = every image that has or is a neighbour in the job, ordered by id; boxes = its
+    proposals under ``params_key`` (looked up from the job when None); pairs[i][k] = the pairs
+    with its k-th neighbour, by rank. Similarities of missing neighbours are 0 (json has no NaN).
+    """
+    if params_key is None:
+        job = session.get(Job, job_id)
+        params_key = job_params_key(job) if job is not None else None
+    nb = session.execute(select(Neighbor.image_id, Neighbor.rank, Neighbor.neighbor_image_id, Neighbor.similarity)
+                         .where(Neighbor.job_id == job_id).order_by(Neighbor.image_id, Neighbor.rank)).all()
+    ids = sorted({int(r[0]) for r in nb} | {int(r[2]) for r in nb})
+    pos = {i: p for p, i in enumerate(ids)}
+    meta = {int(i): (p, w, h) for i, p, w, h in session.execute(
+        select(Image.id, Image.rel_path, Image.width, Image.height).where(Image.id.in_(ids)))} if ids else {}
+    k_max = max((int(r[1]) + 1 for r in nb), default=0)
+    knn = -np.ones((len(ids), k_max), dtype=np.int64)
+    knn_sim = np.zeros((len(ids), k_max), dtype=np.float64)
+    for i, k, j, s in nb:
+        knn[pos[int(i)], int(k)] = pos[int(j)]
+        knn_sim[pos[int(i)], int(k)] = s
+    boxes: dict[int, list] = {i: [] for i in ids}
+    if params_key and ids:
+        for i, *b in session.execute(select(Proposal.image_id, Proposal.x1, Proposal.y1, Proposal.x2, Proposal.y2)
+                                     .where(Proposal.image_id.in_(ids), Proposal.params_key == params_key)
+                                     .order_by(Proposal.image_id, Proposal.ord)):
+            boxes[int(i)].append(b)
+    grouped: dict[tuple[int, int], list] = {}
+    for row in session.execute(
+            select(RoiPair.image_id, RoiPair.neighbor_rank, RoiPair.score, RoiPair.qx1, RoiPair.qy1, RoiPair.qx2,
+                   RoiPair.qy2, RoiPair.nx1, RoiPair.ny1, RoiPair.nx2, RoiPair.ny2)
+            .where(RoiPair.job_id == job_id)
+            .order_by(RoiPair.image_id, RoiPair.neighbor_rank, RoiPair.rank)).yield_per(10_000):
+        grouped.setdefault((int(row[0]), int(row[1])), []).append(row[2:])
+    pairs = [[np.zeros((0, 8)) for _ in range(k_max)] for _ in ids]
+    scores = [[np.zeros(0) for _ in range(k_max)] for _ in ids]
+    for (i, k), rows in grouped.items():
+        arr = np.asarray(rows, dtype=np.float64)
+        pairs[pos[i]][k], scores[pos[i]][k] = arr[:, 1:], arr[:, 0]
+    return Correspondence(
+        files=[meta[i][0] for i in ids],
+        sizes=np.asarray([[meta[i][1] or 0, meta[i][2] or 0] for i in ids], dtype=np.int64).reshape(-1, 2),
+        boxes=[np.asarray(boxes[i], dtype=np.float64).reshape(-1, 4) for i in ids],
+        knn=knn, knn_sim=knn_sim, pairs=pairs, pair_scores=scores, info=dict(info or {"mine_job_id": job_id}))

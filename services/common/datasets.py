@@ -1,0 +1,164 @@
+"""Datasets: where a folder may come from, how its images are recorded, and reading them safely.
+
+The configured data roots (ORL_DATA_ROOTS) are the trust boundary. A dataset folder must resolve
+(symlinks followed) to a folder inside one of them, and an image file must resolve to a file
+inside its dataset's folder; nothing else is ever read. The API and the miner share this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from orl.images import ImageError, image_size, list_images
+from services.common.db import insert_ignore
+from services.common.models import Dataset, Image, Job, Proposal, RoiPair
+
+MAX_PATH_CHARS = 4096
+_SEGMENTS = re.compile(r"[\\/]+")
+
+
+class PathRefused(ValueError):
+    """A dataset or image path that may not be used; the message says why and what to do."""
+
+
+def _has_dotdot(p: str) -> bool:
+    return any(seg == ".." for seg in _SEGMENTS.split(p))
+
+
+def resolve_dataset_path(raw: str, roots: list[Path]) -> Path:
+    """The real (absolute, symlink-free) folder for a user-given dataset path, or PathRefused.
+
+    ``raw`` is absolute, or relative to a data root (the first root where it exists). Refused:
+    empty or NUL-containing paths, any ``..`` segment (also percent-encoded, once or repeatedly:
+    a client or proxy may decode it later), anything that resolves outside every data root
+    (a symlink pointing out included), and non-folders.
+    """
+    if not roots:
+        raise PathRefused("no data roots are configured; set ORL_DATA_ROOTS to the folders datasets may live in")
+    if not raw or not raw.strip():
+        raise PathRefused("path is empty; give a folder under one of the data roots")
+    if len(raw) > MAX_PATH_CHARS or "\x00" in raw:
+        raise PathRefused("path is too long or contains a NUL byte")
+    decoded, prev = raw, None
+    while decoded != prev:  # decode until stable: %252e%252e -> %2e%2e -> ..
+        prev, decoded = decoded, unquote(decoded)
+    if "\x00" in decoded:
+        raise PathRefused("path contains an encoded NUL byte")
+    if _has_dotdot(raw) or _has_dotdot(decoded):
+        raise PathRefused("path must not contain '..' (plain or percent-encoded); give the folder's full path "
+                          f"or its path relative to a data root ({_roots_text(roots)})")
+    p = Path(raw).expanduser()
+    candidates = [p] if p.is_absolute() else [r / p for r in roots]
+    target = next((c for c in candidates if c.exists()), None)
+    if target is None:
+        raise PathRefused(f"folder not found: {raw!r}; give an existing folder under {_roots_text(roots)}")
+    real = target.resolve(strict=True)
+    if not any(real.is_relative_to(r) for r in roots):
+        hint = " (it is a symlink that leads there)" if real != target.absolute() else ""
+        raise PathRefused(f"{raw!r} resolves to {real}{hint}, which is outside the data roots; "
+                          f"put the images under {_roots_text(roots)} or add their folder to ORL_DATA_ROOTS")
+    if not real.is_dir():
+        raise PathRefused(f"{raw!r} is a file, not a folder; give the folder that contains the images")
+    return real
+
+
+def _roots_text(roots: list[Path]) -> str:
+    return ", ".join(str(r) for r in roots)
+
+
+def image_file(dataset_path: str | Path, rel_path: str, roots: list[Path]) -> Path:
+    """The file of an image, checked again at read time (roots may have changed, links moved)."""
+    base = Path(dataset_path)
+    if not any(base.is_relative_to(r) for r in roots):
+        raise PathRefused(f"dataset folder {base} is no longer under the data roots ({_roots_text(roots)})")
+    if _has_dotdot(rel_path) or Path(rel_path).is_absolute():
+        raise PathRefused(f"image path {rel_path!r} is not a plain relative path")
+    real = (base / rel_path).resolve()
+    if not real.is_relative_to(base):
+        raise PathRefused(f"image {rel_path!r} resolves to {real}, outside its dataset folder")
+    return real
+
+
+def sha1_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_image(base: Path, rel_path: str) -> dict:
+    """One ``images`` row for a file: size, sha1, (width, height) from the header, status/reason.
+
+    Only the header is read to decide readability (cheap); a file that decodes badly later is
+    recorded by the miner's per-image status.
+    """
+    row = dict(rel_path=rel_path, width=None, height=None, size_bytes=None, checksum=None, status="ok", reason=None)
+    real = (base / rel_path).resolve()
+    if not real.is_relative_to(base):
+        return {**row, "status": "failed", "reason": f"symlink leads outside the dataset folder (to {real})"}
+    try:
+        row["size_bytes"] = real.stat().st_size
+        row["checksum"] = sha1_file(real)
+    except OSError as exc:
+        return {**row, "status": "failed", "reason": f"cannot read file: {exc.strerror or exc}"}
+    try:
+        w, h = image_size(real)
+        if w < 1 or h < 1:
+            raise ImageError("image has zero size")
+        row["width"], row["height"] = int(w), int(h)
+    except ImageError as exc:
+        row["status"], row["reason"] = "failed", str(exc)
+    return row
+
+
+@dataclass
+class ScanResult:
+    found: int  # image files in the folder now
+    added: int  # rows inserted by this scan (new files)
+    added_failed: int  # of which unreadable
+
+
+def scan_dataset(session: Session, dataset: Dataset, batch: int = 500) -> ScanResult:
+    """Record every image file of the dataset folder not recorded yet; idempotent.
+
+    Files already in ``images`` are not read again (a rescan only adds new ones), and the insert
+    ignores conflicts, so two scans running at once insert each file once. Does not commit.
+    """
+    base = Path(dataset.path)
+    files = list_images(base)
+    known = set(session.execute(select(Image.rel_path).where(Image.dataset_id == dataset.id)).scalars())
+    new = [f for f in files if f not in known]
+    added = added_failed = 0
+    for i in range(0, len(new), batch):
+        rows = [{**describe_image(base, f), "dataset_id": dataset.id} for f in new[i : i + batch]]
+        ins = insert_ignore(session, Image, rows, returning=["status"])
+        added += len(ins)
+        added_failed += sum(1 for (st,) in ins if st == "failed")
+    return ScanResult(found=len(files), added=added, added_failed=added_failed)
+
+
+def dataset_counts(session: Session, dataset_id: int) -> dict[str, int]:
+    """images, failed_images, proposals (boxes, all parameter sets), pairs (all mining jobs), jobs."""
+    img = session.execute(
+        select(func.count(), func.count().filter(Image.status == "failed")).where(Image.dataset_id == dataset_id)).one()
+    n_props = session.execute(
+        select(func.count()).select_from(Proposal).join(Image, Image.id == Proposal.image_id)
+        .where(Image.dataset_id == dataset_id)).scalar_one()
+    job_ids = select(Job.id).where(Job.dataset_id == dataset_id)
+    n_pairs = session.execute(select(func.count()).select_from(RoiPair).where(RoiPair.job_id.in_(job_ids))).scalar_one()
+    n_jobs = session.execute(select(func.count()).select_from(Job).where(Job.dataset_id == dataset_id)).scalar_one()
+    return {"images": int(img[0]), "failed_images": int(img[1]), "proposals": int(n_props),
+            "pairs": int(n_pairs), "jobs": int(n_jobs)}
+
+
+def is_under_roots(path: str | os.PathLike, roots: list[Path]) -> bool:
+    return any(Path(path).is_relative_to(r) for r in roots)

@@ -1,0 +1,73 @@
+"""Configuration from ``ORL_*`` environment variables (see docs/SERVICES.md).
+
+Read once, on first call of ``get_settings()``, never at import time: tests and ``make up`` set the
+environment after importing, and a Celery worker forks after importing. ``reset_settings()``
+forgets the cached values (and the engine and broker built from them) for tests.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ORL_", extra="ignore", frozen=True)
+
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/orl"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    # A plain string, not list[Path]: pydantic-settings would expect JSON for a list, while the
+    # documented format is colon-separated like PATH.
+    data_roots: str = "./data"
+    artifacts_dir: Path = Path("./.state/artifacts")
+    api_token: str | None = None
+    api_url: str = "http://127.0.0.1:8000"
+    visibility_timeout_s: int = Field(3600, gt=0)
+    heartbeat_s: float = Field(10.0, gt=0)
+    lease_s: float = Field(60.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    shard_size: int = Field(200, ge=1)
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, v: str) -> str:
+        if not v.startswith("postgresql"):
+            raise ValueError("ORL_DATABASE_URL must be a Postgres URL (postgresql+psycopg://user@host:port/db)")
+        # Plain postgresql:// would pick psycopg2, which is not installed; psycopg 3 is.
+        if v.startswith("postgresql://"):
+            v = "postgresql+psycopg://" + v[len("postgresql://"):]
+        return v
+
+    @field_validator("api_token")
+    @classmethod
+    def _empty_token_is_none(cls, v: str | None) -> str | None:
+        return v or None
+
+    @property
+    def data_root_paths(self) -> list[Path]:
+        """The data roots, absolute and with symlinks resolved (the form containment is checked in)."""
+        return [Path(p).expanduser().resolve() for p in self.data_roots.split(":") if p.strip()]
+
+    @property
+    def artifacts_path(self) -> Path:
+        return Path(self.artifacts_dir).expanduser().resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget cached settings and everything built from them (engine, broker app, models)."""
+    get_settings.cache_clear()
+    # Imported here: db and broker import this module, not the other way round.
+    from services.common import broker, db
+
+    db.dispose_engine()
+    broker.reset_celery()

@@ -1,0 +1,31 @@
+"""The miner: stage 2 of ORL (correspondence discovery) as Celery tasks on queues cpu and gpu.
+
+Modules:
+  celery_app.py  the worker app (``celery -A services.miner.celery_app worker ...``)
+  tasks.py       thin tasks: job / image ids in, database rows out
+  pipeline.py    what each task does, as calls into ``orl.proposals`` and ``orl.mining``
+  records.py     the SQL the pipeline needs (idempotent writes through the unique keys)
+  params.py      mining parameters of a job -> ``orl.config.MineConfig`` + cache keys
+  roi_cache.py   RoI features per (checkpoint, proposals, roi mode, image) as .npy files
+  keepalive.py   heartbeats for mining jobs whose tasks wait in the broker queues
+  export.py      the finished job's pairs -> ``correspondence.json`` (official layout)
+
+Workers on other hosts
+----------------------
+A miner worker needs exactly three shared things, all named by environment variables:
+``ORL_BROKER_URL`` (the one Redis every worker and the API use), ``ORL_DATABASE_URL`` (the one
+Postgres), and ``ORL_ARTIFACTS_DIR`` (checkpoints, RoI caches and exports: a shared volume such
+as NFS, mounted on every host; artifact rows store paths relative to it, so the mount point may
+differ per host). The dataset folders must be readable at the same absolute path on every host
+(``datasets.path``), e.g. the same NFS export mounted at the same place. Then, on any host::
+
+    ORL_BROKER_URL=redis://broker:6379/0 ORL_DATABASE_URL=postgresql+psycopg://orl@db/orl \
+    ORL_ARTIFACTS_DIR=/mnt/orl/artifacts \
+    celery -A services.miner.celery_app worker -Q cpu --concurrency 8 -n cpu@%h
+
+(``-Q gpu --pool solo -n gpu@%h``, one worker per GPU with ``CUDA_VISIBLE_DEVICES``, for GPU
+hosts). Nothing else is coordinated between hosts: work is split into shards that any worker may
+take, completion is counted in the database, and every task is idempotent, so a host that dies
+loses only the shard it held (the broker redelivers it after ``ORL_VISIBILITY_TIMEOUT_S``, and
+the stale-job reaper re-sends the job after ``ORL_LEASE_S`` without heartbeats).
+"""

@@ -1,0 +1,574 @@
+"""What the mining tasks do: stage 2 of ORL, split into idempotent steps over the database.
+
+Flow of one mining job (docs/SERVICES.md, "Job flow")::
+
+    start_mine ─┬─ propose_shard (cpu) ─┐  the last one to finish ──> embed_knn (gpu)
+                ├─ propose_shard (cpu) ─┤                               │ new image embeddings,
+                └─ ...                ──┘                               │ KNN, neighbours
+                                                   pairs_shard (gpu) <──┤ fan-out
+                                                   pairs_shard (gpu) <──┘
+                     the last one to finish ──> correspondence.json, job succeeded, next stage
+
+The job's working state lives in its row: ``result["plan"]`` (every resolved parameter, the
+image snapshot, the cache keys) and ``result["phase"]`` (propose -> embed -> pairs -> done).
+Why every step is safe to run twice, or concurrently with a copy of itself:
+
+- Data writes go through unique keys (``INSERT ... ON CONFLICT DO NOTHING``), and each image's
+  rows are written in one transaction, so a redelivered shard skips what is done and writes the
+  rest; a duplicate writes nothing.
+- Completion is counted from the data (images still lacking proposals) or from a set of shard
+  indices in the job row, never with a bare counter, so a redelivered shard is not counted twice.
+- A phase change locks the job row, checks the phase, SENDS the next task(s), and only then
+  commits the new phase. The row lock makes the change happen once; sending before the commit
+  means a worker killed in between leaves the phase unchanged, so the redelivered task sends
+  again (at-least-once, and every receiver is idempotent) instead of the job stalling.
+  A receiver reads the job row with ``FOR UPDATE`` first, which waits for that commit.
+- ``start_mine`` is a reconciler: from the phase in the row it re-sends whatever is outstanding.
+  The stale-job reaper (``services.common.jobs.reap_stale``) re-sends it when a job stops
+  heartbeating, which recovers from any lost message.
+
+Cancel is checked between images / batches (``_Gate``); progress is done/total of the current
+phase; a bad image gets ``images.status='failed'`` with the reason (or a failed
+``proposal_status`` row when only selective search failed) and the job goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from sqlalchemy import func
+
+from orl.checkpoint import load_checkpoint, load_model
+from orl.config import Config
+from orl.images import ImageError, load_rgb
+from orl.mining import embed_images, embed_rois, knn_search, select_pairs
+from orl.proposals import run_proposals
+from orl.train import resolve_device
+from services.common import jobs
+from services.common.datasets import scan_dataset
+from services.common.db import session_scope
+from services.common.models import TERMINAL_STATUSES
+from services.common.settings import get_settings
+from services.miner import records
+from services.common.correspondences import correspondence_from_db
+from services.miner.export import official_info
+from services.miner.params import (
+    MineParamsError,
+    mine_config_dict,
+    mine_config_from_plan,
+    params_key,
+    proposal_params,
+    resolve_mine_config,
+    roi_key,
+)
+from services.miner.roi_cache import RoiCache
+
+log = logging.getLogger(__name__)
+
+# Messages from orl.images.load_rgb: the file itself is unusable (not just selective search).
+_DECODE_FAILURES = ("cannot decode", "file not found", "image has zero size")
+_PROGRESS_EVERY_S = 2.0  # progress counts are queries; a few per second per shard is plenty
+
+
+class MineError(RuntimeError):
+    """The job cannot run as submitted; the message (shown to the user) says what to change."""
+
+
+class Stop(Exception):
+    """The job finished, was cancelled or vanished: the task ends without doing more."""
+
+
+class Dispatcher(Protocol):
+    """How the pipeline sends the next tasks (tasks.py implements it with Celery)."""
+
+    def start(self, job_id: int) -> None: ...
+    def propose(self, job_id: int, image_ids: list[int]) -> None: ...
+    def embed(self, job_id: int) -> None: ...
+    def pairs(self, job_id: int, image_ids: list[int], shard: int) -> None: ...
+
+
+def worker_name() -> str:
+    return f"miner@{socket.gethostname()}:{os.getpid()}"
+
+
+def _chunks(seq: Sequence, size: int) -> list[list]:
+    size = max(1, int(size))
+    return [list(seq[i : i + size]) for i in range(0, len(seq), size)]
+
+
+def artifact_file(path: str) -> Path:
+    """Artifact paths are stored relative to ORL_ARTIFACTS_DIR (so hosts may mount it anywhere)."""
+    p = Path(path)
+    return p if p.is_absolute() else get_settings().artifacts_path / p
+
+
+def device() -> torch.device:
+    return resolve_device(get_settings().device)
+
+
+# -- job gate and heartbeat ---------------------------------------------------------------------
+class _Gate:
+    """Between batches: is the job still ours to work on? Cancels it when asked to."""
+
+    def __init__(self, job_id: int):
+        self.job_id = job_id
+
+    def check(self) -> dict[str, Any]:
+        """Returns the job's result dict (plan, phase); raises Stop when the task must end."""
+        with session_scope() as s:
+            st = records.job_status(s, self.job_id)
+            if st is None:
+                raise Stop(f"job {self.job_id} no longer exists")
+            status, cancel, result = st
+            if status in TERMINAL_STATUSES:
+                raise Stop(f"job {self.job_id} is {status}")
+            if status == "queued" and not cancel:
+                # Requeued by the stale-job reaper while this task waited: take it up again.
+                jobs.start_job(s, self.job_id, worker_name())
+        if cancel or status == "cancelling":
+            finish(self.job_id, "cancelled")
+            raise Stop(f"job {self.job_id} was cancelled")
+        return result
+
+
+class Heartbeat:
+    """Renews the job's heartbeat every ORL_HEARTBEAT_S while a task works on it.
+
+    A thread, because one image of selective search or one embedding batch may take longer
+    than the heartbeat period; the stale-job reaper must not take a job that is making progress.
+    """
+
+    def __init__(self, job_id: int):
+        self.job_id = job_id
+        self.period_s = get_settings().heartbeat_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                with session_scope() as s:
+                    jobs.heartbeat(s, self.job_id)
+            except Exception:  # a missed beat is harmless; the next one retries
+                log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def finish(job_id: int, status: str, *, error: str | None = None, result: dict | None = None,
+           dispatcher: Dispatcher | None = None) -> None:
+    """finish_job in its own transaction, then start the pipeline's next stage (if a mine job)."""
+    try:
+        with session_scope() as s:
+            nxt = jobs.finish_job(s, job_id, status, error=error, result=result)
+    except jobs.InvalidTransition as exc:  # finished meanwhile by another task (cancel, reaper)
+        log.info("job %s: %s", job_id, exc)
+        return
+    _dispatch_next(nxt, dispatcher)
+
+
+def _dispatch_next(nxt: list[tuple[int, str]], dispatcher: Dispatcher | None) -> None:
+    for next_id, kind in nxt:
+        # pretrain/train children are claimed by trainers from the table; only mine needs a task.
+        if kind == "mine" and dispatcher is not None:
+            dispatcher.start(next_id)
+
+
+# -- checkpoint model, loaded once per worker process ---------------------------------------------
+_model_cache: dict[str, Any] = {}
+
+
+def get_model(path: Path):
+    """The checkpoint's ORLModel in eval mode on this worker's device (cached per process)."""
+    dev = device()
+    key = (str(path), path.stat().st_mtime_ns, str(dev))
+    if _model_cache.get("key") != key:
+        _model_cache.clear()
+        model, _, _ = load_model(path, map_location="cpu")
+        _model_cache.update(key=key, model=model.to(dev).eval())
+    return _model_cache["model"]
+
+
+def _checkpoint_config(art) -> Config:
+    cfg = (art.meta or {}).get("config")
+    if cfg:
+        return Config.from_dict(cfg)
+    return Config.from_dict(load_checkpoint(artifact_file(art.path))["config"])
+
+
+# -- start_mine: plan, then reconcile ----------------------------------------------------------------
+def start_mine(job_id: int, dispatcher: Dispatcher) -> None:
+    with session_scope() as s:
+        job = jobs.start_job(s, job_id, worker_name())
+        if job is None:
+            status = records.job_status(s, job_id)
+        else:
+            if job.kind != "mine":
+                raise MineError(f"job {job_id} is a {job.kind} job, not a mine job")
+            has_plan = "plan" in (job.result or {})
+    if job is None:
+        if status is not None and status[0] == "cancelling":
+            finish(job_id, "cancelled")
+        return  # finished, cancelled, or cancelled while it waited in the broker
+    if not has_plan:
+        make_plan(job_id)
+    reconcile(job_id, dispatcher)
+
+
+def make_plan(job_id: int) -> dict[str, Any]:
+    """Resolve every parameter, register new image files, snapshot the image set."""
+    with session_scope() as s:
+        job = jobs.get_job(s, job_id)
+        params = dict(job.params or {})
+        ds = records.dataset(s, job.dataset_id)
+        if ds is None:
+            raise MineError(f"dataset {job.dataset_id} of job {job_id} does not exist")
+        if params.get("checkpoint_id") is None:
+            raise MineError("a mine job needs params.checkpoint_id: the artifacts id of a stage-1 checkpoint "
+                            "(a pretrain job's result.checkpoint_id)")
+        try:
+            ckpt_id = int(params["checkpoint_id"])
+        except (TypeError, ValueError):
+            raise MineError(f"params.checkpoint_id must be an integer, got {params['checkpoint_id']!r}") from None
+        art = records.checkpoint_artifact(s, ckpt_id)
+        if art is None:
+            raise MineError(f"checkpoint_id {ckpt_id} is not a checkpoint artifact")
+        dataset_id, dataset_path, ckpt_path = ds.id, ds.path, art.path
+        try:
+            ck_cfg = _checkpoint_config(art)
+        except Exception as exc:
+            raise MineError(f"checkpoint {ckpt_id} ({ckpt_path}) cannot be read: {exc}") from exc
+    try:
+        mc = resolve_mine_config(params, ck_cfg)
+    except MineParamsError as exc:
+        raise MineError(str(exc)) from None
+    try:  # register files added to the folder since the last scan (idempotent; new ones only)
+        with session_scope() as s:
+            new = scan_dataset(s, records.dataset(s, dataset_id)).added
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        raise MineError(f"dataset {dataset_id}: {exc}") from None
+    plan = {
+        "checkpoint_id": ckpt_id, "checkpoint_path": ckpt_path, "checkpoint_preset": ck_cfg.preset,
+        "dataset_id": dataset_id, "dataset_path": dataset_path,
+        "mine": mine_config_dict(mc), "proposal_params": proposal_params(mc),
+        "params_key": params_key(mc), "roi_key": roi_key(mc),
+        "shard_size": get_settings().shard_size, "new_images_registered": new,
+    }
+    with session_scope() as s:
+        job = records.lock_job(s, job_id)
+        if "plan" in (job.result or {}):  # a concurrent copy of start_mine planned first
+            return job.result["plan"]
+        plan["image_max_id"] = records.max_image_id(s, dataset_id)
+        plan["images"] = records.count_set(s, dataset_id, plan["image_max_id"])
+        job.result = {**(job.result or {}), "plan": plan, "phase": "propose"}
+        job.progress = {**(job.progress or {}), "stage": "propose"}
+        job.progress_total = plan["images"]
+    log.info("job %s: plan %s", job_id, plan)
+    return plan
+
+
+def reconcile(job_id: int, dispatcher: Dispatcher) -> None:
+    """Send whatever the job's phase still needs (all of it is idempotent to receive twice)."""
+    result = _Gate(job_id).check()
+    plan, phase = result["plan"], result.get("phase")
+    if phase == "propose":
+        with session_scope() as s:
+            todo = records.images_lacking_proposals(s, plan["dataset_id"], plan["image_max_id"], plan["params_key"])
+            done = records.count_proposed(s, plan["dataset_id"], plan["image_max_id"], plan["params_key"])
+            records.set_stage_progress(s, job_id, "propose", done, done + len(todo))
+        if not todo:
+            advance_to_embed(job_id, dispatcher)
+            return
+        for shard in _chunks(todo, plan["shard_size"]):
+            dispatcher.propose(job_id, shard)
+        log.info("job %s: %d images to propose in %d shards (%d proposed earlier)", job_id, len(todo),
+                 -(-len(todo) // plan["shard_size"]), done)
+    elif phase == "embed":
+        dispatcher.embed(job_id)
+    elif phase == "pairs":
+        shards, done = result["pairs_shards"], set(result.get("pairs_done", []))
+        with session_scope() as s:
+            qids = records.query_ids(s, job_id)
+        for idx, (lo, hi, _) in enumerate(shards):
+            if idx not in done:
+                dispatcher.pairs(job_id, [i for i in qids if lo <= i <= hi], idx)
+        if len(done) >= len(shards):
+            finalize(job_id, dispatcher)
+
+
+# -- propose ------------------------------------------------------------------------------------------
+def propose_shard(job_id: int, image_ids: Sequence[int], dispatcher: Dispatcher) -> None:
+    """Selective search + box filter for a shard of images (cpu queue)."""
+    gate = _Gate(job_id)
+    result = gate.check()
+    plan = result["plan"]
+    if result.get("phase") != "propose":
+        return  # a late duplicate: the job has moved on, so these proposals exist
+    key = plan["params_key"]
+    with session_scope() as s:
+        paths = records.image_paths(s, image_ids, plan["dataset_id"])
+        done = records.proposed_among(s, image_ids, key)
+    todo = [i for i in image_ids if i in paths and i not in done]
+    root = Path(plan["dataset_path"])
+    mc = mine_config_from_plan(plan)
+    last_report = time.monotonic()
+    with Heartbeat(job_id):
+        # One isolated subprocess per shard: a time limit per image, and an OpenCV crash costs
+        # one image, not the Celery pool process (parallelism comes from worker concurrency).
+        results = run_proposals([str(root / paths[i]) for i in todo], plan["proposal_params"], workers=1,
+                                timeout_s=mc.ss_timeout_s)
+        try:
+            for k, res in results:
+                _write_proposal(todo[k], key, res)
+                gate.check()
+                if time.monotonic() - last_report > _PROGRESS_EVERY_S:
+                    _report_propose(job_id, plan)
+                    last_report = time.monotonic()
+        finally:
+            results.close()  # stops the selective-search subprocess when cancelled
+    _report_propose(job_id, plan)
+    advance_to_embed(job_id, dispatcher)
+
+
+def _write_proposal(image_id: int, key: str, res) -> None:
+    with session_scope() as s:
+        if not res.ok and res.reason.startswith(_DECODE_FAILURES):
+            records.mark_image_failed(s, image_id, res.reason)
+        records.write_proposals(s, image_id, key, res.ok, res.reason, res.n_raw,
+                                res.boxes if res.ok else np.zeros((0, 4)), res.seconds)
+    if not res.ok:
+        log.warning("image %s: %s", image_id, res.reason)
+
+
+def _report_propose(job_id: int, plan: dict) -> None:
+    with session_scope() as s:
+        done = records.count_proposed(s, plan["dataset_id"], plan["image_max_id"], plan["params_key"])
+        total = records.count_set(s, plan["dataset_id"], plan["image_max_id"])
+        records.set_stage_progress(s, job_id, "propose", done, total)
+
+
+def advance_to_embed(job_id: int, dispatcher: Dispatcher) -> None:
+    """If no image of the set lacks proposals, send embed_knn once (see the module docstring)."""
+    with session_scope() as s:
+        job = records.lock_job(s, job_id)
+        if job is None or job.status in TERMINAL_STATUSES or (job.result or {}).get("phase") != "propose":
+            return
+        plan = job.result["plan"]
+        if records.images_lacking_proposals(s, plan["dataset_id"], plan["image_max_id"], plan["params_key"]):
+            return
+        dispatcher.embed(job_id)  # before the commit: a kill here re-sends, never loses the step
+        job.result = {**job.result, "phase": "embed"}
+        job.progress = {**(job.progress or {}), "stage": "embed"}
+
+
+# -- embeddings + KNN ------------------------------------------------------------------------------------
+def embed_knn(job_id: int, dispatcher: Dispatcher) -> None:
+    """Embed the set's images that have no embedding under this checkpoint; KNN; fan out pairs."""
+    gate = _Gate(job_id)
+    gate.check()
+    with session_scope() as s:
+        job = records.lock_job(s, job_id)  # waits for the sender's commit (module docstring)
+        result = dict(job.result or {})
+        plan = result["plan"]
+        if result.get("phase") == "propose":
+            if records.images_lacking_proposals(s, plan["dataset_id"], plan["image_max_id"], plan["params_key"]):
+                return  # premature duplicate: the last propose shard will send it
+            # The sender was killed after sending and before its commit: take the step ourselves.
+            job.result = {**result, "phase": "embed"}
+        elif result.get("phase") != "embed":
+            return  # a late duplicate
+    mc = mine_config_from_plan(plan)
+    dev = device()
+    ds_id, max_id, ck_id = plan["dataset_id"], plan["image_max_id"], plan["checkpoint_id"]
+    with Heartbeat(job_id):
+        with session_scope() as s:
+            need = records.ids_lacking_embedding(s, ds_id, max_id, ck_id)
+            total = records.count_set(s, ds_id, max_id)
+            records.set_stage_progress(s, job_id, "embed", total - len(need), total)
+        if need:
+            model = get_model(artifact_file(plan["checkpoint_path"]))
+            root = Path(plan["dataset_path"])
+            for chunk in _chunks(need, 4 * mc.batch_size):
+                gate.check()
+                with session_scope() as s:
+                    paths = records.image_paths(s, chunk, ds_id)
+                ids = [i for i in chunk if i in paths]
+                emb, failed = embed_images(model, [str(root / paths[i]) for i in ids], mc, dev)
+                with session_scope() as s:
+                    for k, reason in failed.items():
+                        records.mark_image_failed(s, ids[k], reason)
+                    ok = [k for k in range(len(ids)) if k not in failed]
+                    records.write_embeddings(s, ck_id, [ids[k] for k in ok], emb[ok])
+                    left = len(records.ids_lacking_embedding(s, ds_id, max_id, ck_id))
+                    total = records.count_set(s, ds_id, max_id)
+                    records.set_stage_progress(s, job_id, "embed", total - left, total)
+        gate.check()
+        with session_scope() as s:
+            ids, emb = records.load_embeddings(s, ds_id, max_id, ck_id)
+        # Exact cosine KNN (faiss on CPU, matmul + topk on CUDA): the same neighbours on either.
+        knn, sims = knn_search(emb, mc.knn_k, dev) if len(ids) else (np.zeros((0, 0), np.int64), None)
+        with session_scope() as s:  # all neighbours in one transaction: a kill leaves none or all
+            records.write_neighbors(s, job_id, ids, knn, sims)
+    fan_out_pairs(job_id, dispatcher)
+
+
+def fan_out_pairs(job_id: int, dispatcher: Dispatcher) -> None:
+    shard_size = get_settings().shard_size
+    finished = False
+    with session_scope() as s:
+        qids = records.query_ids(s, job_id)
+        job = records.lock_job(s, job_id)
+        if job is None or job.status in TERMINAL_STATUSES or (job.result or {}).get("phase") != "embed":
+            return
+        shards = _chunks(qids, shard_size)
+        for idx, ids in enumerate(shards):
+            dispatcher.pairs(job_id, ids, idx)
+        job.result = {**job.result, "phase": "pairs", "pairs_done": [],
+                      # [first id, last id, count]: enough to rebuild a shard (reconcile)
+                      "pairs_shards": [[ids[0], ids[-1], len(ids)] for ids in shards]}
+        job.progress = {**(job.progress or {}), "stage": "pairs"}
+        job.progress_done, job.progress_total = 0, len(qids)
+        finished = not shards
+    log.info("job %s: %d query images in %d pair shards", job_id, len(qids), len(shards))
+    if finished:  # fewer than two images: no neighbours, nothing to pair
+        finalize(job_id, dispatcher)
+
+
+# -- RoI features and pairs ----------------------------------------------------------------------------
+@dataclass
+class _RoiFeatures:
+    """Each image's boxes encoded once: from the on-disk cache, or computed and cached."""
+
+    plan: dict
+    boxes: dict[int, np.ndarray]
+    paths: dict[int, str]
+
+    def __post_init__(self):
+        self.cfg = mine_config_from_plan(self.plan)
+        self.cache = RoiCache(get_settings().artifacts_path, self.plan["checkpoint_id"], self.plan["params_key"],
+                              self.plan["roi_key"])
+        self.memo: dict[int, np.ndarray] = {}
+
+    def __call__(self, image_id: int) -> np.ndarray:
+        if image_id in self.memo:
+            return self.memo[image_id]
+        boxes = self.boxes.get(image_id, np.zeros((0, 4)))
+        feats = self.cache.get(image_id, len(boxes)) if len(boxes) else np.zeros((0, 0), np.float32)
+        if feats is None:
+            model = get_model(artifact_file(self.plan["checkpoint_path"]))
+            try:
+                img = load_rgb(Path(self.plan["dataset_path"]) / self.paths[image_id])
+                feats, _ = embed_rois(model.backbone, img, boxes, self.cfg, device())
+                self.cache.put(image_id, feats)
+            except ImageError as exc:  # readable when proposed, not now: no pairs with it
+                log.warning("image %s: %s", image_id, exc)
+                feats = np.zeros((0, 0), np.float32)
+        self.memo[image_id] = feats
+        return feats
+
+
+def pairs_shard(job_id: int, image_ids: Sequence[int], shard: int | None, dispatcher: Dispatcher) -> None:
+    """RoI pairs of a shard of query images with each of their neighbours (gpu queue)."""
+    gate = _Gate(job_id)
+    gate.check()
+    with session_scope() as s:
+        job = records.lock_job(s, job_id)  # waits for fan_out_pairs' commit
+        result = dict(job.result or {})
+    if result.get("phase") != "pairs":
+        return  # sent by a fan-out that did not commit: its redelivery sends the shard again
+    plan = result["plan"]
+    mc = mine_config_from_plan(plan)
+    dev = device()
+    qids = sorted(int(i) for i in image_ids)
+    with session_scope() as s:
+        done = records.images_with_pairs(s, job_id, qids)
+        nbrs = records.neighbors_of(s, job_id, qids)
+        all_ids = set(qids) | {n for rows in nbrs.values() for _, n, _ in rows}
+        boxes = records.boxes_of(s, all_ids, plan["params_key"])
+        paths = records.image_paths(s, list(all_ids), plan["dataset_id"], only_ok=False)
+    feats = _RoiFeatures(plan, boxes, paths)
+    with Heartbeat(job_id):
+        for q in qids:
+            gate.check()
+            if q in done or not len(boxes.get(q, ())):
+                continue
+            rows = []
+            for k, n, _ in nbrs.get(q, []):
+                fq, fk = feats(q), feats(n)
+                if not len(fq) or not len(fk):
+                    continue
+                ij, scores = select_pairs(fq, fk, mc.pair_ratio, dev)
+                bq, bn = boxes[q][ij[:, 0]], boxes[n][ij[:, 1]]
+                rows += [{"job_id": job_id, "image_id": q, "neighbor_image_id": n, "neighbor_rank": k, "rank": r,
+                          "score": float(scores[r]), "qx1": float(bq[r, 0]), "qy1": float(bq[r, 1]),
+                          "qx2": float(bq[r, 2]), "qy2": float(bq[r, 3]), "nx1": float(bn[r, 0]),
+                          "ny1": float(bn[r, 1]), "nx2": float(bn[r, 2]), "ny2": float(bn[r, 3])}
+                         for r in range(len(ij))]
+            with session_scope() as s:  # one image's pairs in one transaction
+                records.write_pairs(s, rows)
+    if shard is not None:
+        _shard_done(job_id, int(shard), dispatcher)
+
+
+def _shard_done(job_id: int, shard: int, dispatcher: Dispatcher) -> None:
+    """Record the shard in the job's done set (idempotent); the last one finalizes."""
+    with session_scope() as s:
+        job = records.lock_job(s, job_id)
+        if job is None or job.status in TERMINAL_STATUSES:
+            return
+        result = dict(job.result or {})
+        done = set(result.get("pairs_done", []))
+        done.add(shard)
+        shards = result.get("pairs_shards", [])
+        job.result = {**result, "pairs_done": sorted(done)}
+        job.progress_done = sum(shards[i][2] for i in done if i < len(shards))
+        job.heartbeat_at = func.now()
+        complete = len(done) >= len(shards)
+    if complete:
+        # Also when this shard was counted before (a redelivery): finalize is idempotent, and it
+        # is how a job whose last shard died after counting still finishes.
+        finalize(job_id, dispatcher)
+
+
+# -- the end --------------------------------------------------------------------------------------------
+def finalize(job_id: int, dispatcher: Dispatcher) -> None:
+    """Export correspondence.json, record it as an artifact, mark the job succeeded."""
+    result = _Gate(job_id).check()
+    plan = result["plan"]
+    rel = Path("jobs") / str(job_id) / "correspondence.json"
+    out = get_settings().artifacts_path / rel
+    with session_scope() as s:
+        corr = correspondence_from_db(s, job_id, plan["params_key"], official_info(plan["mine"], {
+            "job_id": job_id, "dataset_id": plan["dataset_id"], "images_root": plan["dataset_path"],
+            "checkpoint_id": plan["checkpoint_id"], "params_key": plan["params_key"]}))
+        failed = plan["images"] - records.count_set(s, plan["dataset_id"], plan["image_max_id"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    corr.save(out)
+    with session_scope() as s:
+        job = records.lock_job(s, job_id)
+        if job is None or job.status in TERMINAL_STATUSES:
+            return
+        art_id = records.upsert_artifact(s, job_id=job_id, dataset_id=plan["dataset_id"], kind="correspondence",
+                                         path=rel.as_posix(), meta={"images": len(corr), "pairs": corr.num_pairs,
+                                                                    "format": "orl-official-json"})
+        summary = {**dict(job.result or {}), "phase": "done", "images": len(corr), "pairs": corr.num_pairs,
+                   "failed_images": max(0, failed), "correspondence_artifact_id": art_id}
+        nxt = jobs.finish_job(s, job_id, "succeeded", result=summary)
+    log.info("job %s succeeded: %d images, %d pairs", job_id, len(corr), corr.num_pairs)
+    _dispatch_next(nxt, dispatcher)

@@ -1,0 +1,347 @@
+"""The trainer loop: claim a queued pretrain/train job, run ``orl.train.train``, report, repeat.
+
+One job at a time per trainer process; run one trainer per machine (it uses all of the
+machine's GPUs through torchrun when a job asks for several processes), or several anywhere:
+``claim_job`` takes rows with ``FOR UPDATE SKIP LOCKED``, so each job goes to one trainer.
+
+While a job runs, a lease thread heartbeats its row every ORL_HEARTBEAT_S with the latest
+progress (epoch, step, loss, images/s, ETA) and learns from the answer whether a cancel was
+requested, or whether the job was taken away (requeued by the reaper after a long silence).
+``orl.train`` polls ``should_stop`` every step; it writes ``last.pt`` every
+``train.checkpoint_every_steps`` steps and at each epoch end, and the same call resumes from it.
+So a trainer that dies (kill -9, lost host) costs at most those steps: its job's heartbeat goes
+stale, any trainer's reaper requeues it (``ORL_LEASE_S``), and the next claim resumes it from
+``<ORL_ARTIFACTS_DIR>/jobs/<job id>/last.pt`` at the same schedule position.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from services.common import jobs
+from services.common.db import session_scope
+from services.common.models import Artifact
+from services.common.settings import Settings, get_settings
+from services.trainer.spec import RunSpec, SpecError, build_spec
+
+log = logging.getLogger(__name__)
+
+KINDS = ("pretrain", "train")
+_PROGRESS_MIN_INTERVAL_S = 0.5  # progress rows are written at most this often
+
+
+class TrainerError(RuntimeError):
+    pass
+
+
+def worker_name() -> str:
+    return f"trainer@{socket.gethostname()}:{os.getpid()}"
+
+
+class Lease:
+    """Heartbeats one job from a thread; relays progress; says when to stop.
+
+    ``report`` (called by orl.train after every step) only stores the metrics and wakes the
+    thread, so the training loop never waits on the database.
+    """
+
+    def __init__(self, job_id: int, worker: str, period_s: float):
+        self.job_id, self.worker, self.period_s = job_id, worker, period_s
+        self.cancel = threading.Event()
+        self.lost = threading.Event()
+        self._latest: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._last_write = 0.0
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+
+    @property
+    def should_stop(self) -> bool:
+        return self.cancel.is_set() or self.lost.is_set()
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        with self._lock:
+            self._latest = metrics
+        self._wake.set()
+
+    def _beat(self) -> None:
+        with self._lock:
+            m, self._latest = self._latest, None
+        kw: dict[str, Any] = {}
+        if m is not None:
+            kw = {"progress_done": int(m.get("global_step", 0)), "progress_total": int(m.get("total_steps", 0)),
+                  "progress": {k: m[k] for k in ("stage", "epoch", "step", "global_step", "total_steps", "loss",
+                                                 "lr", "images_per_s", "eta_s") if k in m}}
+        with session_scope() as s:
+            answer = jobs.heartbeat(s, self.job_id, self.worker, **kw)
+        self._last_write = time.monotonic()
+        if answer == jobs.Lease.CANCEL:
+            self.cancel.set()
+        elif answer == jobs.Lease.LOST:
+            self.lost.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            woke = self._wake.wait(self.period_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            wait = _PROGRESS_MIN_INTERVAL_S - (time.monotonic() - self._last_write)
+            if woke and wait > 0:
+                self._stop.wait(wait)
+            try:
+                self._beat()
+            except Exception:  # the database may be briefly away: the next beat retries
+                log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
+
+    def flush(self) -> None:
+        try:
+            self._beat()
+        except Exception:
+            log.warning("final progress of job %s not written", self.job_id, exc_info=True)
+
+    def __enter__(self) -> "Lease":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+
+class Trainer:
+    def __init__(self, settings: Settings | None = None, poll_s: float = 2.0):
+        self.settings = settings or get_settings()
+        self.poll_s = poll_s
+        self.worker = worker_name()
+        self.shutdown = threading.Event()
+        self._next_reap = 0.0
+
+    # -- loop -------------------------------------------------------------------------------------
+    def run_forever(self, max_jobs: int | None = None) -> None:
+        log.info("%s: polling for %s jobs every %.1f s", self.worker, "/".join(KINDS), self.poll_s)
+        done = 0
+        while not self.shutdown.is_set() and (max_jobs is None or done < max_jobs):
+            self.reap()
+            try:
+                job_id = self.claim()
+            except Exception:  # database away: keep polling rather than exit (its jobs wait)
+                log.warning("cannot claim jobs; retrying in %.1f s", self.poll_s, exc_info=True)
+                job_id = None
+            if job_id is None:
+                self.shutdown.wait(self.poll_s)
+                continue
+            try:
+                self.run_job(job_id)
+            except Exception:  # e.g. the database went away mid-job: its lease expires, it is requeued
+                log.exception("job %s: unexpected error in the trainer", job_id)
+            done += 1
+
+    def reap(self) -> None:
+        """Requeue or fail stale jobs of any kind (every trainer does it; SKIP LOCKED makes it safe)."""
+        if time.monotonic() < self._next_reap:
+            return
+        self._next_reap = time.monotonic() + max(1.0, min(self.settings.lease_s / 2, 30.0))
+        try:
+            requeued = jobs.reap_and_dispatch(self.settings.lease_s, self.settings.max_attempts)
+            for job_id, kind in requeued:
+                log.warning("job %s (%s) had a stale heartbeat: requeued", job_id, kind)
+        except Exception:
+            log.warning("stale-job reaper round failed", exc_info=True)
+
+    def claim(self) -> int | None:
+        with session_scope() as s:
+            job = jobs.claim_job(s, KINDS, self.worker)
+            return None if job is None else int(job.id)
+
+    # -- one job ----------------------------------------------------------------------------------
+    def run_job(self, job_id: int) -> str:
+        """Run a claimed job to its end; returns the final status (or 'lost' / 'released')."""
+        try:
+            with session_scope() as s:
+                job = jobs.get_job(s, job_id)
+                spec = build_spec(s, job, self.settings.artifacts_path, self.settings.device)
+                resumed = (spec.out_dir / "last.pt").exists()
+                job.result = {**(job.result or {}), "config": spec.cfg.to_dict(), **spec.info,
+                              "nproc": spec.nproc, "out_dir": self._rel(spec.out_dir)}
+        except SpecError as exc:
+            return self._finish(job_id, "failed", error=str(exc))
+        log.info("job %s: %s stage %s, %s, preset %s, %d process(es)%s", job_id, spec.kind, spec.stage,
+                 spec.info, spec.cfg.preset, spec.nproc, " (resuming from last.pt)" if resumed else "")
+        with Lease(job_id, self.worker, self.settings.heartbeat_s) as lease:
+            try:
+                if spec.nproc > 1:
+                    summary = self._run_torchrun(spec, lease)
+                else:
+                    summary = self._run_inline(spec, lease)
+            except Exception as exc:
+                if lease.lost.is_set():
+                    return "lost"
+                log.exception("job %s failed", job_id)
+                return self._finish(job_id, "failed", error=f"training failed: {type(exc).__name__}: {exc}")
+            lease.flush()
+        if lease.lost.is_set():
+            # Requeued while we were silent: another trainer owns it now; write nothing more.
+            log.warning("job %s was taken over by another worker; stopping", job_id)
+            return "lost"
+        reached = summary["finished"] or (spec.max_steps is not None and summary["global_step"] >= spec.max_steps)
+        if reached:
+            ids = self._record_artifacts(spec, summary)
+            return self._finish(job_id, "succeeded", result={**ids, "summary": _jsonable(summary)})
+        if lease.cancel.is_set():
+            ids = self._record_artifacts(spec, summary)
+            return self._finish(job_id, "cancelled", result={**ids, "summary": _jsonable(summary)})
+        if self.shutdown.is_set():
+            self._release(job_id)
+            return "released"
+        return self._finish(job_id, "failed", error=f"training stopped early at step {summary['global_step']} "
+                                                    f"of {summary['total_steps']} without a cancel")
+
+    def _run_inline(self, spec: RunSpec, lease: Lease) -> dict[str, Any]:
+        from orl.train import train
+
+        return train(spec.stage, spec.images_root, spec.out_dir, spec.cfg, files=spec.files, corr=spec.corr,
+                     init_from=spec.init_from, device=spec.device, show_progress=False,
+                     on_progress=lambda m: lease.report({"stage": spec.stage, **m}),
+                     should_stop=lambda: lease.should_stop or self.shutdown.is_set(), max_steps=spec.max_steps)
+
+    def _run_torchrun(self, spec: RunSpec, lease: Lease) -> dict[str, Any]:
+        """Data-parallel over spec.nproc processes (services.trainer.ddp_entry) on this host."""
+        out = spec.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        files = {k: out / f"{k}.json" for k in ("progress", "summary")}
+        stop_file = out / "STOP"
+        for f in (*files.values(), stop_file):
+            f.unlink(missing_ok=True)
+        launch = {"stage": spec.stage, "images_root": spec.images_root, "out_dir": str(out),
+                  "config": spec.cfg.to_dict(), "files": spec.files, "init_from": spec.init_from,
+                  "max_steps": spec.max_steps, "device": spec.device, "stop_file": str(stop_file),
+                  "progress_file": str(files["progress"]), "summary_file": str(files["summary"])}
+        if spec.corr is not None:
+            launch["pairs"] = str(out / "pairs.json")
+            spec.corr.save(out / "pairs.json")  # also a record of exactly what was trained on
+        (out / "launch.json").write_text(json.dumps(launch))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.nproc}",
+               "-m", "services.trainer.ddp_entry", str(out / "launch.json")]
+        log_path = out / "torchrun.log"
+        with log_path.open("ab") as log_fh:
+            proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                                    cwd=str(Path(__file__).resolve().parents[2]))
+            seen = 0
+            try:
+                while proc.poll() is None:
+                    time.sleep(0.5)
+                    try:
+                        st = files["progress"].stat().st_mtime_ns
+                        if st != seen:
+                            seen = st
+                            lease.report({"stage": spec.stage, **json.loads(files["progress"].read_text())})
+                    except (OSError, ValueError):
+                        pass
+                    if lease.should_stop or self.shutdown.is_set():
+                        stop_file.touch()
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(30)
+        if proc.returncode != 0:
+            tail = log_path.read_text(errors="replace").splitlines()[-15:]
+            raise TrainerError(f"torchrun exited with code {proc.returncode}; last lines of {log_path}:\n"
+                               + "\n".join(tail))
+        return json.loads(files["summary"].read_text())
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    def _rel(self, path: Path) -> str:
+        try:
+            return Path(path).relative_to(self.settings.artifacts_path).as_posix()
+        except ValueError:
+            return str(path)
+
+    def _record_artifacts(self, spec: RunSpec, summary: dict[str, Any]) -> dict[str, int]:
+        """One checkpoint (and backbone, when finished) artifact row per job; idempotent."""
+        meta = {"config": spec.cfg.to_dict(), "preset": spec.cfg.preset, "global_step": summary["global_step"],
+                "total_steps": summary["total_steps"], "finished": summary["finished"], "images": summary["images"]}
+        out: dict[str, int] = {}
+        with session_scope() as s:
+            jobs.get_job(s, spec.job_id, lock=True)  # serialises against a concurrent copy of this
+            for kind, name in (("checkpoint", "last.pt"), ("backbone", "backbone.pth")):
+                path = spec.out_dir / name
+                if not path.exists():
+                    continue
+                art = s.execute(select(Artifact).where(Artifact.job_id == spec.job_id, Artifact.kind == kind)
+                                .order_by(Artifact.id).limit(1)).scalar_one_or_none()
+                if art is None:
+                    art = Artifact(job_id=spec.job_id, dataset_id=spec.dataset_id, kind=kind, stage=spec.stage,
+                                   path=self._rel(path), meta=meta)
+                    s.add(art)
+                else:
+                    art.path, art.meta = self._rel(path), meta
+                s.flush()
+                out[f"{kind}_id"] = int(art.id)
+        return out
+
+    def _finish(self, job_id: int, status: str, *, error: str | None = None, result: dict | None = None) -> str:
+        try:
+            with session_scope() as s:
+                job = jobs.get_job(s, job_id)
+                if result is not None:
+                    result = {**(job.result or {}), **result}
+                nxt = jobs.finish_job(s, job_id, status, error=error, result=result, worker=self.worker)
+        except jobs.InvalidTransition as exc:
+            log.warning("job %s: %s", job_id, exc)
+            return "lost"
+        from services.common import broker
+
+        for next_id, kind in nxt:  # a pipeline's next stage (mine: a Celery task)
+            broker.dispatch(next_id, kind)
+        log.info("job %s %s%s", job_id, status, f": {error}" if error else "")
+        return status
+
+    def _release(self, job_id: int) -> None:
+        """Give a job back on a clean shutdown, so another trainer resumes it without waiting
+        for the lease to expire."""
+        with session_scope() as s:
+            status = jobs.release_job(s, job_id, self.worker)
+        if status:
+            log.info("job %s %s (shutdown of %s)", job_id, status, self.worker)
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d, default=str))
+
+
+def _die_with_parent() -> None:
+    """In the torchrun child: get SIGTERM when the trainer dies, even by kill -9, so a dead
+    trainer never leaves ranks training (and writing last.pt) behind its requeued job."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def install_signal_handlers(trainer: Trainer) -> None:
+    """SIGTERM/SIGINT: stop at the next step, checkpoint, give the job back, exit. Twice: exit now."""
+
+    def handler(signum, frame):
+        if trainer.shutdown.is_set():
+            raise SystemExit(128 + signum)
+        log.info("signal %d: finishing the current step, then exiting", signum)
+        trainer.shutdown.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

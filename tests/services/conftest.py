@@ -1,0 +1,141 @@
+"""Fixtures for the service tests: a real, freshly migrated Postgres database, ORL_* settings
+pointing at it, and a FastAPI TestClient.
+
+Nothing here mocks the database: ``pg_url`` creates ``orl_test_<hex>`` on the Postgres server at
+ORL_TEST_PG_ADMIN_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/postgres), runs the
+Alembic migrations on it, and drops it at the end of the session. The broker is the real Redis at
+ORL_TEST_BROKER_URL (default: redis://127.0.0.1:6379/<random db 1..15>, so the ``gpu`` queue of
+a test session does not feed the Celery workers of another session on the same machine).
+
+Reuse from other test files: ``pg_url``, ``settings_env`` (a ``ServiceEnv``), ``api_client``,
+``auth_headers``, ``db_session``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, make_url, pool, text
+from sqlalchemy.exc import OperationalError
+
+REPO = Path(__file__).resolve().parents[2]
+# `services` is not an installed package (pyproject installs orl only); uvicorn and celery find it
+# from the working directory, pytest from here.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+SAMPLE_IMAGES = REPO / "data" / "sample" / "images"
+ADMIN_URL = os.environ.get("ORL_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+TOKEN = "test-token-" + uuid.uuid4().hex[:8]
+
+
+def _server_reachable(url: str) -> str | None:
+    eng = create_engine(url, poolclass=pool.NullPool, connect_args={"connect_timeout": 3})
+    try:
+        with eng.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return None
+    except OperationalError as exc:
+        return str(exc.orig)
+    finally:
+        eng.dispose()
+
+
+def make_test_database(admin_url: str, prefix: str = "orl_test") -> str:
+    """Create and migrate a database with a random name on the server of ``admin_url``; its URL."""
+    from services.common.migrate import upgrade
+
+    url = make_url(admin_url).set(database=f"{prefix}_{uuid.uuid4().hex[:12]}").render_as_string(hide_password=False)
+    upgrade(url)  # creates the database, then alembic upgrade head
+    return url
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """URL of a fresh, migrated database (dropped after the session)."""
+    from services.common.migrate import drop_database
+
+    err = _server_reachable(ADMIN_URL)
+    if err:
+        pytest.skip(f"no Postgres server at {ADMIN_URL} ({err}); start one or set ORL_TEST_PG_ADMIN_URL")
+    url = make_test_database(ADMIN_URL)
+    yield url
+    from services.common import db
+
+    db.dispose_engine()
+    drop_database(url)
+
+
+@dataclass(frozen=True)
+class ServiceEnv:
+    database_url: str
+    broker_url: str
+    data_root: Path  # the only ORL_DATA_ROOTS entry
+    images_dir: Path  # data_root/sample: 8 real photos in train2017/ and val2017/
+    artifacts_dir: Path
+    token: str
+
+
+def _copy_sample(dst: Path, per_split: int = 4) -> None:
+    for split in ("train2017", "val2017"):
+        (dst / split).mkdir(parents=True)
+        for f in sorted((SAMPLE_IMAGES / split).glob("*.jpg"))[:per_split]:
+            shutil.copy(f, dst / split / f.name)
+
+
+@pytest.fixture(scope="session")
+def settings_env(pg_url, tmp_path_factory) -> Iterator[ServiceEnv]:
+    """ORL_* variables for the whole session (database, broker, data root, artifacts, token)."""
+    from services.common.settings import reset_settings
+
+    root = tmp_path_factory.mktemp("data_root").resolve()
+    _copy_sample(root / "sample")
+    artifacts = tmp_path_factory.mktemp("artifacts").resolve()
+    broker = os.environ.get("ORL_TEST_BROKER_URL", f"redis://127.0.0.1:6379/{random.randint(1, 15)}")
+    env = ServiceEnv(pg_url, broker, root, root / "sample", artifacts, TOKEN)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ORL_DATABASE_URL", env.database_url)
+        mp.setenv("ORL_BROKER_URL", env.broker_url)
+        mp.setenv("ORL_DATA_ROOTS", str(root))
+        mp.setenv("ORL_ARTIFACTS_DIR", str(artifacts))
+        mp.setenv("ORL_API_TOKEN", TOKEN)
+        reset_settings()
+        yield env
+        reset_settings()
+    reset_settings()
+
+
+@pytest.fixture(scope="session")
+def api_client(settings_env):
+    """A TestClient on the real app (no auth header; add ``auth_headers`` on write calls)."""
+    from fastapi.testclient import TestClient
+
+    from services.api.main import create_app
+
+    with TestClient(create_app()) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def auth_headers(settings_env) -> dict[str, str]:
+    return {"Authorization": f"Bearer {settings_env.token}"}
+
+
+@pytest.fixture
+def db_session(settings_env):
+    """A session on the test database; commits are real (tests use unique names)."""
+    from services.common.db import get_sessionmaker
+
+    s = get_sessionmaker()()
+    try:
+        yield s
+    finally:
+        s.rollback()
+        s.close()

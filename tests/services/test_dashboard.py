@@ -1,0 +1,461 @@
+"""The dashboard against a live API: Streamlit's AppTest for the logic, headless Chromium for
+what a person sees.
+
+A real uvicorn process serves the API on a free port over the session's test database
+(``pg_url``). The data is registered through the API (a folder of real sample photos plus one
+broken file) and completed with rows a mining job and two trainings would write (pairs and
+checkpoints), so the pages have something to show without running the slow pipeline here;
+tests/services/test_stack.py and `make demo` run the real thing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "data" / "sample" / "images"
+N_PHOTOS = 6
+N_PAIRS = 25
+SCREENSHOT = Path(os.environ.get("ORL_SCREENSHOT_DIR", REPO / ".state" / "screenshots")) / "pairs_page.png"
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+# -- pure logic (no server) -----------------------------------------------------------------------
+def test_dashboard_talks_to_the_api_only():
+    """dashboard -> API over HTTP: it imports neither the library nor the services."""
+    import ast
+
+    bad = []
+    for f in (REPO / "dashboard").rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            bad += [f"{f.relative_to(REPO)}: {n}" for n in names
+                    if n.split(".")[0] in {"orl", "services", "sqlalchemy", "celery", "redis", "torch"}]
+    assert not bad, bad
+
+
+def test_url_state_round_trip_and_rejects_bad_values():
+    from dashboard import urlstate
+
+    q = {"page": "pairs", "dataset": "3", "job": "12", "min_score": "0.5", "per_page": "50", "cursor": "abc"}
+    values = urlstate.parse("pairs", q)
+    assert values == {"dataset": 3, "job": 12, "image": None, "min_score": 0.5, "per_page": 50, "cursor": "abc"}
+    assert urlstate.encode("pairs", values) == q
+    # Hand-edited links degrade to defaults instead of failing.
+    bad = urlstate.parse("pairs", {"job": "-1", "min_score": "nan", "per_page": "7", "image": "x"})
+    assert bad["job"] is None and bad["min_score"] is None and bad["per_page"] == 20 and bad["image"] is None
+    assert urlstate.page_of({"page": "nope"}) == "jobs"
+    # Defaults stay out of the URL; a changed filter drops the cursor, a page turn keeps filters.
+    assert urlstate.encode("attention", {"opacity": 0.5, "image": 4}) == {"page": "attention", "image": "4"}
+    assert urlstate.with_filters(values, min_score=0.7)["cursor"] is None
+    assert urlstate.with_filters(values, cursor="def")["cursor"] == "def"
+
+
+def test_drawing_scales_boxes_and_blends():
+    from PIL import Image
+
+    from dashboard import drawing
+
+    assert drawing.scale_box([100, 50, 300, 250], (640, 480), (320, 240)) == [50, 25, 150, 125]
+    img = Image.new("RGB", (100, 80), (0, 0, 0))
+    boxed = np.asarray(drawing.draw_box(img, [10, 10, 60, 50], (255, 0, 0)))
+    assert (boxed[10:50, 10] == [255, 0, 0]).all(axis=1).any() and boxed[30, 30].tolist() == [0, 0, 0]
+    heat = Image.new("RGB", (50, 40), (200, 100, 0))
+    assert np.asarray(drawing.blend(img, heat, 0.0)).max() == 0
+    assert np.asarray(drawing.blend(img, heat, 1.0))[0, 0].tolist() == [200, 100, 0]
+    centres, counts = drawing.histogram([0.1, 0.2, 0.2, 0.9], bins=4)
+    assert counts.sum() == 4 and len(centres) == 4
+    assert drawing.pair_colour(0) == drawing.pair_colour(len(drawing.PAIR_COLOURS))
+
+
+def test_job_params_and_progress_text():
+    from dashboard.views import jobs
+
+    p = jobs.build_params("pipeline", "tiny", 5, extra={"mine": {"knn_k": 5}})
+    assert p == {"pretrain": {"preset": "tiny", "epochs": 5}, "mine": {"preset": "tiny", "knn_k": 5},
+                 "train": {"preset": "tiny", "epochs": 5}}
+    assert jobs.build_params("mine", "cpu", None, checkpoint_id=7) == {"preset": "cpu", "checkpoint_id": 7}
+    assert jobs.build_params("train", "tiny", 3, mine_job_id=4) == {"preset": "tiny", "epochs": 3, "mine_job_id": 4}
+    with pytest.raises(ValueError, match="JSON object"):
+        jobs.parse_extra("[1, 2]")
+    frac, text = jobs.progress_text({"status": "running", "progress": {
+        "done": 3, "total": 12, "stage": "pretrain", "epoch": 1, "loss": 0.51234, "eta_s": 75}})
+    assert frac == 0.25 and "epoch 1" in text and "loss 0.5123" in text and "ETA 1 min 15 s" in text
+
+
+# -- a live API with data ------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group we started, SIGKILL it if it lingers."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def live_api(settings_env, tmp_path_factory):
+    """uvicorn services.api.main:app on a free port over the test database; its base URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("logs") / "api.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # settings_env already exported ORL_*
+    bin_dir = Path(sys.executable).parent
+    proc = start([str(bin_dir / "uvicorn"), "services.api.main:app", "--host", "127.0.0.1", "--port", str(port)],
+                 env, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/readyz", 60, proc, log)
+        yield url
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def seeded(live_api, settings_env, tiny_byol_checkpoint):
+    """A registered dataset (real photos + one broken file), a succeeded mine job with pairs and
+    two checkpoints (stage byol and orl). Returns ids."""
+    from sqlalchemy import select
+
+    from services.common.db import session_scope
+    from services.common.models import Artifact, Image, Job, RoiPair
+
+    folder = settings_env.data_root / f"dashboard_{os.getpid()}"
+    photos = sorted(SAMPLE.rglob("*.jpg"))[:N_PHOTOS]
+    folder.mkdir()
+    for f in photos:
+        shutil.copy(f, folder / f.name)
+    (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
+    headers = {"Authorization": f"Bearer {settings_env.token}"}
+    r = httpx.post(f"{live_api}/api/v1/datasets", json={"name": folder.name, "path": str(folder)}, headers=headers)
+    assert r.status_code == 201, r.text
+    ds = r.json()
+    assert ds["counts"]["images"] == N_PHOTOS + 1 and ds["counts"]["failed_images"] == 1
+
+    ckpt_dir = settings_env.artifacts_dir / "dashboard"
+    ckpt_dir.mkdir(exist_ok=True)
+    shutil.copy(tiny_byol_checkpoint, ckpt_dir / "last.pt")
+    rng = np.random.default_rng(0)
+    with session_scope() as s:
+        images = list(s.execute(select(Image).where(Image.dataset_id == ds["id"], Image.status == "ok")
+                                .order_by(Image.id)).scalars())
+        pretrain = Job(kind="pretrain", dataset_id=ds["id"], status="succeeded", params={"preset": "tiny"})
+        mine = Job(kind="mine", dataset_id=ds["id"], status="succeeded", params={"preset": "tiny"},
+                   progress_done=len(images), progress_total=len(images))
+        s.add_all([pretrain, mine])
+        s.flush()
+        byol = Artifact(job_id=pretrain.id, dataset_id=ds["id"], kind="checkpoint", stage="byol",
+                        path=str(ckpt_dir / "last.pt"), meta={"epoch": 1})
+        orl = Artifact(job_id=pretrain.id, dataset_id=ds["id"], kind="checkpoint", stage="orl",
+                       path="dashboard/last.pt", meta={"epoch": 1})  # relative to the artifacts dir
+        s.add_all([byol, orl])
+        pairs = []
+        for i in range(N_PAIRS):
+            q, n = images[i % len(images)], images[(i + 1 + i // len(images)) % len(images)]
+
+            def box(im):
+                w, h = im.width, im.height
+                x1, y1 = rng.uniform(0, w * 0.5), rng.uniform(0, h * 0.5)
+                return [x1, y1, x1 + rng.uniform(0.2, 0.5) * w, y1 + rng.uniform(0.2, 0.5) * h]
+
+            qb, nb = box(q), box(n)
+            pairs.append(RoiPair(job_id=mine.id, image_id=q.id, neighbor_image_id=n.id, neighbor_rank=0,
+                                 rank=i // len(images), score=float(0.95 - 0.02 * i),
+                                 qx1=qb[0], qy1=qb[1], qx2=qb[2], qy2=qb[3],
+                                 nx1=nb[0], ny1=nb[1], nx2=nb[2], ny2=nb[3]))
+        s.add_all(pairs)
+        s.flush()
+        out = {"dataset": ds["id"], "mine": mine.id, "pretrain": pretrain.id, "byol": byol.id, "orl": orl.id,
+               "images": [im.id for im in images], "token": settings_env.token}
+    return out
+
+
+@pytest.fixture
+def app(live_api, seeded, monkeypatch):
+    """An AppTest of dashboard/app.py talking to the live API (with the write token)."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("ORL_API_URL", live_api)
+    monkeypatch.setenv("ORL_API_TOKEN", seeded["token"])
+    at = AppTest.from_file(str(REPO / "dashboard" / "app.py"), default_timeout=60)
+    return at
+
+
+def open_page(at, **query):
+    for k, v in query.items():
+        at.query_params[k] = str(v)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(at) -> str:
+    return "\n".join([m.value for m in at.markdown] + [c.value for c in at.caption])
+
+
+def qp(at) -> dict[str, str]:
+    return {k: (v[0] if isinstance(v, list) else v) for k, v in at.query_params.items()}
+
+
+# -- AppTest against the live API -------------------------------------------------------------------
+def test_pairs_page_shows_pairs_pages_with_cursor_and_filters(app, seeded):
+    at = open_page(app, page="pairs", dataset=seeded["dataset"], job=seeded["mine"], per_page=10)
+    # 10 pairs, 4 images each (two boxed thumbnails and two crops), best score first.
+    assert len(at.image) >= 40
+    body = texts(at)
+    assert "score **0.950**" in body and "score **0.770**" in body and "score **0.750**" not in body
+    assert qp(at)["job"] == str(seeded["mine"]) and "cursor" not in qp(at)
+
+    at.button(key="pairs_next").click().run()
+    assert not at.exception
+    assert "cursor" in qp(at), "the page position is in the URL"
+    assert "score **0.750**" in texts(at) and "score **0.950**" not in texts(at)
+    at.button(key="pairs_back").click().run()
+    assert "cursor" not in qp(at) and "score **0.950**" in texts(at)
+
+    # A filter change starts again from page one and is written to the URL.
+    at.button(key="pairs_next").click().run()
+    at.number_input(key="pairs_min_score").set_value(0.9).run()
+    assert qp(at)["min_score"] == "0.9" and "cursor" not in qp(at)
+    scores = [float(v) for v in re.findall(r"score \*\*([0-9.]+)\*\*", texts(at))]
+    assert scores and min(scores) >= 0.9
+    image_id = seeded["images"][0]
+    at.number_input(key="pairs_image").set_value(image_id).run()
+    assert qp(at)["image"] == str(image_id)
+    queries = [c for im in at.image for c in im.captions if c.startswith("query · image")]
+    assert queries and all(c.startswith(f"query · image {image_id} ") for c in queries), queries
+
+
+def test_pairs_page_from_a_shared_link_and_a_bad_cursor(app, seeded):
+    at = open_page(app, page="pairs", dataset=seeded["dataset"], job=seeded["mine"], per_page=10,
+                   cursor="not-a-cursor", min_score="0.8")
+    # The API refuses the cursor; the page says so and falls back to page one with the filters kept.
+    assert any("cursor" in w.value for w in at.warning)
+    assert "cursor" not in qp(at) and qp(at)["min_score"] == "0.8"
+    assert "score **0.950**" in texts(at)
+    assert at.number_input(key="pairs_min_score").value == 0.8
+
+
+def test_jobs_page_lists_submits_and_cancels(app, seeded):
+    at = open_page(app, page="jobs", dataset=seeded["dataset"])
+    body = texts(at)
+    assert f"#{seeded['mine']} mine" in body and "succeeded" in body
+    # Submit a train job through the form, on the seeded pairs.
+    at.radio(key="submit_kind").set_value("train").run()
+    # Epochs default to what the preset is meant for.
+    at.selectbox(key="submit_preset").set_value("cpu").run()
+    assert at.number_input(key="submit_epochs_cpu").value == 30
+    at.selectbox(key="submit_preset").set_value("tiny").run()
+    assert at.selectbox(key="submit_minejob").value == seeded["mine"]
+    # Inside a form a value is sent with the submit click, in the same run.
+    at.number_input(key="submit_epochs_tiny").set_value(2)
+    at.button[[b.label for b in at.button].index("Submit")].click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    msg = [s.value for s in at.success]
+    assert msg and "submitted job" in msg[0]
+    job_id = int(msg[0].split("#")[1].split()[0])
+    job = httpx.get(f"{os.environ['ORL_API_URL']}/api/v1/jobs/{job_id}").json()
+    assert job["kind"] == "train" and job["params"] == {"preset": "tiny", "epochs": 2, "mine_job_id": seeded["mine"]}
+    # The new job is listed (queued: no trainer runs here) with a cancel button that works.
+    at.run()
+    at.button(key=f"cancel_{job_id}").click().run()
+    assert not at.exception
+    assert httpx.get(f"{os.environ['ORL_API_URL']}/api/v1/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+def test_jobs_page_shows_api_errors_without_token(live_api, seeded, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("ORL_API_URL", live_api)
+    monkeypatch.delenv("ORL_API_TOKEN", raising=False)
+    at = open_page(AppTest.from_file(str(REPO / "dashboard" / "app.py"), default_timeout=60),
+                   page="jobs", dataset=seeded["dataset"])
+    submit = at.button[[b.label for b in at.button].index("Submit")]
+    assert submit.disabled, "read-only without a token"
+    # A wrong API URL gives a clear message, not a traceback.
+    monkeypatch.setenv("ORL_API_URL", f"http://127.0.0.1:{free_port()}")
+    at2 = open_page(AppTest.from_file(str(REPO / "dashboard" / "app.py"), default_timeout=60), page="jobs")
+    assert any("API not ready" in e.value for e in at2.error)
+
+
+def test_attention_page_compares_two_checkpoints(app, seeded):
+    at = open_page(app, page="attention", dataset=seeded["dataset"])
+    # Defaults: newest BYOL checkpoint left, newest ORL right.
+    assert at.selectbox(key="attention_a").value == seeded["byol"]
+    assert at.selectbox(key="attention_b").value == seeded["orl"]
+    assert len(at.image) == 4  # two overlays, two colour bars
+    captions = [c.value for c in at.caption]
+    ranges = [c for c in captions if c.replace("-", "").replace(".", "").replace("e", "").isdigit()]
+    assert len(ranges) == 2 and all(-1.01 <= float(v) <= 1.01 for v in ranges), captions  # vmin of each map
+    assert any("raw value range" in c for c in captions)
+    at.slider(key="attention_opacity").set_value(0.8).run()
+    assert not at.exception and qp(at)["opacity"] == "0.8"
+    assert qp(at)["a"] == str(seeded["byol"]) and qp(at)["image"] == str(seeded["images"][0])
+
+
+def test_dataset_page_counts_histogram_and_failed_images(app, seeded):
+    at = open_page(app, page="dataset", dataset=seeded["dataset"])
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Images"] == str(N_PHOTOS + 1) and metrics["Unreadable"] == "1"
+    assert metrics["RoI pairs"] == str(N_PAIRS)
+    assert any(f"{N_PAIRS} pairs" in c.value for c in at.caption)
+    assert at.get("vega_lite_chart"), "the score histogram is drawn"
+    failed = at.dataframe[0].value
+    assert list(failed["file"]) == ["broken.jpg"] and failed["reason"][0]
+
+
+def test_navigation_keeps_the_dataset_in_the_url(app, seeded):
+    at = open_page(app, page="dataset", dataset=seeded["dataset"])
+    at.radio(key="nav_page").set_value("pairs").run()
+    assert not at.exception
+    assert qp(at)["page"] == "pairs" and qp(at)["dataset"] == str(seeded["dataset"])
+    assert len(at.image) >= 4
+
+
+# -- a person's view: headless Chromium against the running dashboard -----------------------------------
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def live_dashboard(live_api, seeded, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("logs") / "dashboard.log"
+    env = {**os.environ, "ORL_API_URL": live_api, "ORL_API_TOKEN": seeded["token"],
+           "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false", "STREAMLIT_SERVER_FILE_WATCHER_TYPE": "none",
+           "STREAMLIT_CLIENT_TOOLBAR_MODE": "viewer"}
+    bin_dir = Path(sys.executable).parent
+    # The command of docs/SERVICES.md, on a free port.
+    proc = start([str(bin_dir / "streamlit"), "run", "dashboard/app.py", "--server.port", str(port),
+                  "--server.headless", "true"], env, log)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/_stcore/health", 60, proc, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+class WebDriver:
+    """Just enough of the W3C WebDriver protocol, spoken to Debian's chromedriver over HTTP.
+
+    httpx is all it takes (no Selenium and its dependency tree), and chromedriver is never
+    downloaded: it is the one from the `chromium-driver` package, matching `chromium`.
+    """
+
+    def __init__(self, profile: Path, width: int = 1500, height: int = 1900):
+        self.port = free_port()
+        self.log = profile.with_suffix(".chromedriver.log")
+        self.proc = start([CHROMEDRIVER, f"--port={self.port}"], dict(os.environ), self.log)
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=120)
+        wait_http(f"http://127.0.0.1:{self.port}/status", 30, self.proc, self.log)
+        args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", f"--user-data-dir={profile}", f"--window-size={width},{height}"]
+        caps = {"browserName": "chrome", "goog:chromeOptions": {"binary": CHROMIUM, "args": args}}
+        self.session = self._call("POST", "/session", {"capabilities": {"alwaysMatch": caps}})["sessionId"]
+
+    def _call(self, method: str, path: str, body: dict | None = None):
+        r = self.http.request(method, path, json=body)
+        value = r.json().get("value")
+        if r.status_code != 200:
+            raise RuntimeError(f"webdriver {method} {path}: {value}")
+        return value
+
+    def get(self, url: str) -> None:
+        self._call("POST", f"/session/{self.session}/url", {"url": url})
+
+    def script(self, js: str):
+        return self._call("POST", f"/session/{self.session}/execute/sync", {"script": js, "args": []})
+
+    def current_url(self) -> str:
+        return self._call("GET", f"/session/{self.session}/url")
+
+    def screenshot_png(self) -> bytes:
+        import base64
+
+        return base64.b64decode(self._call("GET", f"/session/{self.session}/screenshot"))
+
+    def wait_for(self, predicate, timeout_s: float, what: str):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+            time.sleep(0.5)
+
+    def quit(self) -> None:
+        try:
+            self._call("DELETE", f"/session/{self.session}")
+        finally:
+            self.http.close()
+            stop(self.proc)
+
+
+# Only images the browser actually decoded (naturalWidth > 0) count as rendered.
+LOADED_IMAGES_JS = ("return [...document.querySelectorAll('[data-testid=\"stImage\"] img')]"
+                    ".filter(i => i.complete && i.naturalWidth > 0).map(i => i.src)")
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
+def test_chromium_renders_the_pairs_page(live_dashboard, seeded, tmp_path):
+    browser = WebDriver(tmp_path / "profile")
+    try:
+        url = f"{live_dashboard}/?page=pairs&dataset={seeded['dataset']}&job={seeded['mine']}&per_page=10"
+        browser.get(url)
+        # 10 pairs x (2 boxed thumbnails + 2 crops).
+        srcs = browser.wait_for(lambda: (lambda s: s if len(s) >= 40 else None)(browser.script(LOADED_IMAGES_JS)),
+                                90, "40 decoded images on the Pairs page")
+        assert all("/media/" in s for s in srcs), srcs[:3]  # our PNG/JPEG bytes, served by Streamlit
+        text = browser.script("return document.body.innerText")
+        assert "score 0.950" in text and "Pairs" in text, text[:2000]
+        # The view's state is in the URL, so this link reproduces it.
+        assert f"job={seeded['mine']}" in browser.current_url()
+        png = browser.screenshot_png()
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        SCREENSHOT.write_bytes(png)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
+    finally:
+        browser.quit()
