@@ -107,6 +107,9 @@ class Config:
         for name in ("epochs", "batch_size"):
             if getattr(self.train, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(self.train, name)}")
+        # The global branch exists for every image, so with it every step has a loss.
+        if self.train.w_global <= 0 or min(self.train.w_intra, self.train.w_inter) < 0:
+            raise ValueError("train.w_global must be > 0 and train.w_intra / train.w_inter >= 0")
         if self.augment.image_size < 32 or self.augment.patch_size < 32:
             raise ValueError("augment.image_size and augment.patch_size must be at least 32 px")
         return self

@@ -64,6 +64,7 @@ def train(
     ``max_steps`` stops early (tests, and the kill/resume checks); ``should_stop`` is polled
     every step (service cancel); ``on_progress`` gets a dict after every step.
     """
+    cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
@@ -115,6 +116,7 @@ def train(
     optimizer = torch.optim.SGD(list(model.trainable_parameters()), lr=0.0, momentum=tc.momentum,
                                 weight_decay=tc.weight_decay)
     lr_peak = peak_lr(tc.base_lr, batch * world)
+    weights = {"global": tc.w_global, "intra": tc.w_intra, "inter": tc.w_inter}
     warmup_steps = round(tc.warmup_epochs * steps_per_epoch)
 
     # -- resume -------------------------------------------------------------------------
@@ -169,9 +171,10 @@ def train(
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 with autocast():
-                    losses = net(_to_device(views, dev, use_amp))
-                loss = (tc.w_global * losses["global"] + tc.w_intra * losses.get("intra", 0.0)
-                        + tc.w_inter * losses.get("inter", 0.0))
+                    # A branch weighted 0 is not run at all (no forward, no BatchNorm update),
+                    # so an ablation removes the branch, not just its gradient.
+                    losses = net(_to_device({b: v for b, v in views.items() if weights.get(b, 0) > 0}, dev, use_amp))
+                loss = sum(weights[b] * v for b, v in losses.items())
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"non-finite loss {loss.item()} at epoch {epoch} step {step_in_epoch}: "

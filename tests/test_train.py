@@ -124,3 +124,14 @@ def test_too_few_images_and_bad_checkpoint(tmp_path, eight_images):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_zero_weight_branch_is_not_run(tmp_path, eight_images):
+    """Table 5a ablation: w_inter = 0 removes the inter branch (no forward), not just its gradient."""
+    root = eight_images / "images"
+    corr = _toy_corr(list_images(root))
+    cfg = _cfg(epochs=1, batch=8).override(**{"train.w_inter": 0.0})
+    s = train("orl", root, tmp_path, cfg, corr=corr, show_progress=False)
+    m = s["metrics"]
+    assert "loss_inter" not in m and "loss_intra" in m
+    assert m["loss"] == pytest.approx(m["loss_global"] + m["loss_intra"], rel=1e-5)
