@@ -33,7 +33,6 @@ import argparse
 import csv
 import dataclasses
 import json
-import math
 import os
 import platform
 import shutil
@@ -236,9 +235,11 @@ class ResultsStore:
         return True
 
     def save(self) -> None:
+        from orl.evaluate import to_jsonable  # lazy: --report-only stays free of torch imports
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text(json.dumps(_jsonable(self.data), indent=1))
+        tmp.write_text(json.dumps(to_jsonable(self.data), indent=1))
         os.replace(tmp, self.path)
 
 
@@ -249,22 +250,6 @@ def cpu_seconds() -> float:
 
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.bool_, bool)):
-        return bool(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    return x
 
 
 def unit_key(kind: str, seed: int, name: str) -> str:

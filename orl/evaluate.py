@@ -445,20 +445,20 @@ def evaluate_checkpoint(
         **result,
     }
     result["timings_s"].update(load=t1 - t0, total=time.perf_counter() - t0)
-    result = _jsonable(result)
+    result = to_jsonable(result)
     if out is not None:
         _write_json(result, Path(out))
     return result
 
 
-def _jsonable(x: Any) -> Any:
+def to_jsonable(x: Any) -> Any:
     """Plain python types only: numpy scalars/arrays converted, NaN and inf -> None."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): to_jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [to_jsonable(v) for v in x]
     if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
+        return to_jsonable(x.tolist())
     if isinstance(x, np.bool_):
         return bool(x)
     if isinstance(x, np.integer):
