@@ -1,49 +1,30 @@
 #!/usr/bin/env bash
-# GPU variant of the stage-2 benchmark, plus checks of the CUDA code paths. One prepared run,
-# under 5 minutes on an H100/H200, for the `device` tool of our workplace (or any CUDA box).
+# One prepared run on a CUDA machine, about 5 minutes of work (H100/H200):
+#   1. the CUDA paths of stage 2 against the CPU (benchmarks/gpu_paths.py);
+#   2. the evidence study's GPU configuration (benchmarks/study.py --gpu): ResNet-50 at
+#      160 px on the 490 photos, stopping new units after 4.5 minutes.
 #
-# Prepare once, on the machine that sends the job (the GPU machine has no network):
-#   echo /.gpu/ >> .git/info/exclude; mkdir -p .gpu/wheels
-#   cp -r ../shared/data/coco128 .gpu/coco128
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-#       -d .gpu/wheels opencv-contrib-python-headless==5.0.0.93 faiss-cpu==1.15.1
-# Run (carry .gpu):  bash benchmarks/gpu_check.sh   -> results under $OUT (or benchmarks/results)
+# Prepare once, on the machine that sends the job (the GPU machine has no network and takes
+# 64 MiB of files per call), after the CPU study has mined once:
+#   echo /.gpu/ >> .git/info/exclude
+#   python benchmarks/gpu_prepare.py
+# Run (carry .gpu):  bash benchmarks/gpu_check.sh   -> results under $OUT (or benchmarks/results/gpu)
+# Then, here: cp <files>/study_gpu.json benchmarks/results/ && python benchmarks/study.py --report-only
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results}
+OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
-if [ -d .gpu/wheels ] && ls .gpu/wheels/*.whl >/dev/null 2>&1; then
-  # the GPU image ships opencv-python-headless without the contrib modules (no ximgproc)
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-DATA=${DATA:-.gpu/coco128}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+DATA=${DATA:-.gpu/data}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu_device.txt"
+nproc >> "$OUT/gpu_device.txt"
 
-# 1. CUDA paths against the CPU: KNN (torch topk vs faiss), RoI features, a bf16 training step.
-python3 - <<'PY' 2>&1 | tee "$OUT/gpu_paths.txt"
-import json, os, numpy as np, torch
-from orl.config import get_preset
-from orl.mining import knn_search, embed_rois
-from orl.models import build_model
-from orl.images import load_rgb, list_images
-x = np.random.default_rng(0).normal(size=(5000, 256)).astype("float32")
-x /= np.linalg.norm(x, axis=1, keepdims=True)
-ic, sc = knn_search(x, 10, "cpu"); ig, sg = knn_search(x, 10, "cuda")
-res = {"knn_identical_indices": float((ic == ig).mean()), "knn_max_sim_diff": float(np.abs(sc - sg).max())}
-cfg = get_preset("cpu")
-m = build_model(cfg.model, "byol").eval()
-root = os.environ.get("DATA", ".gpu/coco128") + "/images"
-img = load_rgb(os.path.join(root, list_images(root)[0]))
-boxes = np.array([[0, 0, 200, 200], [100, 50, 400, 300.0]])
-fc, _ = embed_rois(m.backbone, img, boxes, cfg.mine, "cpu")
-fg, _ = embed_rois(m.cuda().backbone, img, boxes, cfg.mine, "cuda")
-res["roi_feature_max_diff"] = float(np.abs(fc - fg).max())
-print(json.dumps(res, indent=2))
-PY
+status=0
+python3 benchmarks/gpu_paths.py --images "$DATA/coco128/images" \
+  --proposals .gpu/work/proposals/ss500.jsonl --out "$OUT/gpu_paths.json" > "$OUT/gpu_paths.log" 2>&1 || status=1
+tail -5 "$OUT/gpu_paths.log"
 
-# 2. The mining benchmark on CUDA: paper preset (ResNet-50), a short stage 1 on coco128.
-python3 benchmarks/mining_benchmark.py --images "$DATA/images" --labels "$DATA/labels" --device cuda \
-  --preset paper --epochs 30 --ref-queries 8 --repeats 3 --work /tmp/orl_gpu_work \
-  --out "$OUT/mining_coco128_gpu.json" 2>&1 | grep -v faiss | tail -20
+# The report goes to a scratch file: docs/RESULTS.md is regenerated here from all results.
+python3 benchmarks/study.py --gpu --data "$DATA" --work .gpu/work --out "$OUT" --doc /tmp/RESULTS.md \
+  2>&1 | tee "$OUT/study_gpu.log" | grep -v Warning || status=1
+exit $status

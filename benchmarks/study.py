@@ -46,6 +46,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+# OpenMP threads that wait for work sleep instead of spinning: on a shared 2-core machine,
+# spinning threads of one process steal the core the other process needs (set before torch
+# loads libgomp).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -81,38 +86,48 @@ class Mode:
     max_minutes: float | None = None  # stop starting units after this (GPU run limit)
     runs: tuple[str, ...] | None = None  # RUNS names to train and evaluate (None: all)
     svm: bool = True  # the VOC07 SVM (CPU-bound: most of an evaluation's time)
-    # torch intra-op threads. 1 on CPU: the machine is shared, and with 2 threads under load
-    # OpenMP's spin-waiting made tiny training steps 10x slower (measured); the DataLoader's
-    # worker processes use the second core.
+    # stage-1 snapshots that are mined (None: all). Snapshot 0 may be kept for its evaluation
+    # (the random-init network) without mining it.
+    mine_epochs: tuple[int, ...] | None = None
+    # VARIANTS mined and scored (None: all), whether or not a stage-3 run trains on them
+    variants: tuple[str, ...] | None = None
+    svm_jobs: int = 1  # processes for the SVM's per-class fits (same results, less wall time)
+    # torch intra-op threads (None: torch's default). Under load, OpenMP's spin-waiting once
+    # made tiny training steps 10x slower with 2 threads (measured); OMP_WAIT_POLICY=PASSIVE
+    # (set above) avoids that, and the full mode uses both cores.
     threads: int | None = 1
 
     def settings(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in ("seeds", "max_minutes", "threads"):
+        for k in ("seeds", "max_minutes", "threads", "svm_jobs"):
             d.pop(k)
         return json.loads(json.dumps(d))  # as it reads back from the file (tuples -> lists)
 
 
 MODES = {
     # ResNet-18 at 112 px (the cpu preset). Batch 32 instead of 64: 490 photos give 15 steps
-    # per epoch instead of 7, twice the optimiser updates for the same compute. N = 5 keeps
-    # the whole study at a few hours on 2 shared cores (estimate in docs/RESULTS.md).
+    # per epoch instead of 7, twice the optimiser updates for the same compute. Sized to run
+    # in about two hours on 2 cores: N = 4; the options (RoIAlign, 320 px, mutual pairs) are
+    # measured by the precision of their pairs, and only the authors' ORL, its init option
+    # and the Table 5a ablation train a stage 3 (each ORL run costs ~5 min + its evaluation).
     "full": Mode("full", "cpu", {"train.batch_size": 32, "train.warmup_epochs": 1.0},
-                 epochs=5, snapshots=(0, 2, 5), seeds=(0, 1, 2)),
+                 epochs=4, snapshots=(0, 2, 4), seeds=(0, 1, 2), mine_epochs=(2, 4),
+                 runs=("byol_N", "byol_2N", "orl", "orl_init", "orl_no_inter", "orl_no_intra"),
+                 threads=2, svm_jobs=2),
     # Pipeline check only: tiny preset, a few photos per source folder, 2 epochs, 2 seeds.
     "quick": Mode("quick", "tiny", {"train.batch_size": 8},
                   epochs=2, snapshots=(0, 1, 2), seeds=(0, 1), per_folder=12),
-    # One CUDA GPU, one prepared run under 5 minutes (untested: no GPU was available when it
-    # was written): ResNet-50 with the paper's heads at 160 px, on the equal-epoch
-    # comparison only; nothing new starts after 4.5 minutes. The SVM is left out: it runs
-    # on the CPU (about 2 minutes per checkpoint with ResNet-18 features, more with ResNet-50's).
+    # One CUDA GPU, one prepared run under 5 minutes (benchmarks/gpu_check.sh): ResNet-50
+    # with the paper's heads at 160 px, on the equal-epoch comparison only; nothing new
+    # starts after 4.5 minutes, so the seeds after the first run only as far as time allows.
+    # The SVM runs on the machine's CPU cores, its classes in parallel.
     "gpu": Mode("gpu", "paper",
                 {"train.batch_size": 64, "train.warmup_epochs": 1.0, "train.num_workers": 8,
                  "augment.image_size": 160, "augment.patch_size": 96,
                  "mine.embed_resize": 182, "mine.embed_crop": 160, "mine.roi_size": 160,
                  "mine.batch_size": 128, "mine.ss_workers": 14},
-                epochs=8, snapshots=(8,), seeds=(0,), max_minutes=4.5, threads=None,
-                runs=("byol_N", "byol_2N", "orl", "orl_init"), svm=False),
+                epochs=8, snapshots=(8,), seeds=(0, 1, 2), max_minutes=4.5, threads=None,
+                runs=("byol_N", "byol_2N", "orl", "orl_init"), variants=(), svm_jobs=12),
 }
 
 
@@ -540,7 +555,8 @@ class Study:
         out.mkdir(parents=True, exist_ok=True)
         if cache.exists() and not local.exists():
             shutil.copy(cache, local)  # selective search does not depend on the checkpoint
-        corr, stats = mine(model, self.images, self.files, out, mc, self.device)
+        # The default mining keeps its RoI features: the mutual-nearest rule reuses them.
+        corr, stats = mine(model, self.images, self.files, out, mc, self.device, save_features=True)
         # The local file now holds the cache's records plus any photo the cache lacked.
         cache.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(local, cache.with_suffix(".tmp"))
@@ -548,16 +564,19 @@ class Study:
         return corr, stats
 
     def mine_mutual(self, model, out: Path, mc, base_path: Path):
-        """Same boxes and image KNN as ``base_path``; pairs by :func:`mutual_pairs`."""
+        """Same boxes, RoI features and image KNN as ``base_path``; pairs by :func:`mutual_pairs`."""
         from orl.correspondence import Correspondence
         from orl.images import load_rgb
-        from orl.mining import embed_rois
+        from orl.mining import embed_rois, load_roi_features
 
         base = Correspondence.load(base_path)
-        model = model.to(self.device).eval()
         t = time.perf_counter()
-        feats = [embed_rois(model.backbone, load_rgb(self.images / f), b, mc, self.device)[0]
-                 for f, b in zip(base.files, base.boxes)]
+        saved = base_path.parent / "roi_features.npz"
+        files, feats = load_roi_features(saved) if saved.exists() else ([], [])
+        if files != base.files:  # an older cache without features: encode the boxes again
+            model = model.to(self.device).eval()
+            feats = [embed_rois(model.backbone, load_rgb(self.images / f), b, mc, self.device)[0]
+                     for f, b in zip(base.files, base.boxes)]
         t_feat = time.perf_counter() - t
         empty = (np.zeros((0, 2), np.int64), np.zeros(0, np.float32))
         pairs, scores = [], []
@@ -615,7 +634,8 @@ class Study:
             if ckpt is None:
                 raise MissingInput("no checkpoint (its training failed or was skipped)")
             return {"kind": "eval", "run": name, "seed": seed,
-                    "datasets": evaluate_checkpoint_on(ckpt, self.gts, self.device, seed, self.mode.svm)}
+                    "datasets": evaluate_checkpoint_on(ckpt, self.gts, self.device, seed, self.mode.svm,
+                                                       self.mode.svm_jobs)}
 
         self.unit(unit_key("eval", seed, name), run)
 
@@ -625,13 +645,16 @@ class Study:
         N = self.mode.epochs
         runs = [r.name for r in RUNS if self.mode.runs is None or r.name in self.mode.runs]
         evals = ([RANDOM_INIT] if 0 in self.mode.snapshots else []) + runs
-        mines = [f"ep{e}" for e in sorted(self.mode.snapshots, key=lambda e: (e != N, e))]  # stage 3's pairs first
-        mines += [v for v in VARIANTS if any(RUN_BY_NAME[r].pairs == v for r in runs)]
+        mined = self.mode.snapshots if self.mode.mine_epochs is None else self.mode.mine_epochs
+        mines = [f"ep{e}" for e in sorted(mined, key=lambda e: (e != N, e))]  # stage 3's pairs first
+        n_snap = len(mines)
+        mines += [v for v in VARIANTS if (self.mode.variants is None or v in self.mode.variants)
+                  or any(RUN_BY_NAME[r].pairs == v for r in runs)]
         for seed in self.mode.seeds:
             keys = [unit_key("mine", seed, m) for m in mines] + [unit_key("eval", seed, n) for n in evals]
             if not all(self.store.done(k) for k in keys):
                 self.stage1(seed)  # on its own, so no other unit's time includes it
-            for m in mines[: len(self.mode.snapshots)]:
+            for m in mines:  # every mining before stage 3, so a seed's pair table is whole early
                 self.corr(seed, m)
             for name in evals:
                 spec = RUN_BY_NAME.get(name)
@@ -699,7 +722,8 @@ def score_pairs(corr, gt_union, gts: dict, seed: int) -> dict[str, Any]:
     return out
 
 
-def evaluate_checkpoint_on(ckpt: Path, gts: dict, device, seed: int, svm: bool = True) -> dict[str, Any]:
+def evaluate_checkpoint_on(ckpt: Path, gts: dict, device, seed: int, svm: bool = True,
+                           svm_jobs: int = 1) -> dict[str, Any]:
     """Frozen online backbone of ``ckpt`` on each dataset, at the checkpoint's training
     resolution: object probe (kNN, linear) and, if ``svm``, the VOC07 SVM. With chance
     levels: the majority train class's share of the val crops, and the mean positive rate
@@ -722,7 +746,7 @@ def evaluate_checkpoint_on(ckpt: Path, gts: dict, device, seed: int, svm: bool =
              "majority_acc": majority_class_share(gt, p["min_box_side"]), "seconds": {"object_probe": t_probe}}
         if svm:
             t = time.perf_counter()
-            s = image_svm(model.backbone, gt, size, batch_size=64, device=device, seed=seed)
+            s = image_svm(model.backbone, gt, size, batch_size=64, device=device, seed=seed, n_jobs=svm_jobs)
             cv = [v for v in s["per_class"].values() if v["cv"]]
             r.update(svm_map=s["map"], svm_map_all=s["map_all"], svm_classes=s["classes_evaluated"],
                      svm_classes_small=s["classes_small"], train_images=s["train_images"], val_images=s["val_images"],
@@ -1255,7 +1279,12 @@ def machine_info(study: Study) -> dict[str, Any]:
     except (OSError, StopIteration):
         pass
     dev = study.device
-    git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    def git(*a: str) -> str:  # "" where git or the repository is absent (a copied tree on a GPU box)
+        try:
+            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+
     cfg = study.cfg
     return {"cpu": cpu, "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
@@ -1280,7 +1309,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default=str(DATA), help="folder holding coco128/ and coco-mini/")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-minutes", type=float, help="start no new unit after this many minutes")
-    p.add_argument("--threads", type=int, help="torch threads (default: 1 on CPU, torch's default on --gpu)")
+    p.add_argument("--threads", type=int, help="torch threads (default: the mode's: full 2, quick 1, --gpu torch's default)")
     p.add_argument("--fresh", action="store_true", help="discard existing results json (cached stage outputs are reused)")
     return p.parse_args(argv)
 
@@ -1295,11 +1324,15 @@ def main(argv=None) -> int:
     name = "quick" if args.quick else "gpu" if args.gpu else "full"
     mode = MODES[name]
     if args.epochs:
-        mode = dataclasses.replace(mode, epochs=args.epochs,
-                                   snapshots=tuple(sorted({e for e in mode.snapshots if e < args.epochs} | {args.epochs})))
+        mode = dataclasses.replace(
+            mode, epochs=args.epochs,
+            snapshots=tuple(sorted({e for e in mode.snapshots if e < args.epochs} | {args.epochs})),
+            mine_epochs=None if mode.mine_epochs is None else
+            tuple(sorted({e for e in mode.mine_epochs if e < args.epochs} | {args.epochs})))
     if args.seeds:
         mode = dataclasses.replace(mode, seeds=tuple(int(s) for s in args.seeds.split(",")))
-    assert mode.epochs in mode.snapshots, "stage 3 trains on the pairs of the final stage-1 snapshot"
+    assert mode.epochs in mode.snapshots and mode.epochs in (mode.mine_epochs or mode.snapshots), \
+        "stage 3 trains on the pairs of the final stage-1 snapshot"
     if args.max_minutes is not None:
         mode = dataclasses.replace(mode, max_minutes=args.max_minutes)
     if args.threads is not None:

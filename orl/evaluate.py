@@ -326,6 +326,7 @@ def svm_one_class(
 def voc07_svm(
     train_x: np.ndarray, train_labels: np.ndarray, val_x: np.ndarray, val_labels: np.ndarray,
     class_names: list[str] | None = None, costs=SVM_COSTS, folds: int = SVM_FOLDS, seed: int = 0,
+    n_jobs: int = 1,
 ) -> dict[str, Any]:
     """Per-class linear SVMs on (N, D) features with (N, K) {0, 1} multi-label targets.
 
@@ -338,16 +339,28 @@ def voc07_svm(
     class; either is None when it has no class. AP is sklearn's non-interpolated average
     precision (the authors' VOC07 code uses its own AP routine, so absolute numbers may
     differ slightly; comparisons between backbones do not depend on it).
+
+    ``n_jobs`` > 1 fits classes in that many processes. The classes are independent and
+    liblinear is single-threaded, so this is the only way the SVM (most of an evaluation's
+    time) uses more than one core; results are identical to ``n_jobs=1``.
     """
     names = class_names or [str(i) for i in range(train_labels.shape[1])]
-    per_class, skipped = {}, {}
+    per_class, skipped, todo = {}, {}, []
     for c, name in enumerate(names):
         ytr, yva = train_labels[:, c].astype(np.int64), val_labels[:, c].astype(np.int64)
         reason = _svm_skip_reason(ytr, yva)
         if reason:
             skipped[name] = reason
-            continue
-        per_class[name] = svm_one_class(train_x, ytr, val_x, yva, costs, folds, seed)
+        else:
+            todo.append((name, ytr, yva))
+    if n_jobs > 1 and len(todo) > 1:
+        from joblib import Parallel, delayed
+
+        fits = Parallel(n_jobs=n_jobs)(delayed(svm_one_class)(train_x, ytr, val_x, yva, costs, folds, seed)
+                                       for _, ytr, yva in todo)
+    else:
+        fits = [svm_one_class(train_x, ytr, val_x, yva, costs, folds, seed) for _, ytr, yva in todo]
+    per_class = {name: r for (name, _, _), r in zip(todo, fits)}
     cv_aps = [v["ap"] for v in per_class.values() if v["cv"]]
     all_aps = [v["ap"] for v in per_class.values()]
     return {"map": _mean_or_none(cv_aps), "map_all": _mean_or_none(all_aps),
@@ -379,14 +392,15 @@ def multi_hot(gt: GroundTruth, paths: list[str]) -> np.ndarray:
 
 def image_svm(
     backbone: nn.Module, gt: GroundTruth, image_size: int = 224, batch_size: int = 32,
-    device: str | torch.device = "cpu", seed: int = 0,
+    device: str | torch.device = "cpu", seed: int = 0, n_jobs: int = 1,
 ) -> dict[str, Any]:
     """The VOC07 SVM protocol on the labelled train / val images of ``gt``."""
     tr_x, tr_p = embed_images_2x2(backbone, gt.images_root, gt.images("train"), image_size,
                                   batch_size, device)
     va_x, va_p = embed_images_2x2(backbone, gt.images_root, gt.images("val"), image_size,
                                   batch_size, device)
-    out = voc07_svm(tr_x, multi_hot(gt, tr_p), va_x, multi_hot(gt, va_p), gt.classes, seed=seed)
+    out = voc07_svm(tr_x, multi_hot(gt, tr_p), va_x, multi_hot(gt, va_p), gt.classes, seed=seed,
+                    n_jobs=n_jobs)
     out.update(image_size=int(image_size), feature_dim=int(tr_x.shape[1]),
                train_images=len(tr_p), val_images=len(va_p))
     return out

@@ -205,12 +205,15 @@ def mine(
     num_workers: int = 0,
     progress: ProgressFn = _noop,
     info: dict | None = None,
+    save_features: bool = False,
 ) -> tuple[Correspondence, dict]:
     """Run stage 2 over ``files`` (relative to images_root). Writes to out_dir:
 
     correspondence.json (official layout + scores), image_status.csv (every image: ok or
     failed with the reason), proposals.jsonl (a resumable cache of selective search),
     mine_stats.json (timings, forward counts, parameters). Returns (correspondence, stats).
+    With ``save_features``, also roi_features.npz (see :func:`load_roi_features`), so other
+    pair rules can be tried on the same boxes without re-encoding them.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,6 +259,8 @@ def mine(
         progress("embed_rois", n + 1, len(keep))
     stats["seconds"]["embed_rois"] = time.perf_counter() - t0
     stats["cnn_forwards"]["embed_rois"] = n_fwd
+    if save_features:
+        _save_roi_features(out / "roi_features.npz", [files[i] for i in keep], feats)
 
     # 5. pairs per (query, neighbour)
     t0 = time.perf_counter()
@@ -292,6 +297,21 @@ def mine(
     stats["pairs"] = corr.num_pairs
     (out / "mine_stats.json").write_text(json.dumps(stats, indent=2))
     return corr, stats
+
+
+def _save_roi_features(path: Path, files: list[str], feats: list[np.ndarray]) -> None:
+    dim = max((f.shape[1] for f in feats if f.ndim == 2), default=0)
+    flat = np.concatenate([f.reshape(-1, dim) for f in feats]) if feats else np.zeros((0, dim), np.float32)
+    np.savez(path, files=np.array(files), counts=np.array([len(f) for f in feats], dtype=np.int64),
+             features=flat.astype(np.float32))
+
+
+def load_roi_features(path: str | Path) -> tuple[list[str], list[np.ndarray]]:
+    """(files, per-image (B_i, C) L2-normalised RoI features) saved by ``mine(save_features=True)``,
+    in the order of the correspondence's files and boxes."""
+    z = np.load(path)
+    splits = np.cumsum(z["counts"])[:-1]
+    return [str(f) for f in z["files"]], np.split(z["features"], splits) if len(z["counts"]) else []
 
 
 def _proposals_cached(paths, files, cfg: MineConfig, cache: Path, progress: ProgressFn) -> dict[int, ProposalResult]:

@@ -104,6 +104,15 @@ def test_svm_separable_map_is_one():
     assert r["per_class"]["a"]["cost"] in (1.0, 10.0, 100.0)
 
 
+def test_svm_parallel_classes_give_identical_results():
+    rng = np.random.default_rng(3)
+    ytr, yva = _multilabel(rng, 60), _multilabel(rng, 40)
+    x = rng.standard_normal((100, 16)) + np.r_[ytr, yva] @ rng.standard_normal((3, 16))
+    one = voc07_svm(x[:60], ytr, x[60:], yva, ["a", "b", "c"])
+    two = voc07_svm(x[:60], ytr, x[60:], yva, ["a", "b", "c"], n_jobs=2)
+    assert one == two and list(two["per_class"]) == ["a", "b", "c"]
+
+
 def test_svm_shuffled_labels_near_chance():
     rng = np.random.default_rng(1)
     ytr, yva = _multilabel(rng, 120), _multilabel(rng, 200)

@@ -8,7 +8,7 @@ import torch
 
 from orl.config import get_preset
 from orl.correspondence import Correspondence
-from orl.mining import _knn_torch, _drop_self, embed_rois, knn_search, select_pairs
+from orl.mining import _drop_self, _knn_torch, _save_roi_features, embed_rois, knn_search, load_roi_features, select_pairs
 
 
 def _unit(n, d, seed=0):
@@ -95,6 +95,15 @@ def _toy_corr():
     scores = [[np.array([0.9]), np.zeros(0)], [np.array([0.8]), np.zeros(0)], [np.zeros(0), np.zeros(0)]]
     return Correspondence(["a.jpg", "sub/b.jpg", "c.png"], np.array([[640, 480], [320, 240], [100, 100]]), boxes,
                           knn, np.array([[0.5, 0.4], [0.5, 0.3], [0.4, 0.3]]), pairs, scores, {"knn_image_num": 2})
+
+
+def test_roi_features_round_trip_keeps_images_without_boxes(tmp_path):
+    feats = [_unit(3, 8), np.zeros((0, 8), np.float32), _unit(2, 8, seed=1)]
+    _save_roi_features(tmp_path / "f.npz", ["a.jpg", "b.jpg", "c.jpg"], feats)
+    files, back = load_roi_features(tmp_path / "f.npz")
+    assert files == ["a.jpg", "b.jpg", "c.jpg"]
+    assert [f.shape for f in back] == [(3, 8), (0, 8), (2, 8)]
+    assert all(np.array_equal(a, b) for a, b in zip(feats, back))
 
 
 def test_official_json_round_trip(tmp_path):
