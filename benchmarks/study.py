@@ -73,8 +73,10 @@ DATASETS = {
 # ==========================================================================================
 @dataclass(frozen=True)
 class Mode:
-    """One scale of the study. ``settings()`` is its signature in the JSON (seeds excluded,
-    so more seeds can be added to an existing result)."""
+    """One scale of the study. ``settings()`` is its record in the JSON. Seeds are left out
+    of it, and the EXTENDABLE fields (which runs, snapshots and variants are done) are left
+    out of the comparison with an existing file: a later invocation may add seeds, runs or
+    variants to a result without changing what the existing units mean."""
 
     name: str
     preset: str
@@ -102,6 +104,19 @@ class Mode:
         for k in ("seeds", "max_minutes", "threads", "svm_jobs"):
             d.pop(k)
         return json.loads(json.dumps(d))  # as it reads back from the file (tuples -> lists)
+
+
+EXTENDABLE = ("runs", "mine_epochs", "variants")
+
+
+def signature(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that define what every unit means (compared between invocations)."""
+    return {k: v for k, v in settings.items() if k not in EXTENDABLE}
+
+
+def merge_choice(a: list | None, b: list | None) -> list | None:
+    """Union of two EXTENDABLE choices; None (everything) absorbs any list."""
+    return None if a is None or b is None else list(a) + [x for x in b if x not in a]
 
 
 MODES = {
@@ -198,10 +213,13 @@ class ResultsStore:
         self.data: dict[str, Any]
         if self.path.exists() and not fresh:
             self.data = json.loads(self.path.read_text())
-            if self.data.get("settings") != settings or self.data.get("mode") != mode:
+            old = self.data.get("settings") or {}
+            if signature(old) != signature(settings) or self.data.get("mode") != mode:
                 raise SettingsMismatch(
-                    f"{self.path} was written with other settings ({self.data.get('settings')}); "
+                    f"{self.path} was written with other settings ({old}); "
                     f"this run uses {settings}. Pass --fresh to start over, or --out for another file.")
+            self.data["settings"] = {**settings, **{k: merge_choice(old.get(k), settings.get(k))
+                                                    for k in EXTENDABLE if k in settings}}
         else:
             self.data = {"schema": SCHEMA, "mode": mode, "settings": settings, "machine": {},
                          "invocations": [], "units": {}}
@@ -647,7 +665,6 @@ class Study:
         evals = ([RANDOM_INIT] if 0 in self.mode.snapshots else []) + runs
         mined = self.mode.snapshots if self.mode.mine_epochs is None else self.mode.mine_epochs
         mines = [f"ep{e}" for e in sorted(mined, key=lambda e: (e != N, e))]  # stage 3's pairs first
-        n_snap = len(mines)
         mines += [v for v in VARIANTS if (self.mode.variants is None or v in self.mode.variants)
                   or any(RUN_BY_NAME[r].pairs == v for r in runs)]
         for seed in self.mode.seeds:
@@ -809,12 +826,12 @@ def fmt_pm(agg: dict[str, Any], scale: float = 100.0, nd: int = 1) -> str:
     return s + (f" ± {agg['std'] * scale:.{nd}f}" if agg["std"] is not None else f" (n={agg['n']})")
 
 
-def fmt_diff(p: dict[str, Any], scale: float = 100.0) -> str:
+def fmt_diff(p: dict[str, Any], scale: float = 100.0, nd: int = 1) -> str:
     if p["n"] == 0:
         return "n/a"
-    s = f"{p['diff_mean'] * scale:+.1f}"
+    s = f"{p['diff_mean'] * scale:+.{nd}f}"
     if p["diff_std"] is not None:
-        s += f" ± {p['diff_std'] * scale:.1f}"
+        s += f" ± {p['diff_std'] * scale:.{nd}f}"
     return s + f" ({p['wins']}/{p['n']})"
 
 
@@ -861,6 +878,26 @@ def section(results: dict, plots: dict[str, str]) -> list[str]:
         L += ["> Quick mode trains the `tiny` preset for a few epochs on a handful of photos per folder, "
               "with fewer seeds. It exists to check that every stage, metric, table and plot of the study "
               "works end to end in minutes. Its numbers say nothing about ORL or BYOL.", ""]
+    if mode == "gpu":
+        L += ["Run by `benchmarks/gpu_check.sh` on a machine lent for minutes, prepared by "
+              "`benchmarks/gpu_prepare.py`: to fit that machine's 64 MiB transfer limit the photos were "
+              "re-encoded as JPEG quality 90 at their original size, and selective search was not rerun there "
+              "(its image lacks opencv-contrib): stage 2 used the full CPU study's 500 px proposals, so both "
+              "studies mine the same boxes. One seed is not a spread: read these rows as one draw.", ""]
+        pc = results.get("paths_check")
+        if pc:
+            L += [f"CUDA paths against the CPU on {pc.get('device', 'n/a')} (torch {pc.get('torch', 'n/a')}; "
+                  "`benchmarks/results/gpu/gpu_paths.json`): image KNN on "
+                  f"{pc['knn']['rows']} random unit vectors, {pc['knn']['identical_indices']:.1%} of neighbour "
+                  "indices identical to an exact numpy search; RoI features of "
+                  + "; ".join(f"`{m}` mode on {pc[m]['images']} photos ({pc[m]['boxes']} boxes): largest feature "
+                              f"difference {pc[m]['max_feature_diff']:.1e}, {pc[m]['pairs_identical_share']:.1%} of "
+                              "mined pairs identical" for m in ("crop", "roi_align") if m in pc)
+                  + f". Overall: {'pass' if pc.get('ok') else 'FAIL'}.", ""]
+    planned, have = results.get("seeds", []), done_seeds(units)
+    if set(planned) - set(have):
+        L += [f"> **Partial:** results for seed(s) {', '.join(map(str, have)) or 'none'} of the planned "
+              f"{', '.join(map(str, planned))}. Rerunning the same command resumes.", ""]
     # -- setup
     counts = results.get("images", {})
     L += ["### Setup", "",
@@ -871,8 +908,10 @@ def section(results: dict, plots: dict[str, str]) -> list[str]:
           f"- Preset `{st['preset']}` with overrides `{json.dumps(st['overrides'])}`: backbone "
           f"{m.get('backbone', 'n/a')}, global views {m.get('image_size', 'n/a')} px, RoI patches "
           f"{m.get('patch_size', 'n/a')} px, batch {m.get('batch_size', 'n/a')}.",
-          f"- N = {N} epochs. Stage-1 snapshots mined after {', '.join(str(e) for e in st['snapshots'])} epochs. "
-          f"Seeds: {', '.join(str(s) for s in results.get('seeds', []))}. Spread = sample standard deviation "
+          f"- N = {N} epochs. Stage-1 snapshots mined after {', '.join(str(e) for e in (st.get('mine_epochs') or st['snapshots']))} epochs"
+          + (" (and evaluated at random init, epoch 0)" if 0 in st["snapshots"] and 0 not in (st.get("mine_epochs") or [0]) else "")
+          + ". "
+          f"Seeds with results: {', '.join(str(s) for s in done_seeds(units)) or 'none'}. Spread = sample standard deviation "
           f"over seeds (ddof 1); `(n=1)` marks a single seed.",
           f"- Stage-2 default: {json.dumps(DEFAULT_MINE)} (other fields from the preset), K = "
           f"{m.get('knn_k', 'n/a')} neighbours, max(1, int({m.get('pair_ratio', 'n/a')} x query boxes)) pairs per neighbour.",
@@ -921,9 +960,9 @@ def section(results: dict, plots: dict[str, str]) -> list[str]:
             g = lambda fn: aggregate(list(seed_values(units, "mine", n, fn).values()))  # noqa: E731
             pairs = g(lambda r: r["pairs"])
             L.append(f"| {mine_label(n, results)} | {fmt_pm(pairs, 1, 0)} | "
-                     f"{fmt_pm(g(pairs_fn('iou', 'precision')))} | {fmt_pm(g(pairs_fn('iou', 'random_precision')))} | "
-                     f"{fmt_pm(g(pairs_fn('ioa', 'precision')))} | {fmt_pm(g(pairs_fn('ioa', 'random_precision')))} | "
-                     f"{fmt_pm(g(pairs_fn('iou', 'top1_precision')))} | {fmt_pm(g(pairs_fn('iou', 'knn_share')))} | "
+                     f"{fmt_pm(g(pairs_fn('iou', 'precision')), nd=2)} | {fmt_pm(g(pairs_fn('iou', 'random_precision')), nd=2)} | "
+                     f"{fmt_pm(g(pairs_fn('ioa', 'precision')), nd=2)} | {fmt_pm(g(pairs_fn('ioa', 'random_precision')), nd=2)} | "
+                     f"{fmt_pm(g(pairs_fn('iou', 'top1_precision')), nd=2)} | {fmt_pm(g(pairs_fn('iou', 'knn_share')))} | "
                      f"{fmt_pm(g(pairs_fn('iou', 'knn_random_share')))} |")
         L += ["", "Per dataset (IoU rule; only pairs whose two photos are both in that dataset):", "",
               "| pairs mined with | " + " | ".join(f"{d} prec. | random" for d in DATASETS) + " |",
@@ -932,7 +971,7 @@ def section(results: dict, plots: dict[str, str]) -> list[str]:
             cells = []
             for d in DATASETS:
                 for f in ("precision", "random_precision"):
-                    cells.append(fmt_pm(aggregate(list(seed_values(units, "mine", n, pairs_fn("iou", f, d)).values()))))
+                    cells.append(fmt_pm(aggregate(list(seed_values(units, "mine", n, pairs_fn("iou", f, d)).values())), nd=2))
             L.append(f"| {mine_label(n, results)} | " + " | ".join(cells) + " |")
         L.append("")
         if "precision" in plots:
@@ -997,6 +1036,13 @@ def section(results: dict, plots: dict[str, str]) -> list[str]:
               "Left: the total loss (ORL sums three symmetric BYOL losses, so its scale differs from BYOL's). "
               "Right: the global (image-level) loss alone, the term every run shares. Mean over seeds per epoch.", ""]
     L += findings(results)
+    stale = recomputed_inputs(units, N)
+    if stale:
+        L += ["### Units whose inputs were recomputed later", "",
+              "A later invocation recomputed these inputs because their files were gone (the GPU machine "
+              "keeps nothing between calls). The unit's numbers come from the earlier version of the input: "
+              "same recipe and seed, not bit-identical on a GPU.", ""]
+        L += [f"- `{k}` used an earlier `{d}`" for k, d in stale] + [""]
     bad = {k: r for k, r in units.items() if r.get("status") != "done"}
     if bad or results.get("skipped"):
         L += ["### Units that failed or were not run", ""]
@@ -1004,6 +1050,37 @@ def section(results: dict, plots: dict[str, str]) -> list[str]:
         L += [f"- `{k}`: not run (time budget)" for k in results.get("skipped", [])]
         L.append("")
     return L
+
+
+def unit_inputs(key: str, n: int) -> list[str]:
+    """The units whose outputs ``key`` consumed (N = ``n``)."""
+    kind, s, name = key.split("/", 2)
+    stage1 = f"train/{s}/byol_N"
+    if kind == "eval":
+        return [stage1 if name == RANDOM_INIT else f"train/{s}/{name}"]
+    if kind == "mine":
+        return [stage1] + ([f"mine/{s}/ep{n}"] if VARIANTS.get(name) and VARIANTS[name].rule == "mutual" else [])
+    spec = RUN_BY_NAME.get(name)
+    if spec is None or spec.stage == "byol":
+        return []
+    return [f"mine/{s}/" + (f"ep{n}" if spec.pairs == "default" else spec.pairs)] + ([stage1] if spec.init else [])
+
+
+def recomputed_inputs(units: dict[str, dict], n: int) -> list[tuple[str, str]]:
+    """(unit, input) where the input was recorded after the unit: a later invocation
+    recomputed the input (its files were gone), so the unit's numbers belong to the earlier
+    version of that input. Same recipe and seed, but not bit-identical on a GPU."""
+    out = []
+    for key, rec in units.items():
+        for dep in unit_inputs(key, n):
+            d = units.get(dep)
+            if rec.get("status") == "done" and d and d.get("recorded_at", "") > rec.get("recorded_at", ""):
+                out.append((key, dep))
+    return sorted(out)
+
+
+def done_seeds(units: dict[str, dict]) -> list[int]:
+    return sorted({int(k.split("/")[1][1:]) for k, r in units.items() if r.get("status") == "done"})
 
 
 def epochs_label(name: str, n: int) -> str:
@@ -1032,7 +1109,7 @@ def findings(results: dict) -> list[str]:
                        seed_values(units, "mine", d, pairs_fn(rule, "random_precision")))
             if p["n"]:
                 L.append(f"- Mined pairs vs random box pairs from the same images ({RULE_NAMES[rule]} rule, stage 1 "
-                         f"after {N} epochs): {fmt_diff(p)} points, {verdict(p)}.")
+                         f"after {N} epochs): {fmt_diff(p, nd=2)} points, {verdict(p)}.")
         p = paired(seed_values(units, "mine", d, pairs_fn("iou", "knn_share")),
                    seed_values(units, "mine", d, pairs_fn("iou", "knn_random_share")))
         if p["n"]:
@@ -1044,13 +1121,13 @@ def findings(results: dict) -> list[str]:
                        seed_values(units, "mine", f"ep{eps[0]}", pairs_fn("iou", "precision")))
             if p["n"]:
                 L.append(f"- IoU precision with the stage-1 checkpoint after {N} epochs minus after {eps[0]} epochs: "
-                         f"{fmt_diff(p)} points, {verdict(p)}. Whether more stage-1 training mines better pairs at "
+                         f"{fmt_diff(p, nd=2)} points, {verdict(p)}. Whether more stage-1 training mines better pairs at "
                          "this scale is read here, not assumed.")
         for v in VARIANTS:
             p = paired(seed_values(units, "mine", v, pairs_fn("iou", "precision")),
                        seed_values(units, "mine", d, pairs_fn("iou", "precision")))
             if p["n"]:
-                L.append(f"- Pair precision (IoU), {VARIANTS[v].label} minus the default: {fmt_diff(p)} points, {verdict(p)}.")
+                L.append(f"- Pair precision (IoU), {VARIANTS[v].label} minus the default: {fmt_diff(p, nd=2)} points, {verdict(p)}.")
         L.append("")
 
     # 2. representations
@@ -1066,12 +1143,28 @@ def findings(results: dict) -> list[str]:
         if any(p["n"] for _, _, p in eq):
             L.append("- Equal epochs (Table 5e's comparison), ORL (authors' recipe) minus BYOL 2N: " + "; ".join(
                 f"{lab} {fmt_diff(p)} ({verdict(p)})" for _, lab, p in eq if p["n"]) + ".")
-        for a, b in (("orl", "orl_no_inter"), ("orl", "orl_no_intra")):
+        what = {(a, b): w for a, b, w in COMPARISONS}
+        for a, b in (("orl", "orl_no_inter"), ("orl", "orl_no_intra"), ("orl_init", "orl"),
+                     ("orl_roi_align", "orl"), ("orl_ss320", "orl"), ("orl_mutual", "orl"),
+                     ("byol_N", RANDOM_INIT)):
             ps = [(lab, cmp(a, b, k)) for k, lab in EVAL_METRICS]
             if any(p["n"] for _, p in ps):
-                L.append(f"- Table 5a, {run_label(a)} minus {run_label(b)}: " + "; ".join(
-                    f"{lab} {fmt_diff(p)} ({verdict(p)})" for lab, p in ps if p["n"]) + ".")
+                L.append(f"- {what[(a, b)][0].upper() + what[(a, b)][1:]}, {run_label(a)} minus {run_label(b)}: "
+                         + "; ".join(f"{lab} {fmt_diff(p)} ({verdict(p)})" for lab, p in ps if p["n"]) + ".")
         L.append("")
+        # The linear probe's fixed C = 1 over-fits a few hundred crops in 512+ dimensions;
+        # say so when it lands below the majority-class rate (the number alone would mislead).
+        lin = aggregate([dataset_mean(r, "linear_acc") for k, r in units.items()
+                         if k.startswith("eval/") and r.get("status") == "done"])
+        maj = aggregate([dataset_mean(r, "majority_acc") for k, r in units.items()
+                         if k.startswith("eval/") and r.get("status") == "done"])
+        if lin["mean"] is not None and maj["mean"] is not None and lin["mean"] < maj["mean"]:
+            L += [f"- The linear probe scores below always answering the majority class (mean over every "
+                  f"evaluation {lin['mean'] * 100:.1f} against {maj['mean'] * 100:.1f}): with a few hundred "
+                  "training crops and 512 or more dimensions, its fixed L2 strength (C = 1) over-fits. Its "
+                  "differences between methods are still paired on the same crops, but kNN is the more "
+                  "trustworthy probe here; choosing C by cross-validation is the fix, not applied to this study "
+                  "so that all of its evaluations share one protocol.", ""]
         if not_win:
             L += ["**Where ORL does not win** against BYOL trained for the same number of epochs (every ORL "
                   "pre-training of this study vs BYOL 2N; listed when not higher in every seed):", ""] \
@@ -1260,6 +1353,9 @@ def write_report(results_dir: Path = RESULTS_DIR, doc: Path = DOC) -> Path:
         p = results_dir / ("study.json" if mode == "full" else f"study_{mode}.json")
         if p.exists():
             all_results[mode] = json.loads(p.read_text())
+    check = results_dir / "gpu" / "gpu_paths.json"  # benchmarks/gpu_check.sh's CUDA-path check
+    if "gpu" in all_results and check.exists():
+        all_results["gpu"]["paths_check"] = json.loads(check.read_text())
     plots = {mode: make_plots(r, results_dir, doc.parent) for mode, r in all_results.items()}
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(render_report(all_results, plots))
@@ -1302,6 +1398,8 @@ def parse_args(argv=None):
     g.add_argument("--gpu", action="store_true", help="larger configuration on one CUDA GPU, under 5 minutes")
     g.add_argument("--report-only", action="store_true", help="only regenerate docs/RESULTS.md and the plots")
     p.add_argument("--seeds", help="comma-separated seeds (default: the mode's); seeds can be added later")
+    p.add_argument("--runs", help="comma-separated stage-3 / BYOL runs to train and evaluate (default: the "
+                   f"mode's); runs can be added to an existing result. Names: {', '.join(RUN_BY_NAME)}")
     p.add_argument("--epochs", type=int, help="N (default: the mode's); changing it needs --fresh or --out")
     p.add_argument("--work", help="cache folder (default benchmarks/work/study_<mode>)")
     p.add_argument("--out", help="results folder (default benchmarks/results): study[_<mode>].json and plots")
@@ -1331,6 +1429,13 @@ def main(argv=None) -> int:
             tuple(sorted({e for e in mode.mine_epochs if e < args.epochs} | {args.epochs})))
     if args.seeds:
         mode = dataclasses.replace(mode, seeds=tuple(int(s) for s in args.seeds.split(",")))
+    if args.runs:
+        runs = tuple(r.strip() for r in args.runs.split(",") if r.strip())
+        unknown = [r for r in runs if r not in RUN_BY_NAME]
+        if unknown:
+            print(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUN_BY_NAME)}", file=sys.stderr)
+            return 2
+        mode = dataclasses.replace(mode, runs=runs)
     assert mode.epochs in mode.snapshots and mode.epochs in (mode.mine_epochs or mode.snapshots), \
         "stage 3 trains on the pairs of the final stage-1 snapshot"
     if args.max_minutes is not None:

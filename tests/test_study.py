@@ -194,7 +194,7 @@ def test_report_tables_from_hand_made_results(study, results):
     assert "| chance: majority class (probe), positive rate (SVM) | | | 25.0 | 25.0 | 30.0 |" in md
     # pair table: IoU precision of stage 1 after 2 epochs, and its random baseline
     row = next(l for l in md.splitlines() if l.startswith("| stage 1 after 2 epochs (default"))
-    assert "| 11.0 ± 1.4 | 4.0 ± 0.0 |" in row
+    assert "| 11.00 ± 1.41 | 4.00 ± 0.00 |" in row  # pair precision: 2 decimals (values near 0)
     # paired comparison: ORL - BYOL 2N kNN: seed 0: 0.50 - 0.55 = -5, seed 1: 0.60 - 0.57 = +3 points
     row = next(l for l in md.splitlines() if l.startswith("| BYOL N + ORL N, random init (authors) | BYOL 2N |"))
     assert "-1.0 ± 5.7 (1/2)" in row
@@ -224,3 +224,31 @@ def test_write_report_regenerates_from_json(study, results, tmp_path):
     text = doc.read_text()
     assert text.startswith("# Results:") and "## Full study" in text
     assert (tmp_path / "study_full_probe.png").exists()
+
+
+def test_runs_and_variants_can_be_added_to_a_result(study, tmp_path):
+    import dataclasses
+
+    m = study.MODES["full"]
+    study.ResultsStore(tmp_path / "r.json", "full", m.settings()).save()
+    more = dataclasses.replace(m, runs=("orl_mutual",))
+    store = study.ResultsStore(tmp_path / "r.json", "full", more.settings())
+    assert store.data["settings"]["runs"] == list(m.runs) + ["orl_mutual"]
+    everything = dataclasses.replace(m, runs=None)
+    assert study.ResultsStore(tmp_path / "r.json", "full", everything.settings()).data["settings"]["runs"] is None
+    with pytest.raises(study.SettingsMismatch):  # what a unit means may not change
+        study.ResultsStore(tmp_path / "r.json", "full", dataclasses.replace(m, epochs=9).settings())
+
+
+def test_report_flags_units_whose_inputs_were_recomputed(study):
+    units = {
+        "train/s0/byol_N": {"status": "done", "recorded_at": "2026-01-01 12:05:00"},  # recomputed
+        "mine/s0/ep4": {"status": "done", "recorded_at": "2026-01-01 12:06:00"},
+        "eval/s0/byol_N": {"status": "done", "recorded_at": "2026-01-01 12:01:00"},  # before it
+        "train/s0/orl": {"status": "done", "recorded_at": "2026-01-01 12:07:00"},
+        "train/s0/orl_init": {"status": "done", "recorded_at": "2026-01-01 12:00:00"},
+        "mine/s0/mutual": {"status": "done", "recorded_at": "2026-01-01 12:05:30"},
+    }
+    assert study.recomputed_inputs(units, 4) == [
+        ("eval/s0/byol_N", "train/s0/byol_N"), ("mine/s0/mutual", "mine/s0/ep4"),
+        ("train/s0/orl_init", "mine/s0/ep4"), ("train/s0/orl_init", "train/s0/byol_N")]
