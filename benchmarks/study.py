@@ -426,8 +426,6 @@ class Study:
     JSON, or when a unit still to run needs the file and the file is gone."""
 
     def __init__(self, mode: Mode, work: Path, store: ResultsStore, data_root: Path, device: str):
-        import torch
-
         from orl.config import get_preset
         from orl.train import resolve_device
 
@@ -440,16 +438,12 @@ class Study:
         self.t0 = time.time()
         self._memo: dict[tuple, Path | None] = {}
         if mode.threads:
-            # numpy's, scipy's and sklearn's thread pools too: a pool is limited only if its
-            # library is loaded, so load them first. Oversubscribed, the linear probe's lbfgs
-            # took 25 s instead of 0.2 s on a 139-crop set (measured on the shared machine).
-            import scipy.linalg  # noqa: F401
-            import sklearn.linear_model  # noqa: F401
-            import sklearn.svm  # noqa: F401
-            from threadpoolctl import threadpool_limits
+            # numpy's, scipy's and sklearn's thread pools too. Oversubscribed, the linear
+            # probe's lbfgs took 25 s instead of 0.2 s on a 139-crop set (measured on the
+            # shared machine).
+            from orl.cli import set_threads
 
-            torch.set_num_threads(mode.threads)
-            threadpool_limits(mode.threads)
+            set_threads(mode.threads)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def out_of_time(self) -> bool:

@@ -26,6 +26,21 @@ class CLIError(Exception):
 
 # -- shared option helpers ------------------------------------------------------------------
 
+def set_threads(n: int) -> None:
+    """Limit torch's intra-op pool and the BLAS / OpenMP pools of numpy, scipy and sklearn.
+
+    threadpoolctl limits only the pools of libraries already loaded, so they are loaded first.
+    """
+    import scipy.linalg  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+    import sklearn.svm  # noqa: F401
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(n)
+    threadpool_limits(n)
+
+
 def _add_common(p: argparse.ArgumentParser, preset: bool = True) -> None:
     if preset:
         p.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -36,6 +51,10 @@ def _add_common(p: argparse.ArgumentParser, preset: bool = True) -> None:
                        help="override any config field, e.g. --set train.base_lr=0.3 --set mine.roi_mode=roi_align "
                             "(sections: model, augment, train, mine); repeatable")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch and the numeric libraries (default: all cores). On a shared "
+                        "machine set it to the cores you may use: oversubscribed threads slow small models "
+                        "down many times over")
     p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
 
 
@@ -382,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            print(f"orl {args.command}: error: --threads must be at least 1 (got {args.threads})", file=sys.stderr)
+            return 2
+        set_threads(args.threads)
     try:
         result = args.func(args)
     except CLIError as exc:

@@ -85,6 +85,7 @@ def test_mine_records_bad_images(tmp_path, eight_images, tiny_byol_checkpoint):
     (["mine", "--images", "{tmp}/junk", "--checkpoint", "{tmp}/nope.pt", "--out", "{tmp}/m"], "checkpoint not found"),
     (["pretrain", "--images", "{tmp}/junk", "--out", "{tmp}/x", "--set", "train.nope=1"], "unknown field 'nope'"),
     (["pretrain", "--images", "{tmp}/junk", "--out", "{tmp}/x", "--set", "model.backbone=vgg"], "valid backbones"),
+    (["pretrain", "--images", "{tmp}/junk", "--out", "{tmp}/x", "--threads", "0"], "--threads must be at least 1"),
 ])
 def test_clear_errors(tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
@@ -94,6 +95,22 @@ def test_clear_errors(tmp_path, capsys, argv, message):
     rc = main([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--quiet"])
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+def test_threads_option_limits_torch_and_blas(tmp_path):
+    import torch
+    from threadpoolctl import threadpool_info
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["pretrain", "--images", str(tmp_path / "none"), "--out", str(tmp_path / "x"),
+                     "--threads", "1", "--quiet"]) == 2  # the folder is missing; the limit is set first
+        assert torch.get_num_threads() == 1
+        assert all(p["num_threads"] == 1 for p in threadpool_info())
+    finally:
+        from orl.cli import set_threads
+
+        set_threads(before)
 
 
 def test_bad_option_exits_nonzero():
