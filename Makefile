@@ -7,7 +7,7 @@ PRESET ?= tiny
 DEMO_EPOCHS ?= 5
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup up down status demo demo-cli test bench clean help
+.PHONY: setup up down status demo demo-cli test bench study study-quick clean help
 
 help:
 	@echo "make demo      - start the stack, run a pipeline job on the bundled sample, print the dashboard URL"
@@ -16,6 +16,8 @@ help:
 	@echo "make status    - what is running"
 	@echo "make test      - the test suite"
 	@echo "make bench     - mining benchmark on ../shared/data/coco128 (writes benchmarks/results/)"
+	@echo "make study     - evidence study, ORL vs BYOL on 490 photos (2 CPU cores: ~2 h; resumable)"
+	@echo "make study-quick - the study's pipeline check (minutes; numbers mean nothing)"
 	@echo "make clean     - stop everything, remove .state/, runs/ and the virtualenv"
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
@@ -47,6 +49,12 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/mining_benchmark.py
+
+study: setup
+	$(BIN)/python benchmarks/study.py
+
+study-quick: setup
+	$(BIN)/python benchmarks/study.py --quick
 
 clean:
 	$(PY) scripts/stack.py clean
