@@ -866,6 +866,7 @@ def section(results: dict, plots: dict[str, str]) -> list[str]:
     m = results.get("machine", {})
     N = st["epochs"]
     L = [f"## {MODE_TITLES.get(mode, mode)}", ""]
+    L += in_short(results)
     if mode == "quick":
         L += ["> Quick mode trains the `tiny` preset for a few epochs on a handful of photos per folder, "
               "with fewer seeds. It exists to check that every stage, metric, table and plot of the study "
@@ -1080,6 +1081,26 @@ def epochs_label(name: str, n: int) -> str:
     if spec.stage == "byol":
         return str(n * spec.epochs_mult)
     return f"{n} + {n}"
+
+
+def in_short(results: dict) -> list[str]:
+    """Three headline comparisons first (the details and caveats follow in the section)."""
+    units, N = results["units"], results["settings"]["epochs"]
+    ev = lambda n, k: seed_values(units, "eval", n, metric_fn(k, None))  # noqa: E731
+    rows = []
+    for a, b, what in (("byol_N", RANDOM_INIT, "Any pre-training vs none (BYOL N minus the random-init network)"),
+                       ("orl", "byol_2N", "ORL vs BYOL at equal epochs (BYOL N + ORL N minus BYOL 2N)")):
+        ps = [(lab, paired(ev(a, k), ev(b, k))) for k, lab in EVAL_METRICS]
+        if any(p["n"] for _, p in ps):
+            rows.append(f"- {what}: " + "; ".join(f"{lab} {fmt_diff(p)}" for lab, p in ps if p["n"]) + ".")
+    p = paired(seed_values(units, "mine", f"ep{N}", pairs_fn("ioa", "precision")),
+               seed_values(units, "mine", f"ep{N}", pairs_fn("ioa", "random_precision")))
+    if p["n"]:
+        rows.append(f"- Mined pairs vs random box pairs from the same images (IoA precision): {fmt_diff(p, nd=2)}.")
+    if not rows:
+        return []
+    return ["**In short** (points, mean ± std over seeds, and in how many seeds the first is higher; the "
+            "tables below hold every number and the caveats):", ""] + rows + [""]
 
 
 def findings(results: dict) -> list[str]:
