@@ -21,7 +21,7 @@ Per seed, in order (so a partial run still holds whole seeds):
 Stage outputs are cached under the work folder and units already in the JSON are skipped,
 so rerunning the same command resumes. Usage:
 
-  python benchmarks/study.py                # full study (2 CPU cores: hours)
+  python benchmarks/study.py                # full study (2 CPU cores: about 2 hours)
   python benchmarks/study.py --quick        # pipeline check (minutes); numbers mean nothing
   python benchmarks/study.py --gpu          # larger configuration on one CUDA GPU, under 5 min
   python benchmarks/study.py --report-only  # regenerate docs/RESULTS.md from existing JSON
@@ -1351,7 +1351,7 @@ def render_report(all_results: dict[str, dict], plots: dict[str, dict[str, str]]
          "(`python benchmarks/study.py --report-only` regenerates it). Every number below comes from those files.", "",
          "Commands:", "",
          "```",
-         "python benchmarks/study.py                # full study: 2 CPU cores, hours; resumable (rerun the same command)",
+         "python benchmarks/study.py                # full study: about 2 hours on 2 CPU cores; resumable (rerun it)",
          "python benchmarks/study.py --quick        # pipeline check in minutes; numbers mean nothing",
          "python benchmarks/study.py --gpu          # one CUDA GPU, one run under 5 minutes",
          "python benchmarks/study.py --report-only  # rebuild this file and the plots from the JSON",
