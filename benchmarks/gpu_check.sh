@@ -9,7 +9,8 @@
 #   echo /.gpu/ >> .git/info/exclude
 #   python benchmarks/gpu_prepare.py
 # Run (carry .gpu):  bash benchmarks/gpu_check.sh   -> results under $OUT (or benchmarks/results/gpu)
-# Then, here: cp <files>/study_gpu.json benchmarks/results/ && python benchmarks/study.py --report-only
+# Then, here: copy study_gpu.json into benchmarks/results/ and the gpu_* files into
+# benchmarks/results/gpu/, then `python benchmarks/study.py --report-only` (the report reads both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
