@@ -335,6 +335,9 @@ def dataset_mean(rec: dict, metric: str) -> float | None:
 
 
 RULE_NAMES = {"iou": "IoU", "ioa": "IoA"}
+# The chance level of each eval metric: a key of the same per-dataset record. Chance depends
+# on the labels only, so any evaluated checkpoint's record gives it (see first_eval).
+CHANCE = {"knn_acc": "majority_acc", "linear_acc": "majority_acc", "svm_map": "svm_chance_map"}
 EVAL_METRICS = [  # key in an eval record's per-dataset dict, label (values are fractions; shown in %)
     ("knn_acc", "kNN acc. (GT crops)"),
     ("linear_acc", "linear acc. (GT crops)"),
@@ -981,12 +984,10 @@ def section(results: dict, plots: dict[str, str]) -> list[str]:
               "evaluated with its own labels; the table gives the mean of the two, percent, mean ± std over seeds.", "",
               "| pre-training | epochs | training min (this run) | " + " | ".join(lab for _, lab in EVAL_METRICS) + " |",
               "|---|---|---|" + "---|" * len(EVAL_METRICS)]
-        first = next(r for k, r in sorted(units.items()) if k.startswith("eval/") and r.get("status") == "done") \
-            if any(k.startswith("eval/") and r.get("status") == "done" for k, r in units.items()) else None
+        first = first_eval(units)
         if first:
-            chance = {"knn_acc": "majority_acc", "linear_acc": "majority_acc", "svm_map": "svm_chance_map"}
             L.append("| chance: majority class (probe), positive rate (SVM) | | | " + " | ".join(
-                fmt_pm(aggregate([dataset_mean(first, chance[k])])).replace(" (n=1)", "") for k, _ in EVAL_METRICS) + " |")
+                fmt_pm(aggregate([dataset_mean(first, CHANCE[k])])).replace(" (n=1)", "") for k, _ in EVAL_METRICS) + " |")
         for n in enames:
             tmin = aggregate(list(seed_values(units, "train", n, lambda r: r["train_seconds"] / 60).values())) \
                 if n != RANDOM_INIT else {"mean": None, "std": None, "n": 0}
@@ -1070,6 +1071,11 @@ def recomputed_inputs(units: dict[str, dict], n: int) -> list[tuple[str, str]]:
             if rec.get("status") == "done" and d and d.get("recorded_at", "") > rec.get("recorded_at", ""):
                 out.append((key, dep))
     return sorted(out)
+
+
+def first_eval(units: dict[str, dict]) -> dict | None:
+    """The first done evaluation record (by key), or None."""
+    return next((r for k, r in sorted(units.items()) if k.startswith("eval/") and r.get("status") == "done"), None)
 
 
 def done_seeds(units: dict[str, dict]) -> list[int]:
@@ -1237,6 +1243,14 @@ def make_plots(results: dict, out_dir: Path, doc_dir: Path = DOC.parent) -> dict
     rel = os.path.relpath(out_dir, doc_dir)
     written = {}
 
+    def save(fig, kind: str, title: str, rect=(0, 0, 1, 1)) -> None:
+        fig.suptitle(f"{title} ({mode})")
+        fig.tight_layout(rect=rect)
+        p = out_dir / f"study_{mode}_{kind}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written[kind] = f"{rel}/{p.name}"
+
     # training loss curves
     names = [r.name for r in RUNS if seed_values(units, "train", r.name, lambda r: r)]
     if names:
@@ -1256,12 +1270,7 @@ def make_plots(results: dict, out_dir: Path, doc_dir: Path = DOC.parent) -> dict
             ax.set_ylabel(t)
             ax.grid(alpha=0.3)
         axes[1].legend(fontsize=7)
-        fig.suptitle(f"Training loss per epoch, mean over seeds ({mode})")
-        fig.tight_layout()
-        p = out_dir / f"study_{mode}_loss.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written["loss"] = f"{rel}/{p.name}"
+        save(fig, "loss", "Training loss per epoch, mean over seeds")
 
     # precision against stage-1 epochs (+ options at epoch N)
     eps = sorted({int(k.rsplit("/", 1)[1][2:]) for k in units
@@ -1294,20 +1303,14 @@ def make_plots(results: dict, out_dir: Path, doc_dir: Path = DOC.parent) -> dict
             ax.set_xlabel("stage-1 (BYOL) epochs of the mining checkpoint")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        fig.suptitle(f"Stage-2 quality against stage-1 epochs, mean ± std over seeds ({mode})")
-        fig.tight_layout()
-        p = out_dir / f"study_{mode}_precision.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written["precision"] = f"{rel}/{p.name}"
+        save(fig, "precision", "Stage-2 quality against stage-1 epochs, mean ± std over seeds")
 
     # probe accuracy per method
     enames = eval_names(units)
     if enames:
         fig, axes = plt.subplots(1, len(EVAL_METRICS), figsize=(5 * len(EVAL_METRICS), 5.5), sharey=False)
         x = np.arange(len(enames))
-        first = next(r for key, r in sorted(units.items()) if key.startswith("eval/") and r.get("status") == "done")
-        chance = {"knn_acc": "majority_acc", "linear_acc": "majority_acc", "svm_map": "svm_chance_map"}
+        first = first_eval(units)
         for ax, (k, lab) in zip(axes, EVAL_METRICS):
             aggs = [aggregate(list(seed_values(units, "eval", n, metric_fn(k, None)).values())) for n in enames]
             if all(a["mean"] is None for a in aggs):
@@ -1315,7 +1318,7 @@ def make_plots(results: dict, out_dir: Path, doc_dir: Path = DOC.parent) -> dict
                 ax.set_title(f"{lab} (%)", fontsize=10)
                 ax.set_xticks([])
                 continue
-            c = dataset_mean(first, chance[k])
+            c = dataset_mean(first, CHANCE[k])
             means = [np.nan if a["mean"] is None else 100 * a["mean"] for a in aggs]
             stds = [0 if a["std"] is None else 100 * a["std"] for a in aggs]
             colors = ["0.6" if n == RANDOM_INIT else ("C0" if RUN_BY_NAME[n].stage == "byol" else "C1") for n in enames]
@@ -1335,12 +1338,8 @@ def make_plots(results: dict, out_dir: Path, doc_dir: Path = DOC.parent) -> dict
                             Patch(color="C1", label="ORL (after BYOL N)"),
                             plt.Line2D([], [], color="k", ls="--", label="chance")],
                    loc="lower center", ncol=4, fontsize=8)
-        fig.suptitle(f"Frozen-feature quality per pre-training, mean over datasets; bars mean ± std, dots seeds ({mode})")
-        fig.tight_layout(rect=(0, 0.06, 1, 1))
-        p = out_dir / f"study_{mode}_probe.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written["probe"] = f"{rel}/{p.name}"
+        save(fig, "probe", "Frozen-feature quality per pre-training, mean over datasets; bars mean ± std, dots seeds",
+             rect=(0, 0.06, 1, 1))
     return written
 
 
@@ -1372,7 +1371,7 @@ def result_path(mode: str) -> Path:
 def write_report(results_dir: Path = RESULTS_DIR, doc: Path = DOC) -> Path:
     all_results = {}
     for mode in MODES:
-        p = results_dir / ("study.json" if mode == "full" else f"study_{mode}.json")
+        p = results_dir / result_path(mode).name
         if p.exists():
             all_results[mode] = json.loads(p.read_text())
     check = results_dir / "gpu" / "gpu_paths.json"  # benchmarks/gpu_check.sh's CUDA-path check

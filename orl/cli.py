@@ -53,8 +53,8 @@ def _add_common(p: argparse.ArgumentParser, preset: bool = True) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for torch and the numeric libraries (default: all cores). On a shared "
-                        "machine set it to the cores you may use: oversubscribed threads slow small models "
-                        "down many times over")
+                        "machine set it to the cores you may use: with more threads than free cores, they wait "
+                        "on one another")
     p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
 
 
