@@ -16,7 +16,7 @@ help:
 	@echo "make status    - what is running"
 	@echo "make test      - the test suite"
 	@echo "make bench     - mining benchmark on ../shared/data/coco128 (writes benchmarks/results/)"
-	@echo "make study     - evidence study, ORL vs BYOL on 490 photos (2 CPU cores: ~2 h; resumable)"
+	@echo "make study     - evidence study, long run (one seed, 3,000 stage-1 steps; hours on 2 CPU cores; resumable)"
 	@echo "make study-quick - the study's pipeline check (minutes; numbers mean nothing)"
 	@echo "make clean     - stop everything, remove .state/, runs/ and the virtualenv"
 
@@ -51,10 +51,10 @@ bench: setup
 	$(BIN)/python benchmarks/mining_benchmark.py
 
 study: setup
-	$(BIN)/python benchmarks/study.py
+	$(BIN)/python -m benchmarks.study --mode long
 
 study-quick: setup
-	$(BIN)/python benchmarks/study.py --quick
+	$(BIN)/python -m benchmarks.study --quick
 
 clean:
 	$(PY) scripts/stack.py clean

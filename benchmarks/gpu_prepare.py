@@ -15,7 +15,7 @@ What goes in, and why:
                  same proposals.
 
 On a CUDA machine that holds ../shared/data and opencv-contrib, skip this script: run
-`python benchmarks/study.py --gpu` directly.
+`python -m benchmarks.study --mode gpu` directly.
 
   python benchmarks/gpu_prepare.py [--quality 90]
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 SOURCES = ("coco128", "coco-mini")
-CACHE = REPO / "benchmarks" / "work" / "study_full" / "proposals" / "ss500.jsonl"
+CACHE = REPO / "benchmarks" / "work" / "study_long" / "proposals" / "ss500.jsonl"
 
 
 def main(argv=None) -> int:

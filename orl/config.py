@@ -53,6 +53,10 @@ class MineConfig:
     knn_k: int = 10
     embed_resize: int = 256  # Resize(256) + CenterCrop(224) for image embeddings
     embed_crop: int = 224
+    # What the image KNN compares: "projector" (faithful: the 256-d projector output) or
+    # "backbone" (pooled res5), for networks whose projector is untrained, e.g. a supervised
+    # backbone such as the study's positive control.
+    knn_features: str = "projector"
     # Selective search. max_side_px=None is the faithful full-resolution path; the default
     # downscale is chosen by benchmarks/ss_scale.py (speed against pair quality).
     ss_mode: str = "fast"
@@ -100,6 +104,8 @@ class Config:
             raise ValueError(f"unknown backbone {self.model.backbone!r}; valid backbones: {', '.join(BACKBONES)}")
         if self.mine.roi_mode not in ("crop", "roi_align"):
             raise ValueError(f"unknown roi_mode {self.mine.roi_mode!r}; valid: crop, roi_align")
+        if self.mine.knn_features not in ("projector", "backbone"):
+            raise ValueError(f"unknown knn_features {self.mine.knn_features!r}; valid: projector, backbone")
         if self.mine.ss_mode not in ("fast", "quality", "single"):
             raise ValueError(f"unknown ss_mode {self.mine.ss_mode!r}; valid: fast, quality, single")
         if not 0 < self.mine.pair_ratio <= 1:

@@ -73,19 +73,24 @@ def embed_images(
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Image embeddings. Returns ((N, D) float32 L2-normalised, {index: failure reason}).
 
+    D is the projector's output size, or the backbone's channels with
+    ``cfg.knn_features == "backbone"``.
     Rows of images that failed to decode are zero.
     """
     model.eval()
     loader = torch.utils.data.DataLoader(
         _EvalImages(paths, eval_transform(cfg.embed_resize, cfg.embed_crop)),
         batch_size=cfg.batch_size, num_workers=num_workers, collate_fn=_collate)
-    out = np.zeros((len(paths), model.cfg.proj_out), dtype=np.float32)
+    use_backbone = cfg.knn_features == "backbone"
+    dim = model.backbone.out_channels if use_backbone else model.cfg.proj_out
+    out = np.zeros((len(paths), dim), dtype=np.float32)
     failed: dict[int, str] = {}
     done = 0
     for idx, x, bad in loader:
         failed.update(dict(bad))
         if x is not None:
-            z = F.normalize(model.embed(x.to(device)).float(), dim=1)
+            x = x.to(device)
+            z = F.normalize((model.backbone(x) if use_backbone else model.embed(x)).float(), dim=1)
             out[idx.numpy()] = z.cpu().numpy()
         done += len(idx) + len(bad)
         progress("embed", done, len(paths))

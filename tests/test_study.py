@@ -1,78 +1,49 @@
-"""The study's own code (benchmarks/study.py): seed aggregation, the report, resumability.
+"""The study's own code (benchmarks/study/): aggregation, resumability, commits, the report.
 
-The metrics it calls (pair precision, probe, SVM) are tested in test_metrics.py and
-test_evaluate.py; these tests cover what the study adds on top, on hand-made inputs.
+The metrics it calls (pair AUC, precision, probe, label-free signals) are tested in
+test_metrics.py, test_evaluate.py and test_monitor.py; these tests cover what the study adds
+on top, on hand-made inputs. `python -m benchmarks.study --quick` runs the real pipeline.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
-import sys
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("study", REPO / "benchmarks" / "study.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["study"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from benchmarks.study import plan, report, store, units
+from benchmarks.study.data import class_sharing_pairs
+from orl.labels import GroundTruth, ImageObjects
 
 
 # -- aggregation over seeds -----------------------------------------------------------------
-def test_aggregate_mean_and_sample_std(study):
-    a = study.aggregate([0.5, 0.6, None, 0.7])
-    assert a["n"] == 3 and a["values"] == [0.5, 0.6, 0.7]
-    assert a["mean"] == pytest.approx(0.6)
-    assert a["std"] == pytest.approx(0.1)  # ddof 1: sqrt((0.01 + 0 + 0.01) / 2)
-    one = study.aggregate([0.3])
-    assert one["mean"] == pytest.approx(0.3) and one["std"] is None
-    assert study.aggregate([None]) == {"mean": None, "std": None, "n": 0, "values": []}
+def test_aggregate_paired_verdict():
+    a = store.aggregate([0.5, 0.6, None, 0.7])
+    assert a["n"] == 3 and a["mean"] == pytest.approx(0.6) and a["std"] == pytest.approx(0.1)
+    assert store.aggregate([None]) == {"mean": None, "std": None, "n": 0, "values": []}
+    p = store.paired({0: 0.5, 1: 0.6, 2: 0.4}, {0: 0.4, 1: 0.5, 2: 0.45, 3: 0.9})
+    assert p["seeds"] == [0, 1, 2] and (p["wins"], p["losses"]) == (2, 1)
+    assert store.verdict(p) == "mixed: higher in 2, lower in 1, equal in 0 of 3 seeds"
+    assert store.verdict(store.paired({0: 1.0}, {0: 0.0})) == "higher (1 seed)"
+    assert report.fmt_diff(store.paired({0: 0.52, 1: 0.50}, {0: 0.50, 1: 0.50})) == "+1.0 ± 1.4 (1/2)"
 
 
-def test_paired_differences_and_verdicts(study):
-    p = study.paired({0: 0.5, 1: 0.6, 2: 0.4}, {0: 0.4, 1: 0.5, 2: 0.45, 3: 0.9})
-    assert p["seeds"] == [0, 1, 2] and p["n"] == 3  # seed 3 has no partner
-    assert p["diff_mean"] == pytest.approx((0.1 + 0.1 - 0.05) / 3)
-    assert (p["wins"], p["losses"]) == (2, 1)
-    assert study.verdict(p) == "mixed: higher in 2, lower in 1, equal in 0 of 3 seeds"
-    assert study.verdict(study.paired({0: 1.0, 1: 1.0}, {0: 0.0, 1: 0.5})) == "higher in all 2 seeds"
-    assert study.verdict(study.paired({0: 0.0}, {0: 1.0})) == "lower in all 1 seeds"
-    assert study.verdict(study.paired({0: None}, {0: 1.0})) == "not measured"
-    assert study.fmt_diff(study.paired({0: 0.52, 1: 0.50}, {0: 0.50, 1: 0.50})) == "+1.0 ± 1.4 (1/2)"
-
-
-def test_seed_values_and_dataset_mean(study):
-    units = {
-        "eval/s0/orl": {"status": "done", "datasets": {"a": {"knn_acc": 0.2}, "b": {"knn_acc": 0.4}}},
-        "eval/s1/orl": {"status": "done", "datasets": {"a": {"knn_acc": 0.3}, "b": {"knn_acc": None}}},
-        "eval/s2/orl": {"status": "error", "error": "x"},
-        "eval/s0/orl_init": {"status": "done", "datasets": {"a": {"knn_acc": 0.9}, "b": {"knn_acc": 0.9}}},
-    }
-    v = study.seed_values(units, "eval", "orl", lambda r: study.dataset_mean(r, "knn_acc"))
-    assert v == {0: pytest.approx(0.3), 1: None}  # failed seed 2 left out; a missing dataset -> None
-
-
-def test_mutual_pairs_hand_made(study):
+def test_mutual_pairs_hand_made():
     fq = np.eye(3, dtype=np.float32)
     # neighbour box 0 is nearest to query boxes 0 and 1 (a many-to-one the authors' rule keeps)
     fk = np.array([[0.9, 0.8, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)
-    ij, s = study.mutual_pairs(fq, fk, ratio=1.0)
+    ij, s = units.mutual_pairs(fq, fk, ratio=1.0)
     assert ij.tolist() == [[2, 1], [0, 0]]  # query 1's best (k0) prefers query 0: dropped
     assert s.tolist() == pytest.approx([1.0, 0.9])
-    ij, _ = study.mutual_pairs(fq, fk, ratio=0.1)  # cap max(1, int(0.1 * 3)) = 1, best first
-    assert ij.tolist() == [[2, 1]]
-    assert study.mutual_pairs(fq[:0], fk, 1.0)[0].shape == (0, 2)
+    assert units.mutual_pairs(fq, fk, ratio=0.1)[0].tolist() == [[2, 1]]  # cap 1, best first
+    assert units.mutual_pairs(fq[:0], fk, 1.0)[0].shape == (0, 2)
 
 
-def test_loss_curves_dedupe_resumed_steps(study, tmp_path):
+def test_loss_curves_dedupe_resumed_steps(tmp_path):
     csv = tmp_path / "metrics.csv"
     csv.write_text(
         "epoch,step,global_step,lr,momentum,loss,loss_global,loss_intra,loss_inter,images_per_s,time\n"
@@ -80,17 +51,40 @@ def test_loss_curves_dedupe_resumed_steps(study, tmp_path):
         "0,2,2,0.1,0.99,9.9,9.9,,,8.0,0\n"    # killed run: step 2 logged, then redone
         "0,2,2,0.1,0.99,3.0,2.0,1.0,,4.0,0\n"
         "1,1,3,0.1,0.99,2.0,2.0,,,8.0,0\n")
-    curves, seconds = study.loss_curves(csv, batch=8)
+    curves, seconds = units.loss_curves(csv, batch=8)
     assert curves["total"] == [pytest.approx(3.5), pytest.approx(2.0)]
     assert curves["intra"] == [pytest.approx(1.0), None]
-    assert curves["inter"] == [pytest.approx(1.0), None]
-    assert seconds == pytest.approx(8 / 8 + 8 / 4 + 8 / 8)
+    assert seconds == pytest.approx(8 / 8 + 8 / 4 + 8 / 8)  # no usable clock: batch / images_per_s
+    timed = csv.read_text().replace(",8.0,0\n", ",8.0,T\n").replace(",4.0,0\n", ",4.0,T\n")
+    stamps = iter(["100.0", "900.0", "101.5", "102.0"])  # step 2's rows at 900 (dropped) and 101.5
+    csv.write_text("".join(line.replace(",T", "," + next(stamps)) if ",T" in line else line
+                           for line in timed.splitlines(keepends=True)))
+    _, seconds = units.loss_curves(csv, batch=8)
+    assert seconds == pytest.approx(8 / 8 + 1.5 + 0.5)  # first step: batch / ips; then clock gaps
 
 
-# -- resumability bookkeeping ----------------------------------------------------------------
-def test_store_skips_done_units_and_records_errors(study, tmp_path):
+def test_class_sharing_pairs_only_link_images_with_a_common_class():
+    box = np.array([[0, 0, 10, 10]], dtype=np.float64)
+    objects = {f: ImageObjects(box, np.array([c]), ("xy"[c],), (10, 10)) for f, c in (("a", 0), ("b", 0), ("c", 1), ("d", 0))}
+    gt = GroundTruth(["x", "y"], objects, {f: "train" for f in objects}, "yolo", "", "")
+    files = ["a", "b", "c", "d", "unlabelled"]
+    fixed = class_sharing_pairs(files, gt, k=3, seed=0)
+    assert fixed.shape == (5, 3)
+    for i in (0, 1, 3):
+        assert sorted(fixed[i][fixed[i] >= 0].tolist()) == sorted({0, 1, 3} - {i})
+    assert (fixed[2] == -1).all() and (fixed[4] == -1).all()  # no partner; unlabelled
+    # the same partners whatever order the files come in
+    perm = class_sharing_pairs(["d", "c", "b", "a", "unlabelled"], gt, k=3, seed=0)
+    names = lambda arr, fs: [sorted(fs[j] for j in row if j >= 0) for row in arr]  # noqa: E731
+    assert dict(zip(files, names(fixed, files))) == dict(zip(["d", "c", "b", "a", "unlabelled"],
+                                                             names(perm, ["d", "c", "b", "a", "unlabelled"])))
+
+
+# -- resumability and commits ----------------------------------------------------------------
+def test_store_skips_done_units_records_errors_and_recomputation(tmp_path):
     path = tmp_path / "study_quick.json"
-    store = study.ResultsStore(path, "quick", {"epochs": 2})
+    settings = plan.MODES["quick"].settings()
+    s = store.ResultsStore(path, "quick", settings)
     calls = []
 
     def ok():
@@ -100,155 +94,146 @@ def test_store_skips_done_units_and_records_errors(study, tmp_path):
     def boom():
         raise ValueError("broken input")
 
-    assert store.run_unit("train/s0/a", ok, log=lambda m: None)
-    assert not store.run_unit("train/s0/b", boom, log=lambda m: None)
-    assert store.errors == ["train/s0/b"]
+    seen = []
+    s.after_record = seen.append
+    assert s.run_unit("train/s0/a", ok, log=lambda m: None)
+    assert not s.run_unit("train/s0/b", boom, log=lambda m: None)
+    assert seen == ["train/s0/a", "train/s0/b"] and s.errors == ["train/s0/b"]
     saved = json.loads(path.read_text())  # written after every unit
-    assert saved["units"]["train/s0/a"]["status"] == "done" and saved["units"]["train/s0/a"]["value"] == 0.5
-    assert saved["units"]["train/s0/b"] == {**saved["units"]["train/s0/b"], "status": "error",
-                                            "error": "ValueError: broken input"}
+    assert saved["units"]["train/s0/a"]["value"] == 0.5
+    assert saved["units"]["train/s0/b"]["error"] == "ValueError: broken input"
 
-    again = study.ResultsStore(path, "quick", {"epochs": 2})  # a rerun
+    again = store.ResultsStore(path, "quick", settings)  # a rerun
     assert again.run_unit("train/s0/a", ok, log=lambda m: None) and calls == ["ok"]  # skipped
+    # its files are gone (a new machine): it runs again and says so
     assert again.run_unit("train/s0/a", ok, outputs_exist=False, log=lambda m: None) and calls == ["ok", "ok"]
+    assert again.units["train/s0/a"]["recomputed"] == 1
     assert again.run_unit("train/s0/b", ok, log=lambda m: None)  # a failed unit is retried
     assert not again.run_unit("train/s0/c", ok, out_of_time=True, log=lambda m: None)
-    assert again.skipped == ["train/s0/c"] and "train/s0/c" not in again.units
+    assert again.skipped == ["train/s0/c"]
 
 
-def test_store_refuses_other_settings(study, tmp_path):
-    path = tmp_path / "study.json"
-    study.ResultsStore(path, "full", {"epochs": 5}).save()
-    with pytest.raises(study.SettingsMismatch, match="--fresh"):
-        study.ResultsStore(path, "full", {"epochs": 6})
-    assert study.ResultsStore(path, "full", {"epochs": 6}, fresh=True).units == {}
+def test_store_refuses_other_settings_but_accepts_more_runs(tmp_path):
+    path = tmp_path / "r.json"
+    m = dataclasses.replace(plan.MODES["long"], runs=("byol_cont",))
+    store.ResultsStore(path, "long", m.settings()).save()
+    with pytest.raises(store.SettingsMismatch, match="--fresh"):
+        store.ResultsStore(path, "long", dataclasses.replace(m, epochs=9).settings())
+    more = store.ResultsStore(path, "long", dataclasses.replace(m, runs=("orl", "byol_cont")).settings())
+    assert more.data["settings"]["runs"] == ["byol_cont", "orl"]
+    assert m.settings() == dataclasses.replace(m, seeds=(0, 1, 2, 3), threads=1).settings()
 
 
-@pytest.mark.parametrize("mode", ["full", "quick", "gpu"])
-def test_every_mode_resumes_its_own_file(study, tmp_path, mode):
-    settings = study.MODES[mode].settings()
-    study.ResultsStore(tmp_path / "r.json", mode, settings).save()
-    assert study.ResultsStore(tmp_path / "r.json", mode, study.MODES[mode].settings()).data["settings"] == settings
+def test_git_commit_commits_only_the_named_files(tmp_path):
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True)  # noqa: E731
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    (tmp_path / "other.txt").write_text("x")
+    git("add", "other.txt")  # someone else's staged work
+    (tmp_path / "r.json").write_text("{}")
+    assert store.git_commit(tmp_path, [tmp_path / "r.json"], "study: unit done")
+    assert git("log", "--name-only", "--format=%s").stdout.split() == ["study:", "unit", "done", "r.json"]
+    assert "A  other.txt" in git("status", "--short").stdout  # still staged, not committed
+    plain = tmp_path.parent / f"{tmp_path.name}_plain"  # not a repository: no commit, no exception
+    plain.mkdir()
+    (plain / "r.json").write_text("{}")
+    assert not store.git_commit(plain, [plain / "r.json"], "x", tries=1)
 
 
-def test_mode_settings_leave_out_seeds(study):
-    import dataclasses
-
-    m = study.MODES["full"]
-    assert m.settings() == dataclasses.replace(m, seeds=(0, 1, 2, 3)).settings()  # seeds can be added
-    assert m.settings() != dataclasses.replace(m, epochs=m.epochs + 1).settings()
+def test_every_mode_is_well_formed():
+    for m in plan.MODES.values():
+        assert m.epochs in m.snapshots and 0 in m.snapshots, m.name
+        assert set(m.runs) <= set(plan.RUNS) and set(m.variants) <= set(plan.VARIANTS)
+    long = plan.MODES["long"]
+    assert long.epochs * 16 >= 3000  # 490 photos, batch 32: 16 steps per epoch
 
 
 # -- report ----------------------------------------------------------------------------------
-def _eval(knn, lin, svm):
-    ds = {"train_crops": 10, "val_crops": 8, "train_images": 4, "val_images": 4, "svm_classes": 2,
-          "svm_classes_small": 1, "majority_acc": 0.25, "svm_chance_map": 0.3}
-    return {"kind": "eval", "status": "done", "seconds": 1.0, "cpu_seconds": 1.0,
-            "datasets": {"coco128": {**ds, "knn_acc": knn, "linear_acc": lin, "svm_map": svm},
-                         "coco-mini": {**ds, "knn_acc": knn + 0.1, "linear_acc": lin, "svm_map": svm}}}
+def _auc(v):
+    return {"auc": v, "ci95": [v - 0.01, v + 0.01], "image_pairs": 100}
 
 
-def _mine(prec, rand):
-    part = {"pairs": 100, "precision": prec, "top1_precision": prec, "random_precision": rand, "lift": prec / rand,
-            "knn_share": 0.6, "knn_random_share": 0.4, "knn_image_pairs": 50, "labelled_images": 10,
-            "iou_threshold": 0.5}
-    return {"kind": "mine", "status": "done", "seconds": 2.0, "pairs": 100,
-            "union": {"iou": part, "ioa": part}, "per_dataset": {"coco128": {"iou": part, "ioa": part}, "coco-mini": None}}
+def _mine(step, auc):
+    prec = {"precision": 0.1, "random": {"precision": 0.08}, "random_area_matched": {"precision": 0.09},
+            "shared_class": {"precision": 0.2, "random_area_matched_precision": 0.15},
+            "knn": {"share": 0.6}, "knn_random": {"share": 0.4}}
+    return {"kind": "mine", "status": "done", "seconds": 2.0, "pairs": 100, "checkpoint_step": step,
+            "pair_auc": {"ioa": _auc(auc), "iou": _auc(auc)}, "pair_auc_fixed": {"ioa": _auc(auc), "iou": _auc(auc)},
+            "precision": {"ioa": prec, "iou": prec}}
 
 
-def _train(loss):
-    return {"kind": "train", "status": "done", "seconds": 60.0, "train_seconds": 60.0,
-            "loss": {"total": [loss, loss - 1], "global": [loss, loss - 1], "intra": [None, None], "inter": [None, None]}}
+def _eval(step, knn):
+    probe = {"knn_balanced_acc": knn, "knn_balanced_acc_ci95": [knn - 0.02, knn + 0.02], "linear_balanced_acc": knn,
+             "knn_acc": knn, "balanced_chance": 0.05, "majority_acc": 0.3, "linear_C": 0.1}
+    return {"kind": "eval", "status": "done", "seconds": 1.0, "checkpoint_step": step,
+            "label_free": {"view_top1": knn, "effective_rank": 40.0},
+            "datasets": {d: {"probe": probe, "svm": {"map": 0.2}} for d in report.DATASET_NAMES}}
 
 
 @pytest.fixture()
-def results(study):
-    units = {}
+def results():
+    u = {}
     for s, d in ((0, 0.0), (1, 0.02)):
-        units[f"train/s{s}/byol_N"] = _train(3.0)
-        units[f"train/s{s}/byol_2N"] = _train(2.5)
-        units[f"train/s{s}/orl"] = _train(6.0)
-        units[f"mine/s{s}/ep0"] = _mine(0.05, 0.04)
-        units[f"mine/s{s}/ep2"] = _mine(0.10 + d, 0.04)
-        units[f"mine/s{s}/mutual"] = _mine(0.12 + d, 0.04)
-        units[f"eval/s{s}/random_init"] = _eval(0.2, 0.2, 0.1)
-        units[f"eval/s{s}/byol_N"] = _eval(0.4, 0.4, 0.3)
-        units[f"eval/s{s}/byol_2N"] = _eval(0.5 + d, 0.5, 0.4)
-        units[f"eval/s{s}/orl"] = _eval(0.45 + 5 * d, 0.6, 0.4)  # loses kNN in seed 0, wins in seed 1
-    units["eval/s1/orl_init"] = {"kind": "eval", "status": "error", "error": "MissingInput: no checkpoint"}
-    return {"schema": 1, "mode": "full", "settings": {**study.MODES["full"].settings(), "epochs": 2,
-                                                       "snapshots": [0, 2]},
-            "seeds": [0, 1], "machine": {"backbone": "resnet18", "device": "cpu", "cpu_count": 2},
+        for name, step, auc, knn in (("e0", 0, 0.56, 0.10), ("e0bn", 0, 0.57, 0.11), ("e2", 32, 0.60, 0.20),
+                                     ("control", 500, 0.70, 0.40), ("byol_cont", 48, 0.61, 0.22 + d),
+                                     ("orl_init", 48, 0.62, 0.21 + 3 * d)):
+            u[f"mine/s{s}/{name}"] = _mine(step, auc)
+            u[f"eval/s{s}/{name}"] = _eval(step, knn)
+        u[f"train/s{s}/byol@e2"] = {"kind": "train", "status": "done", "seconds": 60.0, "train_seconds": 50.0,
+                                    "steps": 32, "loss": {"total": [3.0, 2.0]}}
+    u["train/s1/orl"] = {"status": "error", "error": "MissingInput: the stage-1 pairs are missing"}
+    settings = {**plan.MODES["quick"].settings(), "epochs": 2, "more_epochs": 1, "snapshots": [0, 2],
+                "runs": ["byol_cont", "orl_init"], "variants": []}
+    return {"schema": 2, "mode": "quick", "settings": settings, "seeds": [0, 1],
+            "machine": {"backbone": "resnet18", "device": "cpu", "steps_per_epoch": 16},
             "images": {"total": 20, "per_dataset": {"coco128": 10, "coco-mini": 10}},
             "labels": {"coco128": {"train": 4, "val": 4}, "coco-mini": {"train": 4, "val": 4}},
-            "invocations": [{"started": "t", "command": "python benchmarks/study.py", "load_avg": [1.0, 1.0, 1.0],
-                             "wall_s": 100.0}], "units": units, "skipped": ["eval/s1/orl_mutual"]}
+            "invocations": [{"started": "t", "command": "python -m benchmarks.study --quick", "load_avg": [1.0],
+                             "wall_s": 100.0}], "units": u}
 
 
-def test_report_tables_from_hand_made_results(study, results):
-    md = study.render_report({"full": results}, {})
-    assert "The full study has not been run yet" not in md
-    # representation table: mean over datasets, then over seeds: byol_2N kNN = (0.55, 0.57)
-    row = next(l for l in md.splitlines() if l.startswith("| BYOL 2N | 4 |"))
-    assert "56.0 ± 1.4" in row and "50.0 ± 0.0" in row and "40.0 ± 0.0" in row
-    assert "| chance: majority class (probe), positive rate (SVM) | | | 25.0 | 25.0 | 30.0 |" in md
-    # pair table: IoU precision of stage 1 after 2 epochs, and its random baseline
-    row = next(l for l in md.splitlines() if l.startswith("| stage 1 after 2 epochs (default"))
-    assert "| 11.00 ± 1.41 | 4.00 ± 0.00 |" in row  # pair precision: 2 decimals (values near 0)
-    # paired comparison: ORL - BYOL 2N kNN: seed 0: 0.50 - 0.55 = -5, seed 1: 0.60 - 0.57 = +3 points
-    row = next(l for l in md.splitlines() if l.startswith("| BYOL N + ORL N, random init (authors) | BYOL 2N |"))
-    assert "-1.0 ± 5.7 (1/2)" in row
-    assert "**Where ORL does not win**" in md
-    assert "kNN acc. (GT crops): -1.0 ± 5.7 (1/2), mixed: higher in 1, lower in 1, equal in 0 of 2 seeds" in md
-    assert "`eval/s1/orl_init`: MissingInput: no checkpoint" in md
-    assert "`eval/s1/orl_mutual`: not run (time budget)" in md
-    assert "n/a" in md  # coco-mini had no pair precision
-
-
-def test_report_banner_and_plots(study, results, tmp_path):
-    quick = {**results, "mode": "quick"}
-    plots = study.make_plots(quick, tmp_path / "results", tmp_path / "docs")
-    assert set(plots) == {"loss", "precision", "probe"}
-    for kind, rel in plots.items():
-        assert rel == f"../results/study_quick_{kind}.png"
-        assert (tmp_path / "results" / f"study_quick_{kind}.png").stat().st_size > 10_000
-    md = study.render_report({"quick": quick}, {"quick": plots})
-    assert "The full study has not been run yet" in md
+def test_report_from_hand_made_results(results):
+    md = report.render_report({"quick": results}, {})
+    lines = md.splitlines()
     assert "these numbers only check that the pipeline runs" in md
-    assert "![probe accuracy per method](../results/study_quick_probe.png)" in md
+    # headline 2: the stage-1 end against random init, and the control, by interval
+    assert any(line.startswith("- End of stage 1 against random init (BatchNorm statistics 0/1)") and "do not overlap"
+               in line for line in lines)
+    assert any("Positive control against" in line and "the metric can see good features" in line for line in lines)
+    row = next(line for line in lines if line.startswith("| BYOL 2 epochs (end of stage 1) | 32 | 0.600 [0.590, 0.610]"))
+    assert row
+    # headline 3: ORL against BYOL continued, seed 0: kNN bal. 21 vs 22 -> -1.0 and a loss listed
+    row = next(line for line in lines if line.startswith("| BYOL 2 ep. + ORL 1 ep., init from stage 1 |"))
+    assert "21.0 (-1.0)" in row and "0.620 [0.610, 0.630] (+0.010)" in row
+    assert "**Where ORL does not win here:**" in md
+    # over seeds: ORL - BYOL continued kNN bal. = (-1, +3) points
+    row = next(line for line in lines if line.startswith("| BYOL 2 ep. + ORL 1 ep., init from stage 1 | BYOL 2 ep. + BYOL"))
+    assert "+1.0 ± 2.8 (1/2)" in row
+    assert "`train/s1/orl`: MissingInput: the stage-1 pairs are missing" in md
+    assert "**Partial:**" in md  # variants and mining of runs are missing from the hand-made file
 
 
-def test_write_report_regenerates_from_json(study, results, tmp_path):
-    (tmp_path / "study.json").write_text(json.dumps(results))
-    doc = study.write_report(tmp_path, tmp_path / "RESULTS.md")
+def test_plots_and_write_report(results, tmp_path):
+    (tmp_path / "study_quick.json").write_text(json.dumps(results))
+    doc = report.write_report(tmp_path, tmp_path / "docs" / "RESULTS.md")
     text = doc.read_text()
-    assert text.startswith("# Results:") and "## Full study" in text
-    assert (tmp_path / "study_full_probe.png").exists()
+    for kind in ("auc", "probe", "loss"):
+        assert (tmp_path / f"study_quick_{kind}.png").stat().st_size > 10_000
+        assert f"](../study_quick_{kind}.png)" in text
+    assert "No CPU study has been run yet" in text
 
 
-def test_runs_and_variants_can_be_added_to_a_result(study, tmp_path):
-    import dataclasses
-
-    m = dataclasses.replace(study.MODES["full"], runs=("byol_N", "orl"))
-    study.ResultsStore(tmp_path / "r.json", "full", m.settings()).save()
-    more = dataclasses.replace(m, runs=("orl_mutual", "orl"))
-    store = study.ResultsStore(tmp_path / "r.json", "full", more.settings())
-    assert store.data["settings"]["runs"] == ["byol_N", "orl", "orl_mutual"]
-    everything = dataclasses.replace(m, runs=None)
-    assert study.ResultsStore(tmp_path / "r.json", "full", everything.settings()).data["settings"]["runs"] is None
-    with pytest.raises(study.SettingsMismatch):  # what a unit means may not change
-        study.ResultsStore(tmp_path / "r.json", "full", dataclasses.replace(m, epochs=9).settings())
+def test_expected_units_cover_every_planned_unit(results):
+    keys = report.expected_units(results)
+    assert "mine/s1/control" in keys and "eval/s0/e2" in keys and "train/s1/orl_init" in keys
+    assert len(keys) == len(set(keys))
 
 
-def test_report_flags_units_whose_inputs_were_recomputed(study):
-    units = {
-        "train/s0/byol_N": {"status": "done", "recorded_at": "2026-01-01 12:05:00"},  # recomputed
-        "mine/s0/ep4": {"status": "done", "recorded_at": "2026-01-01 12:06:00"},
-        "eval/s0/byol_N": {"status": "done", "recorded_at": "2026-01-01 12:01:00"},  # before it
-        "train/s0/orl": {"status": "done", "recorded_at": "2026-01-01 12:07:00"},
-        "train/s0/orl_init": {"status": "done", "recorded_at": "2026-01-01 12:00:00"},
-        "mine/s0/mutual": {"status": "done", "recorded_at": "2026-01-01 12:05:30"},
-    }
-    assert study.recomputed_inputs(units, 4) == [
-        ("eval/s0/byol_N", "train/s0/byol_N"), ("mine/s0/mutual", "mine/s0/ep4"),
-        ("train/s0/orl_init", "mine/s0/ep4"), ("train/s0/orl_init", "train/s0/byol_N")]
+def test_quick_mode_is_the_pipeline_check_cli(tmp_path):
+    """The command line refuses unknown names before any work starts."""
+    from benchmarks.study.runner import main
+
+    assert main(["--quick", "--runs", "nope", "--out", str(tmp_path)]) == 2
+    assert not (tmp_path / "study_quick.json").exists()
+    assert Path(report.__file__).parent.name == "study"

@@ -1,0 +1,125 @@
+"""What the study runs: modes (scales), stage-3 runs, mining variants. Pure data.
+
+A mode fixes what every unit means (its ``signature``); a results file written under one
+signature refuses a run with another, so numbers from different settings never mix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A pre-training after stage 1 (the M epochs of "N + M"), evaluated like stage 1.
+
+    ``stage``: byol or orl. ``init``: start from the stage-1 checkpoint (else random init,
+    the authors' choice for ORL). ``weights``: stage-3 loss weights (Table 5a's ablation).
+    """
+
+    name: str
+    label: str
+    stage: str
+    init: bool
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+RUNS = {r.name: r for r in [
+    RunSpec("byol_cont", "BYOL N + BYOL M (continued)", "byol", init=True),
+    RunSpec("orl_init", "BYOL N + ORL M, init from stage 1", "orl", init=True),
+    RunSpec("orl", "BYOL N + ORL M, random init (authors)", "orl", init=False),
+    RunSpec("orl_init_no_inter", "ORL M without inter-RoI loss (init from stage 1)", "orl", init=True,
+            weights={"w_inter": 0.0}),
+    RunSpec("orl_init_no_intra", "ORL M without intra-RoI loss (init from stage 1)", "orl", init=True,
+            weights={"w_intra": 0.0}),
+]}
+
+
+@dataclass(frozen=True)
+class MineVariant:
+    name: str
+    label: str
+    overrides: dict[str, Any]  # MineConfig fields over the mode's default mining
+    rule: str = "top"  # "top": the authors' top-10%-of-matrix rule; "mutual": mutual nearest
+
+
+VARIANTS = {v.name: v for v in [
+    MineVariant("roi_align", "RoIAlign features (1 forward per image)", {"roi_mode": "roi_align"}),
+    MineVariant("ss320", "selective search at 320 px", {"ss_max_side_px": 320}),
+    MineVariant("mutual", "mutual-nearest RoI pairs", {}, rule="mutual"),
+]}
+
+# The study's default mining: the faithful crop features, the library's 500 px selective search.
+DEFAULT_MINE = {"ss_max_side_px": 500, "roi_mode": "crop"}
+
+# Names of the stage-1 checkpoints: "e<epochs>" snapshots of the one stage-1 run, and the
+# random-init network with its BatchNorm statistics recomputed on the photos.
+RANDOM_BN = "e0bn"
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One scale of the study.
+
+    ``epochs`` is N (stage 1), ``more_epochs`` is M (what each run in ``runs`` trains after
+    it), ``snapshots`` the stage-1 epochs whose checkpoints are mined and evaluated (0: the
+    random-init network). Seeds, threads and time limits are not part of what a unit means.
+    """
+
+    name: str
+    preset: str
+    overrides: dict[str, Any]
+    epochs: int
+    more_epochs: int
+    snapshots: tuple[int, ...]
+    seeds: tuple[int, ...]
+    runs: tuple[str, ...]
+    variants: tuple[str, ...]
+    control_epochs: int  # the supervised positive control (0: none)
+    svm: bool = True  # VOC07 SVM for the final checkpoints (stage 1 end and every run)
+    per_folder: int | None = None  # photos per source folder (None: all)
+    threads: int | None = 2
+    svm_jobs: int = 2
+    max_minutes: float | None = None
+
+    def settings(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("seeds", "threads", "svm_jobs", "max_minutes"):
+            d.pop(k)
+        return json.loads(json.dumps(d))  # as it reads back from the file (tuples -> lists)
+
+
+# The scale of every CPU mode: ResNet-18 at 64 px (patches 32 px), batch 32, so that stage 1
+# runs thousands of SGD steps on 2 cores (490 photos: 16 steps per epoch).
+SMALL = {
+    "augment.image_size": 64, "augment.patch_size": 32,
+    "train.batch_size": 32, "train.warmup_epochs": 4.0, "train.num_workers": 2,
+    "mine.embed_resize": 72, "mine.embed_crop": 64, "mine.roi_size": 64, "mine.batch_size": 128,
+    "mine.roi_align_max_side_px": 320,
+}
+
+MODES = {
+    # One long seed: 188 epochs = 3,008 stage-1 steps, snapshots along the way (about 100,
+    # 300, 1,000, 2,000 and 3,000 steps), then M = 63 epochs (1,008 steps) of each run.
+    "long": Mode("long", "cpu", SMALL, epochs=188, more_epochs=63, snapshots=(0, 6, 19, 63, 125, 188),
+                 seeds=(0,), runs=tuple(RUNS), variants=tuple(VARIANTS), control_epochs=60),
+    # Three seeds at a shorter length (800 + 304 steps) for the spread of the headline comparisons.
+    "short": Mode("short", "cpu", SMALL, epochs=50, more_epochs=19, snapshots=(0, 50), seeds=(0, 1, 2),
+                  runs=("byol_cont", "orl_init", "orl"), variants=tuple(VARIANTS), control_epochs=0),
+    # Pipeline check in minutes: tiny preset, 12 photos per source folder. Numbers mean nothing.
+    "quick": Mode("quick", "tiny", {"train.batch_size": 8, "mine.ss_workers": 2}, epochs=2, more_epochs=1,
+                  snapshots=(0, 1, 2), seeds=(0, 1), runs=tuple(RUNS), variants=tuple(VARIANTS),
+                  control_epochs=2, per_folder=12, threads=1, svm_jobs=1),
+    # One CUDA GPU: the long configuration trained for hundreds of epochs (one prepared run).
+    "gpu": Mode("gpu", "cpu", {**SMALL, "train.num_workers": 8, "mine.ss_workers": 14}, epochs=400,
+                more_epochs=100, snapshots=(0, 25, 100, 400), seeds=(0,), runs=("byol_cont", "orl_init", "orl"),
+                variants=(), control_epochs=60, threads=None, svm_jobs=12, max_minutes=4.5),
+}
+
+
+def signature(settings: dict[str, Any]) -> dict[str, Any]:
+    """What every unit means; runs and variants may be added to an existing result."""
+    return {k: v for k, v in settings.items() if k not in ("runs", "variants")}

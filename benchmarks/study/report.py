@@ -1,0 +1,531 @@
+"""docs/RESULTS.md and its plots, generated from the results files alone (no torch import).
+
+Every number in the report is read from benchmarks/results/study_<mode>.json; the prose
+around them is fixed text written here, and every sentence that states a finding is built
+from the numbers it states.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import DOC, RESULTS_DIR
+from .plan import MODES, RANDOM_BN, RUNS, VARIANTS
+from .store import aggregate, paired, verdict
+
+MODE_ORDER = ("long", "short", "gpu", "quick")
+MODE_TITLES = {
+    "long": "Long run: one seed, thousands of stage-1 steps (2 CPU cores)",
+    "short": "Three seeds at a shorter length (2 CPU cores)",
+    "gpu": "GPU configuration (reported separately, with its device)",
+    "quick": "Quick pipeline check (`--quick`): these numbers only check that the pipeline runs",
+}
+DATASET_NAMES = ("coco128", "coco-mini")
+
+
+# -- reading the results -------------------------------------------------------------------------
+def done(units: dict, key: str) -> dict | None:
+    r = units.get(key)
+    return r if r and r.get("status") == "done" else None
+
+
+def dig(d: Any, *path, default=None):
+    for p in path:
+        if not isinstance(d, dict) or p not in d or d[p] is None:
+            return default
+        d = d[p]
+    return d
+
+
+def ckpt_label(name: str, results: dict) -> str:
+    st = results["settings"]
+    if name == "e0":
+        return "random init (BatchNorm statistics 0/1)"
+    if name == RANDOM_BN:
+        return "random init, BatchNorm statistics from the photos"
+    if name == "control":
+        return "**supervised positive control** (GT crops of train2017)"
+    if name in RUNS:
+        return RUNS[name].label.replace(" N ", f" {st['epochs']} ep. ").replace(" M", f" {st['more_epochs']} ep.")
+    if "+" in name:
+        c, v = name.split("+", 1)
+        return f"{ckpt_label(c, results)}, {VARIANTS[v].label}"
+    e = int(name[1:])
+    return f"BYOL {e} epochs" + (" (end of stage 1)" if e == st["epochs"] else "")
+
+
+def ckpt_steps(units: dict, seed: int, name: str) -> int | None:
+    """Optimiser steps behind a checkpoint (from its mining or evaluation record)."""
+    for kind in ("eval", "mine"):
+        r = done(units, f"{kind}/s{seed}/{name}")
+        if r and r.get("checkpoint_step") is not None:
+            return int(r["checkpoint_step"])
+    return None
+
+
+def stage1_names(results: dict) -> list[str]:
+    return ["e0", RANDOM_BN] + [f"e{e}" for e in sorted(results["settings"]["snapshots"]) if e > 0]
+
+
+def seeds_of(results: dict) -> list[int]:
+    return sorted({int(k.split("/")[1][1:]) for k, r in results["units"].items() if r.get("status") == "done"})
+
+
+# metric name -> (label, fn(eval or mine record) -> value, kind)
+def probe_fn(field: str, ds: str | None = None) -> Callable[[dict], float | None]:
+    def f(rec):
+        vals = [dig(rec, "datasets", d, "probe", field) for d in ([ds] if ds else DATASET_NAMES)]
+        return float(np.mean(vals)) if vals and all(v is not None for v in vals) else None
+    return f
+
+
+def svm_fn(rec):
+    vals = [dig(rec, "datasets", d, "svm", "map") for d in DATASET_NAMES]
+    return float(np.mean(vals)) if all(v is not None for v in vals) else None
+
+
+EVAL_METRICS = [
+    ("knn_bal", "kNN bal. acc.", probe_fn("knn_balanced_acc")),
+    ("linear_bal", "linear bal. acc.", probe_fn("linear_balanced_acc")),
+    ("knn_acc", "kNN acc.", probe_fn("knn_acc")),
+    ("svm", "SVM mAP", svm_fn),
+    ("view_top1", "view top-1", lambda r: dig(r, "label_free", "view_top1")),
+    ("eff_rank", "eff. rank", lambda r: dig(r, "label_free", "effective_rank")),
+]
+PAIR_METRICS = [
+    ("auc_fixed", "pair AUC (fixed pairs, IoA)", lambda r: dig(r, "pair_auc_fixed", "ioa", "auc")),
+    ("auc_knn", "pair AUC (own KNN, IoA)", lambda r: dig(r, "pair_auc", "ioa", "auc")),
+    ("prec_ioa", "IoA precision", lambda r: dig(r, "precision", "ioa", "precision")),
+    ("prec_area", "area-matched random", lambda r: dig(r, "precision", "ioa", "random_area_matched", "precision")),
+]
+
+
+def pct(v, nd: int = 1) -> str:
+    return "n/a" if v is None else f"{100 * v:.{nd}f}"
+
+
+def num(v, nd: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{nd}f}"
+
+
+def ci(c, scale: float = 1.0, nd: int = 3) -> str:
+    return "" if not c or c[0] is None else f" [{scale * c[0]:.{nd}f}, {scale * c[1]:.{nd}f}]"
+
+
+def auc_cell(rec: dict | None, block: str, rule: str = "ioa") -> str:
+    a = dig(rec, block, rule) if rec else None
+    return "n/a" if not a or a.get("auc") is None else f"{a['auc']:.3f}{ci(a.get('ci95'))}"
+
+
+def probe_cell(rec: dict | None, field: str, ds: str) -> str:
+    p = dig(rec, "datasets", ds, "probe") if rec else None
+    if not p or p.get(field) is None:
+        return "n/a"
+    return f"{100 * p[field]:.1f}{ci(p.get(field + '_ci95'), 100, 1)}"
+
+
+def intervals_apart(a: dict | None, b: dict | None) -> bool | None:
+    """True when interval a lies wholly above interval b; None when either is missing."""
+    ca, cb = dig(a, "ci95"), dig(b, "ci95")
+    if not ca or not cb or None in ca or None in cb:
+        return None
+    return ca[0] > cb[1]
+
+
+# -- one mode's section ---------------------------------------------------------------------------
+def section(results: dict, plots: dict[str, str]) -> list[str]:
+    mode, st, units = results["mode"], results["settings"], results["units"]
+    m = results.get("machine", {})
+    seeds = seeds_of(results)
+    L = [f"## {MODE_TITLES.get(mode, mode)}", ""]
+    if mode == "quick":
+        L += ["> The quick mode trains the `tiny` preset for a few steps on a handful of photos. It checks "
+              "that every unit, metric, table and plot works end to end; its numbers say nothing.", ""]
+    planned = results.get("seeds", [])
+    missing = [k for k in expected_units(results) if not done(units, k)]
+    if missing:
+        L += [f"> **Partial:** {len(missing)} of {len(expected_units(results))} units are not done yet "
+              f"(next: `{missing[0]}`). Rerunning the same command resumes.", ""]
+    L += headline(results, seeds[0] if seeds else (planned or [0])[0])
+    L += setup(results, m)
+    for s in seeds:
+        L += pairs_table(results, s)
+        L += eval_table(results, s)
+    if len(seeds) > 1:
+        L += seed_comparisons(results, seeds)
+    for kind in ("auc", "probe", "loss"):
+        if kind in plots:
+            L += [f"![{kind}]({plots[kind]})", ""]
+    errors = [(k, r.get("error")) for k, r in units.items() if r.get("status") == "error"]
+    if errors:
+        L += ["Units that failed (the rest still ran):", ""] + [f"- `{k}`: {e}" for k, e in errors] + [""]
+    recomputed = [k for k, r in units.items() if r.get("recomputed")]
+    if recomputed:
+        L += ["Units computed more than once because their files were gone (a new machine); their records "
+              "hold the latest run: " + ", ".join(f"`{k}`" for k in recomputed) + ".", ""]
+    return L
+
+
+def expected_units(results: dict) -> list[str]:
+    st = results["settings"]
+    out = []
+    for s in results.get("seeds", []):
+        first = ["e0", RANDOM_BN] + (["control"] if st.get("control_epochs") else [])
+        snaps = [f"e{e}" for e in sorted(st["snapshots"]) if e > 0]
+        for n in first + snaps:
+            out += [f"mine/s{s}/{n}", f"eval/s{s}/{n}"]
+        out += [f"mine/s{s}/e{st['epochs']}+{v}" for v in st.get("variants", [])]
+        for r in st.get("runs", []):
+            out += [f"train/s{s}/{r}", f"eval/s{s}/{r}", f"mine/s{s}/{r}"]
+    return out
+
+
+def headline(results: dict, seed: int) -> list[str]:
+    """The three comparisons the study exists for, from one seed (the long run's)."""
+    units, st = results["units"], results["settings"]
+    N = st["epochs"]
+    g = lambda kind, name: done(units, f"{kind}/s{seed}/{name}")  # noqa: E731
+    L = ["### In short", ""]
+    # 1. BYOL against random init
+    rows = [n for n in ("e0", RANDOM_BN, f"e{N}", "control") if g("eval", n)]
+    if rows:
+        L += [f"**1. BYOL against random init** (seed {seed}). View top-1: a photo's second augmented view "
+              "retrieved among the views of 128 fixed photos (no labels; chance 1/128 = 0.8%). Effective rank of "
+              "their embeddings (no labels). Object probe: balanced (mean per-class) accuracy of kNN and linear "
+              "classifiers on ground-truth crops of at least 32 px, fit on train2017, scored on val2017; "
+              "percent with 95% bootstrap intervals over val crops.", "",
+              "| network | steps | view top-1 | eff. rank | " +
+              " | ".join(f"{d} kNN bal." for d in DATASET_NAMES) + " | linear bal. (mean) | SVM mAP (mean) |",
+              "|---|---|---|---|" + "---|" * len(DATASET_NAMES) + "---|---|"]
+        for n in rows:
+            r = g("eval", n)
+            L.append(f"| {ckpt_label(n, results)} | {ckpt_steps(units, seed, n) or 0} | "
+                     f"{pct(dig(r, 'label_free', 'view_top1'))} | {num(dig(r, 'label_free', 'effective_rank'), 1)} | "
+                     + " | ".join(probe_cell(r, "knn_balanced_acc", d) for d in DATASET_NAMES)
+                     + f" | {pct(probe_fn('linear_balanced_acc')(r))} | {pct(svm_fn(r))} |")
+        chance = [dig(g("eval", rows[0]), "datasets", d, "probe", "balanced_chance") for d in DATASET_NAMES]
+        maj = [dig(g("eval", rows[0]), "datasets", d, "probe", "majority_acc") for d in DATASET_NAMES]
+        L += ["", "Chance for balanced accuracy: " + ", ".join(f"{d} {pct(c)}%" for d, c in zip(DATASET_NAMES, chance))
+              + "; the majority class's plain accuracy: " + ", ".join(f"{d} {pct(x)}%" for d, x in zip(DATASET_NAMES, maj))
+              + ".", ""]
+        byol, rnd = g("eval", f"e{N}"), g("eval", RANDOM_BN)
+        if byol and rnd:
+            better = [d for d in DATASET_NAMES
+                      if intervals_apart(_probe_ci(byol, d), _probe_ci(rnd, d))]
+            L += [f"BYOL after {N} epochs against the random-init network with data BatchNorm statistics: "
+                  f"kNN balanced accuracy higher with non-overlapping intervals on "
+                  f"{', '.join(better) if better else 'neither dataset'}; view top-1 "
+                  f"{pct(dig(byol, 'label_free', 'view_top1'))}% against {pct(dig(rnd, 'label_free', 'view_top1'))}%.", ""]
+    # 2. pair AUC over stage-1 training, beside the positive control
+    names = [n for n in stage1_names(results) + ["control"] if g("mine", n)]
+    if names:
+        L += ["**2. Do the RoI features rank same-class box pairs first?** Pair ranking AUC: for each image pair, "
+              "the ROC-AUC of RoI cosine similarity over all candidate box pairs, positive when both boxes lie on "
+              "objects of one class (IoA >= 0.5); mean over image pairs, 95% bootstrap interval over image pairs. "
+              "Chance is 0.5. 'fixed pairs': the same class-sharing image pairs for every network, so only the "
+              "RoI features differ; 'own KNN': the network's own image neighbours, what its mining sees.", "",
+              "| network | steps | AUC, fixed pairs | AUC, own KNN |", "|---|---|---|---|"]
+        for n in names:
+            r = g("mine", n)
+            L.append(f"| {ckpt_label(n, results)} | {ckpt_steps(units, seed, n) or 0} | "
+                     f"{auc_cell(r, 'pair_auc_fixed')} | {auc_cell(r, 'pair_auc')} |")
+        L.append("")
+        last = g("mine", f"e{N}")
+        for base in ("e0", RANDOM_BN):
+            b = g("mine", base)
+            if last and b:
+                apart = intervals_apart(dig(last, "pair_auc_fixed", "ioa"), dig(b, "pair_auc_fixed", "ioa"))
+                L.append(f"- End of stage 1 against {ckpt_label(base, results)} (fixed pairs): "
+                         + {True: "higher, intervals do not overlap.", False: "intervals overlap or lower: not shown.",
+                            None: "n/a."}[apart])
+        ctl = g("mine", "control")
+        if ctl:
+            for base in ("e0", RANDOM_BN):
+                b = g("mine", base)
+                if b:
+                    apart = intervals_apart(dig(ctl, "pair_auc_fixed", "ioa"), dig(b, "pair_auc_fixed", "ioa"))
+                    L.append(f"- Positive control against {ckpt_label(base, results)} (fixed pairs): "
+                             + {True: "higher, intervals do not overlap: the metric can see good features.",
+                                False: "NOT clearly higher: the control is too weak or the metric is blind.",
+                                None: "n/a."}[apart])
+        L.append("")
+    # 3. ORL against BYOL at equal compute
+    runs = [r for r in st.get("runs", []) if g("eval", r)]
+    if "byol_cont" in runs and len(runs) > 1:
+        M = st["more_epochs"]
+        L += [f"**3. ORL against BYOL at equal compute** (Table 5e's shape): after {N} epochs of BYOL, {M} more "
+              "epochs of BYOL, or of ORL (from the stage-1 weights, or from random init as the authors do). "
+              "Differences against BYOL continued, percentage points (AUC: absolute).", "",
+              "| run | " + " | ".join(lab for _, lab, _ in EVAL_METRICS) + " | pair AUC (fixed) |",
+              "|---|" + "---|" * (len(EVAL_METRICS) + 1)]
+        base = g("eval", "byol_cont")
+        base_m = g("mine", "byol_cont")
+        losses = []
+        for r in runs:
+            rec, mrec = g("eval", r), g("mine", r)
+            cells = []
+            for key, lab, fn in EVAL_METRICS:
+                v, b = fn(rec), fn(base)
+                scale = 1 if key == "eff_rank" else 100
+                cell = "n/a" if v is None else (f"{v:.1f}" if key == "eff_rank" else pct(v))
+                if r != "byol_cont" and v is not None and b is not None:
+                    cell += f" ({scale * (v - b):+.1f})"
+                    if v <= b and key != "eff_rank":
+                        losses.append((r, lab))
+                cells.append(cell)
+            a, ab = dig(mrec, "pair_auc_fixed", "ioa", "auc"), dig(base_m, "pair_auc_fixed", "ioa", "auc")
+            ac = auc_cell(mrec, "pair_auc_fixed")
+            if r != "byol_cont" and a is not None and ab is not None:
+                ac += f" ({a - ab:+.3f})"
+                if a <= ab:
+                    losses.append((r, "pair AUC"))
+            L.append(f"| {ckpt_label(r, results)} | " + " | ".join(cells) + f" | {ac} |")
+        L.append("")
+        if losses:
+            by_run: dict[str, list[str]] = {}
+            for r, lab in losses:
+                by_run.setdefault(r, []).append(lab)
+            L += ["**Where ORL does not win here:** " + "; ".join(
+                f"{ckpt_label(r, results)}: {', '.join(labs)}" for r, labs in by_run.items())
+                + ". One seed; see the three-seed section for the spread.", ""]
+    return L
+
+
+def _probe_ci(rec: dict, ds: str) -> dict:
+    p = dig(rec, "datasets", ds, "probe") or {}
+    return {"ci95": p.get("knn_balanced_acc_ci95")}
+
+
+def setup(results: dict, m: dict) -> list[str]:
+    st, units = results["settings"], results["units"]
+    counts = results.get("images", {})
+    L = ["### Setup", "",
+         f"- Photos pre-trained on (labels unused): {counts.get('total', 'n/a')} "
+         f"({', '.join(f'{k}: {v}' for k, v in counts.get('per_dataset', {}).items())}).",
+         "- Labelled images for evaluation (train / val): "
+         + "; ".join(f"{k}: {v['train']} / {v['val']}" for k, v in results.get("labels", {}).items()) + ".",
+         f"- Preset `{st['preset']}` with `{json.dumps(st['overrides'])}`: {m.get('backbone', 'n/a')}, global views "
+         f"{m.get('image_size', 'n/a')} px, RoI patches {m.get('patch_size', 'n/a')} px, batch {m.get('batch_size', 'n/a')}, "
+         f"{m.get('steps_per_epoch', 'n/a')} steps per epoch.",
+         f"- Stage 1: N = {st['epochs']} epochs, snapshots after {', '.join(map(str, st['snapshots']))} epochs; "
+         f"runs after it: M = {st['more_epochs']} epochs each. Positive control: "
+         + (f"{st['control_epochs']} epochs." if st.get("control_epochs") else "none in this mode."),
+         f"- Machine: {m.get('cpu', 'n/a')}, {m.get('cpu_count', 'n/a')} cores, torch threads {m.get('torch_threads', 'n/a')}, "
+         f"device `{m.get('device', 'n/a')}`, torch {m.get('torch', 'n/a')}, commit {m.get('git_commit', 'n/a')}.", ""]
+    cost = {}
+    for k, r in units.items():
+        if r.get("status") == "done":
+            cost.setdefault(k.split("/")[0], [0.0, 0.0])
+            cost[k.split("/")[0]][0] += r.get("seconds", 0)
+            cost[k.split("/")[0]][1] += r.get("cpu_seconds", 0)
+    if cost:
+        L += ["Time summed over done units (wall / CPU minutes): " + "; ".join(
+            f"{k} {w / 60:.1f} / {c / 60:.1f}" for k, (w, c) in sorted(cost.items())) + ".", ""]
+    stage1 = [r for k, r in units.items() if k.split("/")[-1].startswith("byol@") and r.get("status") == "done"
+              and r.get("train_seconds")]
+    if stage1:
+        steps = sum(r.get("steps", 0) for r in stage1[-1:])
+        L += [f"Stage 1 reached {steps} steps; median wall seconds per unit "
+              f"{np.median([r['seconds'] for r in stage1]):.0f}.", ""]
+    inv = results.get("invocations", [])
+    if inv:
+        L += ["| started | command | wall s | load avg at start |", "|---|---|---|---|"]
+        for i in inv:
+            wall = "n/a (interrupted)" if i.get("wall_s") is None else f"{i['wall_s']:.0f}"
+            L.append(f"| {i['started']} | `{i['command']}` | {wall} | {', '.join(f'{x:.1f}' for x in i.get('load_avg', []))} |")
+        L.append("")
+    return L
+
+
+def pairs_table(results: dict, seed: int) -> list[str]:
+    units = results["units"]
+    names = [k.split("/", 2)[2] for k in units if k.startswith(f"mine/s{seed}/") and done(units, k)]
+    if not names:
+        return []
+    L = [f"### Mined pairs, seed {seed}", "",
+         "AUC as above, also under the IoU >= 0.5 rule (the box frames the object). Precision: share of mined pairs "
+         "whose two boxes lie on one class (IoA >= 0.5); 'uniform': random box pairs from the same two images; "
+         "'area-matched': random pairs whose two boxes fall in the same area bins (quintiles) as the mined pair's. "
+         "'shared class': only image pairs that share a ground-truth class (removes the image KNN's cap). "
+         "KNN: share of image neighbours sharing a class, against random images. Percent except AUC.", "",
+         "| pairs mined with | steps | pairs | AUC fixed IoA | AUC fixed IoU | AUC KNN IoA | IoA prec. | uniform | "
+         "area-matched | shared-class prec. | its area-matched | KNN share | random |",
+         "|---|" + "---|" * 12]
+    for n in names:
+        r = done(units, f"mine/s{seed}/{n}")
+        p = dig(r, "precision", "ioa") or {}
+        L.append(f"| {ckpt_label(n, results)} | {r.get('checkpoint_step', 'n/a')} | {r.get('pairs', 'n/a')} | "
+                 f"{auc_cell(r, 'pair_auc_fixed')} | {auc_cell(r, 'pair_auc_fixed', 'iou')} | {auc_cell(r, 'pair_auc')} | "
+                 f"{pct(p.get('precision'), 2)} | {pct(dig(p, 'random', 'precision'), 2)} | "
+                 f"{pct(dig(p, 'random_area_matched', 'precision'), 2)} | {pct(dig(p, 'shared_class', 'precision'), 2)} | "
+                 f"{pct(dig(p, 'shared_class', 'random_area_matched_precision'), 2)} | "
+                 f"{pct(dig(p, 'knn', 'share'))} | {pct(dig(p, 'knn_random', 'share'))} |")
+    return L + [""]
+
+
+def eval_table(results: dict, seed: int) -> list[str]:
+    units = results["units"]
+    names = [k.split("/", 2)[2] for k in units if k.startswith(f"eval/s{seed}/") and done(units, k)]
+    if not names:
+        return []
+    L = [f"### Frozen features, seed {seed}", "",
+         "Probe accuracies are the mean over the two datasets (each fit on its train2017 crops, scored on val2017), "
+         "percent; the SVM is the VOC07-style linear SVM on whole images (only for final checkpoints).", "",
+         "| network | steps | " + " | ".join(lab for _, lab, _ in EVAL_METRICS) + " | linear C |",
+         "|---|---|" + "---|" * (len(EVAL_METRICS) + 1)]
+    for n in names:
+        r = done(units, f"eval/s{seed}/{n}")
+        cells = [(f"{fn(r):.1f}" if fn(r) is not None else "n/a") if key == "eff_rank" else pct(fn(r))
+                 for key, _, fn in EVAL_METRICS]
+        cs = [dig(r, "datasets", d, "probe", "linear_C") for d in DATASET_NAMES]
+        L.append(f"| {ckpt_label(n, results)} | {r.get('checkpoint_step', 'n/a')} | " + " | ".join(cells)
+                 + f" | {', '.join('n/a' if c is None else f'{c:g}' for c in cs)} |")
+    ctl = done(units, f"train/s{seed}/control")
+    if ctl:
+        L += ["", f"The control's own classifier on val2017 crops: accuracy {pct(ctl.get('classifier_val_acc'))}%, "
+              f"balanced {pct(ctl.get('classifier_val_balanced_acc'))}% (majority class {pct(ctl.get('val_majority_acc'))}%), "
+              f"after {ctl.get('epochs')} epochs on {ctl.get('train_crops')} train crops of {ctl.get('train_classes')} classes."]
+    return L + [""]
+
+
+def seed_comparisons(results: dict, seeds: list[int]) -> list[str]:
+    units, st = results["units"], results["settings"]
+    N = st["epochs"]
+    comps = [(f"e{N}", RANDOM_BN, "BYOL against random init (data BatchNorm statistics)"),
+             (f"e{N}", "e0", "BYOL against random init (BatchNorm 0/1)")]
+    comps += [(r, "byol_cont", "equal compute") for r in st.get("runs", []) if r != "byol_cont"]
+    L = [f"### Over seeds {', '.join(map(str, seeds))}", "",
+         "a - b per seed, mean ± std (percentage points; AUC absolute), and in how many seeds a is higher.", "",
+         "| a | b | what | " + " | ".join(lab for _, lab, _ in EVAL_METRICS) + " | pair AUC (fixed) |",
+         "|---|---|---|" + "---|" * (len(EVAL_METRICS) + 1)]
+    for a, b, what in comps:
+        cells = []
+        for key, _, fn in EVAL_METRICS:
+            va = {s: fn(units[f"eval/s{s}/{a}"]) for s in seeds if done(units, f"eval/s{s}/{a}")}
+            vb = {s: fn(units[f"eval/s{s}/{b}"]) for s in seeds if done(units, f"eval/s{s}/{b}")}
+            cells.append(fmt_diff(paired(va, vb), 1 if key == "eff_rank" else 100))
+        fa = lambda n: {s: dig(units.get(f"mine/s{s}/{n}"), "pair_auc_fixed", "ioa", "auc")  # noqa: E731
+                        for s in seeds if done(units, f"mine/s{s}/{n}")}
+        cells.append(fmt_diff(paired(fa(a), fa(b)), 1, 3))
+        L.append(f"| {ckpt_label(a, results)} | {ckpt_label(b, results)} | {what} | " + " | ".join(cells) + " |")
+    return L + [""]
+
+
+def fmt_diff(p: dict, scale: float = 100.0, nd: int = 1) -> str:
+    if p["n"] == 0:
+        return "n/a"
+    std = "" if p["diff_std"] is None else f" ± {scale * p['diff_std']:.{nd}f}"
+    return f"{scale * p['diff_mean']:+.{nd}f}{std} ({p['wins']}/{p['n']})"
+
+
+# -- plots -------------------------------------------------------------------------------------------
+def make_plots(results: dict, out_dir: Path, doc_dir: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mode, units = results["mode"], results["units"]
+    seed = (seeds_of(results) or [0])[0]
+    made: dict[str, str] = {}
+
+    def save(fig, kind: str) -> None:
+        path = out_dir / f"study_{mode}_{kind}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made[kind] = os.path.relpath(path, doc_dir)
+
+    snaps = [n for n in stage1_names(results) if n != RANDOM_BN and done(units, f"mine/s{seed}/{n}")]
+    if snaps:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, rule in zip(axes, ("ioa", "iou")):
+            for block, lab, mk in (("pair_auc_fixed", "fixed class-sharing pairs", "o-"), ("pair_auc", "own KNN", "s--")):
+                xs, ys, lo, hi = [], [], [], []
+                for n in snaps:
+                    a = dig(units[f"mine/s{seed}/{n}"], block, rule)
+                    if a and a.get("auc") is not None:
+                        xs.append(max(1, ckpt_steps(units, seed, n) or 0))
+                        ys.append(a["auc"])
+                        c = a.get("ci95") or [a["auc"], a["auc"]]
+                        lo.append(a["auc"] - c[0])
+                        hi.append(c[1] - a["auc"])
+                if xs:
+                    ax.errorbar(xs, ys, yerr=[lo, hi], fmt=mk, capsize=3, label=f"BYOL snapshots, {lab}")
+            for n, color in ((RANDOM_BN, "tab:gray"), ("control", "tab:green")):
+                a = dig(units.get(f"mine/s{seed}/{n}"), "pair_auc_fixed", rule)
+                if a and a.get("auc") is not None:
+                    ax.axhline(a["auc"], color=color, ls=":", label=ckpt_label(n, results).replace("*", ""))
+            ax.axhline(0.5, color="k", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_xlabel("stage-1 steps (1 = random init)")
+            ax.set_ylabel(f"pair ranking AUC ({rule.upper()} rule)")
+            ax.legend(fontsize=7)
+        fig.suptitle(f"Pair AUC over stage-1 training ({mode}, seed {seed}; 95% bootstrap intervals)")
+        save(fig, "auc")
+    evs = [n for n in stage1_names(results) if n != RANDOM_BN and done(units, f"eval/s{seed}/{n}")]
+    if evs:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [max(1, ckpt_steps(units, seed, n) or 0) for n in evs]
+        for key, lab, fn in EVAL_METRICS:
+            if key in ("knn_bal", "linear_bal", "view_top1"):
+                ax.plot(xs, [fn(units[f"eval/s{seed}/{n}"]) for n in evs], "o-", label=lab)
+        ax.set_xscale("log")
+        ax.set_xlabel("stage-1 steps (1 = random init)")
+        ax.set_ylabel("fraction")
+        ax.legend(fontsize=8)
+        ax.set_title(f"Frozen-feature metrics over stage-1 training ({mode}, seed {seed})")
+        save(fig, "probe")
+    curves = {k.split("/", 2)[2]: r["loss"] for k, r in units.items() if k.startswith(f"train/s{seed}/")
+              and done(units, k) and isinstance(r.get("loss"), dict) and r["loss"].get("total")}
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        last_stage1 = max((k for k in curves if k.startswith("byol@")), default=None,
+                          key=lambda k: int(k.split("@e")[1]))
+        for name, c in curves.items():
+            if name.startswith("byol@") and name != last_stage1:
+                continue
+            ax.plot(range(1, len(c["total"]) + 1), c["total"], label="stage 1 (BYOL)" if name == last_stage1 else name)
+        ax.set_xlabel("epoch of the run")
+        ax.set_ylabel("training loss (epoch mean)")
+        ax.legend(fontsize=7)
+        save(fig, "loss")
+    return made
+
+
+# -- the whole file -------------------------------------------------------------------------------------
+def render_report(all_results: dict[str, dict], plots: dict[str, dict[str, str]]) -> str:
+    L = ["# Results: does our ORL beat BYOL on real scene photos, and are the mined pairs objects?", "",
+         "Generated by `python -m benchmarks.study` from `benchmarks/results/study_<mode>.json`; do not edit by "
+         "hand (`python -m benchmarks.study --report-only` regenerates it). Every number comes from those files.", "",
+         "```",
+         "python -m benchmarks.study --mode long --commit   # one seed, ~3,000 stage-1 steps; resumable, commits each unit",
+         "python -m benchmarks.study --mode short --commit  # three seeds at ~800 steps",
+         "python -m benchmarks.study --quick                # pipeline check, under 15 minutes; numbers mean nothing",
+         "python -m benchmarks.study --report-only          # rebuild this file and the plots from the JSON",
+         "```", "",
+         "An earlier study (60 stage-1 steps, no pair AUC, no positive control) is kept in "
+         "`benchmarks/results/archive/`; it could not see any effect, which is why this one exists.", ""]
+    if not any(m in all_results for m in ("long", "short")):
+        L += ["> **No CPU study has been run yet.** Run `python -m benchmarks.study --mode long`.", ""]
+    for mode in MODE_ORDER:
+        if mode in all_results:
+            L += section(all_results[mode], plots.get(mode, {}))
+    return "\n".join(L).rstrip() + "\n"
+
+
+def write_report(results_dir: Path = RESULTS_DIR, doc: Path = DOC) -> Path:
+    all_results = {}
+    for mode in MODES:
+        p = results_dir / f"study_{mode}.json"
+        if p.exists():
+            all_results[mode] = json.loads(p.read_text())
+    plots = {mode: make_plots(r, results_dir, doc.parent) for mode, r in all_results.items()}
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(render_report(all_results, plots))
+    return doc
