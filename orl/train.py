@@ -23,7 +23,7 @@ from orl.correspondence import Correspondence
 from orl.data import BYOLDataset, ORLDataset, ResumableSampler, collate_views
 from orl.ema import update_target
 from orl.models import ORLModel, build_model
-from orl.schedules import ema_momentum_at, lr_at, peak_lr
+from orl.schedules import ema_momentum_at, lr_at, lr_by_epoch_at, peak_lr
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,8 @@ def train(
             net.train()
             t_last = time.perf_counter()
             for views in loader:
-                lr = lr_at(global_step, total_steps, warmup_steps, lr_peak)
+                lr = (lr_by_epoch_at(epoch, global_step, tc.epochs, warmup_steps, lr_peak, tc.warmup_ratio)
+                      if tc.lr_by_epoch else lr_at(global_step, total_steps, warmup_steps, lr_peak))
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 with autocast():
