@@ -49,6 +49,9 @@ class TrainConfig:
     # Intra-RoI jitter (official: up to 200 tries, IoU with the original > 0.5).
     jitter_tries: int = 200
     jitter_min_iou: float = 0.5
+    # The last partial batch is kept, as the authors (a batch of 1 is dropped: BatchNorm
+    # needs 2). drop_last=True drops every partial last batch.
+    drop_last: bool = False
     checkpoint_every_steps: int = 50  # mid-epoch checkpoints, so a killed run loses little
     amp: bool = True  # bf16 autocast + channels_last, CUDA only
 

@@ -89,7 +89,7 @@ def train(
         log.warning("batch size %d > images per process %d: using %d", tc.batch_size, per_rank, batch)
         cfg = cfg.override(**{"train.batch_size": batch})
         tc = cfg.train
-    sampler = ResumableSampler(len(dataset), batch, tc.seed, rank, world)
+    sampler = ResumableSampler(len(dataset), batch, tc.seed, rank, world, drop_last=tc.drop_last)
     steps_per_epoch = sampler.steps_per_epoch()
     total_steps = steps_per_epoch * tc.epochs
 
@@ -160,7 +160,8 @@ def train(
             sampler.set_position(epoch, step_in_epoch)
             loader = torch.utils.data.DataLoader(
                 dataset, batch_size=batch, sampler=sampler, num_workers=tc.num_workers,
-                collate_fn=collate_views, drop_last=True, pin_memory=dev.type == "cuda",
+                # The sampler decides the last batch (kept unless of size 1, or train.drop_last).
+                collate_fn=collate_views, drop_last=False, pin_memory=dev.type == "cuda",
                 persistent_workers=False,
                 generator=torch.Generator().manual_seed(tc.seed * 7919 + epoch * 31 + step_in_epoch + rank),
             )
@@ -189,7 +190,7 @@ def train(
                 step_in_epoch += 1
                 steps_done_here += 1
                 now = time.perf_counter()
-                ips = batch * world / max(1e-9, now - t_last)
+                ips = len(views["global"][0]) * world / max(1e-9, now - t_last)  # last batch may be smaller
                 t_last = now
                 last_metrics = {
                     "epoch": epoch, "step": step_in_epoch, "global_step": global_step, "total_steps": total_steps,
