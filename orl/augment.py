@@ -3,6 +3,8 @@
 The asymmetric BYOL recipe, as in the authors' configs: view 1 always blurs and never
 solarises; view 2 blurs with p 0.1 and solarises with p 0.2. Stage-3 patches use the same
 pipelines minus the random resized crop (the patch is already cut from the box and warped).
+Every resize is bilinear (``interpolation=2`` in the authors' configs) and the blur is PIL's
+untruncated Gaussian with sigma ~ U(0.1, 2).
 
 torchvision's random transforms draw from torch's global RNG; the DataLoader seeds it per
 worker from the run seed, so runs are repeatable for a given seed and worker count.
@@ -12,16 +14,33 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def blur_kernel(size_px: int) -> int:
-    """Odd kernel of about 10% of the image side (23 px at 224, as in BYOL)."""
-    return max(3, int(0.1 * size_px) // 2 * 2 + 1)
+class RandomGaussianBlur:
+    """PIL's ``ImageFilter.GaussianBlur(radius=sigma)`` with sigma ~ U(sigma_min, sigma_max).
+
+    As the authors' pipeline: PIL's filter, so no kernel-size cut-off (torchvision's
+    GaussianBlur truncates the kernel to a given size). sigma is drawn from torch's global
+    RNG, as torchvision's random transforms draw theirs, so the DataLoader's per-worker
+    seeding keeps runs repeatable. Applied with a probability through ``T.RandomApply``.
+    """
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)):
+        if not 0 < sigma[0] <= sigma[1]:
+            raise ValueError(f"sigma must be 0 < min <= max, got {sigma}")
+        self.sigma = (float(sigma[0]), float(sigma[1]))
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        sigma = float(torch.empty(1).uniform_(self.sigma[0], self.sigma[1]).item())
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sigma={self.sigma})"
 
 
 def byol_pipeline(view: int, size: int, min_scale: float = 0.08, random_crop: bool = True) -> T.Compose:
@@ -30,9 +49,9 @@ def byol_pipeline(view: int, size: int, min_scale: float = 0.08, random_crop: bo
         raise ValueError("view must be 1 or 2")
     blur_p, solarize_p = (1.0, 0.0) if view == 1 else (0.1, 0.2)
     first = (
-        [T.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC)]
+        [T.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BILINEAR)]
         if random_crop
-        else [T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC)]
+        else [T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR)]
     )
     return T.Compose(
         first
@@ -40,7 +59,7 @@ def byol_pipeline(view: int, size: int, min_scale: float = 0.08, random_crop: bo
             T.RandomHorizontalFlip(),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
             T.RandomGrayscale(p=0.2),
-            T.RandomApply([T.GaussianBlur(blur_kernel(size), sigma=(0.1, 2.0))], p=blur_p),
+            T.RandomApply([RandomGaussianBlur((0.1, 2.0))], p=blur_p),
             T.RandomSolarize(128, p=solarize_p),
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -52,7 +71,7 @@ def eval_transform(resize: int, crop: int) -> T.Compose:
     """Resize(short side) + CenterCrop: the stage-2 image-embedding input."""
     return T.Compose(
         [
-            T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
+            T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR),
             T.CenterCrop(crop),
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -64,7 +83,7 @@ def squash_transform(size: int) -> T.Compose:
     """Warp to size x size (aspect not kept): RoI crops and the VOC07 SVM protocol."""
     return T.Compose(
         [
-            T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC),
+            T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR),
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
@@ -80,7 +99,7 @@ def crop_patch(image: Image.Image, box: np.ndarray, size: int) -> Image.Image:
     x1, y1, x2, y2 = [float(v) for v in box]
     x1, y1 = max(0.0, min(x1, image.width - 1)), max(0.0, min(y1, image.height - 1))
     x2, y2 = max(x1 + 1, min(x2, image.width)), max(y1 + 1, min(y2, image.height))
-    return image.resize((size, size), Image.BICUBIC, box=(x1, y1, x2, y2))
+    return image.resize((size, size), Image.BILINEAR, box=(x1, y1, x2, y2))
 
 
 def to_tensor_batch(images: list[Image.Image], tf) -> torch.Tensor:

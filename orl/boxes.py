@@ -85,25 +85,33 @@ def jitter_box(
 ) -> np.ndarray:
     """Spatially jitter one xyxy box, as the authors' intra-RoI augmentation does.
 
-    Each try draws an area factor U(0.5, 2), an aspect factor exp(U(ln 0.5, ln 2)) and a
-    centre shift U(-0.5, 0.5) of the box size. A try is accepted when the new box lies fully
-    inside the image and its IoU with the original exceeds ``min_iou``. After ``max_tries``
-    failures the original box is returned.
+    Each try draws, in this order: an area factor U(0.5, 2) (new area = factor x the box's
+    area); an ABSOLUTE aspect ratio r = exp(U(ln 0.5, ln 2)), not a factor on the box's own
+    aspect; and a centre shift U(-0.5, 0.5) x the box's width and height. The new size is
+    integer, w' = round(sqrt(area' r)), h' = round(sqrt(area' / r)), and so is the corner,
+    x' = round(cx' - w' / 2), y' = round(cy' - h' / 2) (Python's round, half to even, as
+    the authors'). A try is accepted when the new box lies fully inside the image and its
+    IoU with the original exceeds ``min_iou``; after ``max_tries`` failures the original box
+    is returned unchanged. An accepted box therefore has integer coordinates and an aspect
+    within [0.5, 2] up to rounding, whatever the original's aspect.
     """
     box = np.asarray(box, dtype=np.float64).reshape(4)
     img_w, img_h = image_wh
-    x1, y1, x2, y2 = box
+    x1, y1, x2, y2 = (float(v) for v in box)
     w, h = x2 - x1, y2 - y1
-    cx, cy = x1 + w / 2, y1 + h / 2
+    cx, cy = x1 + 0.5 * w, y1 + 0.5 * h
+    log_lo, log_hi = math.log(0.5), math.log(2.0)
     for _ in range(max_tries):
-        area = w * h * rng.uniform(0.5, 2.0)
-        aspect = (w / h if h > 0 else 1.0) * math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
-        nw, nh = math.sqrt(area * aspect), math.sqrt(area / aspect)
-        ncx = cx + rng.uniform(-0.5, 0.5) * w
-        ncy = cy + rng.uniform(-0.5, 0.5) * h
-        cand = np.array([ncx - nw / 2, ncy - nh / 2, ncx + nw / 2, ncy + nh / 2])
-        if cand[0] < 0 or cand[1] < 0 or cand[2] > img_w or cand[3] > img_h:
+        area = float(rng.uniform(0.5, 2.0)) * w * h
+        ratio = math.exp(float(rng.uniform(log_lo, log_hi)))
+        nw = int(round(math.sqrt(area * ratio)))
+        nh = int(round(math.sqrt(area / ratio)))
+        ncx = cx + float(rng.uniform(-0.5, 0.5)) * w
+        ncy = cy + float(rng.uniform(-0.5, 0.5)) * h
+        nx, ny = int(round(ncx - 0.5 * nw)), int(round(ncy - 0.5 * nh))
+        if nx < 0 or ny < 0 or nx + nw > img_w or ny + nh > img_h:
             continue
+        cand = np.array([nx, ny, nx + nw, ny + nh], dtype=np.float64)
         if iou_matrix(cand[None], box[None])[0, 0] > min_iou:
             return cand
     return box.copy()

@@ -34,6 +34,11 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_epochs: float = 4.0
+    # LR as the authors' mmcv lr_config: cosine to 0 stepped per epoch, linear warmup over
+    # warmup_epochs x steps per epoch iterations from warmup_ratio x that epoch's value.
+    # lr_by_epoch=False: per-iteration warmup (from peak / warmup steps) and cosine instead.
+    warmup_ratio: float = 1e-4
+    lr_by_epoch: bool = True
     ema_base: float = 0.99  # target momentum goes 0.99 -> 1 by cosine, per iteration
     num_workers: int = 2
     seed: int = 0
@@ -44,6 +49,9 @@ class TrainConfig:
     # Intra-RoI jitter (official: up to 200 tries, IoU with the original > 0.5).
     jitter_tries: int = 200
     jitter_min_iou: float = 0.5
+    # The last partial batch is kept, as the authors (a batch of 1 is dropped: BatchNorm
+    # needs 2). drop_last=True drops every partial last batch.
+    drop_last: bool = False
     checkpoint_every_steps: int = 50  # mid-epoch checkpoints, so a killed run loses little
     amp: bool = True  # bf16 autocast + channels_last, CUDA only
 
@@ -116,6 +124,8 @@ class Config:
         # The global branch exists for every image, so with it every step has a loss.
         if self.train.w_global <= 0 or min(self.train.w_intra, self.train.w_inter) < 0:
             raise ValueError("train.w_global must be > 0 and train.w_intra / train.w_inter >= 0")
+        if not 0 <= self.train.warmup_ratio <= 1:
+            raise ValueError(f"train.warmup_ratio must be in [0, 1], got {self.train.warmup_ratio}")
         if self.augment.image_size < 32 or self.augment.patch_size < 32:
             raise ValueError("augment.image_size and augment.patch_size must be at least 32 px")
         return self

@@ -121,15 +121,37 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
 
     The permutation depends only on (seed, epoch), so a resumed run sees exactly the
     remaining indices of the interrupted epoch: no sample lost or repeated.
+
+    Sharding: each rank gets ceil(n / world) indices. The permutation is padded to a multiple
+    of ``world`` by repeating its first indices (as torch's DistributedSampler and the authors'
+    sampler do), and rank r takes every world-th index from r. Every rank therefore runs the
+    same number of steps with the same batch sizes, which DDP and SyncBN need.
+
+    Batches: full batches, then the partial last batch, which the authors keep, so
+    steps_per_epoch = ceil(n_per_rank / batch). A last batch of a single sample is dropped
+    (that sample is skipped this epoch) because BatchNorm in train mode needs at least 2
+    samples. ``drop_last=True`` drops any partial last batch instead (the old behaviour).
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 drop_last: bool = False):
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.drop_last = drop_last
         self.epoch = 0
         self.start_step = 0
 
+    def per_rank(self) -> int:
+        """Indices each rank is given per epoch (padded): ceil(n / world)."""
+        return -(-self.n // self.world)
+
+    def _usable(self) -> int:
+        m, b = self.per_rank(), self.batch_size
+        if self.drop_last:
+            return m // b * b
+        return m - 1 if m % b == 1 and b > 1 else m
+
     def steps_per_epoch(self) -> int:
-        return (self.n // self.world) // self.batch_size
+        return -(-self._usable() // self.batch_size)
 
     def set_position(self, epoch: int, start_step: int) -> None:
         self.epoch, self.start_step = epoch, start_step
@@ -137,9 +159,10 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         perm = torch.randperm(self.n, generator=g).tolist()
+        total = self.per_rank() * self.world
+        perm = (perm * -(-total // max(1, self.n)))[:total]  # pad by wrapping around
         mine = perm[self.rank :: self.world]
-        usable = self.steps_per_epoch() * self.batch_size
-        return iter(mine[self.start_step * self.batch_size : usable])
+        return iter(mine[self.start_step * self.batch_size : self._usable()])
 
     def __len__(self) -> int:
-        return max(0, (self.steps_per_epoch() - self.start_step) * self.batch_size)
+        return max(0, self._usable() - self.start_step * self.batch_size)

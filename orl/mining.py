@@ -171,7 +171,7 @@ def embed_rois(
     elif cfg.roi_mode == "roi_align":
         scale = min(1.0, cfg.roi_align_max_side_px / max(image.size))
         w, h = max(32, round(image.width * scale)), max(32, round(image.height * scale))
-        t = torch.from_numpy(np.asarray(image.resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0).permute(2, 0, 1)
+        t = torch.from_numpy(np.asarray(image.resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0).permute(2, 0, 1)
         t = (t - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
         fmap = backbone.forward_features(t[None].to(device)).float()
         sx, sy = fmap.shape[3] / image.width, fmap.shape[2] / image.height

@@ -23,7 +23,7 @@ from orl.correspondence import Correspondence
 from orl.data import BYOLDataset, ORLDataset, ResumableSampler, collate_views
 from orl.ema import update_target
 from orl.models import ORLModel, build_model
-from orl.schedules import ema_momentum_at, lr_at, peak_lr
+from orl.schedules import ema_momentum_at, lr_at, lr_by_epoch_at, peak_lr
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def train(
         log.warning("batch size %d > images per process %d: using %d", tc.batch_size, per_rank, batch)
         cfg = cfg.override(**{"train.batch_size": batch})
         tc = cfg.train
-    sampler = ResumableSampler(len(dataset), batch, tc.seed, rank, world)
+    sampler = ResumableSampler(len(dataset), batch, tc.seed, rank, world, drop_last=tc.drop_last)
     steps_per_epoch = sampler.steps_per_epoch()
     total_steps = steps_per_epoch * tc.epochs
 
@@ -160,14 +160,16 @@ def train(
             sampler.set_position(epoch, step_in_epoch)
             loader = torch.utils.data.DataLoader(
                 dataset, batch_size=batch, sampler=sampler, num_workers=tc.num_workers,
-                collate_fn=collate_views, drop_last=True, pin_memory=dev.type == "cuda",
+                # The sampler decides the last batch (kept unless of size 1, or train.drop_last).
+                collate_fn=collate_views, drop_last=False, pin_memory=dev.type == "cuda",
                 persistent_workers=False,
                 generator=torch.Generator().manual_seed(tc.seed * 7919 + epoch * 31 + step_in_epoch + rank),
             )
             net.train()
             t_last = time.perf_counter()
             for views in loader:
-                lr = lr_at(global_step, total_steps, warmup_steps, lr_peak)
+                lr = (lr_by_epoch_at(epoch, global_step, tc.epochs, warmup_steps, lr_peak, tc.warmup_ratio)
+                      if tc.lr_by_epoch else lr_at(global_step, total_steps, warmup_steps, lr_peak))
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 with autocast():
@@ -188,7 +190,7 @@ def train(
                 step_in_epoch += 1
                 steps_done_here += 1
                 now = time.perf_counter()
-                ips = batch * world / max(1e-9, now - t_last)
+                ips = len(views["global"][0]) * world / max(1e-9, now - t_last)  # last batch may be smaller
                 t_last = now
                 last_metrics = {
                     "epoch": epoch, "step": step_in_epoch, "global_step": global_step, "total_steps": total_steps,

@@ -76,7 +76,7 @@ def test_filter_order_and_fallback():
 @settings(max_examples=200)
 @given(st.integers(100, 2000), st.integers(100, 2000), st.floats(0, 1), st.floats(0, 1),
        st.floats(0.05, 1), st.floats(0.05, 1), st.integers(0, 2**32 - 1))
-def test_jitter_inside_and_overlapping(W, H, fx, fy, fw, fh, seed):
+def test_jitter_inside_overlapping_integer_and_absolute_aspect(W, H, fx, fy, fw, fh, seed):
     w, h = fw * W, fh * H
     x, y = fx * (W - w), fy * (H - h)
     box = np.array([x, y, x + w, y + h])
@@ -85,6 +85,52 @@ def test_jitter_inside_and_overlapping(W, H, fx, fy, fw, fh, seed):
         return  # fell back to the original box
     assert out[0] >= 0 and out[1] >= 0 and out[2] <= W and out[3] <= H
     assert iou_matrix(out[None], box[None])[0, 0] > 0.5
+    assert np.array_equal(out, np.round(out)), "corner and size are integer pixels"
+    nw, nh = out[2] - out[0], out[3] - out[1]
+    # w' = round(sqrt(A r)), h' = round(sqrt(A / r)) with r in [0.5, 2] and A in [0.5, 2] x area:
+    # true up to the rounding of each side by at most half a pixel.
+    s_lo, s_hi = np.sqrt(0.5 * 0.5 * w * h), np.sqrt(2 * 2 * w * h)
+    assert s_lo - 0.5 <= min(nw, nh) and max(nw, nh) <= s_hi + 0.5
+    assert (nw - 0.5) / (nh + 0.5) <= 2 and (nh - 0.5) / (nw + 0.5) <= 2
+
+
+def test_jitter_aspect_is_absolute_not_relative():
+    """A 3:1 box's jitters have aspects in [0.5, 2] (a factor on its own aspect would give 1.5..6)."""
+    box = np.array([100.0, 150.0, 400.0, 250.0])  # 300 x 100
+    rng = np.random.default_rng(0)
+    outs = [jitter_box(box, (640, 480), rng) for _ in range(300)]
+    jittered = [o for o in outs if not np.array_equal(o, box)]
+    assert len(jittered) > 100
+    for o in jittered:
+        assert np.array_equal(o, np.round(o))
+        aspect = (o[2] - o[0]) / (o[3] - o[1])
+        # sides are >= 86 px here, so rounding moves the aspect by under 1.2%
+        assert 0.5 / 1.012 <= aspect <= 2 * 1.012, o
+
+
+class _FixedDraws:
+    """A stand-in Generator whose uniform() returns preset values (checked against the bounds)."""
+
+    def __init__(self, values):
+        self.values = list(values)
+
+    def uniform(self, lo, hi):
+        v = self.values.pop(0)
+        assert lo <= v <= hi
+        return v
+
+
+def test_jitter_known_value_and_rounding():
+    box = np.array([100.0, 100.0, 300.0, 200.0])  # 200 x 100, area 20000, centre (200, 150)
+    # area factor 1, log aspect 0 (r = 1: a square, whatever the box's own aspect), no shift:
+    # side round(sqrt(20000)) = round(141.42) = 141; corner round(200 - 70.5) = round(129.5) = 130
+    # and round(150 - 70.5) = round(79.5) = 80 (half to even, as Python's round).
+    # IoU = 141 * 100 / (20000 + 141 * 141 - 141 * 100) = 0.547 > 0.5: accepted.
+    out = jitter_box(box, (640, 480), _FixedDraws([1.0, 0.0, 0.0, 0.0]))
+    assert out.tolist() == [130.0, 80.0, 271.0, 221.0]
+    # outside the image on the first try (shifted left by half the width), then accepted
+    out = jitter_box(box, (640, 480), _FixedDraws([1.0, 0.0, -0.5, 0.0, 1.0, 0.0, 0.0, 0.0]))
+    assert out.tolist() == [130.0, 80.0, 271.0, 221.0]
 
 
 def test_jitter_is_seeded_and_varies():

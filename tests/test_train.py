@@ -32,6 +32,54 @@ def test_sampler_resume_covers_epoch_exactly_once():
     assert not set(shards[0]) & set(shards[1])
 
 
+def _batches(sampler):
+    return [len(b) for b in torch.utils.data.DataLoader(range(sampler.n), batch_size=sampler.batch_size,
+                                                         sampler=sampler, drop_last=False)]
+
+
+def test_sampler_keeps_the_last_partial_batch_and_resumes_into_it():
+    s = ResumableSampler(22, 4, seed=3)
+    assert s.steps_per_epoch() == 6  # ceil(22 / 4)
+    s.set_position(0, 0)
+    full = list(s)
+    assert sorted(full) == list(range(22)) and _batches(s) == [4, 4, 4, 4, 4, 2]
+    s.set_position(0, 5)
+    assert list(s) == full[20:] and _batches(s) == [2] and len(s) == 2
+    # the old behaviour, as an option
+    d = ResumableSampler(22, 4, seed=3, drop_last=True)
+    assert d.steps_per_epoch() == 5 and _batches(d) == [4] * 5 and list(d) == full[:20]
+
+
+def test_sampler_drops_a_last_batch_of_one():
+    s = ResumableSampler(21, 4, seed=3)  # 5 x 4 + 1: BatchNorm cannot take the single sample
+    assert s.steps_per_epoch() == 5 and _batches(s) == [4] * 5
+    skipped = []
+    for e in range(6):
+        s.set_position(e, 0)
+        got = list(s)
+        assert len(got) == len(set(got)) == 20
+        skipped.append((set(range(21)) - set(got)).pop())
+    assert len(set(skipped)) > 1  # a different sample sits out each epoch
+
+
+def test_sampler_ranks_run_the_same_steps():
+    # 21 images over 2 ranks: 11 each (the permutation padded by repeating its first index),
+    # batches 4, 4, 3 on both ranks.
+    shards = [ResumableSampler(21, 4, 3, rank=r, world=2) for r in range(2)]
+    assert [s.steps_per_epoch() for s in shards] == [3, 3]
+    assert [_batches(s) for s in shards] == [[4, 4, 3], [4, 4, 3]]
+    got = [list(s) for s in shards]
+    assert set(got[0]) | set(got[1]) == set(range(21))
+    assert len(set(got[0]) & set(got[1])) == 1  # the one padding index
+    # resume on each rank continues its own shard
+    for s, g in zip(shards, got):
+        s.set_position(0, 2)
+        assert list(s) == g[8:]
+    # 3 ranks, 8 images, batch 2: 3 each (padded by 1), the last batch of 1 dropped on every rank
+    shards = [ResumableSampler(8, 2, 0, rank=r, world=3) for r in range(3)]
+    assert [_batches(s) for s in shards] == [[2], [2], [2]]
+
+
 def test_checkpoint_holds_everything_and_resume_continues(tmp_path, eight_images):
     root = eight_images / "images"
     files = list_images(root)
@@ -59,6 +107,24 @@ def test_checkpoint_holds_everything_and_resume_continues(tmp_path, eight_images
     net = torchvision.models.resnet18()
     missing, unexpected = net.load_state_dict(torch.load(tmp_path / "backbone.pth"), strict=False)
     assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
+
+
+def test_partial_last_batch_trains_and_resumes(tmp_path, eight_images):
+    root = eight_images / "images"
+    files = list_images(root)
+    cfg = _cfg(epochs=2, batch=3)
+    # 8 images, batch 3 -> batches of 3, 3, 2: 3 steps per epoch; stop after 4 (mid-epoch 1)
+    s = train("byol", root, tmp_path, cfg, files=files, show_progress=False, max_steps=4)
+    assert s["global_step"] == 4 and s["total_steps"] == 6
+    pos = load_checkpoint(tmp_path / "last.pt")["position"]
+    assert (pos["epoch"], pos["step_in_epoch"], pos["steps_per_epoch"]) == (1, 1, 3)
+    s2 = train("byol", root, tmp_path, cfg, files=files, show_progress=False)
+    assert s2["finished"] and s2["global_step"] == 6
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [(int(r["epoch"]), int(r["step"])) for r in rows] == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    # the authors' schedule: one lr per epoch (tiny has no warmup), peak then half of it (csv: 6 digits)
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[:3] == [lrs[0]] * 3 and lrs[3:] == [lrs[3]] * 3 and lrs[3] == pytest.approx(lrs[0] / 2, rel=1e-4)
 
 
 def test_target_is_ema_not_copy(tmp_path, eight_images):

@@ -1,4 +1,7 @@
-"""Backbones by name: torchvision ResNets, random init (no weights are ever downloaded)."""
+"""Backbones by name: torchvision ResNets, random init (no weights are ever downloaded).
+
+ORLModel re-initialises them as the authors do (orl.models.init).
+"""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from orl.config import ModelConfig
 from orl.losses import byol_loss
 from orl.models.backbones import Backbone
 from orl.models.heads import MLPHead
+from orl.models.init import init_weights
 
 BRANCHES = ("global", "intra", "inter")
 
@@ -32,6 +33,9 @@ class ORLModel(nn.Module):
         self.predictors = nn.ModuleDict(
             {b: MLPHead(cfg.proj_out, cfg.pred_hidden, cfg.proj_out) for b in branches}
         )
+        # The authors' init (kaiming normal fan_in for convolutions and head Linears, BN 1 / 0),
+        # then the target starts as an exact copy of the online network.
+        init_weights(self)
         # The target is an EMA of backbone + projector parameters. It runs in train mode,
         # like the online net, so it normalises with batch statistics (as the authors do).
         self.target_backbone = copy.deepcopy(self.backbone)
