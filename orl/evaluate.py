@@ -448,14 +448,22 @@ def probe_scores(
     }
     acc_names = {"knn": "knn_acc", "knn_majority": "knn_acc_majority", "linear": "linear_acc",
                  "majority": "majority_acc"}
+    _, inv = np.unique(test_y, return_inverse=True)
+
+    def resampled_balanced(hit):
+        def stat(idx):  # balanced accuracy over the classes present in the resample
+            total = np.bincount(inv[idx], minlength=n_val_cls)
+            hits = np.bincount(inv[idx], weights=hit[idx], minlength=n_val_cls)
+            return float(np.mean(hits[total > 0] / total[total > 0]))
+        return stat
+
     for m, pred in preds.items():
         hit = (pred == test_y).astype(np.float64)
         bal = f"{m}_balanced_acc"
         out[acc_names[m]] = float(hit.mean())
         out[bal] = balanced_accuracy(test_y, pred)
         out[f"{acc_names[m]}_ci95"] = list(bootstrap_ci(hit, n_boot, seed))
-        out[f"{bal}_ci95"] = list(bootstrap_ci_stat(lambda idx: balanced_accuracy(test_y[idx], pred[idx]),
-                                                    len(test_y), n_boot, seed))
+        out[f"{bal}_ci95"] = list(bootstrap_ci_stat(resampled_balanced(hit), len(test_y), n_boot, seed))
     out.update(majority_class=majority, linear_C=cv["C"], linear_cv=cv["cv"], linear_cv_acc=cv["cv_acc"])
     return out
 
