@@ -4,6 +4,14 @@ Stage 2 claims two things: its image-level KNN finds images with common content,
 RoI pairs link boxes around objects of the same kind. Both are checked here with labels
 that the pipeline itself never sees, and each figure comes with a random baseline drawn
 from the same candidates, so a number means something only relative to chance.
+
+Two kinds of figure: :func:`correspondence_precision` judges the pairs mining kept (a few
+per image pair, so its counts are small; its baselines match the image pairs and, with
+``random_area_matched``, the box sizes); :func:`pair_ranking_auc` judges the RoI
+similarity itself over every candidate pair (chance exactly 0.5), which has far more
+statistical power. Every figure carries a bootstrap interval over image pairs
+(:func:`bootstrap_ci`, :func:`bootstrap_ratio_cis`): a difference between two runs means
+something only when it is larger than that noise.
 """
 
 from __future__ import annotations
