@@ -16,6 +16,7 @@ something only when it is larger than that noise.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -302,6 +303,7 @@ def correspondence_precision(
     rand = _counts()
     area = _counts()
     fallbacks = 0
+    bin_index: dict[int, tuple] = {}
     knn_pairs = []
     rows = []  # per image pair with counted pairs: mined n, correct; random n, c; area n, c; top1 n, c
     shared_rows = []
@@ -317,7 +319,10 @@ def correspondence_precision(
             q_obj, n_obj = gt[keys[i]], gt[keys[j]]
             ok = pairs_correct(arr[:, :4], arr[:, 4:], q_obj, n_obj, K, iou_threshold, rule)
             rnd = _random_pairs_correct(corr, i, j, len(arr), q_obj, n_obj, K, iou_threshold, rng, rule)
-            qa, na, fb = area_matched_pairs(arr[:, :4], arr[:, 4:], corr.boxes[i], corr.boxes[j],
+            for m in (i, j):
+                if m not in bin_index:
+                    bin_index[m] = _bin_index(corr.boxes[m], edges)
+            qa, na, fb = area_matched_pairs(arr[:, :4], arr[:, 4:], bin_index[i], bin_index[j],
                                             edges, rng_area)
             fallbacks += fb
             am = pairs_correct(qa, na, q_obj, n_obj, K, iou_threshold, rule) if len(qa) else np.zeros(0, bool)
@@ -412,16 +417,21 @@ def area_bin(boxes, edges: np.ndarray) -> np.ndarray:
     return np.searchsorted(edges, _log_area(boxes), side="right")
 
 
-def _draw_same_bin(boxes, cands, edges, rng) -> tuple[np.ndarray, int]:
+def _bin_index(cands, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Candidates grouped by area bin, built once per image: ((B, 4) boxes, (B,) candidate
+    order sorted by bin, (n_bins,) counts, (n_bins,) start of each bin in that order)."""
+    cands = np.asarray(cands, dtype=np.float64).reshape(-1, 4)
+    cb = area_bin(cands, edges)
+    counts = np.bincount(cb, minlength=len(edges) + 1)
+    return cands, np.argsort(cb, kind="stable"), counts, np.r_[0, np.cumsum(counts)[:-1]]
+
+
+def _draw_same_bin(boxes, index, edges, rng) -> tuple[np.ndarray, int]:
     """One uniform random candidate per box, from the candidates in that box's area bin.
     Returns ((P, 4) drawn boxes, number of boxes whose bin had no candidate: those draw from
     the nearest non-empty bin, the lower one on a tie)."""
-    n_bins = len(edges) + 1
-    cb = area_bin(cands, edges)
+    cands, order, counts, starts = index
     target = area_bin(boxes, edges)
-    counts = np.bincount(cb, minlength=n_bins)
-    starts = np.r_[0, np.cumsum(counts)[:-1]]
-    order = np.argsort(cb, kind="stable")
     empty = counts[target] == 0
     if empty.any():
         full = np.flatnonzero(counts)
@@ -438,15 +448,16 @@ def area_matched_pairs(q_boxes, n_boxes, q_cands, n_cands, edges: np.ndarray, rn
     the drawn query box is uniform among the query candidates in the mined query box's bin,
     the drawn neighbour box likewise, independently. Returns ((P, 4), (P, 4), fallbacks),
     fallbacks counting boxes (query and neighbour) drawn from a neighbouring bin because
-    theirs held no candidate; empty arrays when either candidate set is empty."""
+    theirs held no candidate; empty arrays when either candidate set is empty.
+    ``q_cands`` / ``n_cands`` may also be ``_bin_index`` tuples (built once per image)."""
+    q_idx = q_cands if isinstance(q_cands, tuple) else _bin_index(q_cands, edges)
+    n_idx = n_cands if isinstance(n_cands, tuple) else _bin_index(n_cands, edges)
     q_boxes = np.asarray(q_boxes, dtype=np.float64).reshape(-1, 4)
     n_boxes = np.asarray(n_boxes, dtype=np.float64).reshape(-1, 4)
-    q_cands = np.asarray(q_cands, dtype=np.float64).reshape(-1, 4)
-    n_cands = np.asarray(n_cands, dtype=np.float64).reshape(-1, 4)
-    if len(q_cands) == 0 or len(n_cands) == 0 or len(q_boxes) == 0:
+    if len(q_idx[0]) == 0 or len(n_idx[0]) == 0 or len(q_boxes) == 0:
         return np.zeros((0, 4)), np.zeros((0, 4)), 0
-    qa, fq = _draw_same_bin(q_boxes, q_cands, edges, rng)
-    na, fn = _draw_same_bin(n_boxes, n_cands, edges, rng)
+    qa, fq = _draw_same_bin(q_boxes, q_idx, edges, rng)
+    na, fn = _draw_same_bin(n_boxes, n_idx, edges, rng)
     return qa, na, fq + fn
 
 
@@ -476,6 +487,19 @@ def _random_pairs_correct(corr, i, j, n, q_obj, n_obj, K, thr, rng, rule="iou") 
 
 
 # -- pair ranking ---------------------------------------------------------------------------
+@contextmanager
+def _single_thread_blas():
+    """One BLAS thread for many tiny (40 x 512) @ (512 x 40) products: on a busy machine a
+    multi-threaded BLAS made pair_ranking_auc 5-15x slower than a single thread."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 def pair_ranking_auc(
     corr: Correspondence, feats: list[np.ndarray], gt: GroundTruth, rule: str = "ioa",
     threshold: float = 0.5, n_boot: int = 1000, seed: int = 0, knn: np.ndarray | None = None,
@@ -534,24 +558,25 @@ def pair_ranking_auc(
         unit[i] = f
     aucs, queries, all_s, all_y = [], [], [], []
     n_labelled = n_cand_kept = n_pos_kept = 0
-    for i in labelled:
-        for j in knn[i]:
-            j = int(j)
-            if j < 0 or keys[j] is None:
-                continue
-            n_labelled += 1
-            if len(unit[i]) == 0 or len(unit[j]) == 0:
-                continue
-            pos = (matched[i] @ matched[j].T) > 0  # (Bi, Bj): one class in common
-            s = unit[i] @ unit[j].T
-            all_s.append(s.reshape(-1))
-            all_y.append(pos.reshape(-1))
-            auc = roc_auc(s, pos)
-            if auc is not None:
-                aucs.append(auc)
-                queries.append(i)
-                n_cand_kept += pos.size
-                n_pos_kept += int(pos.sum())
+    with _single_thread_blas():
+        for i in labelled:
+            for j in knn[i]:
+                j = int(j)
+                if j < 0 or keys[j] is None:
+                    continue
+                n_labelled += 1
+                if len(unit[i]) == 0 or len(unit[j]) == 0:
+                    continue
+                pos = (matched[i] @ matched[j].T) > 0  # (Bi, Bj): one class in common
+                s = unit[i] @ unit[j].T
+                all_s.append(s.reshape(-1))
+                all_y.append(pos.reshape(-1))
+                auc = roc_auc(s, pos)
+                if auc is not None:
+                    aucs.append(auc)
+                    queries.append(i)
+                    n_cand_kept += pos.size
+                    n_pos_kept += int(pos.sum())
     s_all = np.concatenate(all_s) if all_s else np.zeros(0)
     y_all = np.concatenate(all_y) if all_y else np.zeros(0, dtype=bool)
     aucs_arr, q_arr = np.asarray(aucs), np.asarray(queries, dtype=np.int64)
