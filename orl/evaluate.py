@@ -37,6 +37,10 @@ from orl.labels import GroundTruth, load_labels
 
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
+MIN_BOX_SIDE = 32.0
+LINEAR_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
+LINEAR_CV_FOLDS = 3
+LINEAR_MAX_ITER = 300
 SVM_COSTS = (1.0, 10.0, 100.0)
 SVM_FOLDS = 3
 
@@ -78,6 +82,74 @@ def pooled_2x2_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.normalize(cells.flatten(1), dim=1)
 
 
+def recompute_bn_stats(
+    backbone: nn.Module,
+    images_root: str | os.PathLike,
+    paths: list[str],
+    image_size: int,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    max_images: int | None = None,
+) -> int:
+    """Re-estimate every BatchNorm's running mean / variance on real images; returns the
+    number of images used.
+
+    Why: a freshly initialised network has running statistics 0 / 1, so in eval mode its
+    BatchNorm layers do not normalise at all and activations blow up or vanish with depth.
+    Such a network is not "random weights with data statistics", the fair untrained
+    baseline; this makes it one (and refreshes a trained network's statistics for a new
+    image set).
+
+    How: each BatchNorm's running stats are reset and its momentum set to None (a
+    cumulative average); the images (``images_root / path``, squashed to ``image_size``
+    squared by :func:`orl.augment.squash_transform`, as in evaluation) are passed forward in
+    train mode without gradients, so every layer sees inputs normalised by batch statistics,
+    as in training. The result is the mean over batches of each batch's mean and unbiased
+    variance (PyTorch's momentum=None rule); batches are made near-equal in size
+    (``ceil(n / batch_size)`` batches differing by at most one image), so that this is
+    close to the per-image average. Weights are untouched; each module's train/eval mode
+    and each BatchNorm's momentum are restored afterwards, and the module stays on
+    ``device``. With ``max_images``, that many paths evenly spaced over ``paths`` are used.
+    Unreadable images are skipped; if none is readable (or on an error) the original
+    statistics are put back and 0 is returned. A module without BatchNorm gives 0.
+    """
+    bns = [m for m in backbone.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    paths = list(paths)
+    if max_images is not None and len(paths) > max_images:
+        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, max(0, max_images)).round().astype(int)]
+    if not bns or not paths:
+        return 0
+    modes = {m: m.training for m in backbone.modules()}
+    momenta = [m.momentum for m in bns]
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in bns]
+    tf = squash_transform(image_size)
+    used = 0
+    try:
+        backbone.to(device)
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        backbone.train()
+        with torch.no_grad():
+            for chunk in np.array_split(np.arange(len(paths)), math.ceil(len(paths) / batch_size)):
+                images = [im for im in (_load_or_none(Path(images_root) / paths[i]) for i in chunk) if im is not None]
+                if images:
+                    backbone(to_tensor_batch(images, tf).to(device))
+                    used += len(images)
+    except BaseException:
+        used = 0
+        raise
+    finally:
+        for m, mom, state in zip(bns, momenta, saved):
+            m.momentum = mom
+            if used == 0:
+                m.load_state_dict(state)
+        for m, was in modes.items():
+            m.training = was
+    return used
+
+
 def _load_or_none(path: Path):
     try:
         return load_rgb(path)
@@ -90,11 +162,15 @@ def embed_gt_crops(
     gt: GroundTruth,
     paths: list[str],
     image_size: int,
-    min_box_side: float = 16.0,
+    min_box_side: float = MIN_BOX_SIDE,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """Embed every ground-truth box of ``paths`` whose sides are both >= ``min_box_side``.
+
+    The default of 32 px leaves out boxes too small to carry their class once warped up
+    (a 16 px box is a few pixels of res5 context); they made the probe a test of tiny-box
+    noise and pushed every method toward the majority class.
 
     Each box is cut from the original image and warped to ``image_size`` squared (the
     aspect ratio is not kept, as in the mining stage). Returns (N, C) float32 L2-normalised
@@ -205,65 +281,204 @@ def knn_predict(
     return classes[votes.argmax(axis=1)]
 
 
+@contextmanager
+def _one_thread():
+    """Single-threaded BLAS / OpenMP for small fits: on a shared machine, threads fighting
+    over cores made an lbfgs fit of a 1,000 x 512 problem 30x slower than one thread."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1), warnings.catch_warnings():
+        from sklearn.exceptions import ConvergenceWarning
+
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        yield
+
+
+def _logreg(C: float, max_iter: int, seed: int, warm_start: bool = False):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=C, max_iter=max_iter, random_state=seed, warm_start=warm_start)
+
+
 def linear_probe_predict(
-    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int = 0, max_iter: int = 1000
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int = 0, max_iter: int = 1000,
+    C: float = 1.0,
 ) -> np.ndarray:
     """Multinomial logistic regression on standardised features -> (M,) predicted labels.
 
-    Standardising (train mean / std) puts every dimension on one scale, so the default
-    L2 strength (C = 1) means the same for any backbone. lbfgs is deterministic; the seed
-    is passed for completeness.
+    Standardising (train mean / std) puts every dimension on one scale, so an L2 strength
+    ``C`` means the same for any backbone (:func:`linear_probe_cv` picks it). lbfgs is
+    deterministic; the seed is passed for completeness.
     """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(train_x)
-    clf = LogisticRegression(C=1.0, max_iter=max_iter, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(scaler.transform(train_x), train_y)
-    return clf.predict(scaler.transform(test_x))
+    with _one_thread():
+        clf = _logreg(C, max_iter, seed).fit(scaler.transform(train_x), train_y)
+        return clf.predict(scaler.transform(test_x))
+
+
+def stratified_folds(y: np.ndarray, folds: int) -> np.ndarray:
+    """(N,) labels -> (N,) fold ids in [0, folds): deterministic, stratified, and defined for
+    any class size.
+
+    Samples of each class, in index order, are dealt to folds round-robin, each class
+    starting one fold after the previous class, so classes with one or two samples are
+    spread over the folds instead of all landing in fold 0. (sklearn's StratifiedKFold
+    refuses or warns when a class has fewer samples than folds; object labels always have
+    such classes.)
+    """
+    y = np.asarray(y)
+    out = np.empty(len(y), dtype=np.int64)
+    for c_idx, c in enumerate(np.unique(y)):
+        members = np.flatnonzero(y == c)
+        out[members] = (np.arange(len(members)) + c_idx) % folds
+    return out
+
+
+def linear_probe_cv(
+    train_x: np.ndarray, train_y: np.ndarray, c_grid=LINEAR_C_GRID, folds: int = LINEAR_CV_FOLDS,
+    seed: int = 0, max_iter: int = LINEAR_MAX_ITER,
+) -> dict[str, Any]:
+    """Choose the logistic-regression C by ``folds``-fold cross-validation on TRAIN only.
+
+    Folds from :func:`stratified_folds`; the scaler is fit on each fold's training part.
+    The score of a C is the accuracy pooled over all held-out samples (a held-out sample
+    whose class is absent from its fold's training part is wrong for every C, so it shifts
+    all scores alike). The C grid is fitted in ascending order with warm starts (the
+    solution at one C starts the next). Highest score wins, ties to the smaller C (stronger
+    regularisation). Returns {"C", "cv": True, "cv_acc": {str(C): acc}}; with no usable
+    fold (fewer samples than folds, or a fold leaving one class) C = 1.0 and ``cv`` False.
+    """
+    from sklearn.preprocessing import StandardScaler
+
+    grid = sorted(float(c) for c in c_grid)
+    fold = stratified_folds(train_y, folds)
+    correct = {c: 0 for c in grid}
+    scored = 0
+    with _one_thread():
+        for f in range(folds):
+            tr, te = fold != f, fold == f
+            if te.sum() == 0 or len(np.unique(train_y[tr])) < 2:
+                continue
+            scaler = StandardScaler().fit(train_x[tr])
+            xtr, xte = scaler.transform(train_x[tr]), scaler.transform(train_x[te])
+            clf = _logreg(grid[0], max_iter, seed, warm_start=True)
+            for c in grid:
+                clf.set_params(C=c).fit(xtr, train_y[tr])
+                correct[c] += int((clf.predict(xte) == train_y[te]).sum())
+            scored += int(te.sum())
+    if scored == 0:
+        return {"C": 1.0, "cv": False, "cv_acc": {}}
+    acc = {c: correct[c] / scored for c in grid}
+    best = max(grid, key=lambda c: (acc[c], -c))
+    return {"C": best, "cv": True, "cv_acc": {str(c): v for c, v in acc.items()}}
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float | None:
+    """Mean per-class recall over the classes present in ``y_true``; None for no samples.
+
+    Unlike accuracy it does not reward predicting the frequent classes: every class present
+    weighs the same. Chance for it is 1 / (number of classes present), see
+    :func:`probe_scores`.
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if len(y_true) == 0:
+        return None
+    classes, inv = np.unique(y_true, return_inverse=True)
+    hits = np.bincount(inv, weights=(y_true == y_pred).astype(np.float64), minlength=len(classes))
+    return float(np.mean(hits / np.bincount(inv, minlength=len(classes))))
 
 
 def probe_scores(
     train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-    k: int = KNN_K, seed: int = 0,
+    k: int = KNN_K, seed: int = 0, n_boot: int = 1000, c_grid=LINEAR_C_GRID,
+    cv_folds: int = LINEAR_CV_FOLDS,
 ) -> dict[str, Any]:
-    """kNN (both votes) and linear-probe accuracy of val samples on train samples.
+    """kNN (both votes) and linear-probe accuracy of val samples on train samples, with
+    balanced accuracies, chance levels and bootstrap intervals.
 
     Val samples whose class never occurs in train cannot be classified correctly by any
-    method; they are left out of the accuracies and counted as ``val_unseen_class``.
+    method; they are left out of every figure and counted as ``val_unseen_class``.
+
+    Figures, each on the L scored val samples' classes:
+    ``*_acc``: accuracy. ``*_balanced_acc``: mean per-class recall over the L classes
+    (:func:`balanced_accuracy`). ``majority_acc``: accuracy of always answering the most
+    frequent train class (ties: the smallest id), the chance level of accuracy: a probe
+    must beat it to show any class information (with skewed classes it can exceed every
+    kNN score). ``balanced_chance`` = 1 / L: any predictor that ignores its input, answering
+    class c with probability q_c, has expected recall q_c on class c and so expected
+    balanced accuracy (1 / L) * sum of q_c over the L classes <= 1 / L, with equality when
+    it only answers val classes; a constant answer (the majority predictor included, if its
+    class occurs in val) gets exactly 1 / L. So 1 / L is the chance of balanced accuracy,
+    whatever the class frequencies. ``majority_balanced_acc`` is the majority predictor's.
+
+    ``<figure>_ci95``: percentile bootstrap interval over val samples (``n_boot``
+    resamples, seed ``seed``; crops of one image are treated as independent, so the
+    intervals are a little narrow). The linear probe's C comes from
+    :func:`linear_probe_cv` on the train samples only (``linear_C``, ``linear_cv_acc``).
     Accuracies are None when there is nothing to score or fewer than 2 train classes.
     """
+    from orl.metrics import bootstrap_ci, bootstrap_ci_stat
+
     seen = np.isin(test_y, train_y)
     test_x, test_y = test_x[seen], test_y[seen]
     n_cls = len(np.unique(train_y))
+    n_val_cls = int(len(np.unique(test_y)))
+    names = ("knn_acc", "knn_acc_majority", "linear_acc", "knn_balanced_acc", "knn_majority_balanced_acc",
+             "linear_balanced_acc", "majority_acc", "majority_balanced_acc")
     out: dict[str, Any] = {
         "train_crops": int(len(train_y)), "val_crops": int(len(test_y)),
         "val_unseen_class": int((~seen).sum()), "train_classes": n_cls,
-        "val_classes": int(len(np.unique(test_y))), "knn_k": int(min(k, len(train_y))),
-        "knn_acc": None, "knn_acc_majority": None, "linear_acc": None,
+        "val_classes": n_val_cls, "knn_k": int(min(k, len(train_y))),
+        **{n: None for n in names}, **{f"{n}_ci95": [None, None] for n in names},
+        "majority_class": None, "balanced_chance": 1.0 / n_val_cls if n_val_cls else None,
+        "linear_C": None, "linear_cv": False, "linear_cv_acc": {}, "n_boot": n_boot,
     }
     if len(test_y) == 0 or n_cls < 2:
         return out
-    acc = lambda pred: float((pred == test_y).mean())  # noqa: E731
-    out["knn_acc"] = acc(knn_predict(train_x, train_y, test_x, k, "similarity"))
-    out["knn_acc_majority"] = acc(knn_predict(train_x, train_y, test_x, k, "majority"))
-    out["linear_acc"] = acc(linear_probe_predict(train_x, train_y, test_x, seed))
+    cv = linear_probe_cv(train_x, train_y, c_grid, cv_folds, seed)
+    ids, counts = np.unique(train_y, return_counts=True)
+    majority = int(ids[np.argmax(counts)])
+    preds = {
+        "knn": knn_predict(train_x, train_y, test_x, k, "similarity"),
+        "knn_majority": knn_predict(train_x, train_y, test_x, k, "majority"),
+        "linear": linear_probe_predict(train_x, train_y, test_x, seed, LINEAR_MAX_ITER, cv["C"]),
+        "majority": np.full(len(test_y), majority),
+    }
+    acc_names = {"knn": "knn_acc", "knn_majority": "knn_acc_majority", "linear": "linear_acc",
+                 "majority": "majority_acc"}
+    _, inv = np.unique(test_y, return_inverse=True)
+
+    def resampled_balanced(hit):
+        def stat(idx):  # balanced accuracy over the classes present in the resample
+            total = np.bincount(inv[idx], minlength=n_val_cls)
+            hits = np.bincount(inv[idx], weights=hit[idx], minlength=n_val_cls)
+            return float(np.mean(hits[total > 0] / total[total > 0]))
+        return stat
+
+    for m, pred in preds.items():
+        hit = (pred == test_y).astype(np.float64)
+        bal = f"{m}_balanced_acc"
+        out[acc_names[m]] = float(hit.mean())
+        out[bal] = balanced_accuracy(test_y, pred)
+        out[f"{acc_names[m]}_ci95"] = list(bootstrap_ci(hit, n_boot, seed))
+        out[f"{bal}_ci95"] = list(bootstrap_ci_stat(resampled_balanced(hit), len(test_y), n_boot, seed))
+    out.update(majority_class=majority, linear_C=cv["C"], linear_cv=cv["cv"], linear_cv_acc=cv["cv_acc"])
     return out
 
 
 def object_probe(
-    backbone: nn.Module, gt: GroundTruth, image_size: int, min_box_side: float = 16.0,
+    backbone: nn.Module, gt: GroundTruth, image_size: int, min_box_side: float = MIN_BOX_SIDE,
     batch_size: int = 32, device: str | torch.device = "cpu", k: int = KNN_K, seed: int = 0,
+    n_boot: int = 1000,
 ) -> dict[str, Any]:
     """Object-level probe: embed GT crops of train and val images, then :func:`probe_scores`."""
     tr_x, tr_y, tr_n = embed_gt_crops(backbone, gt, gt.images("train"), image_size,
                                       min_box_side, batch_size, device)
     va_x, va_y, va_n = embed_gt_crops(backbone, gt, gt.images("val"), image_size,
                                       min_box_side, batch_size, device)
-    out = probe_scores(tr_x, tr_y, va_x, va_y, k, seed)
+    out = probe_scores(tr_x, tr_y, va_x, va_y, k, seed, n_boot)
     out.update(image_size=int(image_size), min_box_side=float(min_box_side),
                skipped_small_boxes=tr_n["skipped_small"] + va_n["skipped_small"],
                skipped_images=tr_n["skipped_images"] + va_n["skipped_images"])
@@ -410,7 +625,7 @@ def image_svm(
 def evaluate_backbone(
     backbone: nn.Module, gt: GroundTruth, image_size: int, svm_image_size: int | None = None,
     batch_size: int = 32, device: str | torch.device = "cpu", seed: int = 0,
-    min_box_side: float = 16.0,
+    min_box_side: float = MIN_BOX_SIDE,
 ) -> dict[str, Any]:
     """Both protocols on one backbone; returns {object_probe, svm, counts, timings_s}.
 

@@ -4,10 +4,19 @@ Stage 2 claims two things: its image-level KNN finds images with common content,
 RoI pairs link boxes around objects of the same kind. Both are checked here with labels
 that the pipeline itself never sees, and each figure comes with a random baseline drawn
 from the same candidates, so a number means something only relative to chance.
+
+Two kinds of figure: :func:`correspondence_precision` judges the pairs mining kept (a few
+per image pair, so its counts are small; its baselines match the image pairs and, with
+``random_area_matched``, the box sizes); :func:`pair_ranking_auc` judges the RoI
+similarity itself over every candidate pair (chance exactly 0.5), which has far more
+statistical power. Every figure carries a bootstrap interval over image pairs
+(:func:`bootstrap_ci`, :func:`bootstrap_ratio_cis`): a difference between two runs means
+something only when it is larger than that noise.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -19,6 +28,131 @@ from orl.labels import GroundTruth, ImageObjects
 
 
 RULES = ("iou", "ioa")
+
+
+# -- statistics -------------------------------------------------------------------------------
+def roc_auc(scores, labels) -> float | None:
+    """ROC-AUC of (N,) scores against (N,) binary labels; None when only one class occurs.
+
+    The Mann-Whitney statistic U / (n+ n-), U counting, over all (positive, negative)
+    pairs, 1 when the positive scores higher and 1/2 when the two are tied; this equals
+    (R+ - n+ (n+ + 1) / 2) / (n+ n-) with R+ the positives' rank sum under average ranks
+    for ties. It is the chance that a random positive outscores a random negative, so
+    chance is exactly 0.5 and a constant score gives exactly 0.5. Threshold-free and
+    independent of the positive rate, which is why it is used where the precision of a few
+    top pairs has no power. Computed by sorting one class and binary-searching the other
+    (O(N log N), seconds for 10^7 scores).
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels).reshape(-1)
+    if len(s) != len(y):
+        raise ValueError(f"{len(s)} scores but {len(y)} labels")
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN")
+    if y.dtype != bool:
+        if not np.isin(y, (0, 1)).all():
+            raise ValueError("labels must be binary (bool or 0/1)")
+        y = y.astype(bool)
+    pos, neg = s[y], s[~y]
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    if len(pos) <= len(neg):  # sort the larger class, search the smaller one in it
+        ref, qry, sign = np.sort(neg), pos, 1.0
+    else:
+        ref, qry, sign = np.sort(pos), neg, -1.0
+    below = np.searchsorted(ref, qry, side="left")  # ref values strictly below each query
+    ties = np.searchsorted(ref, qry, side="right") - below
+    u = below.sum() + 0.5 * ties.sum()  # wins of qry over ref, ties 1/2
+    auc = u / (len(pos) * len(neg))
+    return float(auc if sign > 0 else 1.0 - auc)
+
+
+def _interval(stats: np.ndarray, level: float) -> tuple[float | None, float | None]:
+    stats = np.asarray(stats, dtype=np.float64)
+    stats = stats[np.isfinite(stats)]
+    if len(stats) == 0:
+        return (None, None)
+    a = (1.0 - level) / 2.0
+    lo, hi = np.quantile(stats, [a, 1.0 - a])
+    return (float(lo), float(hi))
+
+
+def _index_chunks(rng: np.random.Generator, n: int, n_boot: int, max_cells: int = 2_000_000):
+    """Yield (b, n) int index arrays, b * n <= max_cells, n_boot rows in all."""
+    step = max(1, max_cells // max(n, 1))
+    for s in range(0, n_boot, step):
+        yield rng.integers(n, size=(min(step, n_boot - s), n))
+
+
+def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+                 ) -> tuple[float | None, float | None]:
+    """Percentile bootstrap interval of the mean of (N,) values.
+
+    ``n_boot`` resamples of N values with replacement, drawn by
+    ``np.random.default_rng(seed)`` (so the interval is reproducible); the interval is the
+    ((1 - level) / 2, (1 + level) / 2) quantiles of the resampled means. It describes the
+    sampling noise of the units that were resampled (image pairs, crops), treating them as
+    independent. (None, None) for no values; (v, v) for one.
+    """
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if len(v) == 0:
+        return (None, None)
+    rng = np.random.default_rng(seed)
+    means = np.concatenate([v[idx].mean(axis=1) for idx in _index_chunks(rng, len(v), n_boot)])
+    return _interval(means, level)
+
+
+def bootstrap_ci_stat(statistic, n: int, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+                      ) -> tuple[float | None, float | None]:
+    """Percentile bootstrap interval of any statistic of N units.
+
+    ``statistic(idx)`` receives an (N,) int array of unit indices drawn with replacement and
+    returns a float, or None / NaN when it is undefined for that resample (such resamples are
+    left out). Use it for figures that are not a mean of per-unit values: a balanced
+    accuracy, a pooled ratio. Same RNG and quantile convention as :func:`bootstrap_ci`.
+    """
+    if n <= 0:
+        return (None, None)
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(n_boot):
+        v = statistic(rng.integers(n, size=n))
+        stats.append(np.nan if v is None else float(v))
+    return _interval(np.asarray(stats), level)
+
+
+def bootstrap_ratio_cis(columns: dict[str, tuple[np.ndarray, np.ndarray]], n_boot: int = 1000,
+                        seed: int = 0, level: float = 0.95, ratios_of: dict[str, tuple[str, str]] | None = None
+                        ) -> dict[str, tuple[float | None, float | None]]:
+    """Cluster bootstrap of pooled ratios sum(num) / sum(den) over N units, all resampled together.
+
+    ``columns`` maps a name to ((N,) numerators, (N,) denominators) per unit (e.g. correct
+    pairs and pairs per image pair): the pooled precision is a ratio estimator, so the
+    image pair, not the box pair, is the unit that is resampled (the pairs of one image
+    pair are not independent). Every column sees the same resamples, so ``ratios_of``
+    {name: (a, b)} adds a paired interval of ratio(a) / ratio(b) (a lift) whose noise is
+    that of the comparison, not of two independent figures. Resamples where a ratio is
+    undefined (zero denominator) are left out of that interval.
+    """
+    names = list(columns)
+    n = len(next(iter(columns.values()))[0]) if columns else 0
+    ratios_of = ratios_of or {}
+    if n == 0:
+        return {k: (None, None) for k in [*names, *ratios_of]}
+    num = np.stack([np.asarray(columns[k][0], dtype=np.float64) for k in names])  # (C, N)
+    den = np.stack([np.asarray(columns[k][1], dtype=np.float64) for k in names])
+    rng = np.random.default_rng(seed)
+    parts = []
+    for idx in _index_chunks(rng, n, n_boot, max_cells=2_000_000 // len(names)):
+        # one (b, N) resample shared by every column
+        with np.errstate(divide="ignore", invalid="ignore"):
+            parts.append(num[:, idx].sum(axis=2) / den[:, idx].sum(axis=2))  # (C, b)
+    r = np.concatenate(parts, axis=1)
+    out = {k: _interval(r[c], level) for c, k in enumerate(names)}
+    for k, (a, b) in ratios_of.items():
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[k] = _interval(r[names.index(a)] / r[names.index(b)], level)
+    return out
 
 
 def overlap(boxes: np.ndarray, gt_boxes: np.ndarray, rule: str = "iou") -> np.ndarray:
@@ -109,7 +243,8 @@ def _random_image_pairs(pairs, labelled: list[int], rng: np.random.Generator) ->
 
 
 def correspondence_precision(
-    corr: Correspondence, gt: GroundTruth, iou_threshold: float = 0.5, seed: int = 0, rule: str = "iou"
+    corr: Correspondence, gt: GroundTruth, iou_threshold: float = 0.5, seed: int = 0, rule: str = "iou",
+    area_bins: int = 5, n_boot: int = 1000,
 ) -> dict[str, Any]:
     """Precision of mined RoI pairs and quality of the image KNN, each against chance.
 
@@ -126,6 +261,26 @@ def correspondence_precision(
     proposals mining chose from) with ``np.random.default_rng(seed)``, and judged by the
     same rule. ``lift`` = precision / random precision.
 
+    Area-matched random baseline (``random_area_matched``, ``lift_area_matched``). Box size
+    alone changes the chance of a match (under IoU large boxes match more often; under IoA
+    small ones do), and mining prefers some sizes, so the uniform baseline can make a pure
+    size preference look like a lift. Here the log areas of all candidate boxes of the
+    labelled images are cut into ``area_bins`` quantile bins (:func:`area_bin_edges`), and
+    each mined pair (q, n) of (i, j) is replaced by one random candidate pair whose query
+    box is a box of ``corr.boxes[i]`` in q's bin and whose neighbour box is a box of
+    ``corr.boxes[j]`` in n's bin (:func:`area_matched_pairs`; the mined pair itself always
+    qualifies, so a bin is never empty when the mined boxes are candidates; otherwise the
+    nearest non-empty bin is used and counted in ``fallbacks``). Drawn with its own
+    generator, ``default_rng([seed, 1])``, so the other figures are those of earlier versions.
+
+    ``shared_class``: the same figures restricted to image pairs whose two images hold at
+    least one common ground-truth class; on the other image pairs no pair can be correct,
+    so this separates "the KNN found the wrong images" from "the pairs are wrong".
+
+    Intervals (``*_ci95``): percentile bootstrap over image pairs (the unit: the pairs of one
+    image pair are not independent), ``n_boot`` resamples, the same resamples for every
+    figure, so lift intervals are paired. ``knn_share_ci95`` resamples KNN image pairs.
+
     KNN quality: the share of (image, KNN neighbour) pairs, both labelled, whose images
     have at least one class in common; its baseline replaces each neighbour by a random
     other labelled image. ``top1_precision`` counts only the best-scored pair per
@@ -135,16 +290,23 @@ def correspondence_precision(
     images, or a different images root).
     """
     rng = np.random.default_rng(seed)
+    rng_area = np.random.default_rng([seed, 1])
     keys = _resolve(corr, gt)
     labelled = [i for i, k in enumerate(keys) if k is not None]
     if not labelled:
         raise ValueError("no image of the correspondence file has ground-truth labels; check "
                          "that the labels belong to the images that were mined")
     K = len(gt.classes)
+    edges = area_bin_edges([corr.boxes[i] for i in labelled], area_bins)
     mined = _counts()
     top1 = _counts()
     rand = _counts()
+    area = _counts()
+    fallbacks = 0
+    bin_index: dict[int, tuple] = {}
     knn_pairs = []
+    rows = []  # per image pair with counted pairs: mined n, correct; random n, c; area n, c; top1 n, c
+    shared_rows = []
     for i in labelled:
         for k, j in enumerate(corr.knn[i]):
             j = int(j)
@@ -154,11 +316,31 @@ def correspondence_precision(
             arr = corr.pairs[i][k].reshape(-1, 8)
             if len(arr) == 0:
                 continue
-            ok = pairs_correct(arr[:, :4], arr[:, 4:], gt[keys[i]], gt[keys[j]], K, iou_threshold, rule)
-            _add(mined, ok)
-            _add(top1, ok[:1])
-            _add(rand, _random_pairs_correct(corr, i, j, len(arr), gt[keys[i]], gt[keys[j]],
-                                             K, iou_threshold, rng, rule))
+            q_obj, n_obj = gt[keys[i]], gt[keys[j]]
+            ok = pairs_correct(arr[:, :4], arr[:, 4:], q_obj, n_obj, K, iou_threshold, rule)
+            rnd = _random_pairs_correct(corr, i, j, len(arr), q_obj, n_obj, K, iou_threshold, rng, rule)
+            for m in (i, j):
+                if m not in bin_index:
+                    bin_index[m] = _bin_index(corr.boxes[m], edges)
+            qa, na, fb = area_matched_pairs(arr[:, :4], arr[:, 4:], bin_index[i], bin_index[j],
+                                            edges, rng_area)
+            fallbacks += fb
+            am = pairs_correct(qa, na, q_obj, n_obj, K, iou_threshold, rule) if len(qa) else np.zeros(0, bool)
+            for c, v in ((mined, ok), (top1, ok[:1]), (rand, rnd), (area, am)):
+                _add(c, v)
+            rows.append((len(ok), ok.sum(), len(rnd), rnd.sum(), len(am), am.sum(), 1, ok[0]))
+            shared_rows.append(bool(gt.image_classes(keys[i]) & gt.image_classes(keys[j])))
+    rows_arr = np.asarray(rows, dtype=np.float64).reshape(-1, 8)
+    shared_arr = np.asarray(shared_rows, dtype=bool)
+    ci = _precision_cis(rows_arr, n_boot, seed)
+    sub = rows_arr[shared_arr]
+    ci_sub = _precision_cis(sub, n_boot, seed)
+    s = [int(v) for v in (sub.sum(axis=0) if len(sub) else np.zeros(8))]
+    shared_share = np.asarray([bool(gt.image_classes(keys[i]) & gt.image_classes(keys[j]))
+                               for i, j in knn_pairs], dtype=np.float64)
+    rand_pairs = _random_image_pairs(knn_pairs, labelled, rng)
+    rand_share = np.asarray([bool(gt.image_classes(keys[i]) & gt.image_classes(keys[j]))
+                             for i, j in rand_pairs], dtype=np.float64)
     return {
         "iou_threshold": float(iou_threshold),
         "rule": rule,
@@ -168,13 +350,115 @@ def correspondence_precision(
         "pairs": mined["n"],
         "correct": mined["correct"],
         "precision": _ratio(mined["correct"], mined["n"]),
+        "precision_ci95": ci["precision"],
         "top1_precision": _ratio(top1["correct"], top1["n"]),
+        "top1_precision_ci95": ci["top1"],
         "random": {"pairs": rand["n"], "correct": rand["correct"],
-                   "precision": _ratio(rand["correct"], rand["n"])},
+                   "precision": _ratio(rand["correct"], rand["n"]), "precision_ci95": ci["random"]},
         "lift": _lift(mined, rand),
+        "lift_ci95": ci["lift"],
+        "random_area_matched": {"pairs": area["n"], "correct": area["correct"],
+                                "precision": _ratio(area["correct"], area["n"]),
+                                "precision_ci95": ci["area"], "fallbacks": fallbacks},
+        "lift_area_matched": _lift(mined, area),
+        "lift_area_matched_ci95": ci["lift_area"],
+        "area_bins": int(len(edges) + 1),
+        "area_bin_edges_px2": [float(e) for e in np.exp(edges)],
+        "shared_class": {
+            "image_pairs": int(len(sub)), "pairs": s[0], "correct": s[1],
+            "precision": _ratio(s[1], s[0]), "precision_ci95": ci_sub["precision"],
+            "random_precision": _ratio(s[3], s[2]), "random_precision_ci95": ci_sub["random"],
+            "random_area_matched_precision": _ratio(s[5], s[4]),
+            "random_area_matched_precision_ci95": ci_sub["area"],
+            "lift": _lift({"n": s[0], "correct": s[1]}, {"n": s[2], "correct": s[3]}),
+            "lift_ci95": ci_sub["lift"],
+            "lift_area_matched": _lift({"n": s[0], "correct": s[1]}, {"n": s[4], "correct": s[5]}),
+            "lift_area_matched_ci95": ci_sub["lift_area"],
+        },
         "knn": _image_pair_share(knn_pairs, keys, gt),
-        "knn_random": _image_pair_share(_random_image_pairs(knn_pairs, labelled, rng), keys, gt),
+        "knn_share_ci95": list(bootstrap_ci(shared_share, n_boot, seed)),
+        "knn_random": _image_pair_share(rand_pairs, keys, gt),
+        "knn_random_share_ci95": list(bootstrap_ci(rand_share, n_boot, seed)),
+        "n_boot": n_boot,
     }
+
+
+def _precision_cis(rows: np.ndarray, n_boot: int, seed: int) -> dict[str, list]:
+    """Bootstrap intervals over image pairs from (M, 8) per-image-pair counts
+    [mined n, correct, random n, correct, area-matched n, correct, top-1 n, correct]."""
+    cols = {"precision": (rows[:, 1], rows[:, 0]), "random": (rows[:, 3], rows[:, 2]),
+            "area": (rows[:, 5], rows[:, 4]), "top1": (rows[:, 7], rows[:, 6])}
+    out = bootstrap_ratio_cis(cols, n_boot, seed,
+                              ratios_of={"lift": ("precision", "random"), "lift_area": ("precision", "area")})
+    return {k: list(v) for k, v in out.items()}
+
+
+# -- box-size bins --------------------------------------------------------------------------
+def _log_area(boxes) -> np.ndarray:
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    wh = np.clip(b[:, 2:] - b[:, :2], 0, None)
+    return np.log(np.maximum(wh[:, 0] * wh[:, 1], 1e-6))
+
+
+def area_bin_edges(boxes_list, n_bins: int = 5) -> np.ndarray:
+    """(n_bins - 1,) inner edges, in log pixel area, of ``n_bins`` quantile bins of the areas
+    of all boxes in ``boxes_list`` (arrays (B_i, 4) xyxy). Equal-count bins adapt to the
+    proposals' size distribution. Empty input gives no edges (a single bin)."""
+    if n_bins < 1:
+        raise ValueError("n_bins must be >= 1")
+    la = np.concatenate([_log_area(b) for b in boxes_list]) if len(boxes_list) else np.zeros(0)
+    if len(la) == 0 or n_bins == 1:
+        return np.zeros(0)
+    return np.quantile(la, np.linspace(0.0, 1.0, n_bins + 1)[1:-1])
+
+
+def area_bin(boxes, edges: np.ndarray) -> np.ndarray:
+    """(B, 4) xyxy -> (B,) int bin index in [0, len(edges)] of each box's log area."""
+    return np.searchsorted(edges, _log_area(boxes), side="right")
+
+
+def _bin_index(cands, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Candidates grouped by area bin, built once per image: ((B, 4) boxes, (B,) candidate
+    order sorted by bin, (n_bins,) counts, (n_bins,) start of each bin in that order)."""
+    cands = np.asarray(cands, dtype=np.float64).reshape(-1, 4)
+    cb = area_bin(cands, edges)
+    counts = np.bincount(cb, minlength=len(edges) + 1)
+    return cands, np.argsort(cb, kind="stable"), counts, np.r_[0, np.cumsum(counts)[:-1]]
+
+
+def _draw_same_bin(boxes, index, edges, rng) -> tuple[np.ndarray, int]:
+    """One uniform random candidate per box, from the candidates in that box's area bin.
+    Returns ((P, 4) drawn boxes, number of boxes whose bin had no candidate: those draw from
+    the nearest non-empty bin, the lower one on a tie)."""
+    cands, order, counts, starts = index
+    target = area_bin(boxes, edges)
+    empty = counts[target] == 0
+    if empty.any():
+        full = np.flatnonzero(counts)
+        target = target.copy()
+        target[empty] = full[np.abs(full[None, :] - target[empty][:, None]).argmin(axis=1)]
+    pick = order[starts[target] + rng.integers(0, counts[target])]
+    return cands[pick], int(empty.sum())
+
+
+def area_matched_pairs(q_boxes, n_boxes, q_cands, n_cands, edges: np.ndarray, rng: np.random.Generator
+                       ) -> tuple[np.ndarray, np.ndarray, int]:
+    """For P mined pairs ((P, 4) query boxes, (P, 4) neighbour boxes), P random candidate
+    pairs from ``q_cands`` x ``n_cands`` ((Bq, 4), (Bk, 4) xyxy) with the same area bins:
+    the drawn query box is uniform among the query candidates in the mined query box's bin,
+    the drawn neighbour box likewise, independently. Returns ((P, 4), (P, 4), fallbacks),
+    fallbacks counting boxes (query and neighbour) drawn from a neighbouring bin because
+    theirs held no candidate; empty arrays when either candidate set is empty.
+    ``q_cands`` / ``n_cands`` may also be ``_bin_index`` tuples (built once per image)."""
+    q_idx = q_cands if isinstance(q_cands, tuple) else _bin_index(q_cands, edges)
+    n_idx = n_cands if isinstance(n_cands, tuple) else _bin_index(n_cands, edges)
+    q_boxes = np.asarray(q_boxes, dtype=np.float64).reshape(-1, 4)
+    n_boxes = np.asarray(n_boxes, dtype=np.float64).reshape(-1, 4)
+    if len(q_idx[0]) == 0 or len(n_idx[0]) == 0 or len(q_boxes) == 0:
+        return np.zeros((0, 4)), np.zeros((0, 4)), 0
+    qa, fq = _draw_same_bin(q_boxes, q_idx, edges, rng)
+    na, fn = _draw_same_bin(n_boxes, n_idx, edges, rng)
+    return qa, na, fq + fn
 
 
 def _counts() -> dict[str, int]:
@@ -200,3 +484,122 @@ def _random_pairs_correct(corr, i, j, n, q_obj, n_obj, K, thr, rng, rule="iou") 
     qa = bi[rng.integers(len(bi), size=n)]
     na = bj[rng.integers(len(bj), size=n)]
     return pairs_correct(qa, na, q_obj, n_obj, K, thr, rule)
+
+
+# -- pair ranking ---------------------------------------------------------------------------
+@contextmanager
+def _single_thread_blas():
+    """One BLAS thread for many tiny (40 x 512) @ (512 x 40) products: on a busy machine a
+    multi-threaded BLAS made pair_ranking_auc 5-15x slower than a single thread."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def pair_ranking_auc(
+    corr: Correspondence, feats: list[np.ndarray], gt: GroundTruth, rule: str = "ioa",
+    threshold: float = 0.5, n_boot: int = 1000, seed: int = 0, knn: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """How well RoI similarity ranks same-class box pairs above the rest: ROC-AUC, chance 0.5.
+
+    Why: the mined pairs are the top few of each Bq x Bk similarity matrix, so their
+    precision rests on a handful of pairs and cannot tell two backbones apart. This scores
+    the whole matrix instead. For every (query image i, neighbour j = knn[i, k]) with both
+    images labelled, every candidate pair (a, b) of ``corr.boxes[i]`` x ``corr.boxes[j]`` is
+    scored by the cosine similarity ``feats[i][a] @ feats[j][b]`` and is *positive* when one
+    class c is matched (:func:`matched_classes` under ``rule`` and ``threshold``) by box a in
+    image i and by box b in image j. Per image pair, the AUC is the chance that a positive
+    candidate outscores a negative one (ties 1/2, :func:`roc_auc`).
+
+    feats: N arrays (B_i, C), L2-normalised, row-aligned with ``corr.boxes`` (as
+    :func:`orl.mining.load_roi_features` returns them). knn: (N, K) neighbour indices, -1 for
+    none; default ``corr.knn``, pass another to score the same features on other image pairs.
+
+    Returns a dict:
+    ``auc`` the mean per-image-pair AUC over ``image_pairs`` kept image pairs (those with
+    both a positive and a negative candidate; the others have no AUC), each image pair
+    weighing the same; ``ci95`` its percentile bootstrap interval over kept image pairs;
+    ``ci95_by_query`` the same resampling query images with all their image pairs (a pair
+    (i, j) and (j, i) are not independent, nor are the K pairs of one query: the honest,
+    wider interval); ``image_pairs_labelled`` every KNN pair with both images labelled;
+    ``candidates`` / ``positives`` / ``positive_rate`` over the candidate pairs of all
+    labelled image pairs, and ``candidates_kept`` / ``positives_kept`` over kept ones;
+    ``pooled_auc`` one AUC over all labelled candidates pooled, for reference only (it
+    mixes the similarity scales of different image pairs, and image pairs with many boxes
+    dominate); ``queries`` the query images with at least one kept pair.
+
+    Raises ValueError when no correspondence image is labelled or ``feats`` is not aligned
+    with ``corr.boxes``.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown matching rule {rule!r}; valid: {', '.join(RULES)}")
+    keys = _resolve(corr, gt)
+    labelled = [i for i, k in enumerate(keys) if k is not None]
+    if not labelled:
+        raise ValueError("no image of the correspondence file has ground-truth labels; check "
+                         "that the labels belong to the images that were mined")
+    if len(feats) != len(corr):
+        raise ValueError(f"{len(feats)} feature arrays for {len(corr)} correspondence images")
+    knn = np.asarray(corr.knn if knn is None else knn, dtype=np.int64).reshape(len(corr), -1)
+    K = len(gt.classes)
+    matched: dict[int, np.ndarray] = {}
+    unit: dict[int, np.ndarray] = {}
+    for i in labelled:  # once per image, not once per image pair
+        b = np.asarray(corr.boxes[i], dtype=np.float64).reshape(-1, 4)
+        f = np.asarray(feats[i], dtype=np.float32)
+        if f.ndim != 2 or len(f) != len(b):
+            raise ValueError(f"features of image {i} ({corr.files[i]}) have shape {f.shape}, "
+                             f"but it has {len(b)} boxes")
+        matched[i] = matched_classes(b, gt[keys[i]], K, threshold, rule).astype(np.float32)
+        unit[i] = f
+    aucs, queries, all_s, all_y = [], [], [], []
+    n_labelled = n_cand_kept = n_pos_kept = 0
+    with _single_thread_blas():
+        for i in labelled:
+            for j in knn[i]:
+                j = int(j)
+                if j < 0 or keys[j] is None:
+                    continue
+                n_labelled += 1
+                if len(unit[i]) == 0 or len(unit[j]) == 0:
+                    continue
+                pos = (matched[i] @ matched[j].T) > 0  # (Bi, Bj): one class in common
+                s = unit[i] @ unit[j].T
+                all_s.append(s.reshape(-1))
+                all_y.append(pos.reshape(-1))
+                auc = roc_auc(s, pos)
+                if auc is not None:
+                    aucs.append(auc)
+                    queries.append(i)
+                    n_cand_kept += pos.size
+                    n_pos_kept += int(pos.sum())
+    s_all = np.concatenate(all_s) if all_s else np.zeros(0)
+    y_all = np.concatenate(all_y) if all_y else np.zeros(0, dtype=bool)
+    aucs_arr, q_arr = np.asarray(aucs), np.asarray(queries, dtype=np.int64)
+    _, q_inv = np.unique(q_arr, return_inverse=True)
+    q_sum = np.bincount(q_inv, weights=aucs_arr) if len(aucs) else np.zeros(0)
+    q_cnt = np.bincount(q_inv).astype(np.float64) if len(aucs) else np.zeros(0)
+    by_query = bootstrap_ratio_cis({"auc": (q_sum, q_cnt)}, n_boot, seed)["auc"]
+    n_pos = int(y_all.sum())
+    return {
+        "rule": rule,
+        "threshold": float(threshold),
+        "auc": float(aucs_arr.mean()) if len(aucs) else None,
+        "ci95": list(bootstrap_ci(aucs_arr, n_boot, seed)),
+        "ci95_by_query": list(by_query),
+        "image_pairs": len(aucs),
+        "image_pairs_labelled": n_labelled,
+        "queries": len(q_sum),
+        "candidates": int(len(y_all)),
+        "positives": n_pos,
+        "positive_rate": _ratio(n_pos, len(y_all)),
+        "candidates_kept": n_cand_kept,
+        "positives_kept": n_pos_kept,
+        "pooled_auc": roc_auc(s_all, y_all) if len(y_all) else None,
+        "n_boot": n_boot,
+        "seed": seed,
+    }

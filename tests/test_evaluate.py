@@ -191,7 +191,8 @@ def test_evaluate_checkpoint_end_to_end(tiny_set):
     assert r["stage"] == "byol" and r["backbone"] == "resnet18" and r["image_size"] == 64
     assert r["counts"]["train"] == 4 and r["counts"]["val"] == 4
     probe = r["object_probe"]
-    assert probe["train_crops"] > 10 and probe["val_crops"] > 5
+    # boxes under 32 px (the default min_box_side) are left out: 16 train and 4 val crops
+    assert probe["train_crops"] > 10 and probe["val_crops"] >= 4 and probe["min_box_side"] == 32.0
     assert 0.0 <= probe["knn_acc"] <= 1.0 and 0.0 <= probe["linear_acc"] <= 1.0
     svm = r["svm"]
     assert svm["feature_dim"] == 4 * 512 and svm["train_images"] == 4
@@ -203,3 +204,147 @@ def test_evaluate_checkpoint_end_to_end(tiny_set):
     # same seed, same numbers
     again = evaluate_checkpoint(tiny_set / "ckpt.pt", tiny_set / "images", tiny_set / "labels")
     assert again["object_probe"] == r["object_probe"] and again["svm"]["ap"] == r["svm"]["ap"]
+
+
+# -- balanced accuracy, chance levels, intervals, C by cross-validation ------------------------
+from orl.evaluate import (  # noqa: E402
+    LINEAR_C_GRID,
+    balanced_accuracy,
+    linear_probe_cv,
+    recompute_bn_stats,
+    stratified_folds,
+)
+
+
+def test_balanced_accuracy_hand_example():
+    y = np.array([0, 0, 0, 0, 1, 1, 2])
+    pred = np.array([0, 0, 0, 1, 1, 0, 0])
+    # recalls: class 0 3/4, class 1 1/2, class 2 0/1 -> mean 5/12 (accuracy 4/7)
+    assert balanced_accuracy(y, pred) == pytest.approx(5 / 12)
+    assert balanced_accuracy(y, np.zeros(7)) == pytest.approx(1 / 3)  # constant: 1 / classes
+    assert balanced_accuracy(y, y) == 1.0 and balanced_accuracy([], []) is None
+
+
+def test_probe_chance_levels_on_uninformative_features():
+    rng = np.random.default_rng(0)
+    tr_y = rng.choice(4, 600, p=[0.55, 0.25, 0.15, 0.05])
+    va_y = rng.choice(4, 600, p=[0.55, 0.25, 0.15, 0.05])
+    x = lambda n: rng.standard_normal((n, 16)).astype(np.float32)  # noqa: E731
+    r = probe_scores(x(600), tr_y, x(600), va_y, n_boot=300)
+    assert r["majority_class"] == 0
+    assert r["majority_acc"] == pytest.approx(float((va_y == 0).mean()))
+    assert r["balanced_chance"] == 0.25 and r["majority_balanced_acc"] == 0.25
+    # no method can beat chance here; the skewed classes let accuracy look high
+    for name in ("knn_balanced_acc", "linear_balanced_acc"):
+        lo, hi = r[f"{name}_ci95"]
+        assert lo - 0.02 < 0.25 < hi + 0.02 and r[name] < 0.32
+    assert r["knn_acc"] > 0.4  # the trap the majority baseline exposes
+    for name in ("knn_acc", "knn_acc_majority", "linear_acc", "majority_acc", "knn_balanced_acc"):
+        lo, hi = r[f"{name}_ci95"]
+        assert lo <= r[name] <= hi and hi - lo < 0.15
+    assert r["linear_C"] in LINEAR_C_GRID and set(r["linear_cv_acc"]) == {str(c) for c in LINEAR_C_GRID}
+
+
+def test_probe_balanced_accuracy_and_intervals_on_clusters():
+    rng = np.random.default_rng(0)
+    centers = np.eye(4, 16) * 3
+    tr_x, tr_y = _clusters(rng, 25, centers)
+    te_x, te_y = _clusters(rng, 10, centers)
+    r = probe_scores(tr_x, tr_y, te_x, te_y, n_boot=200)
+    assert r["knn_balanced_acc"] == 1.0 and r["linear_balanced_acc"] == 1.0
+    assert r["knn_acc_ci95"] == [1.0, 1.0] and r["majority_acc"] == 0.25
+    assert r["linear_cv"] is True
+    assert r == probe_scores(tr_x, tr_y, te_x, te_y, n_boot=200)  # deterministic
+    # more val data, narrower interval (noisy clusters, so accuracy is not 1)
+    tr_x, tr_y = _clusters(rng, 40, centers, noise=2.0)
+    small = probe_scores(tr_x, tr_y, *_clusters(rng, 10, centers, noise=2.0), n_boot=300)
+    large = probe_scores(tr_x, tr_y, *_clusters(rng, 250, centers, noise=2.0), n_boot=300)
+    width = lambda r, k: r[f"{k}_ci95"][1] - r[f"{k}_ci95"][0]  # noqa: E731
+    assert width(large, "knn_acc") < width(small, "knn_acc") / 2
+    assert width(large, "linear_balanced_acc") < width(small, "linear_balanced_acc") / 2
+
+
+def test_stratified_folds_cope_with_tiny_classes():
+    y = np.array([5] * 9 + [7] + [8] + [9] * 2)
+    f = stratified_folds(y, 3)
+    assert f.tolist() == stratified_folds(y, 3).tolist() and set(f) == {0, 1, 2}
+    assert np.bincount(f[y == 5], minlength=3).tolist() == [3, 3, 3]
+    assert f[y == 7][0] != f[y == 8][0]  # singletons spread over folds
+    assert len(set(f[y == 9])) == 2
+
+
+def test_linear_probe_cv_picks_c_on_train_and_handles_singletons():
+    rng = np.random.default_rng(0)
+    centers = np.eye(3, 16) * 3
+    x, y = _clusters(rng, 20, centers)
+    x = np.vstack([x, rng.standard_normal((1, 16))]).astype(np.float32)
+    y = np.r_[y, 3]  # a class with a single train sample
+    cv = linear_probe_cv(x, y)
+    assert cv["cv"] is True and cv["C"] in LINEAR_C_GRID
+    assert max(cv["cv_acc"].values()) > 0.9 and cv == linear_probe_cv(x, y)
+    # the chosen C is the one with the best held-out score, ties going to the smaller C
+    best = max(cv["cv_acc"].values())
+    assert cv["cv_acc"][str(cv["C"])] == best
+    assert min(c for c in LINEAR_C_GRID if cv["cv_acc"][str(c)] == best) == cv["C"]
+    assert linear_probe_cv(x[:2], y[:2])["cv"] is False  # too few samples for 3 folds
+
+
+# -- BatchNorm statistics ------------------------------------------------------------------------
+def _bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1),
+                         nn.BatchNorm2d(2, momentum=0.3))
+
+
+def test_recompute_bn_stats_matches_direct_computation(sample_images):
+    from orl.augment import squash_transform
+    from orl.images import load_rgb
+
+    paths = sorted(p.relative_to(sample_images).as_posix() for p in sample_images.glob("train2017/*.jpg"))[:5]
+    net = _bn_net().eval()
+    bn1, bn2 = net[1], net[4]
+    assert torch.all(bn1.running_mean == 0) and torch.all(bn1.running_var == 1)
+    n = recompute_bn_stats(net, sample_images, paths, 24, batch_size=2)
+    assert n == 5 and not net.training and bn2.momentum == 0.3 and bn1.momentum == 0.1
+    assert not torch.allclose(bn1.running_mean, torch.zeros(4))
+    # by hand: 3 near-equal batches (2, 2, 1); each layer's input normalised by its batch
+    tf = squash_transform(24)
+    x = torch.stack([tf(load_rgb(sample_images / p)) for p in paths])
+    means1, vars1, means2, vars2 = [], [], [], []
+    with torch.no_grad():
+        for b in (x[:2], x[2:4], x[4:]):
+            h = net[0](b)
+            means1.append(h.mean(dim=(0, 2, 3)))
+            vars1.append(h.var(dim=(0, 2, 3), unbiased=True))
+            h = torch.relu((h - h.mean(dim=(0, 2, 3), keepdim=True))
+                           / torch.sqrt(h.var(dim=(0, 2, 3), unbiased=False, keepdim=True) + bn1.eps))
+            h = net[3](h)
+            means2.append(h.mean(dim=(0, 2, 3)))
+            vars2.append(h.var(dim=(0, 2, 3), unbiased=True))
+    torch.testing.assert_close(bn1.running_mean, torch.stack(means1).mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn1.running_var, torch.stack(vars1).mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn2.running_mean, torch.stack(means2).mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn2.running_var, torch.stack(vars2).mean(0), rtol=1e-4, atol=1e-5)
+    assert int(bn1.num_batches_tracked) == 3
+
+
+def test_recompute_bn_stats_subset_mode_and_failures(sample_images, tmp_path):
+    paths = sorted(p.relative_to(sample_images).as_posix() for p in sample_images.glob("*/*.jpg"))
+    net = _bn_net().train()
+    assert recompute_bn_stats(net, sample_images, paths, 24, max_images=3) == 3
+    assert net.training  # mode restored
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    assert recompute_bn_stats(net, tmp_path, ["bad.jpg"], 24) == 0
+    for k, v in net.state_dict().items():  # nothing readable: the old statistics stay
+        torch.testing.assert_close(v, before[k])
+    assert recompute_bn_stats(nn.Linear(3, 2), sample_images, paths, 24) == 0
+
+
+def test_recompute_bn_stats_on_random_resnet(sample_images):
+    backbone = build_model(get_preset("tiny").model, "byol").backbone
+    paths = sorted(p.relative_to(sample_images).as_posix() for p in sample_images.glob("*/*.jpg"))[:8]
+    bns = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.all(m.running_var == 1) for m in bns)
+    assert recompute_bn_stats(backbone, sample_images, paths, 64, batch_size=4) == 8
+    assert all(not torch.allclose(m.running_var, torch.ones_like(m.running_var)) for m in bns)

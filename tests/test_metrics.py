@@ -108,3 +108,226 @@ def test_ioa_rule_counts_object_parts():
     assert overlap(half, gt_box, "ioa")[0, 0] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="valid: iou, ioa"):
         overlap(part, gt_box, "dice")
+
+
+# -- statistics -------------------------------------------------------------------------------
+from orl.metrics import (  # noqa: E402
+    area_bin,
+    area_bin_edges,
+    area_matched_pairs,
+    bootstrap_ci,
+    bootstrap_ci_stat,
+    bootstrap_ratio_cis,
+    pair_ranking_auc,
+    roc_auc,
+)
+
+
+def test_roc_auc_known_values_and_ties():
+    assert roc_auc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert roc_auc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    # positives 0.35 and 0.8 against negatives 0.1 and 0.4: 3 of 4 (pos, neg) pairs won
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    # a tie counts 1/2: positive 1.0 ties the negative, positive 2.0 beats it
+    assert roc_auc([1.0, 1.0, 2.0], [False, True, True]) == pytest.approx(0.75)
+    assert roc_auc(np.full(10, 0.3), np.arange(10) % 2) == 0.5  # constant score: exactly chance
+    assert roc_auc([0.1, 0.2], [1, 1]) is None and roc_auc([0.1, 0.2], [0, 0]) is None
+    with pytest.raises(ValueError, match="binary"):
+        roc_auc([0.1, 0.2], [0, 2])
+
+
+def test_roc_auc_matches_sklearn_with_ties_either_class_larger():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    for p in (0.1, 0.5, 0.9):  # fewer positives than negatives and the reverse
+        y = rng.random(3000) < p
+        s = np.round(rng.standard_normal(3000) + y, 1)  # rounding makes many ties
+        assert roc_auc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+def test_bootstrap_ci_contains_mean_narrows_and_is_seeded():
+    rng = np.random.default_rng(0)
+    small, large = rng.random(50), rng.random(5000)
+    lo, hi = bootstrap_ci(small)
+    assert lo < small.mean() < hi
+    lo2, hi2 = bootstrap_ci(large)
+    assert lo2 < large.mean() < hi2
+    assert (hi2 - lo2) < (hi - lo) / 5  # width ~ 1 / sqrt(n): 10x narrower for 100x the data
+    assert bootstrap_ci(small, seed=3) == bootstrap_ci(small, seed=3)
+    assert bootstrap_ci(small, level=0.5)[1] - bootstrap_ci(small, level=0.5)[0] < hi - lo
+    assert bootstrap_ci([]) == (None, None) and bootstrap_ci([0.4]) == (0.4, 0.4)
+    # the statistic form gives the same interval up to resampling noise
+    lo3, hi3 = bootstrap_ci_stat(lambda idx: small[idx].mean(), len(small))
+    assert lo3 == pytest.approx(lo, abs=0.02) and hi3 == pytest.approx(hi, abs=0.02)
+
+
+def test_bootstrap_ratio_cis_pooled_and_paired():
+    rng = np.random.default_rng(1)
+    den = rng.integers(1, 20, 400).astype(float)
+    a = rng.binomial(den.astype(int), 0.3).astype(float)
+    b = rng.binomial(den.astype(int), 0.1).astype(float)
+    ci = bootstrap_ratio_cis({"a": (a, den), "b": (b, den)}, ratios_of={"lift": ("a", "b")})
+    assert ci["a"][0] < a.sum() / den.sum() < ci["a"][1]
+    assert ci["b"][1] < ci["a"][0]  # 0.3 vs 0.1 are separated at this size
+    lift = (a.sum() / den.sum()) / (b.sum() / den.sum())
+    assert ci["lift"][0] < lift < ci["lift"][1] and ci["lift"][0] > 1.5
+    assert bootstrap_ratio_cis({"a": (np.zeros(0), np.zeros(0))}) == {"a": (None, None)}
+
+
+# -- pair ranking AUC -----------------------------------------------------------------------
+def _labelled(objects):
+    splits = {k: "train" for k in objects}
+    return GroundTruth(CLASSES, objects, splits, "yolo", "/none", "/none")
+
+
+def test_pair_ranking_auc_hand_computed():
+    # a: cat, car; b: cat, dog. Features give the similarity matrix a x b
+    #   [[cat.cat 0.6, cat.dog 0.8], [car.cat 0.8, car.dog 0.0]]
+    # one positive (cat, cat: 0.6) against negatives 0.8, 0.8, 0.0: AUC 1/3 per image pair
+    fa = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+    fb = np.array([[0.6, 0.8, 0], [0.8, 0, 0.6]])
+    fc = np.array([[0, 0, 1.0]])
+    objects = {"a.jpg": _gt()["a.jpg"], "b.jpg": _gt()["b.jpg"],
+               "c.jpg": _obj([[0, 0, 100, 100]], [2])}  # c: only a car, shares nothing with b
+    corr = _corr(["a.jpg", "b.jpg", "c.jpg", "d.jpg"], [[CAT_A, CAR_A], [CAT_B, DOG_B], [[0, 0, 100, 100]], [NOTHING]],
+                 [[1, -1], [0, 2], [1, 3], [0, -1]], [[np.zeros((0, 8))] * 2] * 4)
+    r = pair_ranking_auc(corr, [fa, fb, fc, np.ones((1, 3))], _labelled(objects), rule="iou")
+    assert r["auc"] == pytest.approx(1 / 3)
+    # labelled pairs: a-b, b-a, b-c, c-b (c-d: d unlabeled; d's own row not counted)
+    assert r["image_pairs_labelled"] == 4 and r["image_pairs"] == 2 and r["queries"] == 2
+    assert r["candidates"] == 4 + 4 + 2 + 2 and r["positives"] == 2
+    assert r["candidates_kept"] == 8 and r["positives_kept"] == 2
+    assert r["positive_rate"] == pytest.approx(2 / 12)
+    assert r["ci95"] == [pytest.approx(1 / 3), pytest.approx(1 / 3)]
+    # pooled: positives 0.6, 0.6; negatives 0.8 x4, 0.0 x2 (a-b, b-a) and b-c's 0, 0.6 twice
+    # each positive: beats 0.0 x4, ties 0.6 x2, loses to 0.8 x4 -> (4 + 1) / 10
+    assert r["pooled_auc"] == pytest.approx(0.5)
+    # an explicit knn replaces corr.knn
+    only_ab = pair_ranking_auc(corr, [fa, fb, fc, np.ones((1, 3))], _labelled(objects), rule="iou",
+                               knn=[[1, -1], [-1, -1], [-1, -1], [-1, -1]])
+    assert only_ab["image_pairs_labelled"] == 1 and only_ab["auc"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="boxes"):
+        pair_ranking_auc(corr, [fa, fb[:1], fc, fc], _labelled(objects))
+
+
+def _quadrant_world(n_img=60, k=5, boxes_per=24, seed=0):
+    """Images whose four 50 px quadrants each hold one object of a random class (of 3), with
+    candidate boxes lying inside one quadrant (IoA 1 with its object) or straddling two."""
+    rng = np.random.default_rng(seed)
+    quads = np.array([[0, 0, 50, 50], [50, 0, 100, 50], [0, 50, 50, 100], [50, 50, 100, 100]], float)
+    objects, boxes, classes = {}, [], []
+    for i in range(n_img):
+        cls = rng.integers(0, 3, 4)
+        objects[f"{i}.jpg"] = _obj(quads, cls)
+        q = rng.integers(0, 4, boxes_per)
+        xy = quads[q, :2] + rng.uniform(0, 25, (boxes_per, 2))
+        b = np.concatenate([xy, xy + rng.uniform(10, 25, (boxes_per, 2))], 1)
+        b[: boxes_per // 6] = [25, 25, 75, 75]  # straddles all four: matches no class at IoA 0.5
+        boxes.append(b)
+        box_cls = np.where(np.arange(boxes_per) < boxes_per // 6, -1, cls[q])
+        classes.append(box_cls)
+    knn = np.stack([rng.choice(np.delete(np.arange(n_img), i), k, replace=False) for i in range(n_img)])
+    corr = _corr([f"{i}.jpg" for i in range(n_img)], boxes, knn, [[np.zeros((0, 8))] * k] * n_img)
+    return corr, _labelled(objects), classes
+
+
+def test_pair_ranking_auc_perfect_random_and_tied_features():
+    corr, gt, box_cls = _quadrant_world()
+    rng = np.random.default_rng(1)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    # perfect: a class direction, and a direction of its own for each box on no object
+    perfect, n_bg = [], sum(int((c < 0).sum()) for c in box_cls)
+    for c in box_cls:
+        f = np.zeros((len(c), 3 + n_bg))
+        f[c >= 0, c[c >= 0]] = 1.0
+        bg = np.flatnonzero(c < 0)
+        f[bg, 3 + len(perfect) * len(bg) + np.arange(len(bg))] = 1.0
+        perfect.append(f)
+    r = pair_ranking_auc(corr, perfect, gt)
+    assert r["auc"] == 1.0 and r["pooled_auc"] == 1.0 and r["image_pairs"] > 250
+    assert 0.1 < r["positive_rate"] < 0.5
+    noise = [unit(rng.standard_normal((len(c), 64))) for c in box_cls]
+    r = pair_ranking_auc(corr, noise, gt)
+    assert abs(r["auc"] - 0.5) < 0.03 and r["ci95"][0] < 0.5 < r["ci95"][1]
+    assert r["ci95_by_query"][0] < r["auc"] < r["ci95_by_query"][1] and abs(r["pooled_auc"] - 0.5) < 0.02
+    tied = [np.ones((len(c), 4)) / 2 for c in box_cls]
+    assert pair_ranking_auc(corr, tied, gt)["auc"] == 0.5
+    # signal and noise: in between, with an interval that excludes chance
+    mixed = [unit(np.hstack([0.4 * p[:, :3], n])) for p, n in zip(perfect, noise)]
+    r = pair_ranking_auc(corr, mixed, gt)
+    assert 0.55 < r["auc"] < 1.0 and r["ci95"][0] > 0.5
+
+
+# -- area-matched baseline and shared-class figures ------------------------------------------
+SMALL_A = [[80, 0, 90, 10], [80, 20, 90, 30]]  # 10 x 10, on no object of a
+SMALL_B = [[0, 60, 10, 70], [20, 60, 30, 70]]  # 10 x 10, on no object of b
+
+
+def test_area_matched_draws_only_from_the_mined_boxes_bins():
+    rng = np.random.default_rng(0)
+    sizes = np.array([4, 5, 6, 20, 22, 25, 60, 70, 80], float)  # three clear size groups
+    cands = np.stack([np.zeros(9), np.zeros(9), sizes, sizes], 1)
+    edges = area_bin_edges([cands], 3)
+    assert area_bin(cands, edges).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    mined = cands[[0, 4, 8, 3, 7]]
+    for _ in range(200):
+        q, n, fb = area_matched_pairs(mined, mined[::-1], cands, cands, edges, rng)
+        assert fb == 0
+        assert area_bin(q, edges).tolist() == area_bin(mined, edges).tolist()
+        assert area_bin(n, edges).tolist() == area_bin(mined[::-1], edges).tolist()
+    # every candidate of a bin gets drawn (uniform within the bin, not just the mined box)
+    q, _, _ = area_matched_pairs(np.repeat(mined[:1], 300, 0), np.repeat(mined[:1], 300, 0), cands, cands, edges, rng)
+    assert {tuple(b) for b in q} == {tuple(b) for b in cands[:3]}
+    # a bin with no candidate in this image: the nearest non-empty bin, counted
+    q, n, fb = area_matched_pairs(mined[:1], mined[:1], cands[3:], cands[6:], edges, rng)
+    assert fb == 2 and area_bin(q, edges)[0] == 1 and area_bin(n, edges)[0] == 2
+    assert area_matched_pairs(mined, mined, np.zeros((0, 4)), cands, edges, rng)[0].shape == (0, 4)
+
+
+def test_area_matched_precision_differs_from_uniform_by_hand():
+    # candidates: a = cat, car (2500 px2), two 10 x 10 boxes; b = cat, dog (1600 px2), two
+    # small ones. Two area bins split small from large. Mined pairs are all cat/cat (large,
+    # large). Uniform chance: only cat/cat of 4 x 4 is correct = 1/16; area-matched chance
+    # draws from {cat, car} x {cat, dog}: 1/4.
+    files = ["a.jpg", "b.jpg"]
+    boxes = [[CAT_A, CAR_A, *SMALL_A], [CAT_B, DOG_B, *SMALL_B]]
+    many = np.array([CAT_A + CAT_B] * 4000, dtype=float)
+    corr = _corr(files, boxes, [[1], [0]], [[many], [np.zeros((0, 8))]])
+    r = correspondence_precision(corr, _gt(), seed=0, area_bins=2)
+    assert r["precision"] == 1.0 and r["area_bins"] == 2
+    assert r["random"]["precision"] == pytest.approx(1 / 16, abs=0.015)
+    assert r["random_area_matched"]["precision"] == pytest.approx(1 / 4, abs=0.025)
+    assert r["random_area_matched"]["pairs"] == 4000 and r["random_area_matched"]["fallbacks"] == 0
+    assert r["lift_area_matched"] == pytest.approx(1 / r["random_area_matched"]["precision"])
+    assert 100 < r["area_bin_edges_px2"][0] < 1600
+    # the random figures are those of the version without the area-matched baseline
+    assert r["random"]["precision"] == correspondence_precision(corr, _gt(), seed=0, area_bins=5)["random"]["precision"]
+
+
+def test_shared_class_restriction_and_intervals():
+    p = lambda *rows: np.array([q + n for q, n in rows], dtype=float)  # noqa: E731
+    objects = {"a.jpg": _gt()["a.jpg"], "b.jpg": _gt()["b.jpg"],
+               "e.jpg": _obj([[0, 0, 100, 100]], [1])}  # e: a dog only, shares nothing with a
+    gt = _labelled(objects)
+    files = ["a.jpg", "b.jpg", "e.jpg"]
+    boxes = [[CAT_A, CAR_A], [CAT_B, DOG_B], [[0, 0, 100, 100]]]
+    knn = [[1, 2], [0, -1], [0, -1]]
+    pairs = [[p((CAT_A, CAT_B), (CAR_A, DOG_B)), p((CAT_A, [0, 0, 100, 100]), (CAR_A, [0, 0, 100, 100]))],
+             [p((CAT_B, CAT_A), (DOG_B, CAR_A)), np.zeros((0, 8))],
+             [p(([0, 0, 100, 100], CAR_A)), np.zeros((0, 8))]]
+    r = correspondence_precision(_corr(files, boxes, knn, pairs), gt)
+    # 7 pairs, 2 correct; a-e and e-a share no class: 4 pairs of a-b and b-a remain
+    assert r["pairs"] == 7 and r["correct"] == 2
+    sc = r["shared_class"]
+    assert sc["image_pairs"] == 2 and sc["pairs"] == 4 and sc["correct"] == 2
+    assert sc["precision"] == 0.5
+    # in a-b the only correct candidate pair of 2 x 2 is cat/cat: chance 1/4 either way
+    assert 0 <= sc["random_precision"] <= 1 and 0 <= sc["random_area_matched_precision"] <= 1
+    lo, hi = r["precision_ci95"]
+    assert lo <= r["precision"] <= hi
+    assert sc["precision_ci95"] == [0.5, 0.5]  # both shared image pairs have precision 1/2
+    assert r["knn_share_ci95"][0] <= r["knn"]["share"] <= r["knn_share_ci95"][1]
