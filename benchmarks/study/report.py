@@ -68,6 +68,16 @@ def ckpt_steps(units: dict, seed: int, name: str) -> int | None:
     return None
 
 
+def steps_cell(units: dict, seed: int, name: str, results: dict) -> str:
+    """Steps behind a checkpoint; a run after stage 1 shows "stage-1 steps + its own" (its
+    compute includes stage 1, whose checkpoint initialised it or mined its pairs)."""
+    own = ckpt_steps(units, seed, name)
+    if name in RUNS:
+        first = ckpt_steps(units, seed, f"e{results['settings']['epochs']}")
+        return f"{first if first is not None else '?'} + {own if own is not None else '?'}"
+    return "n/a" if own is None else str(own)
+
+
 def stage1_names(results: dict) -> list[str]:
     return ["e0", RANDOM_BN] + [f"e{e}" for e in sorted(results["settings"]["snapshots"]) if e > 0]
 
@@ -204,7 +214,7 @@ def headline(results: dict, seed: int) -> list[str]:
               "|---|---|---|---|" + "---|" * len(DATASET_NAMES) + "---|---|"]
         for n in rows:
             r = g("eval", n)
-            L.append(f"| {ckpt_label(n, results)} | {ckpt_steps(units, seed, n) or 0} | "
+            L.append(f"| {ckpt_label(n, results)} | {steps_cell(units, seed, n, results)} | "
                      f"{pct(dig(r, 'label_free', 'view_top1'))} | {num(dig(r, 'label_free', 'effective_rank'), 1)} | "
                      + " | ".join(probe_cell(r, "knn_balanced_acc", d) for d in DATASET_NAMES)
                      + f" | {pct(probe_fn('linear_balanced_acc')(r))} | {pct(svm_fn(r))} |")
@@ -232,7 +242,7 @@ def headline(results: dict, seed: int) -> list[str]:
               "| network | steps | AUC, fixed pairs | AUC, own KNN |", "|---|---|---|---|"]
         for n in names:
             r = g("mine", n)
-            L.append(f"| {ckpt_label(n, results)} | {ckpt_steps(units, seed, n) or 0} | "
+            L.append(f"| {ckpt_label(n, results)} | {steps_cell(units, seed, n, results)} | "
                      f"{auc_cell(r, 'pair_auc_fixed')} | {auc_cell(r, 'pair_auc')} |")
         L.append("")
         last = g("mine", f"e{N}")
@@ -359,7 +369,7 @@ def pairs_table(results: dict, seed: int) -> list[str]:
     for n in names:
         r = done(units, f"mine/s{seed}/{n}")
         p = dig(r, "precision", "ioa") or {}
-        L.append(f"| {ckpt_label(n, results)} | {r.get('checkpoint_step', 'n/a')} | {r.get('pairs', 'n/a')} | "
+        L.append(f"| {ckpt_label(n, results)} | {steps_cell(units, seed, n.split('+')[0], results)} | {r.get('pairs', 'n/a')} | "
                  f"{auc_cell(r, 'pair_auc_fixed')} | {auc_cell(r, 'pair_auc_fixed', 'iou')} | {auc_cell(r, 'pair_auc')} | "
                  f"{pct(p.get('precision'), 2)} | {pct(dig(p, 'random', 'precision'), 2)} | "
                  f"{pct(dig(p, 'random_area_matched', 'precision'), 2)} | {pct(dig(p, 'shared_class', 'precision'), 2)} | "
@@ -383,7 +393,7 @@ def eval_table(results: dict, seed: int) -> list[str]:
         cells = [(f"{fn(r):.1f}" if fn(r) is not None else "n/a") if key == "eff_rank" else pct(fn(r))
                  for key, _, fn in EVAL_METRICS]
         cs = [dig(r, "datasets", d, "probe", "linear_C") for d in DATASET_NAMES]
-        L.append(f"| {ckpt_label(n, results)} | {r.get('checkpoint_step', 'n/a')} | " + " | ".join(cells)
+        L.append(f"| {ckpt_label(n, results)} | {steps_cell(units, seed, n, results)} | " + " | ".join(cells)
                  + f" | {', '.join('n/a' if c is None else f'{c:g}' for c in cs)} |")
     ctl = done(units, f"train/s{seed}/control")
     if ctl:

@@ -407,12 +407,12 @@ def evaluate_checkpoint(ckpt: Path, gts: dict, images: Path, files: list[str], d
     t = time.perf_counter()
     out["label_free"] = label_free_signals(model.backbone, [str(images / f) for f in files], size, seed=0,
                                            n_images=LABEL_FREE_IMAGES, device=device)
-    out["seconds"] = {"label_free": time.perf_counter() - t}
+    out["stage_seconds"] = {"label_free": time.perf_counter() - t}
     for name, gt in gts.items():
         torch.manual_seed(seed)
         t = time.perf_counter()
         r = {"probe": object_probe(model.backbone, gt, size, batch_size=64, device=device, seed=seed)}
-        out["seconds"][f"probe_{name}"] = time.perf_counter() - t
+        out["stage_seconds"][f"probe_{name}"] = time.perf_counter() - t
         if svm:
             t = time.perf_counter()
             s = image_svm(model.backbone, gt, size, batch_size=64, device=device, seed=seed, n_jobs=svm_jobs)
@@ -420,6 +420,6 @@ def evaluate_checkpoint(ckpt: Path, gts: dict, images: Path, files: list[str], d
             r["svm"] = {"map": s["map"], "map_all": s["map_all"], "classes": s["classes_evaluated"],
                         "chance_map": float(np.mean([v["val_pos"] / s["val_images"] for v in cv])) if cv else None,
                         "ap": s["ap"]}
-            out["seconds"][f"svm_{name}"] = time.perf_counter() - t
+            out["stage_seconds"][f"svm_{name}"] = time.perf_counter() - t
         out["datasets"][name] = r
     return out
