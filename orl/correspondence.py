@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from orl.boxes import xywh_to_xyxy, xyxy_to_xywh
+from orl.fileio import atomic_write_text
 
 
 @dataclass
@@ -126,10 +127,7 @@ class Correspondence:
         return cls(files, sizes, boxes, knn, sim, pairs, scores, dict(data.get("info", {})))
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_official()))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.to_official()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Correspondence":
