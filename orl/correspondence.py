@@ -10,14 +10,25 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from orl.boxes import xywh_to_xyxy, xyxy_to_xywh
+from orl.config import MineConfig
 from orl.fileio import atomic_write_text
+
+
+def official_info(cfg: MineConfig, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``info`` block of correspondence.json: the authors' keys first (their loader looks for
+    them), then every mining parameter (``mine_config``), then ``extra`` (where the run came from)."""
+    return {"bbox_min_size": cfg.min_side_px, "bbox_max_aspect_ratio": cfg.max_aspect,
+            "bbox_max_iou": cfg.max_iou, "intra_bbox_num": cfg.max_boxes,
+            "knn_image_num": cfg.knn_k, "knn_bbox_pair_ratio": cfg.pair_ratio,
+            "mine_config": asdict(cfg), **(extra or {})}
 
 
 @dataclass

@@ -15,6 +15,7 @@ from dataclasses import asdict, fields, replace
 from typing import Any
 
 from orl.config import Config, MineConfig, get_preset
+from orl.proposals import proposal_params
 
 MINE_FIELDS = tuple(f.name for f in fields(MineConfig))
 # Keys of a mine job's params that are not MineConfig fields.
@@ -59,12 +60,6 @@ def resolve_mine_config(params: dict[str, Any], checkpoint_cfg: Config) -> MineC
     if cfg.batch_size < 1:
         raise MineParamsError(f"batch_size must be at least 1, got {cfg.batch_size}")
     return cfg
-
-
-def proposal_params(cfg: MineConfig) -> dict[str, Any]:
-    """What ``orl.proposals.propose_image`` reads: selective search + the official box filter."""
-    return {"mode": cfg.ss_mode, "max_side_px": cfg.ss_max_side_px, "min_side_px": cfg.min_side_px,
-            "max_aspect": cfg.max_aspect, "max_iou": cfg.max_iou, "max_boxes": cfg.max_boxes}
 
 
 def _short_hash(obj: Any, n: int) -> str:

@@ -51,6 +51,7 @@ from sqlalchemy import func
 from orl.checkpoint import load_checkpoint, load_model
 from orl.config import Config
 from orl.images import ImageError, load_rgb
+from orl.correspondence import official_info
 from orl.mining import embed_images, embed_rois, knn_search, select_pairs
 from orl.proposals import run_proposals
 from orl.train import resolve_device
@@ -61,7 +62,6 @@ from services.common.models import TERMINAL_STATUSES
 from services.common.settings import get_settings
 from services.miner import records
 from services.common.correspondences import correspondence_from_db
-from services.miner.export import official_info
 from services.miner.params import (
     MineParamsError,
     mine_config_dict,
@@ -554,7 +554,7 @@ def finalize(job_id: int, dispatcher: Dispatcher) -> None:
     rel = Path("jobs") / str(job_id) / "correspondence.json"
     out = get_settings().artifacts_path / rel
     with session_scope() as s:
-        corr = correspondence_from_db(s, job_id, plan["params_key"], official_info(plan["mine"], {
+        corr = correspondence_from_db(s, job_id, plan["params_key"], official_info(mine_config_from_plan(plan), {
             "job_id": job_id, "dataset_id": plan["dataset_id"], "images_root": plan["dataset_path"],
             "checkpoint_id": plan["checkpoint_id"], "params_key": plan["params_key"]}))
         failed = plan["images"] - records.count_set(s, plan["dataset_id"], plan["image_max_id"])
