@@ -42,19 +42,22 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from services.common.models import JOB_KINDS, TERMINAL_STATUSES, Job
+from services.common.models import JOB_KINDS, TERMINAL_STATUSES, Job, JobStatus
 
 PIPELINE_STAGES = ("pretrain", "mine", "train")
+# A worker holds the job (its heartbeat counts).
+ACTIVE_STATUSES = (JobStatus.RUNNING, JobStatus.CANCELLING)
 
 # Allowed status changes; anything else is a bug in the caller (InvalidTransition).
 TRANSITIONS: dict[str, frozenset[str]] = {
-    "queued": frozenset({"running", "cancelled", "failed"}),
-    "running": frozenset({"succeeded", "failed", "cancelling", "cancelled", "queued"}),
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
+    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLING, JobStatus.CANCELLED,
+                                  JobStatus.QUEUED}),
     # A worker that finished its last batch before seeing the flag may still report success.
-    "cancelling": frozenset({"cancelled", "failed", "succeeded"}),
-    "succeeded": frozenset(),
-    "failed": frozenset(),
-    "cancelled": frozenset(),
+    JobStatus.CANCELLING: frozenset({JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.SUCCEEDED}),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
 }
 
 
@@ -78,7 +81,7 @@ class Lease(enum.StrEnum):
     """What a heartbeat tells the worker to do next."""
 
     CONTINUE = "continue"
-    CANCEL = "cancel"  # finish the current batch, then finish_job(..., "cancelled")
+    CANCEL = "cancel"  # finish the current batch, then finish_job(..., CANCELLED)
     LOST = "lost"  # the job was requeued or finished by someone else: stop, write nothing more
 
 
@@ -113,11 +116,11 @@ def _set_status(session: Session, job: Job, to: str, now: datetime | None = None
         raise InvalidTransition(f"job {job.id} is {job.status}; it cannot become {to}")
     now = now or _now(session)
     job.status = to
-    if to == "running" and job.started_at is None:
+    if to == JobStatus.RUNNING and job.started_at is None:
         job.started_at = now
     if to in TERMINAL_STATUSES:
         job.finished_at = now
-    if to == "queued":
+    if to == JobStatus.QUEUED:
         job.finished_at = None
 
 
@@ -146,10 +149,10 @@ def create_job(
         raise JobError(f"unknown job kind {kind!r}; valid kinds: {', '.join(JOB_KINDS)}")
     params = dict(params or {})
     values = dict(kind=kind, dataset_id=dataset_id, params=params, parent_id=parent_id,
-                  idempotency_key=idempotency_key, status="queued")
+                  idempotency_key=idempotency_key, status=JobStatus.QUEUED)
     if parent_id is None and kind == "pipeline":
         # A coordinator: it is running as soon as its first stage is queued (no worker claims it).
-        values["status"] = "running"
+        values["status"] = JobStatus.RUNNING
         values["started_at"] = func.now()
         values["progress_total"] = len(PIPELINE_STAGES)
         values["progress"] = {"stage": PIPELINE_STAGES[0]}
@@ -194,7 +197,7 @@ def claim_job(session: Session, kinds: Sequence[str], worker: str) -> Job | None
     ``FOR UPDATE SKIP LOCKED`` lets any number of trainers poll at once: each row goes to exactly
     one of them and nobody waits on another's lock. Commit right after to publish the claim.
     """
-    stmt = (select(Job).where(Job.status == "queued", Job.kind.in_(list(kinds)))
+    stmt = (select(Job).where(Job.status == JobStatus.QUEUED, Job.kind.in_(list(kinds)))
             .order_by(Job.id).limit(1).with_for_update(skip_locked=True))
     job = session.execute(stmt).scalar_one_or_none()
     if job is None:
@@ -212,10 +215,10 @@ def start_job(session: Session, job_id: int, worker: str | None = None) -> Job |
     cancelling, or was cancelled while it waited in the broker: the caller does nothing.
     """
     job = get_job(session, job_id, lock=True)
-    if job.status == "queued":
+    if job.status == JobStatus.QUEUED:
         _mark_running(session, job, worker)
         return job
-    if job.status == "running":
+    if job.status == JobStatus.RUNNING:
         job.heartbeat_at = _now(session)
         return job
     return None
@@ -223,14 +226,14 @@ def start_job(session: Session, job_id: int, worker: str | None = None) -> Job |
 
 def _mark_running(session: Session, job: Job, worker: str | None) -> None:
     now = _now(session)
-    _set_status(session, job, "running", now)
+    _set_status(session, job, JobStatus.RUNNING, now)
     job.worker = worker
     job.heartbeat_at = now
     job.attempts = (job.attempts or 0) + 1
     job.error = None
     if job.parent_id is not None:
         parent = get_job(session, job.parent_id, lock=True)
-        if parent.status == "running":
+        if parent.status == JobStatus.RUNNING:
             parent.progress = {**(parent.progress or {}), "stage": job.kind}
 
 
@@ -250,7 +253,7 @@ def heartbeat(
     dict ({stage, epoch, step, loss, images_per_s, eta_s}).
     """
     job = get_job(session, job_id, lock=True)
-    if job.status not in ("running", "cancelling") or (worker is not None and job.worker not in (None, worker)):
+    if job.status not in ACTIVE_STATUSES or (worker is not None and job.worker not in (None, worker)):
         return Lease.LOST
     job.heartbeat_at = _now(session)
     if progress_done is not None:
@@ -259,7 +262,7 @@ def heartbeat(
         job.progress_total = progress_total
     if progress:
         job.progress = {**(job.progress or {}), **progress}
-    return Lease.CANCEL if (job.cancel_requested or job.status == "cancelling") else Lease.CONTINUE
+    return Lease.CANCEL if (job.cancel_requested or job.status == JobStatus.CANCELLING) else Lease.CONTINUE
 
 
 def set_progress(session: Session, job_id: int, *, done: int | None = None, total: int | None = None,
@@ -292,7 +295,7 @@ def is_cancel_requested(session: Session, job_id: int) -> bool:
     row = session.execute(select(Job.cancel_requested, Job.status).where(Job.id == job_id)).one_or_none()
     if row is None:
         raise JobNotFound(f"job {job_id} does not exist")
-    return bool(row[0]) or row[1] in ("cancelling", "cancelled")
+    return bool(row[0]) or row[1] in (JobStatus.CANCELLING, JobStatus.CANCELLED)
 
 
 def finish_job(
@@ -319,14 +322,14 @@ def finish_job(
         raise InvalidTransition(f"job {job_id} already finished as {job.status}; it cannot become {status}")
     if worker is not None and job.worker not in (None, worker):
         raise InvalidTransition(f"job {job_id} is held by worker {job.worker}, not {worker}")
-    if job.status == "cancelling" and status == "failed" and not error:
-        status = "cancelled"
+    if job.status == JobStatus.CANCELLING and status == JobStatus.FAILED and not error:
+        status = JobStatus.CANCELLED
     _set_status(session, job, status)
     if error is not None:
         job.error = error
     if result is not None:
         job.result = result
-    if status == "succeeded" and job.progress_total:
+    if status == JobStatus.SUCCEEDED and job.progress_total:
         job.progress_done = job.progress_total
     if job.parent_id is not None:
         return _advance_pipeline(session, job)
@@ -337,12 +340,12 @@ def _advance_pipeline(session: Session, child: Job) -> list[tuple[int, str]]:
     parent = get_job(session, child.parent_id, lock=True)
     if parent.status in TERMINAL_STATUSES:
         return []
-    if child.status == "failed":
-        _set_status(session, parent, "failed")
+    if child.status == JobStatus.FAILED:
+        _set_status(session, parent, JobStatus.FAILED)
         parent.error = f"stage {child.kind} (job {child.id}) failed: {child.error or 'no error message'}"
         return []
-    if child.status == "cancelled" or parent.status == "cancelling" or parent.cancel_requested:
-        _set_status(session, parent, "cancelled")
+    if child.status == JobStatus.CANCELLED or parent.status == JobStatus.CANCELLING or parent.cancel_requested:
+        _set_status(session, parent, JobStatus.CANCELLED)
         return []
     # succeeded
     stage = PIPELINE_STAGES.index(child.kind)
@@ -350,14 +353,14 @@ def _advance_pipeline(session: Session, child: Job) -> list[tuple[int, str]]:
     if stage + 1 == len(PIPELINE_STAGES):
         parent.result = {"stages": {k: c.id for k, c in ((c.kind, c) for c in children(session, parent.id))},
                          **(child.result or {})}
-        _set_status(session, parent, "succeeded")
+        _set_status(session, parent, JobStatus.SUCCEEDED)
         return []
     nxt = PIPELINE_STAGES[stage + 1]
     links: dict[str, Any] = {}
     if nxt == "mine":
         ckpt = (child.result or {}).get("checkpoint_id")
         if ckpt is None and "checkpoint_id" not in ((parent.params or {}).get("mine") or {}):
-            _set_status(session, parent, "failed")
+            _set_status(session, parent, JobStatus.FAILED)
             parent.error = (f"stage pretrain (job {child.id}) succeeded without result.checkpoint_id, "
                             "so the mine stage has no checkpoint to use")
             return []
@@ -370,7 +373,7 @@ def _advance_pipeline(session: Session, child: Job) -> list[tuple[int, str]]:
             links.setdefault("stage1_checkpoint_id", ckpt)
     new = _create_child(session, parent, nxt, links)
     parent.progress = {**(parent.progress or {}), "stage": nxt}
-    return [(new.id, new.kind)] if new.status == "queued" else []
+    return [(new.id, new.kind)] if new.status == JobStatus.QUEUED else []
 
 
 # -- cancel -------------------------------------------------------------------------------------
@@ -381,10 +384,10 @@ def release_job(session: Session, job_id: int, worker: str) -> str | None:
     job = get_job(session, job_id, lock=True)
     if job.worker != worker or job.status in TERMINAL_STATUSES:
         return None
-    if job.status == "cancelling":
-        _set_status(session, job, "cancelled")
+    if job.status == JobStatus.CANCELLING:
+        _set_status(session, job, JobStatus.CANCELLED)
         return job.status
-    _set_status(session, job, "queued")
+    _set_status(session, job, JobStatus.QUEUED)
     job.worker, job.heartbeat_at = None, None
     job.progress = {**(job.progress or {}), "released_by": worker}
     return job.status
@@ -399,25 +402,25 @@ def cancel_job(session: Session, job_id: int) -> Job:
     Raises InvalidTransition for a job that already succeeded or failed.
     """
     job = get_job(session, job_id, lock=True)
-    if job.status == "cancelled" or job.status == "cancelling":
+    if job.status == JobStatus.CANCELLED or job.status == JobStatus.CANCELLING:
         return job
     if job.status in TERMINAL_STATUSES:
         raise InvalidTransition(f"job {job_id} already {job.status}; only queued or running jobs can be cancelled")
     job.cancel_requested = True
     if job.kind == "pipeline" and job.parent_id is None:
-        _set_status(session, job, "cancelling")
+        _set_status(session, job, JobStatus.CANCELLING)
         active = [c for c in children(session, job.id) if c.status not in TERMINAL_STATUSES]
         for c in active:
             cancel_job(session, c.id)  # a queued child is cancelled at once and finishes the parent
         if not active:
-            _set_status(session, job, "cancelled")
+            _set_status(session, job, JobStatus.CANCELLED)
         return job
-    if job.status == "queued":
-        _set_status(session, job, "cancelled")
+    if job.status == JobStatus.QUEUED:
+        _set_status(session, job, JobStatus.CANCELLED)
         if job.parent_id is not None:
             _advance_pipeline(session, job)
     else:
-        _set_status(session, job, "cancelling")
+        _set_status(session, job, JobStatus.CANCELLING)
     return job
 
 
@@ -433,7 +436,7 @@ def reap_stale(session: Session, lease_s: float, max_attempts: int = 3) -> list[
     """
     stale = list(session.execute(
         select(Job)
-        .where(Job.status.in_(("running", "cancelling")), Job.kind != "pipeline",
+        .where(Job.status.in_(ACTIVE_STATUSES), Job.kind != "pipeline",
                func.coalesce(Job.heartbeat_at, Job.started_at, Job.created_at)
                < func.now() - timedelta(seconds=lease_s))
         .order_by(Job.id)
@@ -443,15 +446,15 @@ def reap_stale(session: Session, lease_s: float, max_attempts: int = 3) -> list[
     for job in stale:
         session.refresh(job)
         last = job.heartbeat_at.isoformat(timespec="seconds") if job.heartbeat_at else "never"
-        if job.status == "cancelling":
-            finish_job(session, job.id, "cancelled")
+        if job.status == JobStatus.CANCELLING:
+            finish_job(session, job.id, JobStatus.CANCELLED)
             continue
         if job.attempts >= max_attempts:
-            finish_job(session, job.id, "failed", error=(
+            finish_job(session, job.id, JobStatus.FAILED, error=(
                 f"worker {job.worker or '?'} stopped sending heartbeats (last {last}, lease {lease_s:g} s); "
                 f"the job was tried {job.attempts} times, giving up after {max_attempts}"))
             continue
-        _set_status(session, job, "queued", now)
+        _set_status(session, job, JobStatus.QUEUED, now)
         job.progress = {**(job.progress or {}), "requeued_after": f"worker {job.worker or '?'} silent since {last}"}
         job.worker = None
         job.heartbeat_at = None

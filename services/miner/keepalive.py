@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from sqlalchemy import func, update
 from sqlalchemy.orm import Session
 
-from services.common.models import Job
+from services.common.models import Job, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,6 @@ def keep_alive(session: Session, job_ids: set[int]) -> int:
     """Renew the heartbeat of those running mine jobs; returns how many rows changed."""
     if not job_ids:
         return 0
-    res = session.execute(update(Job).where(Job.id.in_(sorted(job_ids)), Job.kind == "mine", Job.status == "running")
+    res = session.execute(update(Job).where(Job.id.in_(sorted(job_ids)), Job.kind == "mine", Job.status == JobStatus.RUNNING)
                           .values(heartbeat_at=func.now()))
     return res.rowcount or 0

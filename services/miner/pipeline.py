@@ -58,7 +58,7 @@ from orl.train import resolve_device
 from services.common import jobs
 from services.common.datasets import scan_dataset
 from services.common.db import session_scope
-from services.common.models import TERMINAL_STATUSES
+from services.common.models import TERMINAL_STATUSES, JobStatus
 from services.common.settings import get_settings
 from services.miner import records
 from services.common.correspondences import correspondence_from_db
@@ -132,11 +132,11 @@ class _Gate:
             status, cancel, result = st
             if status in TERMINAL_STATUSES:
                 raise Stop(f"job {self.job_id} is {status}")
-            if status == "queued" and not cancel:
+            if status == JobStatus.QUEUED and not cancel:
                 # Requeued by the stale-job reaper while this task waited: take it up again.
                 jobs.start_job(s, self.job_id, worker_name())
-        if cancel or status == "cancelling":
-            finish(self.job_id, "cancelled")
+        if cancel or status == JobStatus.CANCELLING:
+            finish(self.job_id, JobStatus.CANCELLED)
             raise Stop(f"job {self.job_id} was cancelled")
         return result
 
@@ -223,8 +223,8 @@ def start_mine(job_id: int, dispatcher: Dispatcher) -> None:
                 raise MineError(f"job {job_id} is a {job.kind} job, not a mine job")
             has_plan = "plan" in (job.result or {})
     if job is None:
-        if status is not None and status[0] == "cancelling":
-            finish(job_id, "cancelled")
+        if status is not None and status[0] == JobStatus.CANCELLING:
+            finish(job_id, JobStatus.CANCELLED)
         return  # finished, cancelled, or cancelled while it waited in the broker
     if not has_plan:
         make_plan(job_id)
@@ -569,6 +569,6 @@ def finalize(job_id: int, dispatcher: Dispatcher) -> None:
                                                                     "format": "orl-official-json"})
         summary = {**dict(job.result or {}), "phase": "done", "images": len(corr), "pairs": corr.num_pairs,
                    "failed_images": max(0, failed), "correspondence_artifact_id": art_id}
-        nxt = jobs.finish_job(s, job_id, "succeeded", result=summary)
+        nxt = jobs.finish_job(s, job_id, JobStatus.SUCCEEDED, result=summary)
     log.info("job %s succeeded: %d images, %d pairs", job_id, len(corr), corr.num_pairs)
     _dispatch_next(nxt, dispatcher)

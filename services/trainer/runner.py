@@ -33,7 +33,7 @@ from sqlalchemy import select
 
 from services.common import jobs
 from services.common.db import session_scope
-from services.common.models import Artifact
+from services.common.models import Artifact, JobStatus
 from services.common.settings import Settings, get_settings
 from services.trainer.spec import RunSpec, SpecError, build_spec
 
@@ -180,7 +180,7 @@ class Trainer:
                 job.result = {**(job.result or {}), "config": spec.cfg.to_dict(), **spec.info,
                               "nproc": spec.nproc, "out_dir": self._rel(spec.out_dir)}
         except SpecError as exc:
-            return self._finish(job_id, "failed", error=str(exc))
+            return self._finish(job_id, JobStatus.FAILED, error=str(exc))
         log.info("job %s: %s stage %s, %s, preset %s, %d process(es)%s", job_id, spec.kind, spec.stage,
                  spec.info, spec.cfg.preset, spec.nproc, " (resuming from last.pt)" if resumed else "")
         with Lease(job_id, self.worker, self.settings.heartbeat_s) as lease:
@@ -193,7 +193,7 @@ class Trainer:
                 if lease.lost.is_set():
                     return "lost"
                 log.exception("job %s failed", job_id)
-                return self._finish(job_id, "failed", error=f"training failed: {type(exc).__name__}: {exc}")
+                return self._finish(job_id, JobStatus.FAILED, error=f"training failed: {type(exc).__name__}: {exc}")
             lease.flush()
         if lease.lost.is_set():
             # Requeued while we were silent: another trainer owns it now; write nothing more.
@@ -202,14 +202,14 @@ class Trainer:
         reached = summary["finished"] or (spec.max_steps is not None and summary["global_step"] >= spec.max_steps)
         if reached:
             ids = self._record_artifacts(spec, summary)
-            return self._finish(job_id, "succeeded", result={**ids, "summary": _jsonable(summary)})
+            return self._finish(job_id, JobStatus.SUCCEEDED, result={**ids, "summary": _jsonable(summary)})
         if lease.cancel.is_set():
             ids = self._record_artifacts(spec, summary)
-            return self._finish(job_id, "cancelled", result={**ids, "summary": _jsonable(summary)})
+            return self._finish(job_id, JobStatus.CANCELLED, result={**ids, "summary": _jsonable(summary)})
         if self.shutdown.is_set():
             self._release(job_id)
             return "released"
-        return self._finish(job_id, "failed", error=f"training stopped early at step {summary['global_step']} "
+        return self._finish(job_id, JobStatus.FAILED, error=f"training stopped early at step {summary['global_step']} "
                                                     f"of {summary['total_steps']} without a cancel")
 
     def _run_inline(self, spec: RunSpec, lease: Lease) -> dict[str, Any]:

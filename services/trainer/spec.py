@@ -30,7 +30,7 @@ from orl.checkpoint import load_checkpoint
 from orl.config import Config, TrainConfig, get_preset
 from orl.correspondence import Correspondence
 from services.common.correspondences import correspondence_from_db
-from services.common.models import Artifact, Dataset, Image, Job
+from services.common.models import Artifact, Dataset, Image, Job, JobStatus
 
 DEFAULT_PRESET = "cpu"
 TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
@@ -141,7 +141,7 @@ def build_spec(session: Session, job: Job, artifacts_dir: Path, default_device: 
     mine = session.get(Job, int(params["mine_job_id"]))
     if mine is None or mine.kind != "mine":
         raise SpecError(f"mine_job_id {params['mine_job_id']} is not a mine job")
-    if mine.status != "succeeded":
+    if mine.status != JobStatus.SUCCEEDED:
         raise SpecError(f"mine job {mine.id} is {mine.status}; train on a succeeded mine job")
     plan = (mine.result or {}).get("plan") or {}
     if "params_key" not in plan:
