@@ -32,7 +32,7 @@ from the pipeline's params: ``{"pretrain": {...}, "mine": {...}, "train": {...}}
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -42,6 +42,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
+from services.common import broker
+from services.common.db import session_scope
 from services.common.models import JOB_KINDS, TERMINAL_STATUSES, Job, JobStatus
 
 PIPELINE_STAGES = ("pretrain", "mine", "train")
@@ -463,28 +465,17 @@ def reap_stale(session: Session, lease_s: float, max_attempts: int = 3) -> list[
 
 
 # -- committing helpers -------------------------------------------------------------------------
-def _dispatch(pairs: Iterable[tuple[int, str]]) -> None:
-    from services.common import broker
-
-    for job_id, kind in pairs:
-        broker.dispatch(job_id, kind)
-
-
 def finish_and_dispatch(job_id: int, status: str, *, error: str | None = None,
                         result: dict[str, Any] | None = None, worker: str | None = None) -> None:
     """``finish_job`` in its own transaction, then dispatch the pipeline's next stage."""
-    from services.common.db import session_scope
-
     with session_scope() as s:
         nxt = finish_job(s, job_id, status, error=error, result=result, worker=worker)
-    _dispatch(nxt)
+    broker.dispatch_all(nxt)
 
 
 def reap_and_dispatch(lease_s: float, max_attempts: int = 3) -> list[tuple[int, str]]:
     """``reap_stale`` in its own transaction, then re-send requeued mine jobs."""
-    from services.common.db import session_scope
-
     with session_scope() as s:
         requeued = reap_stale(s, lease_s, max_attempts)
-    _dispatch(requeued)
+    broker.dispatch_all(requeued)
     return requeued

@@ -20,6 +20,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import OperationalError as DatabaseError
 
+from services.common.broker import MINE_TASK
 from services.common.models import JobStatus
 from services.miner import pipeline
 from services.miner.celery_app import app
@@ -73,7 +74,7 @@ def _run(task: Task, job_id: int, step: Callable[..., None], *args) -> dict:
     return {"job_id": job_id}
 
 
-@app.task(name="miner.start_mine", bind=True, acks_late=True, reject_on_worker_lost=True)
+@app.task(name=MINE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def start_mine(self: Task, job_id: int) -> dict:
     """Plan the job (resolve params, register new files) and send what its phase needs."""
     return _run(self, int(job_id), pipeline.start_mine)

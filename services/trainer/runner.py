@@ -31,7 +31,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from services.common import jobs
+from services.common import broker, jobs
 from services.common.db import session_scope
 from services.common.models import Artifact, JobStatus
 from services.common.settings import Settings, get_settings
@@ -305,10 +305,7 @@ class Trainer:
         except jobs.InvalidTransition as exc:
             log.warning("job %s: %s", job_id, exc)
             return "lost"
-        from services.common import broker
-
-        for next_id, kind in nxt:  # a pipeline's next stage (mine: a Celery task)
-            broker.dispatch(next_id, kind)
+        broker.dispatch_all(nxt)  # a pipeline's next stage (mine: a Celery task)
         log.info("job %s %s%s", job_id, status, f": {error}" if error else "")
         return status
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -171,7 +172,7 @@ def test_claim_skips_locked_rows_and_transitions_are_checked(settings_env):
         # Older queued jobs of other tests would be claimed first; take them out of the way.
         s.execute(update(Job).where(Job.status == "queued", Job.kind.in_(["pretrain", "train"]), Job.id.notin_(ids))
                   .values(status="cancelled"))
-    from services.common.db import get_sessionmaker
+    from services.common.runtime import get_sessionmaker
 
     s1, s2 = get_sessionmaker()(), get_sessionmaker()()
     try:
@@ -346,3 +347,33 @@ def test_api_and_common_import_no_other_service():
                 if pkg == "services/common":
                     bad += [f"{f.relative_to(REPO)}: {m}" for m in mods if m.startswith("services.api")]
     assert not bad, bad
+
+
+def _service_imports(path: Path) -> set[str]:
+    """The services.* modules a file imports, at module level or inside functions."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            # "from services.common import jobs" names the module services.common.jobs
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in out if m.startswith("services.")}
+
+
+def test_common_modules_import_one_way():
+    """settings is a leaf, and no chain of imports in services/common comes back to where it started."""
+    files = {f"services.common.{f.stem}": f for f in (REPO / "services" / "common").glob("*.py") if f.stem != "__init__"}
+    graph = {m: {d for d in _service_imports(f) if d in files and d != m} for m, f in files.items()}
+    assert graph["services.common.settings"] == set()
+    done: set[str] = set()
+
+    def visit(m: str, path: tuple[str, ...]) -> None:
+        assert m not in path, " -> ".join((*path, m))
+        if m not in done:
+            for d in graph[m]:
+                visit(d, (*path, m))
+            done.add(m)
+
+    for m in graph:
+        visit(m, ())

@@ -24,7 +24,7 @@ from services.api import cursors
 from services.api.deps import SessionDep
 from services.api.schemas import Histogram, Page, PairOut
 from services.common.correspondences import correspondence_from_db, job_params_key
-from services.common.db import get_sessionmaker
+from services.common.runtime import get_sessionmaker
 from services.common.models import Dataset, Image, Job, RoiPair
 
 router = APIRouter(prefix="/api/v1/correspondences", tags=["correspondences"])

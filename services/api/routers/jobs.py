@@ -87,8 +87,7 @@ def submit_job(
         response.headers["Idempotent-Replayed"] = "true"
         return _out(session, job)
     try:
-        for job_id, kind in created.to_dispatch:
-            broker.dispatch(job_id, kind)
+        broker.dispatch_all(created.to_dispatch)
     except Exception as exc:  # kombu raises several types when Redis is down
         # Failing the job keeps the table honest: a queued mine job nobody will ever run would
         # otherwise sit there forever.
