@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ from orl.train import resolve_device
 from services.common import jobs
 from services.common.datasets import scan_dataset
 from services.common.db import session_scope
+from services.common.heartbeat import Heartbeat
 from services.common.models import TERMINAL_STATUSES, JobStatus
 from services.common.settings import get_settings
 from services.miner import records
@@ -141,34 +141,10 @@ class _Gate:
         return result
 
 
-class Heartbeat:
-    """Renews the job's heartbeat every ORL_HEARTBEAT_S while a task works on it.
-
-    A thread, because one image of selective search or one embedding batch may take longer
-    than the heartbeat period; the stale-job reaper must not take a job that is making progress.
-    """
-
-    def __init__(self, job_id: int):
-        self.job_id = job_id
-        self.period_s = get_settings().heartbeat_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            try:
-                with session_scope() as s:
-                    jobs.heartbeat(s, self.job_id)
-            except Exception:  # a missed beat is harmless; the next one retries
-                log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
-
-    def __enter__(self) -> "Heartbeat":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+def _heartbeat(job_id: int) -> Heartbeat:
+    """Renews the job's lease while a task works on it (services.common.heartbeat); cancel is
+    checked by ``_Gate`` between images, so the answer is not needed here."""
+    return Heartbeat(job_id, get_settings().heartbeat_s)
 
 
 def finish(job_id: int, status: str, *, error: str | None = None, result: dict | None = None,
@@ -328,7 +304,7 @@ def propose_shard(job_id: int, image_ids: Sequence[int], dispatcher: Dispatcher)
     root = Path(plan["dataset_path"])
     mc = mine_config_from_plan(plan)
     last_report = time.monotonic()
-    with Heartbeat(job_id):
+    with _heartbeat(job_id):
         # One isolated subprocess per shard: a time limit per image, and an OpenCV crash costs
         # one image, not the Celery pool process (parallelism comes from worker concurrency).
         results = run_proposals([str(root / paths[i]) for i in todo], plan["proposal_params"], workers=1,
@@ -396,7 +372,7 @@ def embed_knn(job_id: int, dispatcher: Dispatcher) -> None:
     mc = mine_config_from_plan(plan)
     dev = device()
     ds_id, max_id, ck_id = plan["dataset_id"], plan["image_max_id"], plan["checkpoint_id"]
-    with Heartbeat(job_id):
+    with _heartbeat(job_id):
         with session_scope() as s:
             need = records.ids_lacking_embedding(s, ds_id, max_id, ck_id)
             total = records.count_set(s, ds_id, max_id)
@@ -503,7 +479,7 @@ def pairs_shard(job_id: int, image_ids: Sequence[int], shard: int | None, dispat
         boxes = records.boxes_of(s, all_ids, plan["params_key"])
         paths = records.image_paths(s, list(all_ids), plan["dataset_id"], only_ok=False)
     feats = _RoiFeatures(plan, boxes, paths)
-    with Heartbeat(job_id):
+    with _heartbeat(job_id):
         for q in qids:
             gate.check()
             if q in done or not len(boxes.get(q, ())):

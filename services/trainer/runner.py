@@ -33,6 +33,7 @@ from sqlalchemy import select
 
 from services.common import broker, jobs
 from services.common.db import session_scope
+from services.common.heartbeat import Heartbeat
 from services.common.models import Artifact, JobStatus
 from services.common.settings import Settings, get_settings
 from services.trainer.spec import RunSpec, SpecError, build_spec
@@ -40,7 +41,7 @@ from services.trainer.spec import RunSpec, SpecError, build_spec
 log = logging.getLogger(__name__)
 
 KINDS = ("pretrain", "train")
-_PROGRESS_MIN_INTERVAL_S = 0.5  # progress rows are written at most this often
+_PROGRESS_KEYS = ("stage", "epoch", "step", "global_step", "total_steps", "loss", "lr", "images_per_s", "eta_s")
 
 
 class TrainerError(RuntimeError):
@@ -51,77 +52,11 @@ def worker_name() -> str:
     return f"trainer@{socket.gethostname()}:{os.getpid()}"
 
 
-class Lease:
-    """Heartbeats one job from a thread; relays progress; says when to stop.
-
-    ``report`` (called by orl.train after every step) only stores the metrics and wakes the
-    thread, so the training loop never waits on the database.
-    """
-
-    def __init__(self, job_id: int, worker: str, period_s: float):
-        self.job_id, self.worker, self.period_s = job_id, worker, period_s
-        self.cancel = threading.Event()
-        self.lost = threading.Event()
-        self._latest: dict[str, Any] | None = None
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._last_write = 0.0
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
-
-    @property
-    def should_stop(self) -> bool:
-        return self.cancel.is_set() or self.lost.is_set()
-
-    def report(self, metrics: dict[str, Any]) -> None:
-        with self._lock:
-            self._latest = metrics
-        self._wake.set()
-
-    def _beat(self) -> None:
-        with self._lock:
-            m, self._latest = self._latest, None
-        kw: dict[str, Any] = {}
-        if m is not None:
-            kw = {"progress_done": int(m.get("global_step", 0)), "progress_total": int(m.get("total_steps", 0)),
-                  "progress": {k: m[k] for k in ("stage", "epoch", "step", "global_step", "total_steps", "loss",
-                                                 "lr", "images_per_s", "eta_s") if k in m}}
-        with session_scope() as s:
-            answer = jobs.heartbeat(s, self.job_id, self.worker, **kw)
-        self._last_write = time.monotonic()
-        if answer == jobs.Lease.CANCEL:
-            self.cancel.set()
-        elif answer == jobs.Lease.LOST:
-            self.lost.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            woke = self._wake.wait(self.period_s)
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            wait = _PROGRESS_MIN_INTERVAL_S - (time.monotonic() - self._last_write)
-            if woke and wait > 0:
-                self._stop.wait(wait)
-            try:
-                self._beat()
-            except Exception:  # the database may be briefly away: the next beat retries
-                log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
-
-    def flush(self) -> None:
-        try:
-            self._beat()
-        except Exception:
-            log.warning("final progress of job %s not written", self.job_id, exc_info=True)
-
-    def __enter__(self) -> "Lease":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
+def _report(beat: Heartbeat, stage: str, metrics: dict[str, Any]) -> None:
+    """orl.train's per-step metrics -> the job's progress (written by the heartbeat thread)."""
+    m = {"stage": stage, **metrics}
+    beat.report(done=int(m.get("global_step", 0)), total=int(m.get("total_steps", 0)),
+                progress={k: m[k] for k in _PROGRESS_KEYS if k in m})
 
 
 class Trainer:
@@ -183,7 +118,7 @@ class Trainer:
             return self._finish(job_id, JobStatus.FAILED, error=str(exc))
         log.info("job %s: %s stage %s, %s, preset %s, %d process(es)%s", job_id, spec.kind, spec.stage,
                  spec.info, spec.cfg.preset, spec.nproc, " (resuming from last.pt)" if resumed else "")
-        with Lease(job_id, self.worker, self.settings.heartbeat_s) as lease:
+        with Heartbeat(job_id, self.settings.heartbeat_s, worker=self.worker) as lease:
             try:
                 if spec.nproc > 1:
                     summary = self._run_torchrun(spec, lease)
@@ -212,15 +147,15 @@ class Trainer:
         return self._finish(job_id, JobStatus.FAILED, error=f"training stopped early at step {summary['global_step']} "
                                                     f"of {summary['total_steps']} without a cancel")
 
-    def _run_inline(self, spec: RunSpec, lease: Lease) -> dict[str, Any]:
+    def _run_inline(self, spec: RunSpec, lease: Heartbeat) -> dict[str, Any]:
         from orl.train import train
 
         return train(spec.stage, spec.images_root, spec.out_dir, spec.cfg, files=spec.files, corr=spec.corr,
                      init_from=spec.init_from, device=spec.device, show_progress=False,
-                     on_progress=lambda m: lease.report({"stage": spec.stage, **m}),
+                     on_progress=lambda m: _report(lease, spec.stage, m),
                      should_stop=lambda: lease.should_stop or self.shutdown.is_set(), max_steps=spec.max_steps)
 
-    def _run_torchrun(self, spec: RunSpec, lease: Lease) -> dict[str, Any]:
+    def _run_torchrun(self, spec: RunSpec, lease: Heartbeat) -> dict[str, Any]:
         """Data-parallel over spec.nproc processes (services.trainer.ddp_entry) on this host."""
         out = spec.out_dir
         out.mkdir(parents=True, exist_ok=True)
@@ -250,7 +185,7 @@ class Trainer:
                         st = files["progress"].stat().st_mtime_ns
                         if st != seen:
                             seen = st
-                            lease.report({"stage": spec.stage, **json.loads(files["progress"].read_text())})
+                            _report(lease, spec.stage, json.loads(files["progress"].read_text()))
                     except (OSError, ValueError):
                         pass
                     if lease.should_stop or self.shutdown.is_set():
