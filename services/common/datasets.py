@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from orl.images import ImageError, image_size, list_images
-from services.common.db import insert_ignore
+from services.common.db import chunks, insert_ignore
 from services.common.models import Dataset, Image, Job, Proposal, RoiPair
 
 MAX_PATH_CHARS = 4096
@@ -138,8 +138,8 @@ def scan_dataset(session: Session, dataset: Dataset, batch: int = 500) -> ScanRe
     known = set(session.execute(select(Image.rel_path).where(Image.dataset_id == dataset.id)).scalars())
     new = [f for f in files if f not in known]
     added = added_failed = 0
-    for i in range(0, len(new), batch):
-        rows = [{**describe_image(base, f), "dataset_id": dataset.id} for f in new[i : i + batch]]
+    for part in chunks(new, batch):
+        rows = [{**describe_image(base, f), "dataset_id": dataset.id} for f in part]
         ins = insert_ignore(session, Image, rows, returning=["status"])
         added += len(ins)
         added_failed += sum(1 for (st,) in ins if st == "failed")

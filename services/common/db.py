@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -14,6 +14,8 @@ from services.common.runtime import get_engine, get_sessionmaker
 
 # Postgres accepts at most 65535 bind parameters per statement; chunks stay well below.
 MAX_BIND_PARAMS = 30_000
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -36,9 +38,10 @@ def check_database(engine: Engine | None = None) -> None:
         conn.execute(text("SELECT 1"))
 
 
-def _chunks(rows: Sequence[Mapping[str, Any]], size: int) -> Iterator[Sequence[Mapping[str, Any]]]:
-    for i in range(0, len(rows), size):
-        yield rows[i : i + size]
+def chunks(seq: Sequence[T], size: int) -> list[list[T]]:
+    """Consecutive runs of at most ``size`` items: statements under the bind limit, task shards, batches."""
+    size = max(1, int(size))
+    return [list(seq[i : i + size]) for i in range(0, len(seq), size)]
 
 
 def insert_ignore(
@@ -66,10 +69,10 @@ def insert_ignore(
     # Core execution on the session's connection (same transaction): the ORM's bulk-insert path
     # would not report how many rows the server actually inserted.
     conn = session.connection()
-    for part in _chunks(rows, chunk):
+    for part in chunks(rows, chunk):
         # values(list) renders ONE statement with many VALUES tuples (not executemany), so a
         # chunk is a single round trip and a single atomic statement.
-        stmt = pg_insert(table).values(list(part)).on_conflict_do_nothing()
+        stmt = pg_insert(table).values(part).on_conflict_do_nothing()
         if returning:
             stmt = stmt.returning(*(table.c[c] for c in returning))
             out.extend(tuple(r) for r in conn.execute(stmt))
