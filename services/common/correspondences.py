@@ -14,13 +14,14 @@ from sqlalchemy.orm import Session
 
 from orl.correspondence import Correspondence
 from services.common.models import Image, Job, Neighbor, Proposal, RoiPair
+from services.common.plan import MinePlan
 
 
 def job_params_key(job: Job) -> str | None:
-    """The selective-search parameters key of a mine job (the miner records it in result.plan)."""
-    result = job.result or {}
-    return ((result.get("plan") or {}).get("params_key") or result.get("params_key")
-            or (job.params or {}).get("params_key"))
+    """The selective-search parameters key of a mine job (the miner records it in its plan)."""
+    plan = MinePlan.of(job)
+    return (plan.params_key if plan else None) or (job.result or {}).get("params_key") \
+        or (job.params or {}).get("params_key")
 
 
 def correspondence_from_db(session: Session, job_id: int, params_key: str | None = None,

@@ -6,19 +6,21 @@ States::
       │                       │  └──cancel──> cancelling ──finish──> cancelled (or failed/succeeded)
       └──cancel──> cancelled  └──lease expired──> queued (attempts < max) | failed
 
-Functions take a ``Session`` and do not commit (the caller's transaction decides), except the
-``*_and_dispatch`` helpers, which commit and then hand newly runnable jobs to the broker: a worker
-must never receive a job id whose row is not committed yet.
+Functions take a ``Session`` and do not commit (the caller's transaction decides), except
+``reap_and_dispatch``, which commits and then hands requeued jobs to the broker: a worker must
+never receive a job id whose row is not committed yet.
 
 Who calls what:
 - API: ``create_job`` (+ ``broker.dispatch`` after commit), ``cancel_job``.
-- Trainer: ``claim_job(kinds=("pretrain", "train"))``, ``heartbeat`` between batches (it answers
-  CANCEL when a cancel was requested, LOST when the lease went to someone else),
-  ``finish_and_dispatch``, and ``reap_stale`` in its poll loop.
-- Miner: ``start_job`` in ``miner.start_mine`` (idempotent on redelivery), ``heartbeat`` /
-  ``set_progress`` per shard, ``finish_and_dispatch`` from the last shard. A mining job spans
-  many tasks, so something must renew its heartbeat at least every ORL_LEASE_S while shards wait
-  in the queue, or ``reap_stale`` requeues it.
+- Trainer: ``claim_job(kinds=("pretrain", "train"))``, ``update_job`` (the resolved config),
+  ``heartbeat`` between batches (it answers CANCEL when a cancel was requested, LOST when the lease
+  went to someone else), ``finish_job`` + ``broker.dispatch_all``, ``release_job`` on shutdown,
+  and ``reap_and_dispatch`` in its poll loop.
+- Miner: ``start_job`` in ``miner.start_mine`` (idempotent on redelivery), ``get_job(lock=True)`` +
+  ``update_job`` for the plan and each phase change, ``heartbeat`` / ``set_progress(phase=...)``
+  per shard, ``finish_job`` from the last shard. A mining job spans many tasks, so something must
+  renew its heartbeat at least every ORL_LEASE_S while shards wait in the queue (``keep_alive``),
+  or ``reap_stale`` requeues it.
 
 Pipelines: a ``pipeline`` job is a coordinator with no worker. Its children run pretrain -> mine
 -> train; each child is created (queued) when the previous one succeeds, with these links added
@@ -32,7 +34,7 @@ from the pipeline's params: ``{"pretrain": {...}, "mine": {...}, "train": {...}}
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -267,15 +269,44 @@ def heartbeat(
     return Lease.CANCEL if (job.cancel_requested or job.status == JobStatus.CANCELLING) else Lease.CONTINUE
 
 
+def update_job(session: Session, job: Job, *, result: dict[str, Any] | None = None,
+               progress: dict[str, Any] | None = None, done: int | None = None, total: int | None = None,
+               beat: bool = False) -> None:
+    """Record a worker's state in a job row it works on; the status is left alone.
+
+    ``result`` keys are merged into ``job.result`` (a mine job's plan and phase, a trainer's
+    config), ``progress`` keys into ``job.progress``; ``done`` / ``total`` set the progress counts;
+    ``beat`` renews the heartbeat. ``job`` must come from ``get_job(session, id, lock=True)`` in
+    this transaction, so concurrent tasks of one job never lose each other's keys.
+    """
+    if result:
+        job.result = {**(job.result or {}), **result}
+    if progress:
+        job.progress = {**(job.progress or {}), **progress}
+    if done is not None:
+        job.progress_done = done
+    if total is not None:
+        job.progress_total = total
+    if beat:
+        job.heartbeat_at = _now(session)
+
+
 def set_progress(session: Session, job_id: int, *, done: int | None = None, total: int | None = None,
-                 add_done: int = 0, progress: dict[str, Any] | None = None) -> tuple[int, int]:
+                 add_done: int = 0, progress: dict[str, Any] | None = None,
+                 phase: str | None = None) -> tuple[int, int] | None:
     """Atomic progress update without a lock round trip (many shards report concurrently).
 
     ``add_done`` increments in SQL, so concurrent shards never lose an update. Note that an
     increment is not idempotent: count from the data (rows written) when redelivery matters.
     Returns (progress_done, progress_total) after the update.
+
+    ``phase`` (mine jobs): update only while ``result["phase"]`` is this phase, and report it as
+    ``progress["stage"]``; a slow shard of a phase the job has left then changes nothing, and the
+    return value is None.
     """
     values: dict[str, Any] = {"heartbeat_at": func.now()}
+    if phase is not None:
+        progress = {"stage": phase, **(progress or {})}
     if done is not None:
         values["progress_done"] = done
     elif add_done:
@@ -285,11 +316,26 @@ def set_progress(session: Session, job_id: int, *, done: int | None = None, tota
     if progress:
         # jsonb || jsonb merges keys in SQL, so two shards reporting different keys both land.
         values["progress"] = Job.progress.op("||")(bindparam("progress", progress, type_=JSONB))
-    stmt = update(Job).where(Job.id == job_id).values(**values).returning(Job.progress_done, Job.progress_total)
-    row = session.execute(stmt).one_or_none()
+    stmt = update(Job).where(Job.id == job_id)
+    if phase is not None:
+        stmt = stmt.where(Job.result["phase"].astext == phase)
+    row = session.execute(stmt.values(**values).returning(Job.progress_done, Job.progress_total)).one_or_none()
     if row is None:
+        if phase is not None:
+            return None
         raise JobNotFound(f"job {job_id} does not exist")
     return int(row[0]), int(row[1])
+
+
+def keep_alive(session: Session, job_ids: Iterable[int]) -> int:
+    """Renew the heartbeat of those of ``job_ids`` that are running mine jobs: their next tasks wait
+    in the broker, where nobody heartbeats them (services/miner/keepalive.py). Returns how many."""
+    ids = sorted(set(job_ids))
+    if not ids:
+        return 0
+    res = session.execute(update(Job).where(Job.id.in_(ids), Job.kind == "mine", Job.status == JobStatus.RUNNING)
+                          .values(heartbeat_at=func.now()))
+    return res.rowcount or 0
 
 
 def is_cancel_requested(session: Session, job_id: int) -> bool:
@@ -465,14 +511,6 @@ def reap_stale(session: Session, lease_s: float, max_attempts: int = 3) -> list[
 
 
 # -- committing helpers -------------------------------------------------------------------------
-def finish_and_dispatch(job_id: int, status: str, *, error: str | None = None,
-                        result: dict[str, Any] | None = None, worker: str | None = None) -> None:
-    """``finish_job`` in its own transaction, then dispatch the pipeline's next stage."""
-    with session_scope() as s:
-        nxt = finish_job(s, job_id, status, error=error, result=result, worker=worker)
-    broker.dispatch_all(nxt)
-
-
 def reap_and_dispatch(lease_s: float, max_attempts: int = 3) -> list[tuple[int, str]]:
     """``reap_stale`` in its own transaction, then re-send requeued mine jobs."""
     with session_scope() as s:

@@ -80,7 +80,7 @@ def reap_once(engine) -> list[tuple[int, str]]:
     from sqlalchemy.orm import Session
 
     from services.common import broker, jobs
-    from services.miner.keepalive import keep_alive, waiting_job_ids
+    from services.miner.keepalive import waiting_job_ids
 
     settings = get_settings()
     try:
@@ -89,7 +89,7 @@ def reap_once(engine) -> list[tuple[int, str]]:
         log.warning("cannot list queued tasks", exc_info=True)
         waiting = set()
     with Session(engine) as s, s.begin():
-        keep_alive(s, waiting)
+        jobs.keep_alive(s, waiting)
     with Session(engine) as s, s.begin():
         requeued = jobs.reap_stale(s, settings.lease_s, settings.max_attempts)
     for job_id, kind in requeued:

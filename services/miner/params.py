@@ -3,15 +3,15 @@
 A job's ``params`` may hold ``checkpoint_id`` (required: an artifacts.id of kind checkpoint),
 ``preset`` (take the mining options of a named preset instead of the checkpoint's own), and any
 field of ``orl.config.MineConfig`` (``knn_k``, ``pair_ratio``, ``roi_mode``, ``ss_max_side_px``
-...). Everything resolved here is recorded in the job row (``result["plan"]``), so a run can be
-traced back and repeated.
+...). Everything resolved here is recorded in the job row (``result["plan"]``, a
+``services.common.plan.MinePlan``), so a run can be traced back and repeated.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from typing import Any
 
 from orl.config import Config, MineConfig, get_preset
@@ -77,11 +77,3 @@ def roi_key(cfg: MineConfig) -> str:
     if cfg.roi_mode == "roi_align":
         opts["roi_align_max_side_px"] = cfg.roi_align_max_side_px
     return f"{cfg.roi_mode}-{_short_hash(opts, 10)}"
-
-
-def mine_config_from_plan(plan: dict[str, Any]) -> MineConfig:
-    return MineConfig(**{k: v for k, v in plan["mine"].items() if k in MINE_FIELDS})
-
-
-def mine_config_dict(cfg: MineConfig) -> dict[str, Any]:
-    return asdict(cfg)

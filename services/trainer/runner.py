@@ -109,11 +109,11 @@ class Trainer:
         """Run a claimed job to its end; returns the final status (or 'lost' / 'released')."""
         try:
             with session_scope() as s:
-                job = jobs.get_job(s, job_id)
+                job = jobs.get_job(s, job_id, lock=True)
                 spec = build_spec(s, job, self.settings.artifacts_path, self.settings.device)
                 resumed = (spec.out_dir / "last.pt").exists()
-                job.result = {**(job.result or {}), "config": spec.cfg.to_dict(), **spec.info,
-                              "nproc": spec.nproc, "out_dir": self._rel(spec.out_dir)}
+                jobs.update_job(s, job, result={"config": spec.cfg.to_dict(), **spec.info, "nproc": spec.nproc,
+                                                "out_dir": self._rel(spec.out_dir)})
         except SpecError as exc:
             return self._finish(job_id, JobStatus.FAILED, error=str(exc))
         log.info("job %s: %s stage %s, %s, preset %s, %d process(es)%s", job_id, spec.kind, spec.stage,

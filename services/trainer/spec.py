@@ -31,6 +31,7 @@ from orl.config import Config, TrainConfig, get_preset
 from orl.correspondence import Correspondence
 from services.common.correspondences import correspondence_from_db
 from services.common.models import Artifact, Dataset, Image, Job, JobStatus
+from services.common.plan import MinePlan
 
 DEFAULT_PRESET = "cpu"
 TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
@@ -143,23 +144,22 @@ def build_spec(session: Session, job: Job, artifacts_dir: Path, default_device: 
         raise SpecError(f"mine_job_id {params['mine_job_id']} is not a mine job")
     if mine.status != JobStatus.SUCCEEDED:
         raise SpecError(f"mine job {mine.id} is {mine.status}; train on a succeeded mine job")
-    plan = (mine.result or {}).get("plan") or {}
-    if "params_key" not in plan:
-        raise SpecError(f"mine job {mine.id} has no recorded plan (result.plan.params_key)")
+    try:
+        plan = MinePlan.of(mine)
+    except ValueError as exc:
+        raise SpecError(f"mine job {mine.id}: {exc}") from None
+    if plan is None:
+        raise SpecError(f"mine job {mine.id} has no recorded plan (result.plan)")
     mine_ds = session.get(Dataset, mine.dataset_id)
-    base = get_preset(DEFAULT_PRESET)
-    stage1 = None
-    if plan.get("checkpoint_id") is not None:
-        stage1 = _checkpoint(session, plan["checkpoint_id"], artifacts_dir, "the mine job's checkpoint")
-        base = _checkpoint_config(*stage1)
-    spec.cfg = build_config(params, base)
+    stage1 = _checkpoint(session, plan.checkpoint_id, artifacts_dir, "the mine job's checkpoint")
+    spec.cfg = build_config(params, _checkpoint_config(*stage1))
     spec.images_root = mine_ds.path
-    spec.corr = correspondence_from_db(session, mine.id, plan["params_key"])
+    spec.corr = correspondence_from_db(session, mine.id, plan.params_key)
     if len(spec.corr) < 2:
         raise SpecError(f"mine job {mine.id} found {len(spec.corr)} images with neighbours; stage 3 needs at least 2")
     init = params.get("init_from_checkpoint_id")
     if params.get("init_from") == "stage1":
-        init = params.get("stage1_checkpoint_id", plan.get("checkpoint_id"))
+        init = params.get("stage1_checkpoint_id", plan.checkpoint_id)
     elif params.get("init_from") not in (None, "random"):
         raise SpecError(f"params.init_from must be 'stage1' or 'random', got {params['init_from']!r}")
     if init is not None:
