@@ -52,11 +52,11 @@ from sqlalchemy.orm import Session
 from orl.checkpoint import load_checkpoint, load_model
 from orl.config import Config
 from orl.images import ImageError, load_rgb
-from orl.correspondence import official_info
 from orl.mining import embed_images, embed_rois, knn_search, select_pairs
 from orl.proposals import proposal_params, run_proposals
 from orl.train import resolve_device
 from services.common import jobs
+from services.common.correspondences import mine_job_correspondence
 from services.common.datasets import scan_dataset
 from services.common.db import chunks, session_scope
 from services.common.heartbeat import Heartbeat
@@ -64,7 +64,6 @@ from services.common.models import TERMINAL_STATUSES, Job, JobStatus
 from services.common.plan import MinePlan
 from services.common.settings import get_settings
 from services.miner import records
-from services.common.correspondences import correspondence_from_db
 from services.miner.params import MineParamsError, params_key, resolve_mine_config, roi_key
 from services.miner.roi_cache import RoiCache
 
@@ -514,9 +513,7 @@ def finalize(job_id: int, dispatcher: Dispatcher) -> None:
     rel = Path("jobs") / str(job_id) / "correspondence.json"
     out = get_settings().artifacts_path / rel
     with session_scope() as s:
-        corr = correspondence_from_db(s, job_id, plan.params_key, official_info(plan.mine, {
-            "job_id": job_id, "dataset_id": plan.dataset_id, "images_root": plan.dataset_path,
-            "checkpoint_id": plan.checkpoint_id, "params_key": plan.params_key}))
+        corr = mine_job_correspondence(s, jobs.get_job(s, job_id))
         failed = plan.images - records.count_set(s, plan.dataset_id, plan.image_max_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     corr.save(out)
