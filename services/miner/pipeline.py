@@ -49,13 +49,13 @@ import numpy as np
 import torch
 from sqlalchemy.orm import Session
 
-from orl.checkpoint import load_checkpoint, load_model
-from orl.config import Config
+from orl.checkpoint import load_model
 from orl.images import ImageError, load_rgb
 from orl.mining import embed_images, embed_rois, knn_search, select_pairs
 from orl.proposals import proposal_params, run_proposals
 from orl.train import resolve_device
 from services.common import jobs
+from services.common.artifacts import artifact_file, checkpoint_config, upsert_artifact
 from services.common.correspondences import mine_job_correspondence
 from services.common.datasets import scan_dataset
 from services.common.db import chunks, session_scope
@@ -95,10 +95,8 @@ def worker_name() -> str:
     return f"miner@{socket.gethostname()}:{os.getpid()}"
 
 
-def artifact_file(path: str) -> Path:
-    """Artifact paths are stored relative to ORL_ARTIFACTS_DIR (so hosts may mount it anywhere)."""
-    p = Path(path)
-    return p if p.is_absolute() else get_settings().artifacts_path / p
+def artifact_path(path: str) -> Path:
+    return artifact_file(path, get_settings().artifacts_path)
 
 
 def device() -> torch.device:
@@ -178,13 +176,6 @@ def get_model(path: Path):
     return _model_cache["model"]
 
 
-def _checkpoint_config(art) -> Config:
-    cfg = (art.meta or {}).get("config")
-    if cfg:
-        return Config.from_dict(cfg)
-    return Config.from_dict(load_checkpoint(artifact_file(art.path))["config"])
-
-
 # -- start_mine: plan, then reconcile ----------------------------------------------------------------
 def start_mine(job_id: int, dispatcher: Dispatcher) -> None:
     with session_scope() as s:
@@ -224,7 +215,7 @@ def make_plan(job_id: int) -> MinePlan:
             raise MineError(f"checkpoint_id {ckpt_id} is not a checkpoint artifact")
         dataset_id, dataset_path, ckpt_path = ds.id, ds.path, art.path
         try:
-            ck_cfg = _checkpoint_config(art)
+            ck_cfg = checkpoint_config(art, get_settings().artifacts_path)
         except Exception as exc:
             raise MineError(f"checkpoint {ckpt_id} ({ckpt_path}) cannot be read: {exc}") from exc
     try:
@@ -370,7 +361,7 @@ def embed_knn(job_id: int, dispatcher: Dispatcher) -> None:
             total = records.count_set(s, ds_id, max_id)
             jobs.set_progress(s, job_id, done=total - len(need), total=total, phase="embed")
         if need:
-            model = get_model(artifact_file(plan.checkpoint_path))
+            model = get_model(artifact_path(plan.checkpoint_path))
             root = Path(plan.dataset_path)
             for chunk in chunks(need, 4 * mc.batch_size):
                 gate.check()
@@ -435,7 +426,7 @@ class _RoiFeatures:
         boxes = self.boxes.get(image_id, np.zeros((0, 4)))
         feats = self.cache.get(image_id, len(boxes)) if len(boxes) else np.zeros((0, 0), np.float32)
         if feats is None:
-            model = get_model(artifact_file(self.plan.checkpoint_path))
+            model = get_model(artifact_path(self.plan.checkpoint_path))
             try:
                 img = load_rgb(Path(self.plan.dataset_path) / self.paths[image_id])
                 feats, _ = embed_rois(model.backbone, img, boxes, self.plan.mine, device())
@@ -521,7 +512,7 @@ def finalize(job_id: int, dispatcher: Dispatcher) -> None:
         job = _locked(s, job_id)
         if job.status in TERMINAL_STATUSES:
             return
-        art_id = records.upsert_artifact(s, job_id=job_id, dataset_id=plan.dataset_id, kind="correspondence",
+        art_id = upsert_artifact(s, job_id=job_id, dataset_id=plan.dataset_id, kind="correspondence",
                                          path=rel.as_posix(), meta={"images": len(corr), "pairs": corr.num_pairs,
                                                                     "format": "orl-official-json"})
         summary = {**dict(job.result or {}), "phase": "done", "images": len(corr), "pairs": corr.num_pairs,

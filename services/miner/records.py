@@ -172,7 +172,7 @@ def count_pairs(session: Session, job_id: int) -> int:
     return int(session.execute(select(func.count()).select_from(RoiPair).where(RoiPair.job_id == job_id)).scalar_one())
 
 
-# -- datasets, checkpoints, artifacts ---------------------------------------------------------------
+# -- datasets, checkpoints, jobs --------------------------------------------------------------------
 def dataset(session: Session, dataset_id: int) -> Dataset | None:
     return session.get(Dataset, dataset_id)
 
@@ -185,19 +185,3 @@ def checkpoint_artifact(session: Session, artifact_id: int) -> Artifact | None:
 def job_status(session: Session, job_id: int) -> tuple[str, bool, dict[str, Any]] | None:
     row = session.execute(select(Job.status, Job.cancel_requested, Job.result).where(Job.id == job_id)).one_or_none()
     return None if row is None else (row[0], bool(row[1]), dict(row[2] or {}))
-
-
-def upsert_artifact(session: Session, *, job_id: int, dataset_id: int, kind: str, path: str,
-                    stage: str | None = None, meta: dict[str, Any] | None = None) -> int:
-    """One artifact row per (job, kind): artifacts has no unique key, so the caller holds the
-    job row lock (``jobs.get_job(lock=True)``) to make this check-then-insert safe against a
-    redelivered task."""
-    existing = session.execute(select(Artifact.id).where(Artifact.job_id == job_id, Artifact.kind == kind)
-                               .order_by(Artifact.id).limit(1)).scalar_one_or_none()
-    if existing is not None:
-        session.execute(update(Artifact).where(Artifact.id == existing).values(path=path, meta=meta or {}))
-        return int(existing)
-    art = Artifact(job_id=job_id, dataset_id=dataset_id, kind=kind, stage=stage, path=path, meta=meta or {})
-    session.add(art)
-    session.flush()
-    return int(art.id)

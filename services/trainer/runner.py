@@ -29,12 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from services.common import broker, jobs
+from services.common.artifacts import upsert_artifact
 from services.common.db import session_scope
 from services.common.heartbeat import Heartbeat
-from services.common.models import Artifact, JobStatus
+from services.common.models import JobStatus
 from services.common.settings import Settings, get_settings
 from services.trainer.spec import RunSpec, SpecError, build_spec
 
@@ -216,18 +215,9 @@ class Trainer:
             jobs.get_job(s, spec.job_id, lock=True)  # serialises against a concurrent copy of this
             for kind, name in (("checkpoint", "last.pt"), ("backbone", "backbone.pth")):
                 path = spec.out_dir / name
-                if not path.exists():
-                    continue
-                art = s.execute(select(Artifact).where(Artifact.job_id == spec.job_id, Artifact.kind == kind)
-                                .order_by(Artifact.id).limit(1)).scalar_one_or_none()
-                if art is None:
-                    art = Artifact(job_id=spec.job_id, dataset_id=spec.dataset_id, kind=kind, stage=spec.stage,
-                                   path=self._rel(path), meta=meta)
-                    s.add(art)
-                else:
-                    art.path, art.meta = self._rel(path), meta
-                s.flush()
-                out[f"{kind}_id"] = int(art.id)
+                if path.exists():
+                    out[f"{kind}_id"] = upsert_artifact(s, job_id=spec.job_id, dataset_id=spec.dataset_id, kind=kind,
+                                                        stage=spec.stage, path=self._rel(path), meta=meta)
         return out
 
     def _finish(self, job_id: int, status: str, *, error: str | None = None, result: dict | None = None) -> str:

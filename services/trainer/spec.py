@@ -26,9 +26,9 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from orl.checkpoint import load_checkpoint
 from orl.config import Config, TrainConfig, get_preset
 from orl.correspondence import Correspondence
+from services.common.artifacts import artifact_file, checkpoint_config
 from services.common.correspondences import correspondence_from_db
 from services.common.models import Artifact, Dataset, Image, Job, JobStatus
 from services.common.plan import MinePlan
@@ -62,11 +62,6 @@ class RunSpec:
     info: dict[str, Any] = field(default_factory=dict)  # recorded in the job's result
 
 
-def artifact_file(path: str, artifacts_dir: Path) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else artifacts_dir / p
-
-
 def _checkpoint(session: Session, artifact_id: Any, artifacts_dir: Path, what: str) -> tuple[Artifact, Path]:
     try:
         art = session.get(Artifact, int(artifact_id))
@@ -75,11 +70,6 @@ def _checkpoint(session: Session, artifact_id: Any, artifacts_dir: Path, what: s
     if art is None or art.kind != "checkpoint":
         raise SpecError(f"{what} {artifact_id} is not a checkpoint artifact")
     return art, artifact_file(art.path, artifacts_dir)
-
-
-def _checkpoint_config(art: Artifact, path: Path) -> Config:
-    cfg = (art.meta or {}).get("config")
-    return Config.from_dict(cfg) if cfg else Config.from_dict(load_checkpoint(path)["config"])
 
 
 def build_config(params: dict[str, Any], base: Config) -> Config:
@@ -152,7 +142,7 @@ def build_spec(session: Session, job: Job, artifacts_dir: Path, default_device: 
         raise SpecError(f"mine job {mine.id} has no recorded plan (result.plan)")
     mine_ds = session.get(Dataset, mine.dataset_id)
     stage1 = _checkpoint(session, plan.checkpoint_id, artifacts_dir, "the mine job's checkpoint")
-    spec.cfg = build_config(params, _checkpoint_config(*stage1))
+    spec.cfg = build_config(params, checkpoint_config(stage1[0], artifacts_dir))
     spec.images_root = mine_ds.path
     spec.corr = correspondence_from_db(session, mine.id, plan.params_key)
     if len(spec.corr) < 2:
