@@ -256,10 +256,6 @@ def run_proposals(
             w.close()
 
 
-def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
-
-
 if __name__ == "__main__":
     # Import by name so pickled results reference orl.proposals, not __main__.
     from orl.proposals import worker_main as _main

@@ -8,7 +8,6 @@ inside its dataset's folder; nothing else is ever read. The API and the miner sh
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,7 +157,3 @@ def dataset_counts(session: Session, dataset_id: int) -> dict[str, int]:
     n_jobs = session.execute(select(func.count()).select_from(Job).where(Job.dataset_id == dataset_id)).scalar_one()
     return {"images": int(img[0]), "failed_images": int(img[1]), "proposals": int(n_props),
             "pairs": int(n_pairs), "jobs": int(n_jobs)}
-
-
-def is_under_roots(path: str | os.PathLike, roots: list[Path]) -> bool:
-    return any(Path(path).is_relative_to(r) for r in roots)

@@ -105,11 +105,6 @@ def boxes_of(session: Session, image_ids: Iterable[int], params_key: str) -> dic
 
 
 # -- embeddings and neighbours -------------------------------------------------------------------
-def set_ids(session: Session, dataset_id: int, image_max_id: int) -> list[int]:
-    return list(session.execute(select(Image.id).where(_in_set(dataset_id, image_max_id), Image.status == "ok")
-                                .order_by(Image.id)).scalars())
-
-
 def ids_lacking_embedding(session: Session, dataset_id: int, image_max_id: int, checkpoint_id: int) -> list[int]:
     has = exists().where(ImageEmbedding.image_id == Image.id, ImageEmbedding.checkpoint_id == checkpoint_id)
     return list(session.execute(select(Image.id).where(_in_set(dataset_id, image_max_id), Image.status == "ok", ~has)
@@ -166,10 +161,6 @@ def images_with_pairs(session: Session, job_id: int, image_ids: Sequence[int]) -
 
 def write_pairs(session: Session, rows: list[dict[str, Any]]) -> int:
     return insert_ignore(session, RoiPair, rows)
-
-
-def count_pairs(session: Session, job_id: int) -> int:
-    return int(session.execute(select(func.count()).select_from(RoiPair).where(RoiPair.job_id == job_id)).scalar_one())
 
 
 # -- datasets, checkpoints, jobs --------------------------------------------------------------------
