@@ -4,9 +4,10 @@ One job at a time per trainer process; run one trainer per machine (it uses all 
 machine's GPUs through torchrun when a job asks for several processes), or several anywhere:
 ``claim_job`` takes rows with ``FOR UPDATE SKIP LOCKED``, so each job goes to one trainer.
 
-While a job runs, a lease thread heartbeats its row every ORL_HEARTBEAT_S with the latest
-progress (epoch, step, loss, images/s, ETA) and learns from the answer whether a cancel was
-requested, or whether the job was taken away (requeued by the reaper after a long silence).
+While a job runs, a heartbeat thread (``services.common.heartbeat``) renews its row every
+ORL_HEARTBEAT_S with the latest progress (epoch, step, loss, images/s, ETA) and learns from the
+answer whether a cancel was requested, or whether the job was taken away (requeued by the reaper
+after a long silence).
 ``orl.train`` polls ``should_stop`` every step; it writes ``last.pt`` every
 ``train.checkpoint_every_steps`` steps and at each epoch end, and the same call resumes from it.
 So a trainer that dies (kill -9, lost host) costs at most those steps: its job's heartbeat goes
