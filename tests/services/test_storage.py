@@ -334,8 +334,6 @@ def test_concurrent_posts_with_one_idempotency_key_make_one_job(settings_env):
 
 def test_api_and_common_import_no_other_service():
     """Services talk through the database and the broker (tasks sent by name), never by import."""
-    import ast
-
     bad = []
     for pkg in ("services/common", "services/api"):
         for f in (REPO / pkg).rglob("*.py"):
