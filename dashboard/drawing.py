@@ -24,10 +24,6 @@ def pair_colour(index: int) -> tuple[int, int, int]:
     return PAIR_COLOURS[index % len(PAIR_COLOURS)]
 
 
-def colour_hex(rgb: tuple[int, int, int]) -> str:
-    return "#{:02x}{:02x}{:02x}".format(*rgb)
-
-
 def open_image(data: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     img.load()

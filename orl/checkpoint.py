@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from orl.config import Config
+from orl.fileio import atomic_path
 from orl.models import ORLModel, build_model
 
 FORMAT = "orl-checkpoint-v1"
@@ -28,9 +29,8 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write atomically (temp file + rename), so a kill mid-write never corrupts last.pt."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, **state}, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -10,13 +10,25 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from orl.boxes import xywh_to_xyxy, xyxy_to_xywh
+from orl.config import MineConfig
+from orl.fileio import atomic_write_text
+
+
+def official_info(cfg: MineConfig, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``info`` block of correspondence.json: the authors' keys first (their loader looks for
+    them), then every mining parameter (``mine_config``), then ``extra`` (where the run came from)."""
+    return {"bbox_min_size": cfg.min_side_px, "bbox_max_aspect_ratio": cfg.max_aspect,
+            "bbox_max_iou": cfg.max_iou, "intra_bbox_num": cfg.max_boxes,
+            "knn_image_num": cfg.knn_k, "knn_bbox_pair_ratio": cfg.pair_ratio,
+            "mine_config": asdict(cfg), **(extra or {})}
 
 
 @dataclass
@@ -126,10 +138,7 @@ class Correspondence:
         return cls(files, sizes, boxes, knn, sim, pairs, scores, dict(data.get("info", {})))
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_official()))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.to_official()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Correspondence":

@@ -85,9 +85,6 @@ class GroundTruth(Mapping):
     def unlabeled(self) -> list[str]:
         return sorted(p for p in self.splits if p not in self.objects)
 
-    def split_of(self, path: str) -> str:
-        return self.splits[path]
-
     def images(self, split: str | None = None) -> list[str]:
         """Sorted labelled image paths, optionally of one split ("train" | "val")."""
         return sorted(p for p in self.objects if split is None or self.splits[p] == split)

@@ -28,7 +28,7 @@ from torchvision.ops import roi_align
 
 from orl.augment import IMAGENET_MEAN, IMAGENET_STD, crop_patch, eval_transform, squash_transform
 from orl.config import MineConfig
-from orl.correspondence import Correspondence
+from orl.correspondence import Correspondence, official_info
 from orl.images import ImageError, load_rgb
 from orl.models import ORLModel
 from orl.proposals import ProposalResult, run_proposals
@@ -287,13 +287,7 @@ def mine(
         sizes=np.array([[props[i].width, props[i].height] for i in keep], dtype=np.int64).reshape(-1, 2),
         boxes=[props[i].boxes if props[i].ok else np.zeros((0, 4)) for i in keep],
         knn=knn_local, knn_sim=knn_sim, pairs=pairs, pair_scores=scores,
-        info={
-            # the authors' keys first, so their loader finds what it expects
-            "bbox_min_size": cfg.min_side_px, "bbox_max_aspect_ratio": cfg.max_aspect,
-            "bbox_max_iou": cfg.max_iou, "intra_bbox_num": cfg.max_boxes,
-            "knn_image_num": cfg.knn_k, "knn_bbox_pair_ratio": cfg.pair_ratio,
-            "mine_config": asdict(cfg), **(info or {}),
-        },
+        info=official_info(cfg, info),
     )
     corr.save(out / "correspondence.json")
     _write_status(out / "image_status.csv", files, props, failed)

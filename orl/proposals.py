@@ -23,6 +23,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from orl.boxes import filter_boxes
+from orl.config import MineConfig
 
 
 @dataclass
@@ -91,6 +92,15 @@ def selective_search(rgb: np.ndarray, mode: str = "fast", max_side_px: int | Non
     boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, w)
     boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, h)
     return boxes
+
+
+def proposal_params(cfg: MineConfig) -> dict:
+    """What ``propose_image`` reads: the selective-search options and the official box filter.
+
+    Equal dicts mean equal boxes, so callers key caches of proposals on it.
+    """
+    return {"mode": cfg.ss_mode, "max_side_px": cfg.ss_max_side_px, "min_side_px": cfg.min_side_px,
+            "max_aspect": cfg.max_aspect, "max_iou": cfg.max_iou, "max_boxes": cfg.max_boxes}
 
 
 def propose_image(path: str, params: dict) -> ProposalResult:
@@ -244,10 +254,6 @@ def run_proposals(
     finally:
         for w in pool:
             w.close()
-
-
-def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script, only scripts/ is on the path; orl lives at the root
+    sys.path.insert(0, str(REPO))
 # Preferred ports; a taken one is replaced by a free port, remembered in stack.json so the URLs
 # stay the same from one `up` to the next.
 DEFAULT_PORTS = {"postgres": 55432, "redis": 56379, "api": 8000, "dashboard": 8501}
@@ -96,10 +98,10 @@ class State:
         return self
 
     def save(self) -> None:
+        from orl.fileio import atomic_write_text  # the library's helper; it needs only the standard library
+
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.config, indent=2, sort_keys=True))
-        tmp.replace(self.file)
+        atomic_write_text(self.file, json.dumps(self.config, indent=2, sort_keys=True))
 
     def token(self) -> str:
         """The API token: ORL_API_TOKEN if set, else one generated once and kept in the state folder."""

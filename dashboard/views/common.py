@@ -172,7 +172,3 @@ def dataset_picker(api: Api, current: int | None, key: str) -> int | None:
 
 def is_active(job: dict) -> bool:
     return job.get("status") not in TERMINAL
-
-
-def job_label(job: dict) -> str:
-    return f"#{job['id']} {job['kind']} · {job['status']}"

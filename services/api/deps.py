@@ -10,7 +10,7 @@ from fastapi import Depends, HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from services.common.db import get_sessionmaker
+from services.common.runtime import get_sessionmaker
 from services.common.settings import Settings, get_settings
 
 

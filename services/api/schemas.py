@@ -7,10 +7,9 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.common.models import Job
+from services.common.models import Job, JobStatus
 
 JobKind = Literal["pretrain", "mine", "train", "pipeline"]
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
 
 
 T = TypeVar("T")

@@ -1,7 +1,8 @@
 """A mining job's rows -> ``orl.correspondence.Correspondence``: the one place that does it.
 
-The miner exports it as correspondence.json when a job finishes, the trainer feeds it to stage 3,
-and the API serves it as the authors' json layout: all three must see the same thing.
+The miner exports it as correspondence.json when a job finishes (``mine_job_correspondence``), the
+API serves the same thing in the authors' json layout, and the trainer feeds it to stage 3: all
+three must see the same pairs.
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from orl.correspondence import Correspondence
+from orl.correspondence import Correspondence, official_info
 from services.common.models import Image, Job, Neighbor, Proposal, RoiPair
+from services.common.plan import MinePlan
 
 
 def job_params_key(job: Job) -> str | None:
-    """The selective-search parameters key of a mine job (the miner records it in result.plan)."""
-    result = job.result or {}
-    return ((result.get("plan") or {}).get("params_key") or result.get("params_key")
-            or (job.params or {}).get("params_key"))
+    """The selective-search parameters key of a mine job (the miner records it in its plan)."""
+    plan = MinePlan.of(job)
+    return (plan.params_key if plan else None) or (job.result or {}).get("params_key") \
+        or (job.params or {}).get("params_key")
 
 
 def correspondence_from_db(session: Session, job_id: int, params_key: str | None = None,
@@ -67,3 +69,17 @@ def correspondence_from_db(session: Session, job_id: int, params_key: str | None
         sizes=np.asarray([[meta[i][1] or 0, meta[i][2] or 0] for i in ids], dtype=np.int64).reshape(-1, 2),
         boxes=[np.asarray(boxes[i], dtype=np.float64).reshape(-1, 4) for i in ids],
         knn=knn, knn_sim=knn_sim, pairs=pairs, pair_scores=scores, info=dict(info or {"mine_job_id": job_id}))
+
+
+def mine_job_correspondence(session: Session, job: Job) -> Correspondence:
+    """A mine job's result with its ``info`` block: the miner's correspondence.json and the API's
+    ``GET /correspondences/export?format=orl-json`` are both this, so they are identical."""
+    plan = MinePlan.of(job)
+    key = job_params_key(job)
+    where = {"job_id": job.id, "dataset_id": job.dataset_id}
+    if plan is None:  # rows written without the miner (no recorded parameters)
+        info = {**where, "params_key": key}
+    else:
+        info = official_info(plan.mine, {**where, "images_root": plan.dataset_path,
+                                         "checkpoint_id": plan.checkpoint_id, "params_key": key})
+    return correspondence_from_db(session, job.id, key, info)

@@ -8,7 +8,6 @@ inside its dataset's folder; nothing else is ever read. The API and the miner sh
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from orl.images import ImageError, image_size, list_images
-from services.common.db import insert_ignore
+from services.common.db import chunks, insert_ignore
 from services.common.models import Dataset, Image, Job, Proposal, RoiPair
 
 MAX_PATH_CHARS = 4096
@@ -138,8 +137,8 @@ def scan_dataset(session: Session, dataset: Dataset, batch: int = 500) -> ScanRe
     known = set(session.execute(select(Image.rel_path).where(Image.dataset_id == dataset.id)).scalars())
     new = [f for f in files if f not in known]
     added = added_failed = 0
-    for i in range(0, len(new), batch):
-        rows = [{**describe_image(base, f), "dataset_id": dataset.id} for f in new[i : i + batch]]
+    for part in chunks(new, batch):
+        rows = [{**describe_image(base, f), "dataset_id": dataset.id} for f in part]
         ins = insert_ignore(session, Image, rows, returning=["status"])
         added += len(ins)
         added_failed += sum(1 for (st,) in ins if st == "failed")
@@ -158,7 +157,3 @@ def dataset_counts(session: Session, dataset_id: int) -> dict[str, int]:
     n_jobs = session.execute(select(func.count()).select_from(Job).where(Job.dataset_id == dataset_id)).scalar_one()
     return {"images": int(img[0]), "failed_images": int(img[1]), "proposals": int(n_props),
             "pairs": int(n_pairs), "jobs": int(n_jobs)}
-
-
-def is_under_roots(path: str | os.PathLike, roots: list[Path]) -> bool:
-    return any(Path(path).is_relative_to(r) for r in roots)

@@ -1,61 +1,21 @@
-"""Engine, sessions and idempotent bulk writes.
-
-The engine is created on first use from ``get_settings().database_url`` and cached per process.
-Forked workers (Celery prefork) must not share the parent's connections: call
-``dispose_engine()`` in the child (e.g. from ``worker_process_init``) and the next use reconnects.
-"""
+"""Sessions and idempotent bulk writes, over the engine of ``services.common.runtime``."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from services.common.settings import get_settings
-
-_engine: Engine | None = None
-_sessionmaker: sessionmaker[Session] | None = None
+from services.common.runtime import get_engine, get_sessionmaker
 
 # Postgres accepts at most 65535 bind parameters per statement; chunks stay well below.
 MAX_BIND_PARAMS = 30_000
 
-
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """A Postgres engine with the options every service wants."""
-    kwargs.setdefault("pool_pre_ping", True)  # survive a database restart between requests
-    kwargs.setdefault("pool_size", 5)
-    kwargs.setdefault("max_overflow", 10)
-    return create_engine(url, **kwargs)
-
-
-def get_engine() -> Engine:
-    global _engine
-    if _engine is None:
-        _engine = make_engine(get_settings().database_url)
-    return _engine
-
-
-def get_sessionmaker() -> sessionmaker[Session]:
-    global _sessionmaker
-    if _sessionmaker is None:
-        # expire_on_commit=False: objects returned from a finished session stay readable
-        # (the API serialises them after commit).
-        _sessionmaker = sessionmaker(get_engine(), expire_on_commit=False)
-    return _sessionmaker
-
-
-def dispose_engine() -> None:
-    """Close every pooled connection and forget the engine (after a fork, or settings change)."""
-    global _engine, _sessionmaker
-    if _engine is not None:
-        # close=False in a forked child would leave the parent's sockets alone; here we own them.
-        _engine.dispose()
-    _engine = None
-    _sessionmaker = None
+T = TypeVar("T")
 
 
 @contextmanager
@@ -78,9 +38,10 @@ def check_database(engine: Engine | None = None) -> None:
         conn.execute(text("SELECT 1"))
 
 
-def _chunks(rows: Sequence[Mapping[str, Any]], size: int) -> Iterator[Sequence[Mapping[str, Any]]]:
-    for i in range(0, len(rows), size):
-        yield rows[i : i + size]
+def chunks(seq: Sequence[T], size: int) -> list[list[T]]:
+    """Consecutive runs of at most ``size`` items: statements under the bind limit, task shards, batches."""
+    size = max(1, int(size))
+    return [list(seq[i : i + size]) for i in range(0, len(seq), size)]
 
 
 def insert_ignore(
@@ -108,10 +69,10 @@ def insert_ignore(
     # Core execution on the session's connection (same transaction): the ORM's bulk-insert path
     # would not report how many rows the server actually inserted.
     conn = session.connection()
-    for part in _chunks(rows, chunk):
+    for part in chunks(rows, chunk):
         # values(list) renders ONE statement with many VALUES tuples (not executemany), so a
         # chunk is a single round trip and a single atomic statement.
-        stmt = pg_insert(table).values(list(part)).on_conflict_do_nothing()
+        stmt = pg_insert(table).values(part).on_conflict_do_nothing()
         if returning:
             stmt = stmt.returning(*(table.c[c] for c in returning))
             out.extend(tuple(r) for r in conn.execute(stmt))

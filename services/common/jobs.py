@@ -6,19 +6,21 @@ States::
       │                       │  └──cancel──> cancelling ──finish──> cancelled (or failed/succeeded)
       └──cancel──> cancelled  └──lease expired──> queued (attempts < max) | failed
 
-Functions take a ``Session`` and do not commit (the caller's transaction decides), except the
-``*_and_dispatch`` helpers, which commit and then hand newly runnable jobs to the broker: a worker
-must never receive a job id whose row is not committed yet.
+Functions take a ``Session`` and do not commit (the caller's transaction decides), except
+``reap_and_dispatch``, which commits and then hands requeued jobs to the broker: a worker must
+never receive a job id whose row is not committed yet.
 
 Who calls what:
 - API: ``create_job`` (+ ``broker.dispatch`` after commit), ``cancel_job``.
-- Trainer: ``claim_job(kinds=("pretrain", "train"))``, ``heartbeat`` between batches (it answers
-  CANCEL when a cancel was requested, LOST when the lease went to someone else),
-  ``finish_and_dispatch``, and ``reap_stale`` in its poll loop.
-- Miner: ``start_job`` in ``miner.start_mine`` (idempotent on redelivery), ``heartbeat`` /
-  ``set_progress`` per shard, ``finish_and_dispatch`` from the last shard. A mining job spans
-  many tasks, so something must renew its heartbeat at least every ORL_LEASE_S while shards wait
-  in the queue, or ``reap_stale`` requeues it.
+- Trainer: ``claim_job(kinds=("pretrain", "train"))``, ``update_job`` (the resolved config),
+  ``heartbeat`` between batches (it answers CANCEL when a cancel was requested, LOST when the lease
+  went to someone else), ``finish_job`` + ``broker.dispatch_all``, ``release_job`` on shutdown,
+  and ``reap_and_dispatch`` in its poll loop.
+- Miner: ``start_job`` in ``miner.start_mine`` (idempotent on redelivery), ``get_job(lock=True)`` +
+  ``update_job`` for the plan and each phase change, ``heartbeat`` / ``set_progress(phase=...)``
+  per shard, ``finish_job`` from the last shard. A mining job spans many tasks, so something must
+  renew its heartbeat at least every ORL_LEASE_S while shards wait in the queue (``keep_alive``),
+  or ``reap_stale`` requeues it.
 
 Pipelines: a ``pipeline`` job is a coordinator with no worker. Its children run pretrain -> mine
 -> train; each child is created (queued) when the previous one succeeds, with these links added
@@ -42,19 +44,24 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from services.common.models import JOB_KINDS, TERMINAL_STATUSES, Job
+from services.common import broker
+from services.common.db import session_scope
+from services.common.models import JOB_KINDS, TERMINAL_STATUSES, Job, JobStatus
 
 PIPELINE_STAGES = ("pretrain", "mine", "train")
+# A worker holds the job (its heartbeat counts).
+ACTIVE_STATUSES = (JobStatus.RUNNING, JobStatus.CANCELLING)
 
 # Allowed status changes; anything else is a bug in the caller (InvalidTransition).
 TRANSITIONS: dict[str, frozenset[str]] = {
-    "queued": frozenset({"running", "cancelled", "failed"}),
-    "running": frozenset({"succeeded", "failed", "cancelling", "cancelled", "queued"}),
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
+    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLING, JobStatus.CANCELLED,
+                                  JobStatus.QUEUED}),
     # A worker that finished its last batch before seeing the flag may still report success.
-    "cancelling": frozenset({"cancelled", "failed", "succeeded"}),
-    "succeeded": frozenset(),
-    "failed": frozenset(),
-    "cancelled": frozenset(),
+    JobStatus.CANCELLING: frozenset({JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.SUCCEEDED}),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
 }
 
 
@@ -78,7 +85,7 @@ class Lease(enum.StrEnum):
     """What a heartbeat tells the worker to do next."""
 
     CONTINUE = "continue"
-    CANCEL = "cancel"  # finish the current batch, then finish_job(..., "cancelled")
+    CANCEL = "cancel"  # finish the current batch, then finish_job(..., CANCELLED)
     LOST = "lost"  # the job was requeued or finished by someone else: stop, write nothing more
 
 
@@ -113,11 +120,11 @@ def _set_status(session: Session, job: Job, to: str, now: datetime | None = None
         raise InvalidTransition(f"job {job.id} is {job.status}; it cannot become {to}")
     now = now or _now(session)
     job.status = to
-    if to == "running" and job.started_at is None:
+    if to == JobStatus.RUNNING and job.started_at is None:
         job.started_at = now
     if to in TERMINAL_STATUSES:
         job.finished_at = now
-    if to == "queued":
+    if to == JobStatus.QUEUED:
         job.finished_at = None
 
 
@@ -146,10 +153,10 @@ def create_job(
         raise JobError(f"unknown job kind {kind!r}; valid kinds: {', '.join(JOB_KINDS)}")
     params = dict(params or {})
     values = dict(kind=kind, dataset_id=dataset_id, params=params, parent_id=parent_id,
-                  idempotency_key=idempotency_key, status="queued")
+                  idempotency_key=idempotency_key, status=JobStatus.QUEUED)
     if parent_id is None and kind == "pipeline":
         # A coordinator: it is running as soon as its first stage is queued (no worker claims it).
-        values["status"] = "running"
+        values["status"] = JobStatus.RUNNING
         values["started_at"] = func.now()
         values["progress_total"] = len(PIPELINE_STAGES)
         values["progress"] = {"stage": PIPELINE_STAGES[0]}
@@ -194,7 +201,7 @@ def claim_job(session: Session, kinds: Sequence[str], worker: str) -> Job | None
     ``FOR UPDATE SKIP LOCKED`` lets any number of trainers poll at once: each row goes to exactly
     one of them and nobody waits on another's lock. Commit right after to publish the claim.
     """
-    stmt = (select(Job).where(Job.status == "queued", Job.kind.in_(list(kinds)))
+    stmt = (select(Job).where(Job.status == JobStatus.QUEUED, Job.kind.in_(list(kinds)))
             .order_by(Job.id).limit(1).with_for_update(skip_locked=True))
     job = session.execute(stmt).scalar_one_or_none()
     if job is None:
@@ -212,10 +219,10 @@ def start_job(session: Session, job_id: int, worker: str | None = None) -> Job |
     cancelling, or was cancelled while it waited in the broker: the caller does nothing.
     """
     job = get_job(session, job_id, lock=True)
-    if job.status == "queued":
+    if job.status == JobStatus.QUEUED:
         _mark_running(session, job, worker)
         return job
-    if job.status == "running":
+    if job.status == JobStatus.RUNNING:
         job.heartbeat_at = _now(session)
         return job
     return None
@@ -223,14 +230,14 @@ def start_job(session: Session, job_id: int, worker: str | None = None) -> Job |
 
 def _mark_running(session: Session, job: Job, worker: str | None) -> None:
     now = _now(session)
-    _set_status(session, job, "running", now)
+    _set_status(session, job, JobStatus.RUNNING, now)
     job.worker = worker
     job.heartbeat_at = now
     job.attempts = (job.attempts or 0) + 1
     job.error = None
     if job.parent_id is not None:
         parent = get_job(session, job.parent_id, lock=True)
-        if parent.status == "running":
+        if parent.status == JobStatus.RUNNING:
             parent.progress = {**(parent.progress or {}), "stage": job.kind}
 
 
@@ -250,7 +257,7 @@ def heartbeat(
     dict ({stage, epoch, step, loss, images_per_s, eta_s}).
     """
     job = get_job(session, job_id, lock=True)
-    if job.status not in ("running", "cancelling") or (worker is not None and job.worker not in (None, worker)):
+    if job.status not in ACTIVE_STATUSES or (worker is not None and job.worker not in (None, worker)):
         return Lease.LOST
     job.heartbeat_at = _now(session)
     if progress_done is not None:
@@ -259,18 +266,47 @@ def heartbeat(
         job.progress_total = progress_total
     if progress:
         job.progress = {**(job.progress or {}), **progress}
-    return Lease.CANCEL if (job.cancel_requested or job.status == "cancelling") else Lease.CONTINUE
+    return Lease.CANCEL if (job.cancel_requested or job.status == JobStatus.CANCELLING) else Lease.CONTINUE
+
+
+def update_job(session: Session, job: Job, *, result: dict[str, Any] | None = None,
+               progress: dict[str, Any] | None = None, done: int | None = None, total: int | None = None,
+               beat: bool = False) -> None:
+    """Record a worker's state in a job row it works on; the status is left alone.
+
+    ``result`` keys are merged into ``job.result`` (a mine job's plan and phase, a trainer's
+    config), ``progress`` keys into ``job.progress``; ``done`` / ``total`` set the progress counts;
+    ``beat`` renews the heartbeat. ``job`` must come from ``get_job(session, id, lock=True)`` in
+    this transaction, so concurrent tasks of one job never lose each other's keys.
+    """
+    if result:
+        job.result = {**(job.result or {}), **result}
+    if progress:
+        job.progress = {**(job.progress or {}), **progress}
+    if done is not None:
+        job.progress_done = done
+    if total is not None:
+        job.progress_total = total
+    if beat:
+        job.heartbeat_at = _now(session)
 
 
 def set_progress(session: Session, job_id: int, *, done: int | None = None, total: int | None = None,
-                 add_done: int = 0, progress: dict[str, Any] | None = None) -> tuple[int, int]:
+                 add_done: int = 0, progress: dict[str, Any] | None = None,
+                 phase: str | None = None) -> tuple[int, int] | None:
     """Atomic progress update without a lock round trip (many shards report concurrently).
 
     ``add_done`` increments in SQL, so concurrent shards never lose an update. Note that an
     increment is not idempotent: count from the data (rows written) when redelivery matters.
     Returns (progress_done, progress_total) after the update.
+
+    ``phase`` (mine jobs): update only while ``result["phase"]`` is this phase, and report it as
+    ``progress["stage"]``; a slow shard of a phase the job has left then changes nothing, and the
+    return value is None.
     """
     values: dict[str, Any] = {"heartbeat_at": func.now()}
+    if phase is not None:
+        progress = {"stage": phase, **(progress or {})}
     if done is not None:
         values["progress_done"] = done
     elif add_done:
@@ -280,11 +316,26 @@ def set_progress(session: Session, job_id: int, *, done: int | None = None, tota
     if progress:
         # jsonb || jsonb merges keys in SQL, so two shards reporting different keys both land.
         values["progress"] = Job.progress.op("||")(bindparam("progress", progress, type_=JSONB))
-    stmt = update(Job).where(Job.id == job_id).values(**values).returning(Job.progress_done, Job.progress_total)
-    row = session.execute(stmt).one_or_none()
+    stmt = update(Job).where(Job.id == job_id)
+    if phase is not None:
+        stmt = stmt.where(Job.result["phase"].astext == phase)
+    row = session.execute(stmt.values(**values).returning(Job.progress_done, Job.progress_total)).one_or_none()
     if row is None:
+        if phase is not None:
+            return None
         raise JobNotFound(f"job {job_id} does not exist")
     return int(row[0]), int(row[1])
+
+
+def keep_alive(session: Session, job_ids: Iterable[int]) -> int:
+    """Renew the heartbeat of those of ``job_ids`` that are running mine jobs: their next tasks wait
+    in the broker, where nobody heartbeats them (services/miner/keepalive.py). Returns how many."""
+    ids = sorted(set(job_ids))
+    if not ids:
+        return 0
+    res = session.execute(update(Job).where(Job.id.in_(ids), Job.kind == "mine", Job.status == JobStatus.RUNNING)
+                          .values(heartbeat_at=func.now()))
+    return res.rowcount or 0
 
 
 def is_cancel_requested(session: Session, job_id: int) -> bool:
@@ -292,7 +343,7 @@ def is_cancel_requested(session: Session, job_id: int) -> bool:
     row = session.execute(select(Job.cancel_requested, Job.status).where(Job.id == job_id)).one_or_none()
     if row is None:
         raise JobNotFound(f"job {job_id} does not exist")
-    return bool(row[0]) or row[1] in ("cancelling", "cancelled")
+    return bool(row[0]) or row[1] in (JobStatus.CANCELLING, JobStatus.CANCELLED)
 
 
 def finish_job(
@@ -319,14 +370,14 @@ def finish_job(
         raise InvalidTransition(f"job {job_id} already finished as {job.status}; it cannot become {status}")
     if worker is not None and job.worker not in (None, worker):
         raise InvalidTransition(f"job {job_id} is held by worker {job.worker}, not {worker}")
-    if job.status == "cancelling" and status == "failed" and not error:
-        status = "cancelled"
+    if job.status == JobStatus.CANCELLING and status == JobStatus.FAILED and not error:
+        status = JobStatus.CANCELLED
     _set_status(session, job, status)
     if error is not None:
         job.error = error
     if result is not None:
         job.result = result
-    if status == "succeeded" and job.progress_total:
+    if status == JobStatus.SUCCEEDED and job.progress_total:
         job.progress_done = job.progress_total
     if job.parent_id is not None:
         return _advance_pipeline(session, job)
@@ -337,12 +388,12 @@ def _advance_pipeline(session: Session, child: Job) -> list[tuple[int, str]]:
     parent = get_job(session, child.parent_id, lock=True)
     if parent.status in TERMINAL_STATUSES:
         return []
-    if child.status == "failed":
-        _set_status(session, parent, "failed")
+    if child.status == JobStatus.FAILED:
+        _set_status(session, parent, JobStatus.FAILED)
         parent.error = f"stage {child.kind} (job {child.id}) failed: {child.error or 'no error message'}"
         return []
-    if child.status == "cancelled" or parent.status == "cancelling" or parent.cancel_requested:
-        _set_status(session, parent, "cancelled")
+    if child.status == JobStatus.CANCELLED or parent.status == JobStatus.CANCELLING or parent.cancel_requested:
+        _set_status(session, parent, JobStatus.CANCELLED)
         return []
     # succeeded
     stage = PIPELINE_STAGES.index(child.kind)
@@ -350,14 +401,14 @@ def _advance_pipeline(session: Session, child: Job) -> list[tuple[int, str]]:
     if stage + 1 == len(PIPELINE_STAGES):
         parent.result = {"stages": {k: c.id for k, c in ((c.kind, c) for c in children(session, parent.id))},
                          **(child.result or {})}
-        _set_status(session, parent, "succeeded")
+        _set_status(session, parent, JobStatus.SUCCEEDED)
         return []
     nxt = PIPELINE_STAGES[stage + 1]
     links: dict[str, Any] = {}
     if nxt == "mine":
         ckpt = (child.result or {}).get("checkpoint_id")
         if ckpt is None and "checkpoint_id" not in ((parent.params or {}).get("mine") or {}):
-            _set_status(session, parent, "failed")
+            _set_status(session, parent, JobStatus.FAILED)
             parent.error = (f"stage pretrain (job {child.id}) succeeded without result.checkpoint_id, "
                             "so the mine stage has no checkpoint to use")
             return []
@@ -370,7 +421,7 @@ def _advance_pipeline(session: Session, child: Job) -> list[tuple[int, str]]:
             links.setdefault("stage1_checkpoint_id", ckpt)
     new = _create_child(session, parent, nxt, links)
     parent.progress = {**(parent.progress or {}), "stage": nxt}
-    return [(new.id, new.kind)] if new.status == "queued" else []
+    return [(new.id, new.kind)] if new.status == JobStatus.QUEUED else []
 
 
 # -- cancel -------------------------------------------------------------------------------------
@@ -381,10 +432,10 @@ def release_job(session: Session, job_id: int, worker: str) -> str | None:
     job = get_job(session, job_id, lock=True)
     if job.worker != worker or job.status in TERMINAL_STATUSES:
         return None
-    if job.status == "cancelling":
-        _set_status(session, job, "cancelled")
+    if job.status == JobStatus.CANCELLING:
+        _set_status(session, job, JobStatus.CANCELLED)
         return job.status
-    _set_status(session, job, "queued")
+    _set_status(session, job, JobStatus.QUEUED)
     job.worker, job.heartbeat_at = None, None
     job.progress = {**(job.progress or {}), "released_by": worker}
     return job.status
@@ -399,25 +450,25 @@ def cancel_job(session: Session, job_id: int) -> Job:
     Raises InvalidTransition for a job that already succeeded or failed.
     """
     job = get_job(session, job_id, lock=True)
-    if job.status == "cancelled" or job.status == "cancelling":
+    if job.status == JobStatus.CANCELLED or job.status == JobStatus.CANCELLING:
         return job
     if job.status in TERMINAL_STATUSES:
         raise InvalidTransition(f"job {job_id} already {job.status}; only queued or running jobs can be cancelled")
     job.cancel_requested = True
     if job.kind == "pipeline" and job.parent_id is None:
-        _set_status(session, job, "cancelling")
+        _set_status(session, job, JobStatus.CANCELLING)
         active = [c for c in children(session, job.id) if c.status not in TERMINAL_STATUSES]
         for c in active:
             cancel_job(session, c.id)  # a queued child is cancelled at once and finishes the parent
         if not active:
-            _set_status(session, job, "cancelled")
+            _set_status(session, job, JobStatus.CANCELLED)
         return job
-    if job.status == "queued":
-        _set_status(session, job, "cancelled")
+    if job.status == JobStatus.QUEUED:
+        _set_status(session, job, JobStatus.CANCELLED)
         if job.parent_id is not None:
             _advance_pipeline(session, job)
     else:
-        _set_status(session, job, "cancelling")
+        _set_status(session, job, JobStatus.CANCELLING)
     return job
 
 
@@ -433,7 +484,7 @@ def reap_stale(session: Session, lease_s: float, max_attempts: int = 3) -> list[
     """
     stale = list(session.execute(
         select(Job)
-        .where(Job.status.in_(("running", "cancelling")), Job.kind != "pipeline",
+        .where(Job.status.in_(ACTIVE_STATUSES), Job.kind != "pipeline",
                func.coalesce(Job.heartbeat_at, Job.started_at, Job.created_at)
                < func.now() - timedelta(seconds=lease_s))
         .order_by(Job.id)
@@ -443,15 +494,15 @@ def reap_stale(session: Session, lease_s: float, max_attempts: int = 3) -> list[
     for job in stale:
         session.refresh(job)
         last = job.heartbeat_at.isoformat(timespec="seconds") if job.heartbeat_at else "never"
-        if job.status == "cancelling":
-            finish_job(session, job.id, "cancelled")
+        if job.status == JobStatus.CANCELLING:
+            finish_job(session, job.id, JobStatus.CANCELLED)
             continue
         if job.attempts >= max_attempts:
-            finish_job(session, job.id, "failed", error=(
+            finish_job(session, job.id, JobStatus.FAILED, error=(
                 f"worker {job.worker or '?'} stopped sending heartbeats (last {last}, lease {lease_s:g} s); "
                 f"the job was tried {job.attempts} times, giving up after {max_attempts}"))
             continue
-        _set_status(session, job, "queued", now)
+        _set_status(session, job, JobStatus.QUEUED, now)
         job.progress = {**(job.progress or {}), "requeued_after": f"worker {job.worker or '?'} silent since {last}"}
         job.worker = None
         job.heartbeat_at = None
@@ -460,28 +511,9 @@ def reap_stale(session: Session, lease_s: float, max_attempts: int = 3) -> list[
 
 
 # -- committing helpers -------------------------------------------------------------------------
-def _dispatch(pairs: Iterable[tuple[int, str]]) -> None:
-    from services.common import broker
-
-    for job_id, kind in pairs:
-        broker.dispatch(job_id, kind)
-
-
-def finish_and_dispatch(job_id: int, status: str, *, error: str | None = None,
-                        result: dict[str, Any] | None = None, worker: str | None = None) -> None:
-    """``finish_job`` in its own transaction, then dispatch the pipeline's next stage."""
-    from services.common.db import session_scope
-
-    with session_scope() as s:
-        nxt = finish_job(s, job_id, status, error=error, result=result, worker=worker)
-    _dispatch(nxt)
-
-
 def reap_and_dispatch(lease_s: float, max_attempts: int = 3) -> list[tuple[int, str]]:
     """``reap_stale`` in its own transaction, then re-send requeued mine jobs."""
-    from services.common.db import session_scope
-
     with session_scope() as s:
         requeued = reap_stale(s, lease_s, max_attempts)
-    _dispatch(requeued)
+    broker.dispatch_all(requeued)
     return requeued

@@ -75,8 +75,8 @@ def _script_heads() -> frozenset[str]:
     return frozenset(ScriptDirectory.from_config(alembic_config("postgresql://unused")).get_heads())
 
 
-def head_revisions(url: str | None = None) -> set[str]:
-    """Newest revision(s) in migrations/versions (``url`` is accepted for symmetry, not needed)."""
+def head_revisions() -> set[str]:
+    """Newest revision(s) in migrations/versions."""
     return set(_script_heads())
 
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     url = args.url or get_settings().database_url
     _wait_for_server(url, args.wait_s)
     upgrade(url)
-    print(f"database {make_url(url).database} is at {', '.join(sorted(head_revisions(url)))}")
+    print(f"database {make_url(url).database} is at {', '.join(sorted(head_revisions()))}")
     return 0
 
 

@@ -11,6 +11,8 @@ The Alembic migration in ``migrations/versions`` creates exactly these tables an
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -35,8 +37,21 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 JOB_KINDS = ("pretrain", "mine", "train", "pipeline")
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+
+
+class JobStatus(enum.StrEnum):
+    """The states of a job row (``services.common.jobs`` has the transitions). A member equals
+    its string, so rows, JSON and query parameters hold the plain value."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 IMAGE_STATUSES = ("ok", "failed")
 ARTIFACT_KINDS = ("checkpoint", "backbone", "correspondence", "metrics")
 ARTIFACT_STAGES = ("byol", "orl")
@@ -55,8 +70,8 @@ NAMING = {
 Double = Float(precision=53)
 
 
-def _in(column: str, values: tuple[str, ...]) -> str:
-    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+def _in(column: str, values: Iterable[str]) -> str:
+    return f"{column} IN ({', '.join(repr(str(v)) for v in values)})"
 
 
 class Base(DeclarativeBase):
@@ -108,7 +123,7 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         CheckConstraint(_in("kind", JOB_KINDS), name="kind"),
-        CheckConstraint(_in("status", JOB_STATUSES), name="status"),
+        CheckConstraint(_in("status", JobStatus), name="status"),
         # The trainer's claim query and the stale-job reaper.
         Index("ix_jobs_status_kind_id", "status", "kind", "id"),
         Index("ix_jobs_dataset_id_id", "dataset_id", "id"),
@@ -119,7 +134,7 @@ class Job(Base):
     kind: Mapped[str] = mapped_column(String(16))
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
-    status: Mapped[str] = mapped_column(String(16), server_default="queued")
+    status: Mapped[str] = mapped_column(String(16), server_default=JobStatus.QUEUED.value)
     params: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     progress_done: Mapped[int] = mapped_column(BigInteger, server_default="0")
     progress_total: Mapped[int] = mapped_column(BigInteger, server_default="0")

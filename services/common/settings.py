@@ -1,8 +1,9 @@
 """Configuration from ``ORL_*`` environment variables (see docs/SERVICES.md).
 
 Read once, on first call of ``get_settings()``, never at import time: tests and ``make up`` set the
-environment after importing, and a Celery worker forks after importing. ``reset_settings()``
-forgets the cached values (and the engine and broker built from them) for tests.
+environment after importing, and a Celery worker forks after importing. A leaf: it imports no other
+service module. What is built from the settings (engine, sessions, Celery app) is in
+``services.common.runtime``, whose ``reset()`` also forgets the cached settings (tests).
 """
 
 from __future__ import annotations
@@ -62,12 +63,3 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     return Settings()
 
-
-def reset_settings() -> None:
-    """Forget cached settings and everything built from them (engine, broker app, models)."""
-    get_settings.cache_clear()
-    # Imported here: db and broker import this module, not the other way round.
-    from services.common import broker, db
-
-    db.dispose_engine()
-    broker.reset_celery()

@@ -7,8 +7,12 @@ Modules:
   records.py     the SQL the pipeline needs (idempotent writes through the unique keys)
   params.py      mining parameters of a job -> ``orl.config.MineConfig`` + cache keys
   roi_cache.py   RoI features per (checkpoint, proposals, roi mode, image) as .npy files
-  keepalive.py   heartbeats for mining jobs whose tasks wait in the broker queues
-  export.py      the finished job's pairs -> ``correspondence.json`` (official layout)
+  keepalive.py   which mining jobs have tasks waiting in the broker queues (their heartbeat is
+                 renewed by ``services.common.jobs.keep_alive``)
+
+The job row is written only through ``services.common.jobs``; the plan a job runs with is a
+``services.common.plan.MinePlan``; correspondence.json comes from
+``services.common.correspondences.mine_job_correspondence`` (what the API exports, too).
 
 Workers on other hosts
 ----------------------

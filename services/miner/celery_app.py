@@ -8,7 +8,7 @@ Start workers with (docs/SERVICES.md, "Commands")::
 
 (or one worker on both queues, ``-Q cpu,gpu``, on a small machine). Configuration comes from
 ``ORL_*`` settings, read when the worker first needs it, not at import time: the shared options
-of ``services.common.broker.celery_config`` (acks late, reject on worker lost, prefetch 1, the
+of ``services.common.runtime.celery_config`` (acks late, reject on worker lost, prefetch 1, the
 broker visibility timeout) plus the queues, routes and time limits below.
 
 Every worker also runs, in a thread of its main process, the stale-job reaper
@@ -26,14 +26,15 @@ from typing import Any
 from celery import Celery, signals
 from kombu import Queue
 
-from services.common.broker import celery_config
+from services.common.broker import MINE_QUEUE, MINE_TASK
+from services.common.runtime import celery_config
 from services.common.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 QUEUES = ("cpu", "gpu")
 ROUTES = {
-    "miner.start_mine": "gpu",  # docs/SERVICES.md: the API sends it to gpu (a light task)
+    MINE_TASK: MINE_QUEUE,  # docs/SERVICES.md: the API sends it to gpu (a light task)
     "miner.propose_shard": "cpu",
     "miner.embed_knn": "gpu",
     "miner.pairs_shard": "gpu",
@@ -78,8 +79,8 @@ def reap_once(engine) -> list[tuple[int, str]]:
     """Renew mine jobs waiting in the queues (keepalive.py), then requeue or fail stale jobs."""
     from sqlalchemy.orm import Session
 
-    from services.common import jobs
-    from services.miner.keepalive import keep_alive, waiting_job_ids
+    from services.common import broker, jobs
+    from services.miner.keepalive import waiting_job_ids
 
     settings = get_settings()
     try:
@@ -88,24 +89,24 @@ def reap_once(engine) -> list[tuple[int, str]]:
         log.warning("cannot list queued tasks", exc_info=True)
         waiting = set()
     with Session(engine) as s, s.begin():
-        keep_alive(s, waiting)
+        jobs.keep_alive(s, waiting)
     with Session(engine) as s, s.begin():
         requeued = jobs.reap_stale(s, settings.lease_s, settings.max_attempts)
     for job_id, kind in requeued:
         log.warning("job %s (%s) had a stale heartbeat: requeued", job_id, kind)
-        if kind == "mine":  # pretrain/train jobs are claimed from the table by trainers
-            app.send_task("miner.start_mine", args=[job_id], queue=ROUTES["miner.start_mine"])
+    broker.dispatch_all(requeued, app)  # as the trainers' reaper does, with this worker's connection
     return requeued
 
 
 def _reap_forever(stop: threading.Event) -> None:
-    from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
+
+    from services.common.runtime import make_engine
 
     settings = get_settings()
     # Its own engine without a pool: the prefork pool forks this process after the thread
     # starts, and a child must not inherit open database connections.
-    engine = create_engine(settings.database_url, poolclass=NullPool)
+    engine = make_engine(settings, poolclass=NullPool)
     # A third of the lease: the keep-alive must renew waiting jobs before any reaper (trainers
     # run one too) finds them stale.
     period = max(0.5, min(settings.lease_s / 3, 60.0))

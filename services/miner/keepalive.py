@@ -6,7 +6,7 @@ ORL_MAX_ATTEMPTS. A task heartbeats its job while it runs; but a mining job whos
 are queued behind another job's long GPU tasks sends no heartbeat while it waits, and would be
 requeued and eventually failed although nothing is wrong. So every miner worker, every
 lease / 3 seconds, renews the heartbeat of each running mine job that has messages in the ready
-queues.
+queues (``waiting_job_ids`` here, ``services.common.jobs.keep_alive`` writes).
 
 Only ready queues count, not messages a worker has taken (unacked): those of a live worker are
 covered by its task's heartbeat, and those of a dead worker must let the job go stale, so the
@@ -21,11 +21,6 @@ import base64
 import json
 import logging
 from collections.abc import Iterable
-
-from sqlalchemy import func, update
-from sqlalchemy.orm import Session
-
-from services.common.models import Job
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +61,3 @@ def waiting_job_ids(broker_url: str, queues: Iterable[str]) -> set[int]:
     finally:
         client.close()
 
-
-def keep_alive(session: Session, job_ids: set[int]) -> int:
-    """Renew the heartbeat of those running mine jobs; returns how many rows changed."""
-    if not job_ids:
-        return 0
-    res = session.execute(update(Job).where(Job.id.in_(sorted(job_ids)), Job.kind == "mine", Job.status == "running")
-                          .values(heartbeat_at=func.now()))
-    return res.rowcount or 0

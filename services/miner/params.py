@@ -3,18 +3,19 @@
 A job's ``params`` may hold ``checkpoint_id`` (required: an artifacts.id of kind checkpoint),
 ``preset`` (take the mining options of a named preset instead of the checkpoint's own), and any
 field of ``orl.config.MineConfig`` (``knn_k``, ``pair_ratio``, ``roi_mode``, ``ss_max_side_px``
-...). Everything resolved here is recorded in the job row (``result["plan"]``), so a run can be
-traced back and repeated.
+...). Everything resolved here is recorded in the job row (``result["plan"]``, a
+``services.common.plan.MinePlan``), so a run can be traced back and repeated.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from typing import Any
 
 from orl.config import Config, MineConfig, get_preset
+from orl.proposals import proposal_params
 
 MINE_FIELDS = tuple(f.name for f in fields(MineConfig))
 # Keys of a mine job's params that are not MineConfig fields.
@@ -61,12 +62,6 @@ def resolve_mine_config(params: dict[str, Any], checkpoint_cfg: Config) -> MineC
     return cfg
 
 
-def proposal_params(cfg: MineConfig) -> dict[str, Any]:
-    """What ``orl.proposals.propose_image`` reads: selective search + the official box filter."""
-    return {"mode": cfg.ss_mode, "max_side_px": cfg.ss_max_side_px, "min_side_px": cfg.min_side_px,
-            "max_aspect": cfg.max_aspect, "max_iou": cfg.max_iou, "max_boxes": cfg.max_boxes}
-
-
 def _short_hash(obj: Any, n: int) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:n]
 
@@ -82,11 +77,3 @@ def roi_key(cfg: MineConfig) -> str:
     if cfg.roi_mode == "roi_align":
         opts["roi_align_max_side_px"] = cfg.roi_align_max_side_px
     return f"{cfg.roi_mode}-{_short_hash(opts, 10)}"
-
-
-def mine_config_from_plan(plan: dict[str, Any]) -> MineConfig:
-    return MineConfig(**{k: v for k, v in plan["mine"].items() if k in MINE_FIELDS})
-
-
-def mine_config_dict(cfg: MineConfig) -> dict[str, Any]:
-    return asdict(cfg)

@@ -9,8 +9,10 @@ Flow of one mining job (docs/SERVICES.md, "Job flow")::
                                                    pairs_shard (gpu) <──┘
                      the last one to finish ──> correspondence.json, job succeeded, next stage
 
-The job's working state lives in its row: ``result["plan"]`` (every resolved parameter, the
-image snapshot, the cache keys) and ``result["phase"]`` (propose -> embed -> pairs -> done).
+The job's working state lives in its row: ``result["plan"]`` (a ``services.common.plan.MinePlan``:
+every resolved parameter, the image snapshot, the cache keys, the shard size; tasks read these,
+never live settings) and ``result["phase"]`` (propose -> embed -> pairs -> done). Every write to
+the row goes through ``services.common.jobs`` (``update_job`` under the row lock, ``set_progress``).
 Why every step is safe to run twice, or concurrently with a copy of itself:
 
 - Data writes go through unique keys (``INSERT ... ON CONFLICT DO NOTHING``), and each image's
@@ -37,7 +39,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,31 +47,24 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from sqlalchemy import func
+from sqlalchemy.orm import Session
 
-from orl.checkpoint import load_checkpoint, load_model
-from orl.config import Config
+from orl.checkpoint import load_model
 from orl.images import ImageError, load_rgb
 from orl.mining import embed_images, embed_rois, knn_search, select_pairs
-from orl.proposals import run_proposals
+from orl.proposals import proposal_params, run_proposals
 from orl.train import resolve_device
 from services.common import jobs
+from services.common.artifacts import artifact_file, checkpoint_config, upsert_artifact
+from services.common.correspondences import mine_job_correspondence
 from services.common.datasets import scan_dataset
-from services.common.db import session_scope
-from services.common.models import TERMINAL_STATUSES
+from services.common.db import chunks, session_scope
+from services.common.heartbeat import Heartbeat
+from services.common.models import TERMINAL_STATUSES, Job, JobStatus
+from services.common.plan import MinePlan
 from services.common.settings import get_settings
 from services.miner import records
-from services.common.correspondences import correspondence_from_db
-from services.miner.export import official_info
-from services.miner.params import (
-    MineParamsError,
-    mine_config_dict,
-    mine_config_from_plan,
-    params_key,
-    proposal_params,
-    resolve_mine_config,
-    roi_key,
-)
+from services.miner.params import MineParamsError, params_key, resolve_mine_config, roi_key
 from services.miner.roi_cache import RoiCache
 
 log = logging.getLogger(__name__)
@@ -101,15 +95,8 @@ def worker_name() -> str:
     return f"miner@{socket.gethostname()}:{os.getpid()}"
 
 
-def _chunks(seq: Sequence, size: int) -> list[list]:
-    size = max(1, int(size))
-    return [list(seq[i : i + size]) for i in range(0, len(seq), size)]
-
-
-def artifact_file(path: str) -> Path:
-    """Artifact paths are stored relative to ORL_ARTIFACTS_DIR (so hosts may mount it anywhere)."""
-    p = Path(path)
-    return p if p.is_absolute() else get_settings().artifacts_path / p
+def artifact_path(path: str) -> Path:
+    return artifact_file(path, get_settings().artifacts_path)
 
 
 def device() -> torch.device:
@@ -132,43 +119,27 @@ class _Gate:
             status, cancel, result = st
             if status in TERMINAL_STATUSES:
                 raise Stop(f"job {self.job_id} is {status}")
-            if status == "queued" and not cancel:
+            if status == JobStatus.QUEUED and not cancel:
                 # Requeued by the stale-job reaper while this task waited: take it up again.
                 jobs.start_job(s, self.job_id, worker_name())
-        if cancel or status == "cancelling":
-            finish(self.job_id, "cancelled")
+        if cancel or status == JobStatus.CANCELLING:
+            finish(self.job_id, JobStatus.CANCELLED)
             raise Stop(f"job {self.job_id} was cancelled")
         return result
 
 
-class Heartbeat:
-    """Renews the job's heartbeat every ORL_HEARTBEAT_S while a task works on it.
+def _locked(s: Session, job_id: int) -> Job:
+    """The job row, locked until the transaction ends (this waits for a sender's commit)."""
+    try:
+        return jobs.get_job(s, job_id, lock=True)
+    except jobs.JobNotFound:
+        raise Stop(f"job {job_id} no longer exists") from None
 
-    A thread, because one image of selective search or one embedding batch may take longer
-    than the heartbeat period; the stale-job reaper must not take a job that is making progress.
-    """
 
-    def __init__(self, job_id: int):
-        self.job_id = job_id
-        self.period_s = get_settings().heartbeat_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            try:
-                with session_scope() as s:
-                    jobs.heartbeat(s, self.job_id)
-            except Exception:  # a missed beat is harmless; the next one retries
-                log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
-
-    def __enter__(self) -> "Heartbeat":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+def _heartbeat(job_id: int) -> Heartbeat:
+    """Renews the job's lease while a task works on it (services.common.heartbeat); cancel is
+    checked by ``_Gate`` between images, so the answer is not needed here."""
+    return Heartbeat(job_id, get_settings().heartbeat_s)
 
 
 def finish(job_id: int, status: str, *, error: str | None = None, result: dict | None = None,
@@ -205,13 +176,6 @@ def get_model(path: Path):
     return _model_cache["model"]
 
 
-def _checkpoint_config(art) -> Config:
-    cfg = (art.meta or {}).get("config")
-    if cfg:
-        return Config.from_dict(cfg)
-    return Config.from_dict(load_checkpoint(artifact_file(art.path))["config"])
-
-
 # -- start_mine: plan, then reconcile ----------------------------------------------------------------
 def start_mine(job_id: int, dispatcher: Dispatcher) -> None:
     with session_scope() as s:
@@ -223,15 +187,15 @@ def start_mine(job_id: int, dispatcher: Dispatcher) -> None:
                 raise MineError(f"job {job_id} is a {job.kind} job, not a mine job")
             has_plan = "plan" in (job.result or {})
     if job is None:
-        if status is not None and status[0] == "cancelling":
-            finish(job_id, "cancelled")
+        if status is not None and status[0] == JobStatus.CANCELLING:
+            finish(job_id, JobStatus.CANCELLED)
         return  # finished, cancelled, or cancelled while it waited in the broker
     if not has_plan:
         make_plan(job_id)
     reconcile(job_id, dispatcher)
 
 
-def make_plan(job_id: int) -> dict[str, Any]:
+def make_plan(job_id: int) -> MinePlan:
     """Resolve every parameter, register new image files, snapshot the image set."""
     with session_scope() as s:
         job = jobs.get_job(s, job_id)
@@ -251,7 +215,7 @@ def make_plan(job_id: int) -> dict[str, Any]:
             raise MineError(f"checkpoint_id {ckpt_id} is not a checkpoint artifact")
         dataset_id, dataset_path, ckpt_path = ds.id, ds.path, art.path
         try:
-            ck_cfg = _checkpoint_config(art)
+            ck_cfg = checkpoint_config(art, get_settings().artifacts_path)
         except Exception as exc:
             raise MineError(f"checkpoint {ckpt_id} ({ckpt_path}) cannot be read: {exc}") from exc
     try:
@@ -263,22 +227,19 @@ def make_plan(job_id: int) -> dict[str, Any]:
             new = scan_dataset(s, records.dataset(s, dataset_id)).added
     except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         raise MineError(f"dataset {dataset_id}: {exc}") from None
-    plan = {
-        "checkpoint_id": ckpt_id, "checkpoint_path": ckpt_path, "checkpoint_preset": ck_cfg.preset,
-        "dataset_id": dataset_id, "dataset_path": dataset_path,
-        "mine": mine_config_dict(mc), "proposal_params": proposal_params(mc),
-        "params_key": params_key(mc), "roi_key": roi_key(mc),
-        "shard_size": get_settings().shard_size, "new_images_registered": new,
-    }
     with session_scope() as s:
-        job = records.lock_job(s, job_id)
-        if "plan" in (job.result or {}):  # a concurrent copy of start_mine planned first
-            return job.result["plan"]
-        plan["image_max_id"] = records.max_image_id(s, dataset_id)
-        plan["images"] = records.count_set(s, dataset_id, plan["image_max_id"])
-        job.result = {**(job.result or {}), "plan": plan, "phase": "propose"}
-        job.progress = {**(job.progress or {}), "stage": "propose"}
-        job.progress_total = plan["images"]
+        job = _locked(s, job_id)
+        if (planned := MinePlan.of(job)) is not None:  # a concurrent copy of start_mine planned first
+            return planned
+        image_max_id = records.max_image_id(s, dataset_id)
+        plan = MinePlan(
+            checkpoint_id=ckpt_id, checkpoint_path=ckpt_path, checkpoint_preset=ck_cfg.preset,
+            dataset_id=dataset_id, dataset_path=dataset_path, mine=mc, proposal_params=proposal_params(mc),
+            params_key=params_key(mc), roi_key=roi_key(mc), shard_size=get_settings().shard_size,
+            new_images_registered=new, image_max_id=image_max_id,
+            images=records.count_set(s, dataset_id, image_max_id))
+        jobs.update_job(s, job, result={"plan": plan.to_dict(), "phase": "propose"}, progress={"stage": "propose"},
+                        total=plan.images)
     log.info("job %s: plan %s", job_id, plan)
     return plan
 
@@ -286,19 +247,20 @@ def make_plan(job_id: int) -> dict[str, Any]:
 def reconcile(job_id: int, dispatcher: Dispatcher) -> None:
     """Send whatever the job's phase still needs (all of it is idempotent to receive twice)."""
     result = _Gate(job_id).check()
-    plan, phase = result["plan"], result.get("phase")
+    plan, phase = MinePlan.from_dict(result["plan"]), result.get("phase")
     if phase == "propose":
         with session_scope() as s:
-            todo = records.images_lacking_proposals(s, plan["dataset_id"], plan["image_max_id"], plan["params_key"])
-            done = records.count_proposed(s, plan["dataset_id"], plan["image_max_id"], plan["params_key"])
-            records.set_stage_progress(s, job_id, "propose", done, done + len(todo))
+            todo = records.images_lacking_proposals(s, plan.dataset_id, plan.image_max_id, plan.params_key)
+            done = records.count_proposed(s, plan.dataset_id, plan.image_max_id, plan.params_key)
+            jobs.set_progress(s, job_id, done=done, total=done + len(todo), phase="propose")
         if not todo:
             advance_to_embed(job_id, dispatcher)
             return
-        for shard in _chunks(todo, plan["shard_size"]):
+        shards = chunks(todo, plan.shard_size)
+        for shard in shards:
             dispatcher.propose(job_id, shard)
-        log.info("job %s: %d images to propose in %d shards (%d proposed earlier)", job_id, len(todo),
-                 -(-len(todo) // plan["shard_size"]), done)
+        log.info("job %s: %d images to propose in %d shards (%d proposed earlier)", job_id, len(todo), len(shards),
+                 done)
     elif phase == "embed":
         dispatcher.embed(job_id)
     elif phase == "pairs":
@@ -317,22 +279,21 @@ def propose_shard(job_id: int, image_ids: Sequence[int], dispatcher: Dispatcher)
     """Selective search + box filter for a shard of images (cpu queue)."""
     gate = _Gate(job_id)
     result = gate.check()
-    plan = result["plan"]
     if result.get("phase") != "propose":
         return  # a late duplicate: the job has moved on, so these proposals exist
-    key = plan["params_key"]
+    plan = MinePlan.from_dict(result["plan"])
+    key = plan.params_key
     with session_scope() as s:
-        paths = records.image_paths(s, image_ids, plan["dataset_id"])
+        paths = records.image_paths(s, image_ids, plan.dataset_id)
         done = records.proposed_among(s, image_ids, key)
     todo = [i for i in image_ids if i in paths and i not in done]
-    root = Path(plan["dataset_path"])
-    mc = mine_config_from_plan(plan)
+    root = Path(plan.dataset_path)
     last_report = time.monotonic()
-    with Heartbeat(job_id):
+    with _heartbeat(job_id):
         # One isolated subprocess per shard: a time limit per image, and an OpenCV crash costs
         # one image, not the Celery pool process (parallelism comes from worker concurrency).
-        results = run_proposals([str(root / paths[i]) for i in todo], plan["proposal_params"], workers=1,
-                                timeout_s=mc.ss_timeout_s)
+        results = run_proposals([str(root / paths[i]) for i in todo], plan.proposal_params, workers=1,
+                                timeout_s=plan.mine.ss_timeout_s)
         try:
             for k, res in results:
                 _write_proposal(todo[k], key, res)
@@ -356,25 +317,24 @@ def _write_proposal(image_id: int, key: str, res) -> None:
         log.warning("image %s: %s", image_id, res.reason)
 
 
-def _report_propose(job_id: int, plan: dict) -> None:
+def _report_propose(job_id: int, plan: MinePlan) -> None:
     with session_scope() as s:
-        done = records.count_proposed(s, plan["dataset_id"], plan["image_max_id"], plan["params_key"])
-        total = records.count_set(s, plan["dataset_id"], plan["image_max_id"])
-        records.set_stage_progress(s, job_id, "propose", done, total)
+        done = records.count_proposed(s, plan.dataset_id, plan.image_max_id, plan.params_key)
+        total = records.count_set(s, plan.dataset_id, plan.image_max_id)
+        jobs.set_progress(s, job_id, done=done, total=total, phase="propose")
 
 
 def advance_to_embed(job_id: int, dispatcher: Dispatcher) -> None:
     """If no image of the set lacks proposals, send embed_knn once (see the module docstring)."""
     with session_scope() as s:
-        job = records.lock_job(s, job_id)
-        if job is None or job.status in TERMINAL_STATUSES or (job.result or {}).get("phase") != "propose":
+        job = _locked(s, job_id)
+        if job.status in TERMINAL_STATUSES or (job.result or {}).get("phase") != "propose":
             return
-        plan = job.result["plan"]
-        if records.images_lacking_proposals(s, plan["dataset_id"], plan["image_max_id"], plan["params_key"]):
+        plan = MinePlan.of(job)
+        if records.images_lacking_proposals(s, plan.dataset_id, plan.image_max_id, plan.params_key):
             return
         dispatcher.embed(job_id)  # before the commit: a kill here re-sends, never loses the step
-        job.result = {**job.result, "phase": "embed"}
-        job.progress = {**(job.progress or {}), "stage": "embed"}
+        jobs.update_job(s, job, result={"phase": "embed"}, progress={"stage": "embed"})
 
 
 # -- embeddings + KNN ------------------------------------------------------------------------------------
@@ -383,28 +343,27 @@ def embed_knn(job_id: int, dispatcher: Dispatcher) -> None:
     gate = _Gate(job_id)
     gate.check()
     with session_scope() as s:
-        job = records.lock_job(s, job_id)  # waits for the sender's commit (module docstring)
-        result = dict(job.result or {})
-        plan = result["plan"]
-        if result.get("phase") == "propose":
-            if records.images_lacking_proposals(s, plan["dataset_id"], plan["image_max_id"], plan["params_key"]):
+        job = _locked(s, job_id)  # waits for the sender's commit (module docstring)
+        phase, plan = (job.result or {}).get("phase"), MinePlan.of(job)
+        if phase == "propose":
+            if records.images_lacking_proposals(s, plan.dataset_id, plan.image_max_id, plan.params_key):
                 return  # premature duplicate: the last propose shard will send it
             # The sender was killed after sending and before its commit: take the step ourselves.
-            job.result = {**result, "phase": "embed"}
-        elif result.get("phase") != "embed":
+            jobs.update_job(s, job, result={"phase": "embed"})
+        elif phase != "embed":
             return  # a late duplicate
-    mc = mine_config_from_plan(plan)
+    mc = plan.mine
     dev = device()
-    ds_id, max_id, ck_id = plan["dataset_id"], plan["image_max_id"], plan["checkpoint_id"]
-    with Heartbeat(job_id):
+    ds_id, max_id, ck_id = plan.dataset_id, plan.image_max_id, plan.checkpoint_id
+    with _heartbeat(job_id):
         with session_scope() as s:
             need = records.ids_lacking_embedding(s, ds_id, max_id, ck_id)
             total = records.count_set(s, ds_id, max_id)
-            records.set_stage_progress(s, job_id, "embed", total - len(need), total)
+            jobs.set_progress(s, job_id, done=total - len(need), total=total, phase="embed")
         if need:
-            model = get_model(artifact_file(plan["checkpoint_path"]))
-            root = Path(plan["dataset_path"])
-            for chunk in _chunks(need, 4 * mc.batch_size):
+            model = get_model(artifact_path(plan.checkpoint_path))
+            root = Path(plan.dataset_path)
+            for chunk in chunks(need, 4 * mc.batch_size):
                 gate.check()
                 with session_scope() as s:
                     paths = records.image_paths(s, chunk, ds_id)
@@ -417,7 +376,7 @@ def embed_knn(job_id: int, dispatcher: Dispatcher) -> None:
                     records.write_embeddings(s, ck_id, [ids[k] for k in ok], emb[ok])
                     left = len(records.ids_lacking_embedding(s, ds_id, max_id, ck_id))
                     total = records.count_set(s, ds_id, max_id)
-                    records.set_stage_progress(s, job_id, "embed", total - left, total)
+                    jobs.set_progress(s, job_id, done=total - left, total=total, phase="embed")
         gate.check()
         with session_scope() as s:
             ids, emb = records.load_embeddings(s, ds_id, max_id, ck_id)
@@ -429,21 +388,18 @@ def embed_knn(job_id: int, dispatcher: Dispatcher) -> None:
 
 
 def fan_out_pairs(job_id: int, dispatcher: Dispatcher) -> None:
-    shard_size = get_settings().shard_size
-    finished = False
     with session_scope() as s:
         qids = records.query_ids(s, job_id)
-        job = records.lock_job(s, job_id)
-        if job is None or job.status in TERMINAL_STATUSES or (job.result or {}).get("phase") != "embed":
+        job = _locked(s, job_id)
+        if job.status in TERMINAL_STATUSES or (job.result or {}).get("phase") != "embed":
             return
-        shards = _chunks(qids, shard_size)
+        shards = chunks(qids, MinePlan.of(job).shard_size)
         for idx, ids in enumerate(shards):
             dispatcher.pairs(job_id, ids, idx)
-        job.result = {**job.result, "phase": "pairs", "pairs_done": [],
-                      # [first id, last id, count]: enough to rebuild a shard (reconcile)
-                      "pairs_shards": [[ids[0], ids[-1], len(ids)] for ids in shards]}
-        job.progress = {**(job.progress or {}), "stage": "pairs"}
-        job.progress_done, job.progress_total = 0, len(qids)
+        # [first id, last id, count] of each shard: enough to rebuild it (reconcile)
+        jobs.update_job(s, job, result={"phase": "pairs", "pairs_done": [],
+                                        "pairs_shards": [[ids[0], ids[-1], len(ids)] for ids in shards]},
+                        progress={"stage": "pairs"}, done=0, total=len(qids))
         finished = not shards
     log.info("job %s: %d query images in %d pair shards", job_id, len(qids), len(shards))
     if finished:  # fewer than two images: no neighbours, nothing to pair
@@ -455,14 +411,13 @@ def fan_out_pairs(job_id: int, dispatcher: Dispatcher) -> None:
 class _RoiFeatures:
     """Each image's boxes encoded once: from the on-disk cache, or computed and cached."""
 
-    plan: dict
+    plan: MinePlan
     boxes: dict[int, np.ndarray]
     paths: dict[int, str]
 
     def __post_init__(self):
-        self.cfg = mine_config_from_plan(self.plan)
-        self.cache = RoiCache(get_settings().artifacts_path, self.plan["checkpoint_id"], self.plan["params_key"],
-                              self.plan["roi_key"])
+        self.cache = RoiCache(get_settings().artifacts_path, self.plan.checkpoint_id, self.plan.params_key,
+                              self.plan.roi_key)
         self.memo: dict[int, np.ndarray] = {}
 
     def __call__(self, image_id: int) -> np.ndarray:
@@ -471,10 +426,10 @@ class _RoiFeatures:
         boxes = self.boxes.get(image_id, np.zeros((0, 4)))
         feats = self.cache.get(image_id, len(boxes)) if len(boxes) else np.zeros((0, 0), np.float32)
         if feats is None:
-            model = get_model(artifact_file(self.plan["checkpoint_path"]))
+            model = get_model(artifact_path(self.plan.checkpoint_path))
             try:
-                img = load_rgb(Path(self.plan["dataset_path"]) / self.paths[image_id])
-                feats, _ = embed_rois(model.backbone, img, boxes, self.cfg, device())
+                img = load_rgb(Path(self.plan.dataset_path) / self.paths[image_id])
+                feats, _ = embed_rois(model.backbone, img, boxes, self.plan.mine, device())
                 self.cache.put(image_id, feats)
             except ImageError as exc:  # readable when proposed, not now: no pairs with it
                 log.warning("image %s: %s", image_id, exc)
@@ -488,22 +443,20 @@ def pairs_shard(job_id: int, image_ids: Sequence[int], shard: int | None, dispat
     gate = _Gate(job_id)
     gate.check()
     with session_scope() as s:
-        job = records.lock_job(s, job_id)  # waits for fan_out_pairs' commit
-        result = dict(job.result or {})
-    if result.get("phase") != "pairs":
+        job = _locked(s, job_id)  # waits for fan_out_pairs' commit
+        phase, plan = (job.result or {}).get("phase"), MinePlan.of(job)
+    if phase != "pairs":
         return  # sent by a fan-out that did not commit: its redelivery sends the shard again
-    plan = result["plan"]
-    mc = mine_config_from_plan(plan)
     dev = device()
     qids = sorted(int(i) for i in image_ids)
     with session_scope() as s:
         done = records.images_with_pairs(s, job_id, qids)
         nbrs = records.neighbors_of(s, job_id, qids)
         all_ids = set(qids) | {n for rows in nbrs.values() for _, n, _ in rows}
-        boxes = records.boxes_of(s, all_ids, plan["params_key"])
-        paths = records.image_paths(s, list(all_ids), plan["dataset_id"], only_ok=False)
+        boxes = records.boxes_of(s, all_ids, plan.params_key)
+        paths = records.image_paths(s, list(all_ids), plan.dataset_id, only_ok=False)
     feats = _RoiFeatures(plan, boxes, paths)
-    with Heartbeat(job_id):
+    with _heartbeat(job_id):
         for q in qids:
             gate.check()
             if q in done or not len(boxes.get(q, ())):
@@ -513,7 +466,7 @@ def pairs_shard(job_id: int, image_ids: Sequence[int], shard: int | None, dispat
                 fq, fk = feats(q), feats(n)
                 if not len(fq) or not len(fk):
                     continue
-                ij, scores = select_pairs(fq, fk, mc.pair_ratio, dev)
+                ij, scores = select_pairs(fq, fk, plan.mine.pair_ratio, dev)
                 bq, bn = boxes[q][ij[:, 0]], boxes[n][ij[:, 1]]
                 rows += [{"job_id": job_id, "image_id": q, "neighbor_image_id": n, "neighbor_rank": k, "rank": r,
                           "score": float(scores[r]), "qx1": float(bq[r, 0]), "qy1": float(bq[r, 1]),
@@ -529,16 +482,14 @@ def pairs_shard(job_id: int, image_ids: Sequence[int], shard: int | None, dispat
 def _shard_done(job_id: int, shard: int, dispatcher: Dispatcher) -> None:
     """Record the shard in the job's done set (idempotent); the last one finalizes."""
     with session_scope() as s:
-        job = records.lock_job(s, job_id)
-        if job is None or job.status in TERMINAL_STATUSES:
+        job = _locked(s, job_id)
+        if job.status in TERMINAL_STATUSES:
             return
-        result = dict(job.result or {})
-        done = set(result.get("pairs_done", []))
-        done.add(shard)
+        result = job.result or {}
+        done = {*result.get("pairs_done", []), shard}
         shards = result.get("pairs_shards", [])
-        job.result = {**result, "pairs_done": sorted(done)}
-        job.progress_done = sum(shards[i][2] for i in done if i < len(shards))
-        job.heartbeat_at = func.now()
+        jobs.update_job(s, job, result={"pairs_done": sorted(done)},
+                        done=sum(shards[i][2] for i in done if i < len(shards)), beat=True)
         complete = len(done) >= len(shards)
     if complete:
         # Also when this shard was counted before (a redelivery): finalize is idempotent, and it
@@ -549,26 +500,23 @@ def _shard_done(job_id: int, shard: int, dispatcher: Dispatcher) -> None:
 # -- the end --------------------------------------------------------------------------------------------
 def finalize(job_id: int, dispatcher: Dispatcher) -> None:
     """Export correspondence.json, record it as an artifact, mark the job succeeded."""
-    result = _Gate(job_id).check()
-    plan = result["plan"]
+    plan = MinePlan.from_dict(_Gate(job_id).check()["plan"])
     rel = Path("jobs") / str(job_id) / "correspondence.json"
     out = get_settings().artifacts_path / rel
     with session_scope() as s:
-        corr = correspondence_from_db(s, job_id, plan["params_key"], official_info(plan["mine"], {
-            "job_id": job_id, "dataset_id": plan["dataset_id"], "images_root": plan["dataset_path"],
-            "checkpoint_id": plan["checkpoint_id"], "params_key": plan["params_key"]}))
-        failed = plan["images"] - records.count_set(s, plan["dataset_id"], plan["image_max_id"])
+        corr = mine_job_correspondence(s, jobs.get_job(s, job_id))
+        failed = plan.images - records.count_set(s, plan.dataset_id, plan.image_max_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     corr.save(out)
     with session_scope() as s:
-        job = records.lock_job(s, job_id)
-        if job is None or job.status in TERMINAL_STATUSES:
+        job = _locked(s, job_id)
+        if job.status in TERMINAL_STATUSES:
             return
-        art_id = records.upsert_artifact(s, job_id=job_id, dataset_id=plan["dataset_id"], kind="correspondence",
+        art_id = upsert_artifact(s, job_id=job_id, dataset_id=plan.dataset_id, kind="correspondence",
                                          path=rel.as_posix(), meta={"images": len(corr), "pairs": corr.num_pairs,
                                                                     "format": "orl-official-json"})
         summary = {**dict(job.result or {}), "phase": "done", "images": len(corr), "pairs": corr.num_pairs,
                    "failed_images": max(0, failed), "correspondence_artifact_id": art_id}
-        nxt = jobs.finish_job(s, job_id, "succeeded", result=summary)
+        nxt = jobs.finish_job(s, job_id, JobStatus.SUCCEEDED, result=summary)
     log.info("job %s succeeded: %d images, %d pairs", job_id, len(corr), corr.num_pairs)
     _dispatch_next(nxt, dispatcher)

@@ -105,11 +105,6 @@ def boxes_of(session: Session, image_ids: Iterable[int], params_key: str) -> dic
 
 
 # -- embeddings and neighbours -------------------------------------------------------------------
-def set_ids(session: Session, dataset_id: int, image_max_id: int) -> list[int]:
-    return list(session.execute(select(Image.id).where(_in_set(dataset_id, image_max_id), Image.status == "ok")
-                                .order_by(Image.id)).scalars())
-
-
 def ids_lacking_embedding(session: Session, dataset_id: int, image_max_id: int, checkpoint_id: int) -> list[int]:
     has = exists().where(ImageEmbedding.image_id == Image.id, ImageEmbedding.checkpoint_id == checkpoint_id)
     return list(session.execute(select(Image.id).where(_in_set(dataset_id, image_max_id), Image.status == "ok", ~has)
@@ -168,11 +163,7 @@ def write_pairs(session: Session, rows: list[dict[str, Any]]) -> int:
     return insert_ignore(session, RoiPair, rows)
 
 
-def count_pairs(session: Session, job_id: int) -> int:
-    return int(session.execute(select(func.count()).select_from(RoiPair).where(RoiPair.job_id == job_id)).scalar_one())
-
-
-# -- datasets, checkpoints, artifacts ---------------------------------------------------------------
+# -- datasets, checkpoints, jobs --------------------------------------------------------------------
 def dataset(session: Session, dataset_id: int) -> Dataset | None:
     return session.get(Dataset, dataset_id)
 
@@ -182,49 +173,6 @@ def checkpoint_artifact(session: Session, artifact_id: int) -> Artifact | None:
     return art if art is not None and art.kind == "checkpoint" else None
 
 
-def lock_job(session: Session, job_id: int) -> Job | None:
-    job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
-    if job is not None:
-        session.refresh(job)
-    return job
-
-
 def job_status(session: Session, job_id: int) -> tuple[str, bool, dict[str, Any]] | None:
     row = session.execute(select(Job.status, Job.cancel_requested, Job.result).where(Job.id == job_id)).one_or_none()
     return None if row is None else (row[0], bool(row[1]), dict(row[2] or {}))
-
-
-def set_stage_progress(session: Session, job_id: int, phase: str, done: int, total: int,
-                       extra: dict[str, Any] | None = None) -> None:
-    """Progress of one phase; a late report of an earlier phase changes nothing.
-
-    Conditional on ``result->>'phase'`` so a slow shard of the previous phase cannot overwrite
-    the progress of the phase the job has moved on to.
-    """
-    session.execute(
-        update(Job).where(Job.id == job_id, Job.result["phase"].astext == phase)
-        .values(progress_done=done, progress_total=total,
-                progress=Job.progress.op("||")(_jsonb({"stage": phase, **(extra or {})})),
-                heartbeat_at=func.now()))
-
-
-def _jsonb(d: dict[str, Any]):
-    from sqlalchemy import bindparam
-    from sqlalchemy.dialects.postgresql import JSONB
-
-    return bindparam(None, d, type_=JSONB)
-
-
-def upsert_artifact(session: Session, *, job_id: int, dataset_id: int, kind: str, path: str,
-                    stage: str | None = None, meta: dict[str, Any] | None = None) -> int:
-    """One artifact row per (job, kind): artifacts has no unique key, so the caller holds the
-    job row lock (``lock_job``) to make this check-then-insert safe against a redelivered task."""
-    existing = session.execute(select(Artifact.id).where(Artifact.job_id == job_id, Artifact.kind == kind)
-                               .order_by(Artifact.id).limit(1)).scalar_one_or_none()
-    if existing is not None:
-        session.execute(update(Artifact).where(Artifact.id == existing).values(path=path, meta=meta or {}))
-        return int(existing)
-    art = Artifact(job_id=job_id, dataset_id=dataset_id, kind=kind, stage=stage, path=path, meta=meta or {})
-    session.add(art)
-    session.flush()
-    return int(art.id)

@@ -10,11 +10,11 @@ same bytes.
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
+
+from orl.fileio import atomic_path
 
 
 class RoiCache:
@@ -37,8 +37,6 @@ class RoiCache:
 
     def put(self, image_id: int, feats: np.ndarray) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        final = self.path(image_id)
         # A unique temp name: two workers may write the same image at once.
-        tmp = final.with_name(f".{final.stem}.{uuid.uuid4().hex}.tmp.npy")
-        np.save(tmp, np.ascontiguousarray(feats, dtype=np.float32), allow_pickle=False)
-        os.replace(tmp, final)
+        with atomic_path(self.path(image_id), unique=True) as tmp:
+            np.save(tmp, np.ascontiguousarray(feats, dtype=np.float32), allow_pickle=False)

@@ -20,6 +20,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import OperationalError as DatabaseError
 
+from services.common.broker import MINE_TASK
+from services.common.models import JobStatus
 from services.miner import pipeline
 from services.miner.celery_app import app
 
@@ -54,25 +56,25 @@ def _run(task: Task, job_id: int, step: Callable[..., None], *args) -> dict:
     except pipeline.Stop as exc:
         log.info("%s: %s", task.name, exc)
     except pipeline.MineError as exc:
-        pipeline.finish(job_id, "failed", error=str(exc), dispatcher=DISPATCHER)
+        pipeline.finish(job_id, JobStatus.FAILED, error=str(exc), dispatcher=DISPATCHER)
     except SoftTimeLimitExceeded:
-        pipeline.finish(job_id, "failed", dispatcher=DISPATCHER, error=(
+        pipeline.finish(job_id, JobStatus.FAILED, dispatcher=DISPATCHER, error=(
             f"{task.name} exceeded its time limit ({task.app.conf.task_soft_time_limit} s): lower ORL_SHARD_SIZE "
             "or raise ORL_VISIBILITY_TIMEOUT_S (the limits follow it)"))
     except _TRANSIENT as exc:
         if task.request.retries < MAX_RETRIES:
             log.warning("%s for job %s: transient error, retrying: %s", task.name, job_id, exc)
             raise task.retry(exc=exc, countdown=2 ** (task.request.retries + 1))
-        pipeline.finish(job_id, "failed", dispatcher=DISPATCHER,
+        pipeline.finish(job_id, JobStatus.FAILED, dispatcher=DISPATCHER,
                         error=f"{task.name} failed {MAX_RETRIES + 1} times: {type(exc).__name__}: {exc}")
     except Exception as exc:
         log.exception("%s for job %s failed", task.name, job_id)
-        pipeline.finish(job_id, "failed", dispatcher=DISPATCHER,
+        pipeline.finish(job_id, JobStatus.FAILED, dispatcher=DISPATCHER,
                         error=f"{task.name} failed: {type(exc).__name__}: {exc}")
     return {"job_id": job_id}
 
 
-@app.task(name="miner.start_mine", bind=True, acks_late=True, reject_on_worker_lost=True)
+@app.task(name=MINE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def start_mine(self: Task, job_id: int) -> dict:
     """Plan the job (resolve params, register new files) and send what its phase needs."""
     return _run(self, int(job_id), pipeline.start_mine)

@@ -2,7 +2,7 @@
 
 Modules:
   __main__.py   ``python -m services.trainer``: the process (claim -> train -> report, forever)
-  runner.py     the loop, the lease/heartbeat thread, artifacts, torchrun supervision
+  runner.py     the loop, the job's heartbeat (``services.common.heartbeat``), artifacts, torchrun
   spec.py       a job row -> config, images or pairs (read from the database), output folder
   ddp_entry.py  one rank of a data-parallel run (``torchrun ... -m services.trainer.ddp_entry``)
 

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from orl.fileio import atomic_write_text
+
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj))
 
 
 def replica_max_abs_diff(model: torch.nn.Module, group) -> float:

@@ -4,9 +4,10 @@ One job at a time per trainer process; run one trainer per machine (it uses all 
 machine's GPUs through torchrun when a job asks for several processes), or several anywhere:
 ``claim_job`` takes rows with ``FOR UPDATE SKIP LOCKED``, so each job goes to one trainer.
 
-While a job runs, a lease thread heartbeats its row every ORL_HEARTBEAT_S with the latest
-progress (epoch, step, loss, images/s, ETA) and learns from the answer whether a cancel was
-requested, or whether the job was taken away (requeued by the reaper after a long silence).
+While a job runs, a heartbeat thread (``services.common.heartbeat``) renews its row every
+ORL_HEARTBEAT_S with the latest progress (epoch, step, loss, images/s, ETA) and learns from the
+answer whether a cancel was requested, or whether the job was taken away (requeued by the reaper
+after a long silence).
 ``orl.train`` polls ``should_stop`` every step; it writes ``last.pt`` every
 ``train.checkpoint_every_steps`` steps and at each epoch end, and the same call resumes from it.
 So a trainer that dies (kill -9, lost host) costs at most those steps: its job's heartbeat goes
@@ -29,18 +30,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
-from services.common import jobs
+from services.common import broker, jobs
+from services.common.artifacts import upsert_artifact
 from services.common.db import session_scope
-from services.common.models import Artifact
+from services.common.heartbeat import Heartbeat
+from services.common.models import JobStatus
 from services.common.settings import Settings, get_settings
 from services.trainer.spec import RunSpec, SpecError, build_spec
 
 log = logging.getLogger(__name__)
 
 KINDS = ("pretrain", "train")
-_PROGRESS_MIN_INTERVAL_S = 0.5  # progress rows are written at most this often
+_PROGRESS_KEYS = ("stage", "epoch", "step", "global_step", "total_steps", "loss", "lr", "images_per_s", "eta_s")
 
 
 class TrainerError(RuntimeError):
@@ -51,77 +52,11 @@ def worker_name() -> str:
     return f"trainer@{socket.gethostname()}:{os.getpid()}"
 
 
-class Lease:
-    """Heartbeats one job from a thread; relays progress; says when to stop.
-
-    ``report`` (called by orl.train after every step) only stores the metrics and wakes the
-    thread, so the training loop never waits on the database.
-    """
-
-    def __init__(self, job_id: int, worker: str, period_s: float):
-        self.job_id, self.worker, self.period_s = job_id, worker, period_s
-        self.cancel = threading.Event()
-        self.lost = threading.Event()
-        self._latest: dict[str, Any] | None = None
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._last_write = 0.0
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
-
-    @property
-    def should_stop(self) -> bool:
-        return self.cancel.is_set() or self.lost.is_set()
-
-    def report(self, metrics: dict[str, Any]) -> None:
-        with self._lock:
-            self._latest = metrics
-        self._wake.set()
-
-    def _beat(self) -> None:
-        with self._lock:
-            m, self._latest = self._latest, None
-        kw: dict[str, Any] = {}
-        if m is not None:
-            kw = {"progress_done": int(m.get("global_step", 0)), "progress_total": int(m.get("total_steps", 0)),
-                  "progress": {k: m[k] for k in ("stage", "epoch", "step", "global_step", "total_steps", "loss",
-                                                 "lr", "images_per_s", "eta_s") if k in m}}
-        with session_scope() as s:
-            answer = jobs.heartbeat(s, self.job_id, self.worker, **kw)
-        self._last_write = time.monotonic()
-        if answer == jobs.Lease.CANCEL:
-            self.cancel.set()
-        elif answer == jobs.Lease.LOST:
-            self.lost.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            woke = self._wake.wait(self.period_s)
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            wait = _PROGRESS_MIN_INTERVAL_S - (time.monotonic() - self._last_write)
-            if woke and wait > 0:
-                self._stop.wait(wait)
-            try:
-                self._beat()
-            except Exception:  # the database may be briefly away: the next beat retries
-                log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
-
-    def flush(self) -> None:
-        try:
-            self._beat()
-        except Exception:
-            log.warning("final progress of job %s not written", self.job_id, exc_info=True)
-
-    def __enter__(self) -> "Lease":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
+def _report(beat: Heartbeat, stage: str, metrics: dict[str, Any]) -> None:
+    """orl.train's per-step metrics -> the job's progress (written by the heartbeat thread)."""
+    m = {"stage": stage, **metrics}
+    beat.report(done=int(m.get("global_step", 0)), total=int(m.get("total_steps", 0)),
+                progress={k: m[k] for k in _PROGRESS_KEYS if k in m})
 
 
 class Trainer:
@@ -174,16 +109,16 @@ class Trainer:
         """Run a claimed job to its end; returns the final status (or 'lost' / 'released')."""
         try:
             with session_scope() as s:
-                job = jobs.get_job(s, job_id)
+                job = jobs.get_job(s, job_id, lock=True)
                 spec = build_spec(s, job, self.settings.artifacts_path, self.settings.device)
                 resumed = (spec.out_dir / "last.pt").exists()
-                job.result = {**(job.result or {}), "config": spec.cfg.to_dict(), **spec.info,
-                              "nproc": spec.nproc, "out_dir": self._rel(spec.out_dir)}
+                jobs.update_job(s, job, result={"config": spec.cfg.to_dict(), **spec.info, "nproc": spec.nproc,
+                                                "out_dir": self._rel(spec.out_dir)})
         except SpecError as exc:
-            return self._finish(job_id, "failed", error=str(exc))
+            return self._finish(job_id, JobStatus.FAILED, error=str(exc))
         log.info("job %s: %s stage %s, %s, preset %s, %d process(es)%s", job_id, spec.kind, spec.stage,
                  spec.info, spec.cfg.preset, spec.nproc, " (resuming from last.pt)" if resumed else "")
-        with Lease(job_id, self.worker, self.settings.heartbeat_s) as lease:
+        with Heartbeat(job_id, self.settings.heartbeat_s, worker=self.worker) as lease:
             try:
                 if spec.nproc > 1:
                     summary = self._run_torchrun(spec, lease)
@@ -193,7 +128,7 @@ class Trainer:
                 if lease.lost.is_set():
                     return "lost"
                 log.exception("job %s failed", job_id)
-                return self._finish(job_id, "failed", error=f"training failed: {type(exc).__name__}: {exc}")
+                return self._finish(job_id, JobStatus.FAILED, error=f"training failed: {type(exc).__name__}: {exc}")
             lease.flush()
         if lease.lost.is_set():
             # Requeued while we were silent: another trainer owns it now; write nothing more.
@@ -202,25 +137,25 @@ class Trainer:
         reached = summary["finished"] or (spec.max_steps is not None and summary["global_step"] >= spec.max_steps)
         if reached:
             ids = self._record_artifacts(spec, summary)
-            return self._finish(job_id, "succeeded", result={**ids, "summary": _jsonable(summary)})
+            return self._finish(job_id, JobStatus.SUCCEEDED, result={**ids, "summary": _jsonable(summary)})
         if lease.cancel.is_set():
             ids = self._record_artifacts(spec, summary)
-            return self._finish(job_id, "cancelled", result={**ids, "summary": _jsonable(summary)})
+            return self._finish(job_id, JobStatus.CANCELLED, result={**ids, "summary": _jsonable(summary)})
         if self.shutdown.is_set():
             self._release(job_id)
             return "released"
-        return self._finish(job_id, "failed", error=f"training stopped early at step {summary['global_step']} "
+        return self._finish(job_id, JobStatus.FAILED, error=f"training stopped early at step {summary['global_step']} "
                                                     f"of {summary['total_steps']} without a cancel")
 
-    def _run_inline(self, spec: RunSpec, lease: Lease) -> dict[str, Any]:
+    def _run_inline(self, spec: RunSpec, lease: Heartbeat) -> dict[str, Any]:
         from orl.train import train
 
         return train(spec.stage, spec.images_root, spec.out_dir, spec.cfg, files=spec.files, corr=spec.corr,
                      init_from=spec.init_from, device=spec.device, show_progress=False,
-                     on_progress=lambda m: lease.report({"stage": spec.stage, **m}),
+                     on_progress=lambda m: _report(lease, spec.stage, m),
                      should_stop=lambda: lease.should_stop or self.shutdown.is_set(), max_steps=spec.max_steps)
 
-    def _run_torchrun(self, spec: RunSpec, lease: Lease) -> dict[str, Any]:
+    def _run_torchrun(self, spec: RunSpec, lease: Heartbeat) -> dict[str, Any]:
         """Data-parallel over spec.nproc processes (services.trainer.ddp_entry) on this host."""
         out = spec.out_dir
         out.mkdir(parents=True, exist_ok=True)
@@ -250,7 +185,7 @@ class Trainer:
                         st = files["progress"].stat().st_mtime_ns
                         if st != seen:
                             seen = st
-                            lease.report({"stage": spec.stage, **json.loads(files["progress"].read_text())})
+                            _report(lease, spec.stage, json.loads(files["progress"].read_text()))
                     except (OSError, ValueError):
                         pass
                     if lease.should_stop or self.shutdown.is_set():
@@ -281,18 +216,9 @@ class Trainer:
             jobs.get_job(s, spec.job_id, lock=True)  # serialises against a concurrent copy of this
             for kind, name in (("checkpoint", "last.pt"), ("backbone", "backbone.pth")):
                 path = spec.out_dir / name
-                if not path.exists():
-                    continue
-                art = s.execute(select(Artifact).where(Artifact.job_id == spec.job_id, Artifact.kind == kind)
-                                .order_by(Artifact.id).limit(1)).scalar_one_or_none()
-                if art is None:
-                    art = Artifact(job_id=spec.job_id, dataset_id=spec.dataset_id, kind=kind, stage=spec.stage,
-                                   path=self._rel(path), meta=meta)
-                    s.add(art)
-                else:
-                    art.path, art.meta = self._rel(path), meta
-                s.flush()
-                out[f"{kind}_id"] = int(art.id)
+                if path.exists():
+                    out[f"{kind}_id"] = upsert_artifact(s, job_id=spec.job_id, dataset_id=spec.dataset_id, kind=kind,
+                                                        stage=spec.stage, path=self._rel(path), meta=meta)
         return out
 
     def _finish(self, job_id: int, status: str, *, error: str | None = None, result: dict | None = None) -> str:
@@ -305,10 +231,7 @@ class Trainer:
         except jobs.InvalidTransition as exc:
             log.warning("job %s: %s", job_id, exc)
             return "lost"
-        from services.common import broker
-
-        for next_id, kind in nxt:  # a pipeline's next stage (mine: a Celery task)
-            broker.dispatch(next_id, kind)
+        broker.dispatch_all(nxt)  # a pipeline's next stage (mine: a Celery task)
         log.info("job %s %s%s", job_id, status, f": {error}" if error else "")
         return status
 

@@ -26,11 +26,12 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from orl.checkpoint import load_checkpoint
 from orl.config import Config, TrainConfig, get_preset
 from orl.correspondence import Correspondence
+from services.common.artifacts import artifact_file, checkpoint_config
 from services.common.correspondences import correspondence_from_db
-from services.common.models import Artifact, Dataset, Image, Job
+from services.common.models import Artifact, Dataset, Image, Job, JobStatus
+from services.common.plan import MinePlan
 
 DEFAULT_PRESET = "cpu"
 TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
@@ -61,11 +62,6 @@ class RunSpec:
     info: dict[str, Any] = field(default_factory=dict)  # recorded in the job's result
 
 
-def artifact_file(path: str, artifacts_dir: Path) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else artifacts_dir / p
-
-
 def _checkpoint(session: Session, artifact_id: Any, artifacts_dir: Path, what: str) -> tuple[Artifact, Path]:
     try:
         art = session.get(Artifact, int(artifact_id))
@@ -74,11 +70,6 @@ def _checkpoint(session: Session, artifact_id: Any, artifacts_dir: Path, what: s
     if art is None or art.kind != "checkpoint":
         raise SpecError(f"{what} {artifact_id} is not a checkpoint artifact")
     return art, artifact_file(art.path, artifacts_dir)
-
-
-def _checkpoint_config(art: Artifact, path: Path) -> Config:
-    cfg = (art.meta or {}).get("config")
-    return Config.from_dict(cfg) if cfg else Config.from_dict(load_checkpoint(path)["config"])
 
 
 def build_config(params: dict[str, Any], base: Config) -> Config:
@@ -141,25 +132,24 @@ def build_spec(session: Session, job: Job, artifacts_dir: Path, default_device: 
     mine = session.get(Job, int(params["mine_job_id"]))
     if mine is None or mine.kind != "mine":
         raise SpecError(f"mine_job_id {params['mine_job_id']} is not a mine job")
-    if mine.status != "succeeded":
+    if mine.status != JobStatus.SUCCEEDED:
         raise SpecError(f"mine job {mine.id} is {mine.status}; train on a succeeded mine job")
-    plan = (mine.result or {}).get("plan") or {}
-    if "params_key" not in plan:
-        raise SpecError(f"mine job {mine.id} has no recorded plan (result.plan.params_key)")
+    try:
+        plan = MinePlan.of(mine)
+    except ValueError as exc:
+        raise SpecError(f"mine job {mine.id}: {exc}") from None
+    if plan is None:
+        raise SpecError(f"mine job {mine.id} has no recorded plan (result.plan)")
     mine_ds = session.get(Dataset, mine.dataset_id)
-    base = get_preset(DEFAULT_PRESET)
-    stage1 = None
-    if plan.get("checkpoint_id") is not None:
-        stage1 = _checkpoint(session, plan["checkpoint_id"], artifacts_dir, "the mine job's checkpoint")
-        base = _checkpoint_config(*stage1)
-    spec.cfg = build_config(params, base)
+    stage1 = _checkpoint(session, plan.checkpoint_id, artifacts_dir, "the mine job's checkpoint")
+    spec.cfg = build_config(params, checkpoint_config(stage1[0], artifacts_dir))
     spec.images_root = mine_ds.path
-    spec.corr = correspondence_from_db(session, mine.id, plan["params_key"])
+    spec.corr = correspondence_from_db(session, mine.id, plan.params_key)
     if len(spec.corr) < 2:
         raise SpecError(f"mine job {mine.id} found {len(spec.corr)} images with neighbours; stage 3 needs at least 2")
     init = params.get("init_from_checkpoint_id")
     if params.get("init_from") == "stage1":
-        init = params.get("stage1_checkpoint_id", plan.get("checkpoint_id"))
+        init = params.get("stage1_checkpoint_id", plan.checkpoint_id)
     elif params.get("init_from") not in (None, "random"):
         raise SpecError(f"params.init_from must be 'stage1' or 'random', got {params['init_from']!r}")
     if init is not None:

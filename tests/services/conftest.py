@@ -67,9 +67,9 @@ def pg_url() -> Iterator[str]:
         pytest.skip(f"no Postgres server at {ADMIN_URL} ({err}); start one or set ORL_TEST_PG_ADMIN_URL")
     url = make_test_database(ADMIN_URL)
     yield url
-    from services.common import db
+    from services.common import runtime
 
-    db.dispose_engine()
+    runtime.dispose_engine()
     drop_database(url)
 
 
@@ -93,7 +93,7 @@ def _copy_sample(dst: Path, per_split: int = 4) -> None:
 @pytest.fixture(scope="session")
 def settings_env(pg_url, tmp_path_factory) -> Iterator[ServiceEnv]:
     """ORL_* variables for the whole session (database, broker, data root, artifacts, token)."""
-    from services.common.settings import reset_settings
+    from services.common.runtime import reset
 
     root = tmp_path_factory.mktemp("data_root").resolve()
     _copy_sample(root / "sample")
@@ -106,10 +106,10 @@ def settings_env(pg_url, tmp_path_factory) -> Iterator[ServiceEnv]:
         mp.setenv("ORL_DATA_ROOTS", str(root))
         mp.setenv("ORL_ARTIFACTS_DIR", str(artifacts))
         mp.setenv("ORL_API_TOKEN", TOKEN)
-        reset_settings()
+        reset()
         yield env
-        reset_settings()
-    reset_settings()
+        reset()
+    reset()
 
 
 @pytest.fixture(scope="session")
@@ -131,7 +131,7 @@ def auth_headers(settings_env) -> dict[str, str]:
 @pytest.fixture
 def db_session(settings_env):
     """A session on the test database; commits are real (tests use unique names)."""
-    from services.common.db import get_sessionmaker
+    from services.common.runtime import get_sessionmaker
 
     s = get_sessionmaker()()
     try:

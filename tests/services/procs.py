@@ -244,7 +244,7 @@ def isolated_env(settings_env, tmp_dir: Path) -> Iterator[Any]:
     from sqlalchemy import make_url
 
     from services.common.migrate import drop_database, upgrade
-    from services.common.settings import reset_settings
+    from services.common.runtime import reset
 
     tag = uuid.uuid4().hex[:10]
     url = make_url(settings_env.database_url).set(database=f"orl_workers_{tag}").render_as_string(hide_password=False)
@@ -258,10 +258,10 @@ def isolated_env(settings_env, tmp_dir: Path) -> Iterator[Any]:
             mp.setenv("ORL_DATABASE_URL", url)
             mp.setenv("ORL_BROKER_URL", broker_url)
             mp.setenv("ORL_ARTIFACTS_DIR", str(artifacts))
-            reset_settings()
+            reset()
             yield env
     finally:
-        reset_settings()
+        reset()
         drop_database(url)
         client.flushdb()
         client.close()

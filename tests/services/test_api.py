@@ -55,11 +55,11 @@ def test_readyz_reports_what_is_down(settings_env, monkeypatch):
     from fastapi.testclient import TestClient
 
     from services.api.main import create_app
-    from services.common.settings import reset_settings
+    from services.common.runtime import reset
 
     monkeypatch.setenv("ORL_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:1/nowhere")
     monkeypatch.setenv("ORL_BROKER_URL", "redis://127.0.0.1:1/0")
-    reset_settings()
+    reset()
     try:
         r = TestClient(create_app()).get("/readyz")
         assert r.status_code == 503
@@ -67,7 +67,7 @@ def test_readyz_reports_what_is_down(settings_env, monkeypatch):
         assert checks["database"].startswith("unreachable") and checks["broker"].startswith("unreachable")
     finally:
         monkeypatch.undo()
-        reset_settings()
+        reset()
 
 
 def test_write_endpoints_need_the_token(api_client):
@@ -402,7 +402,7 @@ def test_register_and_count_on_embedded_postgres(tmp_path, monkeypatch, settings
 
     from services.api.main import create_app
     from services.common.migrate import upgrade
-    from services.common.settings import reset_settings
+    from services.common.runtime import reset
 
     pgdata = tmp_path / "pgdata"
     server = ep.get_server(pgdata, cleanup_mode="delete")
@@ -411,7 +411,7 @@ def test_register_and_count_on_embedded_postgres(tmp_path, monkeypatch, settings
         url = url.render_as_string(hide_password=False)
         upgrade(url)  # creates the database, alembic upgrade head
         monkeypatch.setenv("ORL_DATABASE_URL", url)
-        reset_settings()
+        reset()
         client = TestClient(create_app())
         headers = {"Authorization": f"Bearer {settings_env.token}"}
         r = client.post(f"{API}/datasets", json={"name": "embedded", "path": "sample"}, headers=headers)
@@ -419,11 +419,11 @@ def test_register_and_count_on_embedded_postgres(tmp_path, monkeypatch, settings
         got = client.get(f"{API}/datasets/{r.json()['id']}").json()
         assert got["counts"]["images"] == 8 and got["counts"]["failed_images"] == 0
         assert client.get("/readyz").json()["checks"]["migrations"] == "ok"
-        from services.common.db import get_engine
+        from services.common.runtime import get_engine
 
         with get_engine().connect() as conn:
             assert "PostgreSQL 18" in conn.exec_driver_sql("SELECT version()").scalar()
     finally:
         monkeypatch.undo()
-        reset_settings()
+        reset()
         server.cleanup()

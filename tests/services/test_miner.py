@@ -6,6 +6,7 @@ results read back from /correspondences and the tables. No eager mode.
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from pathlib import Path
@@ -128,6 +129,20 @@ def _library_pairs(corr: Correspondence) -> dict[tuple, float]:
         k = list(corr.knn[i]).index(j)
         out[(corr.files[i], corr.files[j], k, r, tuple(round(float(v), 2) for v in np.r_[q, n]))] = s
     return out
+
+
+def test_api_export_is_the_miners_correspondence_json(api_client, auth_headers, settings_env, miner, checkpoint_id):
+    """GET /correspondences/export?format=orl-json and the miner's file: one function, one result."""
+    folder = _folder(settings_env, 4, offset=16)
+    job_id = _submit(api_client, auth_headers, _register(api_client, auth_headers, folder), {"checkpoint_id": checkpoint_id})
+    assert procs.wait_job(job_id, 180, [miner])["status"] == "succeeded"
+    r = api_client.get(f"{API}/correspondences/export", params={"job_id": job_id})
+    assert r.status_code == 200, r.text
+    written = json.loads((settings_env.artifacts_dir / "jobs" / str(job_id) / "correspondence.json").read_text())
+    assert r.json() == written
+    info = written["info"]
+    assert info["job_id"] == job_id and info["knn_image_num"] == info["mine_config"]["knn_k"]
+    assert written["pseudo_annotations"]["knn_bbox_pair"]
 
 
 def test_resubmitted_job_processes_only_new_images_and_records_bad_ones(api_client, auth_headers, settings_env,

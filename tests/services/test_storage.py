@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -171,7 +172,7 @@ def test_claim_skips_locked_rows_and_transitions_are_checked(settings_env):
         # Older queued jobs of other tests would be claimed first; take them out of the way.
         s.execute(update(Job).where(Job.status == "queued", Job.kind.in_(["pretrain", "train"]), Job.id.notin_(ids))
                   .values(status="cancelled"))
-    from services.common.db import get_sessionmaker
+    from services.common.runtime import get_sessionmaker
 
     s1, s2 = get_sessionmaker()(), get_sessionmaker()()
     try:
@@ -333,8 +334,6 @@ def test_concurrent_posts_with_one_idempotency_key_make_one_job(settings_env):
 
 def test_api_and_common_import_no_other_service():
     """Services talk through the database and the broker (tasks sent by name), never by import."""
-    import ast
-
     bad = []
     for pkg in ("services/common", "services/api"):
         for f in (REPO / pkg).rglob("*.py"):
@@ -346,3 +345,88 @@ def test_api_and_common_import_no_other_service():
                 if pkg == "services/common":
                     bad += [f"{f.relative_to(REPO)}: {m}" for m in mods if m.startswith("services.api")]
     assert not bad, bad
+
+
+def _service_imports(path: Path) -> set[str]:
+    """The services.* modules a file imports, at module level or inside functions."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            # "from services.common import jobs" names the module services.common.jobs
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in out if m.startswith("services.")}
+
+
+def test_common_modules_import_one_way():
+    """settings is a leaf, and no chain of imports in services/common comes back to where it started."""
+    files = {f"services.common.{f.stem}": f for f in (REPO / "services" / "common").glob("*.py") if f.stem != "__init__"}
+    graph = {m: {d for d in _service_imports(f) if d in files and d != m} for m, f in files.items()}
+    assert graph["services.common.settings"] == set()
+    done: set[str] = set()
+
+    def visit(m: str, path: tuple[str, ...]) -> None:
+        assert m not in path, " -> ".join((*path, m))
+        if m not in done:
+            for d in graph[m]:
+                visit(d, (*path, m))
+            done.add(m)
+
+    for m in graph:
+        visit(m, ())
+
+
+# Columns only a job row has; "status", "error" and "params" are left out (other tables have them too).
+_JOB_COLUMNS = {"result", "progress", "progress_done", "progress_total", "heartbeat_at", "attempts", "worker",
+                "cancel_requested", "started_at", "finished_at"}
+
+
+def test_job_rows_have_one_writer():
+    """Only services/common/jobs.py changes job rows: no attribute assignment or UPDATE elsewhere."""
+    bad = []
+    for pkg in ("services", "scripts", "dashboard"):
+        for f in (REPO / pkg).rglob("*.py"):
+            if f == REPO / "services" / "common" / "jobs.py":
+                continue
+            for node in ast.walk(ast.parse(f.read_text())):
+                targets = node.targets if isinstance(node, ast.Assign) else \
+                    [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+                for t in targets:
+                    for el in (t.elts if isinstance(t, ast.Tuple) else [t]):
+                        if (isinstance(el, ast.Attribute) and el.attr in _JOB_COLUMNS
+                                and getattr(el.value, "id", None) != "self"):  # a worker's own fields
+                            bad.append(f"{f.relative_to(REPO)}:{node.lineno} sets .{el.attr}")
+                if (isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("update", "insert", "pg_insert")
+                        and node.args and getattr(node.args[0], "id", None) == "Job"):
+                    bad.append(f"{f.relative_to(REPO)}:{node.lineno} {node.func.id}(Job)")
+    assert not bad, bad
+
+
+def test_worker_writes_merge_and_respect_the_phase(settings_env):
+    ds = _new_dataset_id()
+    with session_scope() as s:
+        job_id = jobs.create_job(s, kind="mine", dataset_id=ds).job.id
+        idle = jobs.create_job(s, kind="mine", dataset_id=ds).job.id  # queued: keep_alive leaves it alone
+        jobs.start_job(s, job_id, "miner@a")
+        _age_heartbeat(s, job_id, 120)
+    with session_scope() as s:
+        job = jobs.get_job(s, job_id, lock=True)
+        jobs.update_job(s, job, result={"plan": {"k": 1}, "phase": "propose"}, progress={"stage": "propose"},
+                        total=8, beat=True)
+        jobs.update_job(s, job, result={"phase": "embed"}, progress={"note": "x"}, done=3)
+    with session_scope() as s:
+        job = jobs.get_job(s, job_id)
+        assert job.result == {"plan": {"k": 1}, "phase": "embed"}
+        assert job.progress == {"stage": "propose", "note": "x"} and (job.progress_done, job.progress_total) == (3, 8)
+        assert s.execute(select(func.now() - Job.heartbeat_at).where(Job.id == job_id)).scalar_one().total_seconds() < 60
+        # a late report of the phase the job has left changes nothing
+        assert jobs.set_progress(s, job_id, done=7, total=9, phase="propose") is None
+        assert jobs.set_progress(s, job_id, done=5, total=8, phase="embed") == (5, 8)
+        s.flush()
+        s.refresh(job)
+        assert job.progress["stage"] == "embed" and job.progress_done == 5
+        _age_heartbeat(s, job_id, 120)
+        assert jobs.keep_alive(s, {job_id, idle}) == 1
+        assert jobs.keep_alive(s, set()) == 0
+        assert jobs.reap_stale(s, lease_s=60) == []  # renewed: not stale

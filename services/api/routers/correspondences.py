@@ -19,12 +19,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import aliased
 
-from orl.correspondence import Correspondence
 from services.api import cursors
 from services.api.deps import SessionDep
 from services.api.schemas import Histogram, Page, PairOut
-from services.common.correspondences import correspondence_from_db, job_params_key
-from services.common.db import get_sessionmaker
+from services.common.correspondences import mine_job_correspondence
+from services.common.runtime import get_sessionmaker
 from services.common.models import Dataset, Image, Job, RoiPair
 
 router = APIRouter(prefix="/api/v1/correspondences", tags=["correspondences"])
@@ -150,14 +149,6 @@ def _csv_lines(session, mine_id: int) -> Iterator[str]:
     yield buf.getvalue()
 
 
-def build_correspondence(session, job: Job) -> Correspondence:
-    """The stage-2 result of a mine job, as the miner exports it and the trainer reads it."""
-    dataset = session.get(Dataset, job.dataset_id)
-    info = {"job_id": job.id, "dataset_id": job.dataset_id, "dataset_path": dataset.path if dataset else None,
-            "params": job.params or {}, "result": job.result or {}}
-    return correspondence_from_db(session, job.id, job_params_key(job), info)
-
-
 @router.get("/export", summary="All pairs of a mining job: official ORL json layout, or flat CSV",
             responses={200: {"content": {"application/json": {}, "text/csv": {}}}})
 def export(
@@ -169,6 +160,6 @@ def export(
     if format == "csv":
         return StreamingResponse(_csv_rows(mine_id), media_type="text/csv",
                                  headers={"Content-Disposition": f'attachment; filename="pairs_job{mine_id}.csv"'})
-    corr = build_correspondence(session, session.get(Job, mine_id))
+    corr = mine_job_correspondence(session, session.get(Job, mine_id))  # = the miner's correspondence.json
     return JSONResponse(corr.to_official(),
                         headers={"Content-Disposition": f'attachment; filename="correspondence_job{mine_id}.json"'})

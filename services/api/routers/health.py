@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from services.common import broker, db, migrate
+from services.common import broker, db, migrate, runtime
 
 router = APIRouter(tags=["health"])
 
@@ -23,7 +23,7 @@ def readyz() -> JSONResponse:
     try:
         db.check_database()
         checks["database"] = "ok"
-        checks["migrations"] = ("ok" if migrate.is_at_head(db.get_engine())
+        checks["migrations"] = ("ok" if migrate.is_at_head(runtime.get_engine())
                                 else "not at head: run `python -m services.common.migrate`")
     except Exception as exc:  # any driver error means "not ready"; the text says which
         checks["database"] = f"unreachable: {type(exc).__name__}: {exc}".splitlines()[0]

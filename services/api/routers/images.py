@@ -12,6 +12,7 @@ from orl.images import ImageError
 from services.api import imaging
 from services.api.deps import SessionDep, SettingsDep
 from services.api.schemas import ImageOut
+from services.common.artifacts import artifact_file
 from services.common.datasets import PathRefused, image_file
 from services.common.models import Artifact, Dataset, Image
 
@@ -111,9 +112,7 @@ def checkpoint_file(session, settings, checkpoint_id: int) -> Path:
     if art is None or art.kind != "checkpoint":
         raise HTTPException(status.HTTP_404_NOT_FOUND,
                             f"checkpoint {checkpoint_id} does not exist; list checkpoints with GET /api/v1/checkpoints")
-    p = Path(art.path)
-    if not p.is_absolute():
-        p = settings.artifacts_path / p
+    p = artifact_file(art.path, settings.artifacts_path)
     if not p.is_file():
         raise HTTPException(status.HTTP_410_GONE, f"checkpoint {checkpoint_id}'s file {p} is missing")
     return p

@@ -15,9 +15,9 @@ from sqlalchemy import select
 
 from services.api import cursors
 from services.api.deps import SessionDep, WriteAccess
-from services.api.schemas import JobCreate, JobKind, JobOut, JobStatus, Page
+from services.api.schemas import JobCreate, JobKind, JobOut, Page
 from services.common import broker, jobs
-from services.common.models import Artifact, Dataset, Job
+from services.common.models import Artifact, Dataset, Job, JobStatus
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 
@@ -87,13 +87,12 @@ def submit_job(
         response.headers["Idempotent-Replayed"] = "true"
         return _out(session, job)
     try:
-        for job_id, kind in created.to_dispatch:
-            broker.dispatch(job_id, kind)
+        broker.dispatch_all(created.to_dispatch)
     except Exception as exc:  # kombu raises several types when Redis is down
         # Failing the job keeps the table honest: a queued mine job nobody will ever run would
         # otherwise sit there forever.
         for job_id, _ in created.to_dispatch:
-            jobs.finish_job(session, job_id, "failed", error=f"could not reach the broker to start the job: {exc}")
+            jobs.finish_job(session, job_id, JobStatus.FAILED, error=f"could not reach the broker to start the job: {exc}")
         session.commit()
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
                             f"the broker is unreachable ({type(exc).__name__}); job {job.id} was marked failed. "
