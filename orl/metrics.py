@@ -503,6 +503,7 @@ def _single_thread_blas():
 def pair_ranking_auc(
     corr: Correspondence, feats: list[np.ndarray], gt: GroundTruth, rule: str = "ioa",
     threshold: float = 0.5, n_boot: int = 1000, seed: int = 0, knn: np.ndarray | None = None,
+    area_bins: int = 5,
 ) -> dict[str, Any]:
     """How well RoI similarity ranks same-class box pairs above the rest: ROC-AUC, chance 0.5.
 
@@ -531,6 +532,13 @@ def pair_ranking_auc(
     ``pooled_auc`` one AUC over all labelled candidates pooled, for reference only (it
     mixes the similarity scales of different image pairs, and image pairs with many boxes
     dominate); ``queries`` the query images with at least one kept pair.
+    ``auc_area_matched`` (with ``ci95_area_matched`` and ``image_pairs_area_matched``): the
+    same, but a positive is compared only with negatives whose two boxes fall in the same
+    area bins as its own (``area_bins`` quantile bins of log area over all labelled images'
+    boxes), i.e. the AUC within each (query bin, neighbour bin) cell, weighted by the cell's
+    positive x negative count. Box size alone decides much of both the label (a small box
+    lies on an object more often under IoA) and the similarity (large boxes share scene
+    context), so a network can score off 0.5 on size alone; this one cannot.
 
     Raises ValueError when no correspondence image is labelled or ``feats`` is not aligned
     with ``corr.boxes``.
@@ -556,7 +564,10 @@ def pair_ranking_auc(
                              f"but it has {len(b)} boxes")
         matched[i] = matched_classes(b, gt[keys[i]], K, threshold, rule).astype(np.float32)
         unit[i] = f
-    aucs, queries, all_s, all_y = [], [], [], []
+    edges = area_bin_edges([corr.boxes[i] for i in labelled], area_bins)
+    bins = {i: area_bin(np.asarray(corr.boxes[i], dtype=np.float64).reshape(-1, 4), edges) for i in labelled}
+    n_cells = len(edges) + 1
+    aucs, queries, all_s, all_y, area_aucs = [], [], [], [], []
     n_labelled = n_cand_kept = n_pos_kept = 0
     with _single_thread_blas():
         for i in labelled:
@@ -577,6 +588,9 @@ def pair_ranking_auc(
                     queries.append(i)
                     n_cand_kept += pos.size
                     n_pos_kept += int(pos.sum())
+                    a = _stratified_auc(s, pos, bins[i][:, None] * n_cells + bins[j][None, :])
+                    if a is not None:
+                        area_aucs.append(a)
     s_all = np.concatenate(all_s) if all_s else np.zeros(0)
     y_all = np.concatenate(all_y) if all_y else np.zeros(0, dtype=bool)
     aucs_arr, q_arr = np.asarray(aucs), np.asarray(queries, dtype=np.int64)
@@ -600,6 +614,26 @@ def pair_ranking_auc(
         "candidates_kept": n_cand_kept,
         "positives_kept": n_pos_kept,
         "pooled_auc": roc_auc(s_all, y_all) if len(y_all) else None,
+        "auc_area_matched": float(np.mean(area_aucs)) if area_aucs else None,
+        "ci95_area_matched": list(bootstrap_ci(np.asarray(area_aucs), n_boot, seed)),
+        "image_pairs_area_matched": len(area_aucs),
+        "area_bins": int(area_bins),
         "n_boot": n_boot,
         "seed": seed,
     }
+
+
+def _stratified_auc(scores: np.ndarray, labels: np.ndarray, cells: np.ndarray) -> float | None:
+    """AUC counting only (positive, negative) comparisons within the same cell: the sum over
+    cells of AUC_c x P_c x N_c, over the sum of P_c x N_c. None when no cell holds both."""
+    scores, labels, cells = scores.reshape(-1), labels.reshape(-1), cells.reshape(-1)
+    num = den = 0.0
+    for c in np.unique(cells[labels]):
+        m = cells == c
+        y = labels[m]
+        n_pos = int(y.sum())
+        n_neg = len(y) - n_pos
+        if n_pos and n_neg:
+            num += roc_auc(scores[m], y) * n_pos * n_neg
+            den += n_pos * n_neg
+    return num / den if den else None

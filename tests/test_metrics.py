@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from orl.boxes import areas
 from orl.correspondence import Correspondence
 from orl.labels import GroundTruth, ImageObjects
 from orl.metrics import correspondence_precision, matched_classes
@@ -260,6 +261,29 @@ def test_pair_ranking_auc_perfect_random_and_tied_features():
     mixed = [unit(np.hstack([0.4 * p[:, :3], n])) for p, n in zip(perfect, noise)]
     r = pair_ranking_auc(corr, mixed, gt)
     assert 0.55 < r["auc"] < 1.0 and r["ci95"][0] > 0.5
+
+
+def test_pair_ranking_auc_area_matched_ignores_box_size():
+    from orl.metrics import _stratified_auc
+
+    # hand-made: two cells; within cell 0 the positive wins, within cell 1 it loses
+    s = np.array([0.9, 0.1, 0.2, 0.8])
+    y = np.array([True, False, True, False])
+    cells = np.array([0, 0, 1, 1])
+    assert _stratified_auc(s, y, cells) == 0.5
+    assert _stratified_auc(s, y, np.zeros(4)) == 0.75  # one cell: the plain AUC (3 of 4 wins)
+    assert _stratified_auc(s[:2], np.array([True, True]), np.zeros(2)) is None
+    # a feature that encodes only box size: the plain AUC moves off 0.5 where size and
+    # label are related; the area-matched AUC stays at chance within its interval
+    corr, gt, box_cls = _quadrant_world()
+    size = [np.log(areas(b))[:, None] for b in corr.boxes]
+    mu = np.mean(np.concatenate(size))
+    feats = [np.hstack([s_ - mu, np.ones_like(s_)]) / np.linalg.norm(np.hstack([s_ - mu, np.ones_like(s_)]),
+                                                                     axis=1, keepdims=True) for s_ in size]
+    r = pair_ranking_auc(corr, feats, gt)
+    lo, hi = r["ci95_area_matched"]
+    assert r["image_pairs_area_matched"] > 0 and lo - 0.05 < 0.5 < hi + 0.05
+    assert abs(r["auc_area_matched"] - 0.5) <= abs(r["auc"] - 0.5) + 1e-9
 
 
 # -- area-matched baseline and shared-class figures ------------------------------------------

@@ -127,9 +127,11 @@ def ci(c, scale: float = 1.0, nd: int = 3) -> str:
     return "" if not c or c[0] is None else f" [{scale * c[0]:.{nd}f}, {scale * c[1]:.{nd}f}]"
 
 
-def auc_cell(rec: dict | None, block: str, rule: str = "ioa") -> str:
+def auc_cell(rec: dict | None, block: str, rule: str = "ioa", field: str = "auc") -> str:
+    """An AUC with its interval; ``field`` "auc_area_matched" for the size-matched one."""
     a = dig(rec, block, rule) if rec else None
-    return "n/a" if not a or a.get("auc") is None else f"{a['auc']:.3f}{ci(a.get('ci95'))}"
+    iv = "ci95" if field == "auc" else "ci95_area_matched"
+    return "n/a" if not a or a.get(field) is None else f"{a[field]:.3f}{ci(a.get(iv))}"
 
 
 def probe_cell(rec: dict | None, field: str, ds: str) -> str:
@@ -238,31 +240,27 @@ def headline(results: dict, seed: int) -> list[str]:
               "the ROC-AUC of RoI cosine similarity over all candidate box pairs, positive when both boxes lie on "
               "objects of one class (IoA >= 0.5); mean over image pairs, 95% bootstrap interval over image pairs. "
               "Chance is 0.5. 'fixed pairs': the same class-sharing image pairs for every network, so only the "
-              "RoI features differ; 'own KNN': the network's own image neighbours, what its mining sees.", "",
-              "| network | steps | AUC, fixed pairs | AUC, own KNN |", "|---|---|---|---|"]
+              "RoI features differ; 'own KNN': the network's own image neighbours, what its mining sees; "
+              "'area-matched': a positive is compared only with negatives whose boxes have the same area "
+              "quintiles, so box size alone cannot move it off 0.5.", "",
+              "| network | steps | AUC, fixed pairs | area-matched | AUC, own KNN | area-matched |",
+              "|---|---|---|---|---|---|"]
         for n in names:
             r = g("mine", n)
             L.append(f"| {ckpt_label(n, results)} | {steps_cell(units, seed, n, results)} | "
-                     f"{auc_cell(r, 'pair_auc_fixed')} | {auc_cell(r, 'pair_auc')} |")
+                     f"{auc_cell(r, 'pair_auc_fixed')} | {auc_cell(r, 'pair_auc_fixed', field='auc_area_matched')} | "
+                     f"{auc_cell(r, 'pair_auc')} | {auc_cell(r, 'pair_auc', field='auc_area_matched')} |")
         L.append("")
-        last = g("mine", f"e{N}")
-        for base in ("e0", RANDOM_BN):
-            b = g("mine", base)
-            if last and b:
-                apart = intervals_apart(dig(last, "pair_auc_fixed", "ioa"), dig(b, "pair_auc_fixed", "ioa"))
-                L.append(f"- End of stage 1 against {ckpt_label(base, results)} (fixed pairs): "
-                         + {True: "higher, intervals do not overlap.", False: "intervals overlap or lower: not shown.",
-                            None: "n/a."}[apart])
-        ctl = g("mine", "control")
-        if ctl:
+        last, ctl = g("mine", f"e{N}"), g("mine", "control")
+        for who, rec, ok_text in ((f"End of stage 1 ({N} epochs)", last, "higher, intervals do not overlap"),
+                                  ("Positive control", ctl, "higher, intervals do not overlap: the metric can see "
+                                                            "good features")):
             for base in ("e0", RANDOM_BN):
                 b = g("mine", base)
-                if b:
-                    apart = intervals_apart(dig(ctl, "pair_auc_fixed", "ioa"), dig(b, "pair_auc_fixed", "ioa"))
-                    L.append(f"- Positive control against {ckpt_label(base, results)} (fixed pairs): "
-                             + {True: "higher, intervals do not overlap: the metric can see good features.",
-                                False: "NOT clearly higher: the control is too weak or the metric is blind.",
-                                None: "n/a."}[apart])
+                if rec and b:
+                    L.append(f"- {who} against {ckpt_label(base, results)}, fixed pairs: "
+                             + "; ".join(f"{lab}: " + apart_text(rec, b, field, ok_text)
+                                         for field, lab in (("auc", "AUC"), ("auc_area_matched", "area-matched"))))
         L.append("")
     # 3. ORL against BYOL at equal compute
     runs = [r for r in st.get("runs", []) if g("eval", r)]
@@ -304,6 +302,16 @@ def headline(results: dict, seed: int) -> list[str]:
                 f"{ckpt_label(r, results)}: {', '.join(labs)}" for r, labs in by_run.items())
                 + ". One seed; see the three-seed section for the spread.", ""]
     return L
+
+
+def apart_text(rec: dict, base: dict, field: str, ok_text: str) -> str:
+    a, b = dig(rec, "pair_auc_fixed", "ioa"), dig(base, "pair_auc_fixed", "ioa")
+    iv = "ci95" if field == "auc" else "ci95_area_matched"
+    if not a or not b or a.get(field) is None or b.get(field) is None:
+        return "n/a"
+    apart = intervals_apart({"ci95": a.get(iv)}, {"ci95": b.get(iv)})
+    vals = f"{a[field]:.3f} against {b[field]:.3f}"
+    return f"{vals}, " + (ok_text if apart else "intervals overlap or lower: not shown")
 
 
 def _probe_ci(rec: dict, ds: str) -> dict:
@@ -363,14 +371,15 @@ def pairs_table(results: dict, seed: int) -> list[str]:
          "'area-matched': random pairs whose two boxes fall in the same area bins (quintiles) as the mined pair's. "
          "'shared class': only image pairs that share a ground-truth class (removes the image KNN's cap). "
          "KNN: share of image neighbours sharing a class, against random images. Percent except AUC.", "",
-         "| pairs mined with | steps | pairs | AUC fixed IoA | AUC fixed IoU | AUC KNN IoA | IoA prec. | uniform | "
-         "area-matched | shared-class prec. | its area-matched | KNN share | random |",
-         "|---|" + "---|" * 12]
+         "| pairs mined with | steps | pairs | AUC fixed IoA | area-matched | AUC fixed IoU | AUC KNN IoA | IoA prec. | "
+         "uniform | area-matched | shared-class prec. | its area-matched | KNN share | random |",
+         "|---|" + "---|" * 13]
     for n in names:
         r = done(units, f"mine/s{seed}/{n}")
         p = dig(r, "precision", "ioa") or {}
         L.append(f"| {ckpt_label(n, results)} | {steps_cell(units, seed, n.split('+')[0], results)} | {r.get('pairs', 'n/a')} | "
-                 f"{auc_cell(r, 'pair_auc_fixed')} | {auc_cell(r, 'pair_auc_fixed', 'iou')} | {auc_cell(r, 'pair_auc')} | "
+                 f"{auc_cell(r, 'pair_auc_fixed')} | {auc_cell(r, 'pair_auc_fixed', field='auc_area_matched')} | "
+                 f"{auc_cell(r, 'pair_auc_fixed', 'iou')} | {auc_cell(r, 'pair_auc')} | "
                  f"{pct(p.get('precision'), 2)} | {pct(dig(p, 'random', 'precision'), 2)} | "
                  f"{pct(dig(p, 'random_area_matched', 'precision'), 2)} | {pct(dig(p, 'shared_class', 'precision'), 2)} | "
                  f"{pct(dig(p, 'shared_class', 'random_area_matched_precision'), 2)} | "

@@ -67,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--max-minutes", type=float, help="start no new unit after this many minutes")
     p.add_argument("--threads", type=int, help="torch and BLAS threads (default: the mode's)")
     p.add_argument("--fresh", action="store_true", help="discard the existing results file (cached files are reused)")
+    p.add_argument("--rescore", action="store_true",
+                   help="recompute the pair metrics of every done mining unit from its saved files (after a "
+                        "change to the metrics), then regenerate the report; runs no other unit")
     p.add_argument("--commit", action="store_true",
                    help="git-commit the results file and the report after every unit (a long study that a "
                         "session may cut short keeps everything finished)")
@@ -128,6 +131,14 @@ def main(argv=None) -> int:
            "threads": d["machine"]["torch_threads"]}
     d["invocations"].append(inv)
     store.save()
+    if args.rescore:
+        n = study.rescore()
+        store.save()
+        print(f"rescored {n} mining unit(s); report: {write_report(results_dir, doc)}")
+        if args.commit:
+            git_commit(REPO, [out, doc, *sorted(results_dir.glob(f"study_{name}_*.png"))],
+                       f"study {name}: pair metrics recomputed for {n} mining units")
+        return 0
     if args.commit:
         def commit(key: str) -> None:
             try:

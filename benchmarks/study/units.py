@@ -259,6 +259,24 @@ class Study:
         os.replace(cache.with_suffix(".tmp"), cache)
         return corr, load_roi_features(out / "roi_features.npz")[1], stats
 
+    def rescore(self) -> int:
+        """Recompute the pair metrics of every done mining unit whose files are on disk (the
+        metrics read only the correspondence and the saved RoI features). Returns the count."""
+        from orl.correspondence import Correspondence
+        from orl.mining import load_roi_features
+
+        n = 0
+        for key, rec in self.store.units.items():
+            kind, s, name = key.split("/", 2)
+            folder = self.seed_dir(int(s[1:])) / f"mine_{name}"
+            if kind != "mine" or rec.get("status") != "done" or not (folder / "roi_features.npz").exists():
+                continue
+            corr = Correspondence.load(folder / "correspondence.json")
+            rec.update(score_pairs(corr, load_roi_features(folder / "roi_features.npz")[1], self.gt_union,
+                                   int(s[1:])), rescored_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+            n += 1
+        return n
+
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self, seed: int, name: str, svm: bool) -> None:
         def run():
