@@ -82,6 +82,11 @@ def stage1_names(results: dict) -> list[str]:
     return ["e0", RANDOM_BN] + [f"e{e}" for e in sorted(results["settings"]["snapshots"]) if e > 0]
 
 
+def done_names(units: dict, kind: str, seed: int) -> list[str]:
+    """Names of the done units ``kind/s<seed>/<name>``, in the order they were recorded."""
+    return [k.split("/", 2)[2] for k in units if k.startswith(f"{kind}/s{seed}/") and done(units, k)]
+
+
 def seeds_of(results: dict) -> list[int]:
     return sorted({int(k.split("/")[1][1:]) for k, r in results["units"].items() if r.get("status") == "done"})
 
@@ -362,7 +367,7 @@ def setup(results: dict, m: dict) -> list[str]:
 
 def pairs_table(results: dict, seed: int) -> list[str]:
     units = results["units"]
-    names = [k.split("/", 2)[2] for k in units if k.startswith(f"mine/s{seed}/") and done(units, k)]
+    names = done_names(units, "mine", seed)
     if not names:
         return []
     L = [f"### Mined pairs, seed {seed}", "",
@@ -389,7 +394,7 @@ def pairs_table(results: dict, seed: int) -> list[str]:
 
 def eval_table(results: dict, seed: int) -> list[str]:
     units = results["units"]
-    names = [k.split("/", 2)[2] for k in units if k.startswith(f"eval/s{seed}/") and done(units, k)]
+    names = done_names(units, "eval", seed)
     if not names:
         return []
     L = [f"### Frozen features, seed {seed}", "",
