@@ -42,10 +42,11 @@ def _detail(resp: httpx.Response) -> str:
 
 
 def items_of(body: Any) -> list[dict]:
-    """The rows of a list response: ``{"items": [...]}`` or a bare list."""
-    if isinstance(body, dict):
-        return list(body.get("items") or [])
-    return list(body or [])
+    """The rows of a list response: every list endpoint answers ``{items, next_cursor, total}``."""
+    if not isinstance(body, dict) or not isinstance(body.get("items"), list):
+        raise ApiError(f"the API sent a list response without 'items' ({type(body).__name__}); "
+                       "is it an older version than this dashboard?")
+    return list(body["items"])
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from dashboard.api_client import ApiClient, ApiError, Binary, items_of
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 TERMINAL = ("succeeded", "failed", "cancelled")
+MAX_LIST = 500  # the API's largest page of datasets and checkpoints: a picker shows them all
 
 
 @st.cache_resource(show_spinner=False)
@@ -61,7 +62,7 @@ class Api:
 
     # reads
     def datasets(self) -> list[dict]:
-        return items_of(self._get(_get_fresh, "/datasets"))
+        return items_of(self._get(_get_fresh, "/datasets", limit=MAX_LIST))
 
     def dataset(self, dataset_id: int) -> dict:
         return self._get(_get_live, f"/datasets/{dataset_id}")

@@ -16,8 +16,12 @@ T = TypeVar("T")
 
 
 class Page(BaseModel, Generic[T]):
+    """The one shape of every list response (docs/SERVICES.md, "Lists")."""
+
     items: list[T]
     next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; null on the last page")
+    total: int | None = Field(None, description="rows matching the filters, where that is cheap to count; "
+                                                "null where it is not (the pairs of a large job)")
 
 
 # -- datasets -----------------------------------------------------------------------------------
@@ -64,10 +68,6 @@ class ImageOut(BaseModel):
     status: Literal["ok", "failed"]
     reason: str | None
     created_at: datetime
-
-
-class ImagePage(Page[ImageOut]):
-    total: int = Field(description="images matching the filter")
 
 
 # -- jobs ---------------------------------------------------------------------------------------

@@ -38,6 +38,17 @@ def _images(api_client, dataset_id: int) -> list[dict]:
     return api_client.get(f"{API}/datasets/{dataset_id}/images", params={"limit": 500}).json()["items"]
 
 
+def _walk(api_client, path: str, **params) -> list[dict]:
+    """Every page of a list endpoint, following next_cursor; the pages' bodies in order."""
+    pages, cursor = [], None
+    while True:
+        r = api_client.get(f"{API}{path}", params={**params, "cursor": cursor})
+        assert r.status_code == 200, r.text
+        pages.append(r.json())
+        if not (cursor := pages[-1]["next_cursor"]):
+            return pages
+
+
 # -- health, docs, limits ---------------------------------------------------------------------------
 def test_health_ready_and_docs(api_client):
     assert api_client.get("/healthz").json() == {"status": "ok"}
@@ -87,6 +98,29 @@ def test_oversized_body_is_refused(api_client, auth_headers):
     assert r.status_code == 413 and "smaller" in r.json()["detail"]
 
 
+# -- lists ------------------------------------------------------------------------------------------
+LISTS = ["/datasets", "/checkpoints", "/jobs", "/correspondences"]
+
+
+def test_every_list_endpoint_answers_one_envelope(api_client, dataset):
+    """{items, next_cursor, total}: no GET answers a bare JSON array."""
+    spec = api_client.get("/openapi.json").json()
+    for path, ops in spec["paths"].items():
+        schema = (ops.get("get", {}).get("responses", {}).get("200", {}).get("content", {})
+                  .get("application/json", {}).get("schema", {}))
+        assert schema.get("type") != "array", f"GET {path} answers a bare list"
+    for path in [*LISTS, f"/datasets/{dataset['id']}/images"]:
+        r = api_client.get(f"{API}{path}", params={"limit": 1})
+        assert r.status_code == 200, (path, r.text)
+        assert set(r.json()) == {"items", "next_cursor", "total"}, path
+        r = api_client.get(f"{API}{path}", params={"limit": 0})
+        assert r.status_code == 422 and "query parameter 'limit'" in r.json()["detail"], path
+    # pages of one walk every dataset once; total counts them
+    pages = _walk(api_client, "/datasets", limit=1)
+    seen = [d["id"] for page in pages for d in page["items"]]
+    assert seen == sorted(set(seen)) and len(seen) == pages[0]["total"] and dataset["id"] in seen
+
+
 # -- datasets ---------------------------------------------------------------------------------------
 def test_register_rescan_and_counts(api_client, auth_headers, settings_env):
     folder = settings_env.data_root / f"reg-{_uid()}"
@@ -115,14 +149,10 @@ def test_register_rescan_and_counts(api_client, auth_headers, settings_env):
     assert failed["total"] == 2 and set(reasons) == {"deep/er/broken.png", "escape.jpg"}
     assert "cannot read image header" in reasons["deep/er/broken.png"] and "outside" in reasons["escape.jpg"]
     # keyset pages of 3 walk every image exactly once
-    seen, cursor = [], None
-    while True:
-        page = api_client.get(f"{API}/datasets/{ds['id']}/images", params={"limit": 3, "cursor": cursor}).json()
-        seen += [i["id"] for i in page["items"]]
-        if not (cursor := page["next_cursor"]):
-            break
+    seen = [i["id"] for page in _walk(api_client, f"/datasets/{ds['id']}/images", limit=3) for i in page["items"]]
     assert len(seen) == len(set(seen)) == 11 and seen == sorted(seen)
-    assert any(d["id"] == ds["id"] for d in api_client.get(f"{API}/datasets").json())
+    listed = api_client.get(f"{API}/datasets").json()
+    assert any(d["id"] == ds["id"] for d in listed["items"]) and listed["total"] >= 1
     # the unreadable image is refused with its reason, the escaping link never served
     ids = {i["rel_path"]: i["id"] for i in _images(api_client, ds["id"])}
     r = api_client.get(f"{API}/images/{ids['escape.jpg']}/thumbnail")
@@ -209,7 +239,7 @@ def test_attention_png_from_a_checkpoint(api_client, dataset, tiny_byol_checkpoi
     r = api_client.get(f"{API}/images/{img['id']}/attention", params={"checkpoint_id": ckpt_id, "method": "nope"})
     assert r.status_code == 422 and "similarity" in r.json()["detail"]
     listed = api_client.get(f"{API}/checkpoints", params={"dataset_id": dataset["id"]}).json()
-    assert [c["id"] for c in listed] == [ckpt_id]
+    assert [c["id"] for c in listed["items"]] == [ckpt_id] and listed["total"] == 1 and listed["next_cursor"] is None
 
 
 # -- jobs ---------------------------------------------------------------------------------------------

@@ -112,21 +112,18 @@ def list_jobs(
     cursor: str | None = None,
 ) -> Page[JobOut]:
     filters = {"status": status_, "kind": kind, "dataset_id": dataset_id, "parent_id": parent_id}
-    stmt = select(Job)
+    where = []
     if status_:
-        stmt = stmt.where(Job.status == status_)
+        where.append(Job.status == status_)
     if kind:
-        stmt = stmt.where(Job.kind == kind)
+        where.append(Job.kind == kind)
     if dataset_id is not None:
-        stmt = stmt.where(Job.dataset_id == dataset_id)
+        where.append(Job.dataset_id == dataset_id)
     if parent_id is not None:
-        stmt = stmt.where(Job.parent_id == parent_id)
-    if cursor:
-        (before,) = cursors.decode(cursor, filters, 1)
-        stmt = stmt.where(Job.id < before)
-    rows = list(session.execute(stmt.order_by(Job.id.desc()).limit(limit + 1)).scalars())
-    nxt = cursors.encode([rows[limit - 1].id], filters) if len(rows) > limit else None
-    return Page[JobOut](items=[_out(session, j) for j in rows[:limit]], next_cursor=nxt)
+        where.append(Job.parent_id == parent_id)
+    rows, nxt = cursors.id_page(session, select(Job).where(*where), Job.id, filters, limit, cursor, descending=True)
+    return Page[JobOut](items=[_out(session, j) for j in rows], next_cursor=nxt,
+                        total=cursors.count(session, Job, where))
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="A job: status, progress, error, params, timestamps")
