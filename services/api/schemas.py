@@ -70,6 +70,25 @@ class ImageOut(BaseModel):
     created_at: datetime
 
 
+class NeighborOut(BaseModel):
+    rank: int = Field(description="rank in the image's KNN, 0 = nearest")
+    image_id: int = Field(description="the neighbour image")
+    similarity: float = Field(description="cosine similarity of the two image embeddings")
+    rel_path: str
+    width: int | None
+    height: int | None
+    rank_back: int | None = Field(description="rank of the asked image in this neighbour's own KNN; "
+                                               "null when it is not among them")
+    pairs_as_query: int = Field(description="mined pairs with the asked image as query, this one as neighbour")
+    pairs_as_neighbor: int = Field(description="mined pairs with this image as query, the asked one as neighbour")
+
+
+class NeighborPage(Page[NeighborOut]):
+    image_id: int
+    job_id: int = Field(description="the mining job whose KNN this is (pairs: GET /correspondences?job_id=)")
+    checkpoint_id: int | None = Field(description="the checkpoint that job embedded the images with")
+
+
 # -- jobs ---------------------------------------------------------------------------------------
 class JobCreate(BaseModel):
     kind: JobKind

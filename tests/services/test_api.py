@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from orl.correspondence import Correspondence
 from services.common.db import insert_ignore, session_scope
-from services.common.models import Artifact, Image, Neighbor, Proposal, RoiPair
+from services.common.models import Artifact, Image, Job, Neighbor, Proposal, RoiPair
 
 API = "/api/v1"
 
@@ -421,6 +421,106 @@ def test_export_csv_and_official_json(api_client, mined):
     assert data["info"]["job_id"] == mined["job_id"]
     r = api_client.get(f"{API}/correspondences/export", params={"job_id": mined["job_id"], "format": "xml"})
     assert r.status_code == 422 and "orl-json" in r.json()["detail"]
+
+
+def test_images_found_by_file_name(api_client, dataset):
+    path = f"/datasets/{dataset['id']}/images"
+    pages = _walk(api_client, path, name="TRAIN2017/", limit=3)  # any case; pages keep the filter
+    found = [i["rel_path"] for page in pages for i in page["items"]]
+    assert len(pages) == 2 and pages[0]["total"] == 4 and len(found) == 4
+    assert all(f.startswith("train2017/") for f in found)
+    one = api_client.get(f"{API}{path}", params={"name": "000000000139"}).json()
+    assert [i["rel_path"] for i in one["items"]] == ["val2017/000000000139.jpg"] and one["total"] == 1
+    for literal in ("%", "_", "\\"):  # LIKE wildcards match only themselves
+        assert api_client.get(f"{API}{path}", params={"name": literal}).json()["total"] == 0, literal
+    r = api_client.get(f"{API}{path}", params={"name": ""})
+    assert r.status_code == 422 and "query parameter 'name'" in r.json()["detail"]
+    c = pages[0]["next_cursor"]
+    r = api_client.get(f"{API}{path}", params={"name": "val2017", "limit": 3, "cursor": c})
+    assert r.status_code == 400 and "other filters" in r.json()["detail"]
+
+
+def test_pairs_of_an_image_on_either_side(api_client, mined):
+    ids, job = mined["image_ids"], mined["job_id"]
+
+    def pairs(**params) -> list[dict]:
+        r = api_client.get(f"{API}/correspondences", params={"job_id": job, "limit": 500, **params})
+        assert r.status_code == 200, r.text
+        return r.json()["items"]
+
+    img = ids[3]  # query of 2 x 6 pairs; neighbour of ids[2] (rank 0) and ids[1] (rank 1)
+    assert len(pairs(image_id=img)) == 12 and len(pairs(image_id=img, side="neighbor")) == 12
+    both = pairs(image_id=img, side="either")
+    assert len(both) == 24 and all(img in (p["image_id"], p["neighbor_image_id"]) for p in both)
+    assert [(-p["score"], p["id"]) for p in both] == sorted((-p["score"], p["id"]) for p in both)
+    between = pairs(image_id=img, other_image_id=ids[2], side="either")
+    assert len(between) == 6 and {(p["image_id"], p["neighbor_image_id"]) for p in between} == {(ids[2], img)}
+    assert pairs(image_id=img, other_image_id=ids[2]) == []
+    assert len(pairs(image_id=img, other_image_id=ids[4])) == 6
+    for params, field in [({"side": "either"}, "side"), ({"other_image_id": img}, "other_image_id")]:
+        r = api_client.get(f"{API}/correspondences", params={"job_id": job, **params})
+        assert r.status_code == 422 and f"'{field}'" in r.json()["detail"] and "image_id" in r.json()["detail"]
+    r = api_client.get(f"{API}/correspondences", params={"image_id": img, "side": "left"})
+    assert r.status_code == 422 and "query parameter 'side'" in r.json()["detail"]
+
+
+def test_neighbors_of_an_image(api_client, mined, dataset):
+    ids, job = mined["image_ids"], mined["job_id"]
+    r = api_client.get(f"{API}/images/{ids[0]}/neighbors")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["image_id"], body["job_id"], body["checkpoint_id"], body["total"]) == (ids[0], job, None, 2)
+    assert [(n["rank"], n["image_id"]) for n in body["items"]] == [(0, ids[1]), (1, ids[2])]
+    assert [n["similarity"] for n in body["items"]] == pytest.approx([0.9, 0.8])
+    first = body["items"][0]
+    assert (first["pairs_as_query"], first["pairs_as_neighbor"], first["rank_back"]) == (6, 0, None)
+    assert first["rel_path"] and first["width"] > 0 and body["next_cursor"] is None
+    # A second mining job, with a checkpoint, in which ids[0] and ids[1] are each other's nearest.
+    with session_scope() as s:
+        from services.common import jobs
+
+        ckpt = Artifact(kind="checkpoint", stage="byol", path="knn.pt", dataset_id=dataset["id"])
+        s.add(ckpt)
+        s.flush()
+        other = jobs.create_job(s, kind="mine", dataset_id=dataset["id"], params={"checkpoint_id": ckpt.id}).job
+        a, b = ids[0], ids[1]
+        insert_ignore(s, Neighbor, [dict(job_id=other.id, image_id=a, rank=0, neighbor_image_id=b, similarity=0.7),
+                                    dict(job_id=other.id, image_id=b, rank=0, neighbor_image_id=a, similarity=0.7)])
+        box = dict(qx1=0.0, qy1=0.0, qx2=9.0, qy2=9.0, nx1=0.0, ny1=0.0, nx2=9.0, ny2=9.0)
+        insert_ignore(s, RoiPair, [dict(job_id=other.id, image_id=q, neighbor_image_id=n, neighbor_rank=0, rank=r,
+                                        score=0.5, **box) for q, n, k in ((a, b, 2), (b, a, 3)) for r in range(k)])
+        ckpt_id, other_id, unused = ckpt.id, other.id, Artifact(kind="checkpoint", path="unused.pt")
+        s.add(unused)
+        s.flush()
+        unused_id = unused.id
+    try:
+        # the succeeded job comes first by default; the checkpoint or the job picks the other one
+        picks = ({"checkpoint_id": ckpt_id}, {"job_id": other_id}, {"job_id": other_id, "checkpoint_id": ckpt_id})
+        for params in picks:
+            body = api_client.get(f"{API}/images/{a}/neighbors", params=params).json()
+            assert (body["job_id"], body["checkpoint_id"], body["total"]) == (other_id, ckpt_id, 1), params
+            n = body["items"][0]
+            assert (n["image_id"], n["rank_back"], n["pairs_as_query"], n["pairs_as_neighbor"]) == (b, 0, 2, 3)
+        cases = [
+            (ids[5], {"checkpoint_id": ckpt_id}, 404, f"no stored neighbours under checkpoint {ckpt_id}"),
+            (a, {"checkpoint_id": unused_id}, 404, "no mining job"),
+            (a, {"checkpoint_id": 99999999}, 404, "GET /api/v1/checkpoints"),
+            (a, {"job_id": other_id, "checkpoint_id": unused_id}, 422, f"not {unused_id}"),
+            (a, {"job_id": mined["other_job"]}, 422, "pretrain job"),
+            (a, {"checkpoint_id": 0}, 422, "query parameter 'checkpoint_id'"),
+            (a, {"limit": 201}, 422, "query parameter 'limit'"),
+            (99999999, {}, 404, "image 99999999 does not exist"),
+        ]
+        for image, params, code, frag in cases:
+            r = api_client.get(f"{API}/images/{image}/neighbors", params=params)
+            assert r.status_code == code and frag in r.json()["detail"], (image, params, r.text)
+        pages = _walk(api_client, f"/images/{ids[0]}/neighbors", limit=1)
+        assert [n["image_id"] for page in pages for n in page["items"]] == [ids[1], ids[2]]
+    finally:
+        with session_scope() as s:
+            s.delete(s.get(Job, other_id))  # its neighbours and pairs go with it
+            s.delete(s.get(Artifact, ckpt_id))
+            s.delete(s.get(Artifact, unused_id))
 
 
 # -- the embedded Postgres from pip ------------------------------------------------------------------

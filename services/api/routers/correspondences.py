@@ -1,7 +1,9 @@
 """Mined RoI pairs: keyset pages ordered by score, a score histogram, and exports.
 
 Order is (score DESC, id ASC), served by the (job_id | image_id |) score DESC, id indexes. The
-``image_id`` filter matches the query side of a pair (each image is a query of its own pairs).
+``image_id`` filter matches the query side of a pair (each image is a query of its own pairs) by
+default; ``side=neighbor`` or ``side=either`` match the other side or both, and
+``other_image_id`` keeps the pairs between two images (both directions with ``side=either``).
 A ``dataset_id`` filter without ``job_id`` covers every mining job of that dataset; each item
 says which job it comes from.
 """
@@ -19,49 +21,49 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import aliased
 
-from services.api import cursors
+from services.api import cursors, lookups
 from services.api.deps import SessionDep
 from services.api.schemas import Histogram, Page, PairOut
 from services.common.correspondences import mine_job_correspondence
-from services.common.runtime import get_sessionmaker
 from services.common.models import Dataset, Image, Job, RoiPair
+from services.common.runtime import get_sessionmaker
 
 router = APIRouter(prefix="/api/v1/correspondences", tags=["correspondences"])
 
 MAX_PAGE = 500
+Side = Literal["query", "neighbor", "either"]
 QI, NI = aliased(Image, name="qi"), aliased(Image, name="ni")
 
 
-def _filters(session, dataset_id, job_id, image_id, min_score) -> list:
+def _filters(session, dataset_id, job_id, min_score=None) -> list:
     where = []
     if job_id is not None:
-        where.append(RoiPair.job_id == _mine_job_id(session, job_id))
+        where.append(RoiPair.job_id == lookups.mine_job_id(session, job_id))
     if dataset_id is not None:
         if session.get(Dataset, dataset_id) is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"dataset {dataset_id} does not exist")
         where.append(RoiPair.job_id.in_(select(Job.id).where(Job.dataset_id == dataset_id)))
-    if image_id is not None:
-        where.append(RoiPair.image_id == image_id)
     if min_score is not None:
         where.append(RoiPair.score >= min_score)
     return where
 
 
-def _mine_job_id(session, job_id: int) -> int:
-    """A mine job's id; a pipeline stands for its mine stage."""
-    job = session.get(Job, job_id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} does not exist")
-    if job.kind == "pipeline":
-        child = session.execute(select(Job.id).where(Job.parent_id == job_id, Job.kind == "mine")).scalar()
-        if child is None:
-            raise HTTPException(status.HTTP_409_CONFLICT,
-                                f"pipeline {job_id} has not reached its mine stage yet; try again later")
-        return child
-    if job.kind != "mine":
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                            f"job {job_id} is a {job.kind} job; pairs come from mine (or pipeline) jobs")
-    return job.id
+def _image_filter(image_id: int | None, side: Side, other_image_id: int | None) -> list:
+    """Pairs that have ``image_id`` on ``side`` (query, neighbor or either), and ``other_image_id``
+    on the other side when given."""
+    if image_id is None:
+        if other_image_id is not None or side != "query":
+            field = "other_image_id" if other_image_id is not None else "side"
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                                f"query parameter '{field}' qualifies image_id; give image_id too, or drop {field}")
+        return []
+
+    def one_way(here, there):
+        return and_(here == image_id, there == other_image_id) if other_image_id is not None else here == image_id
+
+    as_query = one_way(RoiPair.image_id, RoiPair.neighbor_image_id)
+    as_neighbor = one_way(RoiPair.neighbor_image_id, RoiPair.image_id)
+    return [{"query": as_query, "neighbor": as_neighbor, "either": or_(as_query, as_neighbor)}[side]]
 
 
 @router.get("", response_model=Page[PairOut], summary="RoI pairs, best score first (keyset pages)")
@@ -69,13 +71,17 @@ def list_pairs(
     session: SessionDep,
     dataset_id: int | None = None,
     job_id: Annotated[int | None, Query(description="a mine job, or a pipeline (its mine stage)")] = None,
-    image_id: Annotated[int | None, Query(description="pairs whose query image is this one")] = None,
+    image_id: Annotated[int | None, Query(description="pairs with this image on `side`")] = None,
+    side: Annotated[Side, Query(description="where image_id is: the query (default), the neighbour, or either "
+                                            "(both directions)")] = "query",
+    other_image_id: Annotated[int | None, Query(description="with image_id: only pairs between the two images")] = None,
     min_score: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size, at most {MAX_PAGE}")] = 50,
     cursor: str | None = None,
 ) -> Page[PairOut]:
-    where = _filters(session, dataset_id, job_id, image_id, min_score)
-    fkey = {"dataset_id": dataset_id, "job_id": job_id, "image_id": image_id, "min_score": min_score}
+    where = _filters(session, dataset_id, job_id, min_score) + _image_filter(image_id, side, other_image_id)
+    fkey = {"dataset_id": dataset_id, "job_id": job_id, "image_id": image_id, "min_score": min_score,
+            "side": side, "other_image_id": other_image_id}
     if cursor:
         score, last_id = cursors.decode(cursor, fkey, 2)
         where.append(or_(RoiPair.score < score, and_(RoiPair.score == score, RoiPair.id > last_id)))
@@ -103,7 +109,7 @@ def histogram(
     job_id: int | None = None,
     bins: Annotated[int, Query(ge=1, le=200)] = 20,
 ) -> Histogram:
-    where = _filters(session, dataset_id, job_id, None, None)
+    where = _filters(session, dataset_id, job_id)
     lo, hi, total = session.execute(select(func.min(RoiPair.score), func.max(RoiPair.score), func.count())
                                     .where(*where)).one()
     if not total:
@@ -156,7 +162,7 @@ def export(
     job_id: Annotated[int, Query(description="a mine job, or a pipeline (its mine stage)")],
     format: Literal["orl-json", "csv"] = "orl-json",
 ):
-    mine_id = _mine_job_id(session, job_id)
+    mine_id = lookups.mine_job_id(session, job_id)
     if format == "csv":
         return StreamingResponse(_csv_rows(mine_id), media_type="text/csv",
                                  headers={"Content-Disposition": f'attachment; filename="pairs_job{mine_id}.csv"'})

@@ -92,20 +92,30 @@ def rescan_dataset(dataset_id: int, session: SessionDep) -> DatasetOut:
     return _out(session, ds, scan)
 
 
+def _like_pattern(text: str) -> str:
+    """``text`` as a literal substring for ILIKE (its own % and _ match only themselves)."""
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
 @router.get("/{dataset_id}/images", response_model=Page[ImageOut],
-            summary="A dataset's images, by id; ?status=failed lists the unreadable ones with reasons")
+            summary="A dataset's images, by id; ?name= finds them by file name, ?status=failed lists the "
+                    "unreadable ones with reasons")
 def list_images(
     dataset_id: int,
     session: SessionDep,
     status_: Annotated[Literal["ok", "failed"] | None, Query(alias="status")] = None,
+    name: Annotated[str | None, Query(min_length=1, max_length=200, description=(
+        "part of the file's path relative to the dataset folder, any case (e.g. 000000000139 or train2017/)"))] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size, at most {MAX_PAGE}")] = 50,
     cursor: str | None = None,
 ) -> Page[ImageOut]:
     get_dataset_or_404(session, dataset_id)
-    filters = {"dataset_id": dataset_id, "status": status_}
+    filters = {"dataset_id": dataset_id, "status": status_, "name": name}
     where = [Image.dataset_id == dataset_id]
     if status_ is not None:
         where.append(Image.status == status_)
+    if name is not None:
+        where.append(Image.rel_path.ilike(_like_pattern(name), escape="\\"))
     rows, nxt = cursors.id_page(session, select(Image).where(*where), Image.id, filters, limit, cursor)
     return Page[ImageOut](items=[ImageOut.model_validate(r) for r in rows], next_cursor=nxt,
                           total=cursors.count(session, Image, where))
