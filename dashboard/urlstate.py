@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
-PAGES = ("jobs", "pairs", "attention", "dataset")
+PAGES = ("jobs", "pairs", "image", "attention", "dataset")
 DEFAULT_PAGE = "jobs"
 PAGE_SIZES = (10, 20, 50)
 
@@ -46,6 +46,14 @@ def _page_size(v: str) -> int:
     return n
 
 
+def _search(v: str) -> str:
+    # A file-name search as typed; bounded like the API's ?name=.
+    v = v.strip()
+    if not v or len(v) > 200:
+        raise ValueError(v)
+    return v
+
+
 def _cursor(v: str) -> str:
     # Opaque to us; bounded so a pasted link cannot make us send a huge query string.
     if not v or len(v) > 512:
@@ -68,6 +76,14 @@ PARAMS: dict[str, dict[str, Param]] = {
         "min_score": Param(_score),
         "per_page": Param(_page_size, 20),
         "cursor": Param(_cursor),
+    },
+    "image": {
+        "dataset": Param(_positive_int),
+        "image": Param(_positive_int),
+        "checkpoint": Param(_positive_int),  # whose KNN; none: the newest mining job that covered the image
+        "nb": Param(_positive_int),  # the neighbour whose pairs are drawn
+        "q": Param(_search),  # file-name search of the gallery
+        "cursor": Param(_cursor),  # the gallery's page
     },
     "attention": {
         "dataset": Param(_positive_int),

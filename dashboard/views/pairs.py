@@ -7,6 +7,8 @@ thumbnail and crop endpoints; boxes are drawn here onto the thumbnails.
 
 from __future__ import annotations
 
+import functools
+
 import streamlit as st
 
 from dashboard import drawing, urlstate
@@ -65,47 +67,19 @@ def _fetch(api: common.Api, state: dict) -> dict:
 
 
 def _page(api: common.Api, state: dict) -> None:
+    state = dict(state)
     try:
-        try:
-            page = _fetch(api, state)
-        except ApiError as exc:
-            if exc.status != 400 or not state["cursor"]:
-                raise
-            # A stale or hand-edited link: its cursor no longer fits. Keep the filters, start over.
-            st.warning(f"{exc}. Showing the first page.")
-            state = {**state, "cursor": None}
-            common.set_query("pairs", state)
-            page = _fetch(api, state)
+        page = common.fetch_page("pairs", state, functools.partial(_fetch, api))
     except ApiError as exc:
         common.show_error(exc, "cannot load pairs")
         return
     items = page.get("items") or []
-    # Cursors of the pages before this one (this session only): the API pages forward, "Back"
-    # walks this stack. It belongs to one filter combination.
-    history = st.session_state.setdefault("pairs_history", {"key": None, "cursors": []})
-    if history["key"] != _filter_key(state):
-        history.update(key=_filter_key(state), cursors=[])
-    page_no = len(history["cursors"]) + 1
+    before = common.cursor_history("pairs_history", _filter_key(state))
+    page_no = len(before) + 1
     st.caption(f"page {page_no} · {len(items)} pairs, best score first" if items else "no pairs match these filters")
     for i, pair in enumerate(items):
-        _pair_row(api, pair, drawing.pair_colour(i), (page_no - 1) * state["per_page"] + i + 1)
-    _pager(state, page.get("next_cursor"), history)
-
-
-def _pager(state: dict, next_cursor: str | None, history: dict) -> None:
-    back, first, nxt, _ = st.columns([1, 1, 1, 4])
-    if back.button("← Back", disabled=not history["cursors"], key="pairs_back"):
-        previous = history["cursors"].pop()
-        common.set_query("pairs", {**state, "cursor": previous})
-        st.rerun()
-    if first.button("First page", disabled=state["cursor"] is None, key="pairs_first"):
-        history["cursors"] = []
-        common.set_query("pairs", {**state, "cursor": None})
-        st.rerun()
-    if nxt.button("Next →", disabled=next_cursor is None, key="pairs_next", type="primary"):
-        history["cursors"].append(state["cursor"])
-        common.set_query("pairs", {**state, "cursor": next_cursor})
-        st.rerun()
+        _pair_row(api, pair, drawing.pair_colour(i), (page_no - 1) * state["per_page"] + i + 1, state["dataset"])
+    common.pager("pairs", state, page.get("next_cursor"), before, key="pairs")
 
 
 def _boxed_thumbnail(api: common.Api, image_id: int, box, size: tuple[int | None, int | None], colour):
@@ -115,7 +89,7 @@ def _boxed_thumbnail(api: common.Api, image_id: int, box, size: tuple[int | None
     return thumb  # size unknown (not yet recorded): show the image without the box
 
 
-def _pair_row(api: common.Api, pair: dict, colour, number: int) -> None:
+def _pair_row(api: common.Api, pair: dict, colour, number: int, dataset_id: int) -> None:
     with st.container(border=True):
         q_img, n_img, q_crop, n_crop, info = st.columns([3, 3, 1.6, 1.6, 1.6], vertical_alignment="center")
         try:
@@ -141,6 +115,8 @@ def _pair_row(api: common.Api, pair: dict, colour, number: int) -> None:
                       f"for these two images  \nneighbour rank {pair['neighbor_rank'] + 1}  \n"
                       f"<small>pair id {pair['id']} · job {pair['job_id']}</small>", unsafe_allow_html=True)
         info.button("Only this image", key=f"only_{pair['id']}", on_click=_only_image, args=(pair["image_id"],))
+        info.button("Image page", key=f"imagepage_{pair['id']}", on_click=common.goto, args=(
+            "image", {"dataset": dataset_id, "image": pair["image_id"], "nb": pair["neighbor_image_id"]}))
 
 
 def _only_image(image_id: int) -> None:

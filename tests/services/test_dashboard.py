@@ -63,6 +63,9 @@ def test_url_state_round_trip_and_rejects_bad_values():
     assert urlstate.encode("attention", {"opacity": 0.5, "image": 4}) == {"page": "attention", "image": "4"}
     assert urlstate.with_filters(values, min_score=0.7)["cursor"] is None
     assert urlstate.with_filters(values, cursor="def")["cursor"] == "def"
+    img = urlstate.parse("image", {"image": "5", "nb": "7", "q": "  val2017/ ", "checkpoint": "0", "cursor": ""})
+    assert img == {"dataset": None, "image": 5, "checkpoint": None, "nb": 7, "q": "val2017/", "cursor": None}
+    assert urlstate.parse("image", {"q": "x" * 201})["q"] is None
 
 
 def test_drawing_scales_boxes_and_blends():
@@ -159,7 +162,7 @@ def seeded(live_api, settings_env, tiny_byol_checkpoint):
     from sqlalchemy import select
 
     from services.common.db import session_scope
-    from services.common.models import Artifact, Image, Job, RoiPair
+    from services.common.models import Artifact, Image, Job, Neighbor, RoiPair
 
     folder = settings_env.data_root / f"dashboard_{os.getpid()}"
     photos = sorted(SAMPLE.rglob("*.jpg"))[:N_PHOTOS]
@@ -205,6 +208,10 @@ def seeded(live_api, settings_env, tiny_byol_checkpoint):
                                  qx1=qb[0], qy1=qb[1], qx2=qb[2], qy2=qb[3],
                                  nx1=nb[0], ny1=nb[1], nx2=nb[2], ny2=nb[3]))
         s.add_all(pairs)
+        # The mining job's KNN: each photo's 3 next ones, nearest first.
+        s.add_all([Neighbor(job_id=mine.id, image_id=im.id, rank=r, similarity=0.9 - 0.1 * r,
+                            neighbor_image_id=images[(k + 1 + r) % len(images)].id)
+                   for k, im in enumerate(images) for r in range(3)])
         s.flush()
         out = {"dataset": ds["id"], "mine": mine.id, "pretrain": pretrain.id, "byol": byol.id, "orl": orl.id,
                "images": [im.id for im in images], "token": settings_env.token}
@@ -343,6 +350,47 @@ def test_dataset_page_counts_histogram_and_failed_images(app, seeded):
     assert at.get("vega_lite_chart"), "the score histogram is drawn"
     failed = at.dataframe[0].value
     assert list(failed["file"]) == ["broken.jpg"] and failed["reason"][0]
+
+
+def test_image_page_gallery_search_neighbours_and_pairs(app, seeded):
+    at = open_page(app, page="image", dataset=seeded["dataset"])
+    assert len(at.image) == N_PHOTOS, "the gallery shows every readable photo (one page)"
+    assert any(f"images 1–{N_PHOTOS} of {N_PHOTOS}" in c.value for c in at.caption)
+    # Search by file name: one match, written to the URL; open it.
+    target = seeded["images"][-1]
+    name = httpx.get(f"{os.environ['ORL_API_URL']}/api/v1/images/{target}").json()["rel_path"]
+    at.text_input(key="image_q").set_value(Path(name).stem.upper()).run()
+    assert not at.exception and qp(at)["q"] == Path(name).stem.upper()
+    assert [c for im in at.image for c in im.captions] == [f"{target} · {name}"]
+    at.button(key=f"open_{target}").click().run()
+    assert not at.exception and qp(at)["image"] == str(target)
+    # The photo, its 3 neighbours with similarities, and the pairs with the nearest drawn both ways:
+    # the last photo's nearest is the first one; they share one pair in each direction.
+    captions = [c for im in at.image for c in im.captions]
+    sims = [c for c in captions if "similarity" in c]
+    assert len(sims) == 3 and sims[0].startswith("#1 · similarity 0.900") and "pairs → 1 ← 1" in sims[0], sims
+    body = texts(at)
+    assert f"image {target} as the query → neighbour {seeded['images'][0]}** · best 1 of 1 pairs" in body
+    assert f"image {seeded['images'][0]} as the query → image {target} as its neighbour** · best 1 of 1" in body
+    assert captions.count(f"image {target}") == 2 and captions.count(f"image {seeded['images'][0]}") == 2
+    # Another neighbour: its pairs; the choice is in the URL.
+    second = seeded["images"][1]
+    at.button(key=f"nb_{second}").click().run()
+    assert not at.exception and qp(at)["nb"] == str(second)
+    assert f"neighbour #2 (image {second})" in "\n".join(h.value for h in at.subheader)
+    # A checkpoint no mining job used: the API's 404 is shown as a hint, not an error.
+    at.selectbox(key="image_checkpoint").set_value(seeded["byol"]).run()
+    assert not at.exception and qp(at)["checkpoint"] == str(seeded["byol"])
+    assert any("no stored neighbours under checkpoint" in i.value for i in at.info), [i.value for i in at.info]
+
+
+def test_pairs_page_links_to_the_image_page(app, seeded):
+    at = open_page(app, page="pairs", dataset=seeded["dataset"], job=seeded["mine"], per_page=10)
+    first = [b for b in at.button if b.key and b.key.startswith("imagepage_")][0]
+    first.click().run()
+    assert not at.exception
+    assert qp(at)["page"] == "image" and qp(at)["image"] == str(seeded["images"][0])
+    assert any("similarity" in c for im in at.image for c in im.captions)
 
 
 def test_navigation_keeps_the_dataset_in_the_url(app, seeded):
