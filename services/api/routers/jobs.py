@@ -13,11 +13,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from sqlalchemy import select
 
-from services.api import cursors
+from services.api import cursors, lookups
 from services.api.deps import SessionDep, WriteAccess
-from services.api.schemas import JobCreate, JobKind, JobOut, Page
-from services.common import broker, jobs
-from services.common.models import Artifact, Dataset, Job, JobStatus
+from services.api.schemas import JobCreate, JobKind, JobOut, Page, ReviewSummary
+from services.common import broker, jobs, reviews
+from services.common.models import Artifact, Dataset, Job, JobStatus, RoiPair
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 
@@ -129,6 +129,27 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobOut, summary="A job: status, progress, error, params, timestamps")
 def get_job(job_id: int, session: SessionDep) -> JobOut:
     return _out(session, _job_or_404(session, job_id))
+
+
+@router.get("/{job_id}/review-summary", response_model=ReviewSummary,
+            summary="Reviewed precision of a mining job's pairs, with a Wilson 95% interval",
+            responses={404: {"description": "no such job"}, 422: {"description": "not a mine or pipeline job"}})
+def review_summary(
+    job_id: int,
+    session: SessionDep,
+    reviewer: Annotated[str | None, Query(min_length=1, max_length=100,
+                                          description="only this reviewer's verdicts")] = None,
+) -> ReviewSummary:
+    mine_id = lookups.mine_job_id(session, job_id)
+    summary = reviews.job_summary(session, mine_id, reviewer)
+    pairs = cursors.count(session, RoiPair, [RoiPair.job_id == mine_id])
+    return ReviewSummary(
+        job_id=mine_id, reviewer=reviewer, pairs=pairs, reviewed=summary.reviewed, correct=summary.correct,
+        wrong=summary.wrong, disputed=summary.disputed, reviews=summary.reviews, reviewers=summary.reviewers,
+        precision=summary.precision, interval=summary.interval, level=reviews.LEVEL,
+        last_review_at=summary.last_review_at,
+        note=("the share of reviewed pairs marked correct; it estimates the precision of all the job's pairs only "
+              "when the reviewed ones are a random sample (GET /correspondences?order=random&seed=)"))
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
