@@ -92,7 +92,11 @@ class ApiClient:
         return Binary(resp.content, {k.lower(): v for k, v in resp.headers.items()})
 
     def post(self, path: str, json: Any = None, headers: dict[str, str] | None = None) -> Any:
-        resp = self._request("POST", path, json=json, headers=headers)
+        return self.send("POST", path, json, headers)
+
+    def send(self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None) -> Any:
+        """A write (POST, PUT): the JSON body of the answer, or None when it has none."""
+        resp = self._request(method, path, json=json, headers=headers)
         return resp.json() if resp.content else None
 
     # -- health -----------------------------------------------------------------------------

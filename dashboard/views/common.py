@@ -83,6 +83,9 @@ class Api:
     def neighbors(self, image_id: int, **params) -> dict:
         return self._get(_get_fresh, f"/images/{image_id}/neighbors", **params)
 
+    def review_summary(self, job_id: int) -> dict:
+        return self._get(_get_fresh, f"/jobs/{job_id}/review-summary")
+
     def histogram(self, **params) -> dict:
         return self._get(_get_fresh, "/correspondences/histogram", **params)
 
@@ -102,8 +105,8 @@ class Api:
                          size=size)
 
     # writes (never cached; they make the live caches stale)
-    def _write(self, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
-        out = get_client(self.base_url, self.token).post(path, json=body, headers=headers)
+    def _write(self, path: str, body: Any = None, headers: dict[str, str] | None = None, method: str = "POST") -> Any:
+        out = get_client(self.base_url, self.token).send(method, path, json=body, headers=headers)
         _get_live.clear()
         _get_fresh.clear()
         return out
@@ -117,6 +120,10 @@ class Api:
 
     def cancel_job(self, job_id: int) -> dict:
         return self._write(f"/jobs/{job_id}/cancel")
+
+    def review_pair(self, pair_id: int, verdict: str, reviewer: str) -> dict:
+        return self._write(f"/correspondences/{pair_id}/review", {"verdict": verdict, "reviewer": reviewer},
+                           method="PUT")
 
 
 # -- URL state ----------------------------------------------------------------------------------

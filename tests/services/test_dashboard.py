@@ -53,8 +53,15 @@ def test_url_state_round_trip_and_rejects_bad_values():
 
     q = {"page": "pairs", "dataset": "3", "job": "12", "min_score": "0.5", "per_page": "50", "cursor": "abc"}
     values = urlstate.parse("pairs", q)
-    assert values == {"dataset": 3, "job": 12, "image": None, "min_score": 0.5, "per_page": 50, "cursor": "abc"}
+    assert values == {"dataset": 3, "job": 12, "image": None, "min_score": 0.5, "max_score": None,
+                      "min_area": None, "max_area": None, "order": "score_desc", "seed": 0, "todo": False,
+                      "per_page": 50, "cursor": "abc"}
     assert urlstate.encode("pairs", values) == q
+    review = {"page": "pairs", "order": "random", "seed": "7", "todo": "1", "max_area": "5000", "max_score": "0.9"}
+    assert urlstate.encode("pairs", urlstate.parse("pairs", review)) == review
+    odd = urlstate.parse("pairs", {"order": "best", "seed": "-3", "todo": "yes", "min_area": "-5"})
+    assert (odd["order"], odd["seed"], odd["todo"], odd["min_area"]) == ("score_desc", 0, False, None)
+    assert urlstate.with_filters(values, order="random")["cursor"] is None
     # Hand-edited links degrade to defaults instead of failing.
     bad = urlstate.parse("pairs", {"job": "-1", "min_score": "nan", "per_page": "7", "image": "x"})
     assert bad["job"] is None and bad["min_score"] is None and bad["per_page"] == 20 and bad["image"] is None
@@ -274,6 +281,39 @@ def test_pairs_page_shows_pairs_pages_with_cursor_and_filters(app, seeded):
     assert queries and all(c.startswith(f"query · image {image_id} ") for c in queries), queries
 
 
+def test_pairs_page_orders_samples_and_reviews(app, seeded):
+    api = os.environ["ORL_API_URL"]
+    at = open_page(app, page="pairs", dataset=seeded["dataset"], job=seeded["mine"], per_page=10)
+    button = at.button(key=[b.key for b in at.button if (b.key or "").endswith("_correct")][0])
+    assert button.disabled, "no reviewer name yet"
+    # worst first; a random sample with its seed in the URL; a score ceiling
+    at.selectbox(key="pairs_order").set_value("score_asc").run()
+    scores = [float(v) for v in re.findall(r"score \*\*([0-9.]+)\*\*", texts(at))]
+    assert scores[0] == 0.47 and scores == sorted(scores) and qp(at)["order"] == "score_asc"
+    at.selectbox(key="pairs_order").set_value("random").run()
+    at.number_input(key="pairs_seed").set_value(3).run()
+    assert qp(at)["order"] == "random" and qp(at)["seed"] == "3"
+    assert "random sample (seed 3)" in texts(at)
+    sample = re.findall(r"pair id (\d+)", texts(at))
+    at.run()
+    assert re.findall(r"pair id (\d+)", texts(at)) == sample, "the same seed, the same sample"
+    at.number_input(key="pairs_max_score").set_value(0.6).run()
+    assert max(float(v) for v in re.findall(r"score \*\*([0-9.]+)\*\*", texts(at))) <= 0.6
+    # a reviewer marks the first pair of the sample correct, then changes their mind
+    at.text_input(key="reviewer").set_value("dora").run()
+    first = int(re.findall(r"pair id (\d+)", texts(at))[0])
+    at.button(key=f"review_{first}_correct").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert "you: :green[✓ correct]" in texts(at)
+    at.button(key=f"review_{first}_wrong").click().run()
+    got = httpx.get(f"{api}/api/v1/correspondences", params={"job_id": seeded["mine"], "reviewer": "dora",
+                                                             "reviewed": True}).json()["items"]
+    assert [(p["id"], p["verdict"], p["reviews"]) for p in got] == [(first, "wrong", {"correct": 0, "wrong": 1})]
+    # the pairs not yet reviewed by this reviewer
+    at.checkbox(key="pairs_todo").check().run()
+    assert qp(at)["todo"] == "1" and str(first) not in re.findall(r"pair id (\d+)", texts(at))
+
+
 def test_pairs_page_from_a_shared_link_and_a_bad_cursor(app, seeded):
     at = open_page(app, page="pairs", dataset=seeded["dataset"], job=seeded["mine"], per_page=10,
                    cursor="not-a-cursor", min_score="0.8")
@@ -342,13 +382,25 @@ def test_attention_page_compares_two_checkpoints(app, seeded):
 
 
 def test_dataset_page_counts_histogram_and_failed_images(app, seeded):
+    api = os.environ["ORL_API_URL"]
+    pair = httpx.get(f"{api}/api/v1/correspondences", params={"job_id": seeded["mine"], "limit": 1}).json()["items"][0]
+    r = httpx.put(f"{api}/api/v1/correspondences/{pair['id']}/review", json={"verdict": "correct", "reviewer": "eve"},
+                  headers={"Authorization": f"Bearer {seeded['token']}"})
+    assert r.status_code in (200, 201), r.text
+    summary = httpx.get(f"{api}/api/v1/jobs/{seeded['mine']}/review-summary").json()
     at = open_page(app, page="dataset", dataset=seeded["dataset"])
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Images"] == str(N_PHOTOS + 1) and metrics["Unreadable"] == "1"
     assert metrics["RoI pairs"] == str(N_PAIRS)
     assert any(f"{N_PAIRS} pairs" in c.value for c in at.caption)
     assert at.get("vega_lite_chart"), "the score histogram is drawn"
-    failed = at.dataframe[0].value
+    reviews = at.dataframe[0].value
+    assert list(reviews["job"]) == [f"#{seeded['mine']}"] and reviews["pairs"][0] == N_PAIRS
+    lo, hi = summary["interval"]
+    assert reviews["precision [95% interval]"][0] == f"{summary['precision']:.3f} [{lo:.3f}, {hi:.3f}]"
+    assert reviews["reviewed"][0] == summary["reviewed"] >= 1
+    assert any("Wilson 95% interval" in c.value for c in at.caption)
+    failed = at.dataframe[1].value
     assert list(failed["file"]) == ["broken.jpg"] and failed["reason"][0]
 
 
