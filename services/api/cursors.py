@@ -63,3 +63,8 @@ def id_page(session: Session, stmt: Select, id_col: Any, filters: dict[str, Any]
 def count(session: Session, model: Any, where: list[Any]) -> int:
     """How many rows of ``model`` match ``where`` (the ``total`` of a page, where it is cheap)."""
     return int(session.execute(select(func.count()).select_from(model).where(*where)).scalar_one())
+
+
+def equal_to(pairs: list[tuple[Any, Any]]) -> list[Any]:
+    """``column == value`` for each (column, value) whose value is given (not None): a list's filters."""
+    return [col == value for col, value in pairs if value is not None]

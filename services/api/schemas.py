@@ -218,3 +218,29 @@ class CheckpointOut(BaseModel):
     path: str
     meta: dict[str, Any]
     created_at: datetime
+
+
+# -- artifacts ----------------------------------------------------------------------------------
+ArtifactKind = Literal["checkpoint", "backbone", "correspondence", "metrics"]
+
+
+class JobRef(BaseModel):
+    id: int
+    kind: JobKind
+    status: JobStatus
+
+
+class ArtifactOut(BaseModel):
+    id: int
+    kind: ArtifactKind
+    stage: Literal["byol", "orl"] | None = Field(description="training stage of a checkpoint or backbone")
+    dataset_id: int | None
+    job: JobRef | None = Field(description="the job that wrote it (null once that job was deleted)")
+    file_name: str
+    size_bytes: int | None = Field(description="null when the file is missing on the artifacts volume")
+    metrics: dict[str, Any] = Field(description="what its run reported: the last logged training values "
+                                                "(loss, lr, ...) of a checkpoint or backbone, images and pairs "
+                                                "of a correspondence export")
+    meta: dict[str, Any] = Field(description="the row's meta without the full config (GET /checkpoints has it)")
+    created_at: datetime
+    download_url: str

@@ -99,7 +99,7 @@ def test_oversized_body_is_refused(api_client, auth_headers):
 
 
 # -- lists ------------------------------------------------------------------------------------------
-LISTS = ["/datasets", "/checkpoints", "/jobs", "/correspondences"]
+LISTS = ["/datasets", "/checkpoints", "/jobs", "/correspondences", "/artifacts"]
 
 
 def test_every_list_endpoint_answers_one_envelope(api_client, dataset):
@@ -240,6 +240,69 @@ def test_attention_png_from_a_checkpoint(api_client, dataset, tiny_byol_checkpoi
     assert r.status_code == 422 and "similarity" in r.json()["detail"]
     listed = api_client.get(f"{API}/checkpoints", params={"dataset_id": dataset["id"]}).json()
     assert [c["id"] for c in listed["items"]] == [ckpt_id] and listed["total"] == 1 and listed["next_cursor"] is None
+
+
+# -- artifacts ----------------------------------------------------------------------------------------
+def test_artifacts_listed_with_job_stage_metrics_and_downloaded(api_client, auth_headers, dataset, settings_env,
+                                                                tmp_path):
+    root = settings_env.artifacts_dir
+    run = root / f"jobs-{_uid()}"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"checkpoint bytes " * 1000)
+    (run / "backbone.pth").write_bytes(b"backbone")
+    (run / "folder").mkdir()
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not for you")
+    (run / "link.pt").symlink_to(outside)
+    with session_scope() as s:
+        from services.common import jobs
+
+        job = jobs.create_job(s, kind="pretrain", dataset_id=dataset["id"]).job
+        jobs.start_job(s, job.id, "t")
+        jobs.finish_job(s, job.id, "succeeded", result={"summary": {"metrics": {"loss": 0.25, "lr": 0.1}}})
+        rel = run.relative_to(root).as_posix()
+        made = [Artifact(job_id=job.id, dataset_id=dataset["id"], kind=kind, stage=stage, path=path, meta=meta)
+                for kind, stage, path, meta in [
+                    ("checkpoint", "byol", f"{rel}/last.pt", {"config": {"big": 1}, "global_step": 7}),
+                    ("backbone", "byol", str(run / "backbone.pth"), {}),  # absolute, inside the root
+                    ("correspondence", None, f"{rel}/missing.json", {"images": 8, "pairs": 96}),
+                    ("metrics", None, f"{rel}/folder", {"metrics": {"auc": 0.7}}),
+                    ("metrics", None, f"../{outside.name}", {}),  # a relative path that climbs out
+                    ("checkpoint", "orl", f"{rel}/link.pt", {}),  # a symlink that leads out
+                ]]
+        s.add_all(made)
+        s.flush()
+        ids = [a.id for a in made]
+    pages = _walk(api_client, "/artifacts", job_id=job.id, limit=4)
+    listed = [a for page in pages for a in page["items"]]
+    assert [a["id"] for a in listed] == sorted(ids, reverse=True) and pages[0]["total"] == 6
+    by_id = {a["id"]: a for a in listed}
+    ckpt, backbone, corr = (by_id[i] for i in ids[:3])
+    assert ckpt["job"] == {"id": job.id, "kind": "pretrain", "status": "succeeded"} and ckpt["stage"] == "byol"
+    assert ckpt["metrics"] == {"loss": 0.25, "lr": 0.1} and ckpt["meta"] == {"global_step": 7}
+    assert ckpt["size_bytes"] == 17000 and ckpt["file_name"] == "last.pt"
+    assert ckpt["download_url"] == f"/api/v1/artifacts/{ids[0]}/download"
+    assert corr["metrics"] == {"images": 8, "pairs": 96} and corr["size_bytes"] is None
+    assert by_id[ids[3]]["metrics"] == {"auc": 0.7}
+    assert [a["id"] for a in api_client.get(f"{API}/artifacts", params={"job_id": job.id, "kind": "backbone"})
+            .json()["items"]] == [ids[1]]
+    assert api_client.get(f"{API}/artifacts/{ids[1]}").json() == backbone
+    # downloads stream the file itself, named after the artifact
+    r = api_client.get(f"{API}/artifacts/{ids[0]}/download")
+    assert r.status_code == 200 and r.content == (run / "last.pt").read_bytes()
+    assert f'filename="checkpoint-{ids[0]}-last.pt"' in r.headers["content-disposition"] and r.headers["etag"]
+    r = api_client.get(f"{API}/artifacts/{ids[1]}/download", headers={"Range": "bytes=0-3"})
+    assert r.status_code == 206 and r.content == b"back"
+    for i, code, frag in [(ids[2], 410, "no longer on the artifacts volume"), (ids[3], 409, "a folder"),
+                          (ids[4], 403, "outside ORL_ARTIFACTS_DIR"), (ids[5], 403, "outside ORL_ARTIFACTS_DIR"),
+                          (99999999, 404, "GET /api/v1/artifacts")]:
+        r = api_client.get(f"{API}/artifacts/{i}/download")
+        assert r.status_code == code and frag in r.json()["detail"], (i, r.text)
+        assert "not for you" not in r.text
+    assert by_id[ids[4]]["size_bytes"] is None and by_id[ids[5]]["size_bytes"] is None
+    r = api_client.get(f"{API}/artifacts", params={"kind": "weights"})
+    assert r.status_code == 422 and "query parameter 'kind'" in r.json()["detail"]
+    assert api_client.get(f"{API}/artifacts", params={"limit": 201}).status_code == 422
 
 
 # -- jobs ---------------------------------------------------------------------------------------------

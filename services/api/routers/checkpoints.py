@@ -27,13 +27,8 @@ def list_checkpoints(
     cursor: str | None = None,
 ) -> Page[CheckpointOut]:
     filters = {"dataset_id": dataset_id, "job_id": job_id, "stage": stage}
-    where = [Artifact.kind == "checkpoint"]
-    if dataset_id is not None:
-        where.append(Artifact.dataset_id == dataset_id)
-    if job_id is not None:
-        where.append(Artifact.job_id == job_id)
-    if stage is not None:
-        where.append(Artifact.stage == stage)
+    where = cursors.equal_to([(Artifact.kind, "checkpoint"), (Artifact.dataset_id, dataset_id),
+                              (Artifact.job_id, job_id), (Artifact.stage, stage)])
     rows, nxt = cursors.id_page(session, select(Artifact).where(*where), Artifact.id, filters, limit, cursor,
                                 descending=True)
     return Page[CheckpointOut](items=[CheckpointOut.model_validate(a) for a in rows], next_cursor=nxt,

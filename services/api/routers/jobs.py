@@ -112,15 +112,8 @@ def list_jobs(
     cursor: str | None = None,
 ) -> Page[JobOut]:
     filters = {"status": status_, "kind": kind, "dataset_id": dataset_id, "parent_id": parent_id}
-    where = []
-    if status_:
-        where.append(Job.status == status_)
-    if kind:
-        where.append(Job.kind == kind)
-    if dataset_id is not None:
-        where.append(Job.dataset_id == dataset_id)
-    if parent_id is not None:
-        where.append(Job.parent_id == parent_id)
+    where = cursors.equal_to([(Job.status, status_), (Job.kind, kind), (Job.dataset_id, dataset_id),
+                              (Job.parent_id, parent_id)])
     rows, nxt = cursors.id_page(session, select(Job).where(*where), Job.id, filters, limit, cursor, descending=True)
     return Page[JobOut](items=[_out(session, j) for j in rows], next_cursor=nxt,
                         total=cursors.count(session, Job, where))
