@@ -10,6 +10,7 @@ the API's thumbnail and crop endpoints; boxes are drawn here onto the thumbnails
 from __future__ import annotations
 
 import functools
+import os
 
 import streamlit as st
 
@@ -19,6 +20,7 @@ from dashboard.views import common
 
 THUMB_PX = 320
 CROP_PX = 160
+REVIEWER = "reviewer_name"  # session key: who marks pairs on this browser session
 
 
 def render(api: common.Api) -> None:
@@ -65,8 +67,12 @@ def render(api: common.Api) -> None:
                                format="%.0f", key="pairs_min_area", placeholder="any", help=area_help)
     max_area = d4.number_input("Max box area (px²)", min_value=0.0, value=values["max_area"], step=1000.0,
                                format="%.0f", key="pairs_max_area", placeholder="any", help=area_help)
-    reviewer = (d5.text_input("Reviewer", key="reviewer", max_chars=100, placeholder="your name, to mark pairs",
-                              help="kept in this browser session only, never in the link") or "").strip() or None
+    # A widget's state is dropped on pages without it: the name is kept in a key of its own.
+    typed = d5.text_input("Reviewer", value=st.session_state.get(REVIEWER, os.environ.get("ORL_REVIEWER", "")),
+                          key="reviewer", max_chars=100, placeholder="your name, to mark pairs",
+                          help="kept in this browser session only, never in the link (default: ORL_REVIEWER)")
+    st.session_state[REVIEWER] = typed
+    reviewer = typed.strip() or None
     todo = st.checkbox("Only pairs I have not reviewed", value=values["todo"], key="pairs_todo",
                        disabled=reviewer is None)
     state = urlstate.with_filters(values, dataset=dataset_id, job=job_id, image=image_id, order=order,

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from services.common.models import Job, JobStatus
 
@@ -172,8 +172,10 @@ class PairOut(BaseModel):
 
 class ReviewIn(BaseModel):
     verdict: Verdict
-    reviewer: str = Field(min_length=1, max_length=100, pattern=r"^[\w][\w.@+' -]*$",
-                          description="who reviews: a name or e-mail address (letters, digits, . @ + ' - _ space)")
+    # Stripped first: "ana " and "ana" are one reviewer.
+    reviewer: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100,
+                                               pattern=r"^[\w][\w.@+' -]*$")] = Field(
+        description="who reviews: a name or e-mail address (letters, digits, . @ + ' - _ space)")
 
 
 class ReviewOut(BaseModel):

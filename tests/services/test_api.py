@@ -570,6 +570,7 @@ def test_neighbors_of_an_image(api_client, mined, dataset):
             (a, {"checkpoint_id": 99999999}, 404, "GET /api/v1/checkpoints"),
             (a, {"job_id": other_id, "checkpoint_id": unused_id}, 422, f"not {unused_id}"),
             (a, {"job_id": mined["other_job"]}, 422, "pretrain job"),
+            (ids[5], {"job_id": other_id}, 404, f"mining job {other_id} stored no neighbours for image {ids[5]}"),
             (a, {"checkpoint_id": 0}, 422, "query parameter 'checkpoint_id'"),
             (a, {"limit": 201}, 422, "query parameter 'limit'"),
             (99999999, {}, 404, "image 99999999 does not exist"),
@@ -651,11 +652,12 @@ def test_review_pairs_and_the_reviewed_precision(api_client, auth_headers, mined
     r = put(p1, "wrong", "ana")
     assert r.status_code == 200 and r.json()["verdict"] == "wrong"
     assert r.json()["created_at"] == first["created_at"] and r.json()["updated_at"] >= first["updated_at"]
+    assert put(p1, "wrong", "  ana ").status_code == 200, "the name is stripped: the same reviewer"
     with session_scope() as s:
         from services.common.models import PairReview
 
-        assert s.execute(select(PairReview).where(PairReview.pair_id == p1)).scalars().all()[0].verdict == "wrong"
-        assert len(s.execute(select(PairReview).where(PairReview.pair_id == p1)).all()) == 1
+        rows = s.execute(select(PairReview).where(PairReview.pair_id == p1)).scalars().all()
+        assert [(r.reviewer, r.verdict) for r in rows] == [("ana", "wrong")]
     assert [put(p, v, who).status_code for p, v, who in [
         (p2, "correct", "ana"), (p3, "correct", "ana"), (p2, "correct", "Bob Ng"), (p3, "wrong", "Bob Ng"),
         (p4, "correct", "Bob Ng")]] == [201] * 5

@@ -312,6 +312,10 @@ def test_pairs_page_orders_samples_and_reviews(app, seeded):
     # the pairs not yet reviewed by this reviewer
     at.checkbox(key="pairs_todo").check().run()
     assert qp(at)["todo"] == "1" and str(first) not in re.findall(r"pair id (\d+)", texts(at))
+    # the name outlives a visit to another page
+    at.radio(key="nav_page").set_value("dataset").run()
+    at.radio(key="nav_page").set_value("pairs").run()
+    assert not at.exception and at.text_input(key="reviewer").value == "dora"
 
 
 def test_pairs_page_from_a_shared_link_and_a_bad_cursor(app, seeded):

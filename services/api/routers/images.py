@@ -111,6 +111,11 @@ def neighbors(
         lookups.checkpoint_or_404(session, checkpoint_id)
     job = _knn_job(session, img, checkpoint_id, job_id)
     where = [Neighbor.job_id == job.id, Neighbor.image_id == image_id]
+    total = cursors.count(session, Neighbor, where)
+    if not total:  # only when the job was given: otherwise it was chosen for covering the image
+        raise HTTPException(status.HTTP_404_NOT_FOUND,
+                            f"mining job {job.id} stored no neighbours for image {image_id}: it has not reached its "
+                            "KNN step, or the image is not among its images; omit job_id for a job that covered it")
     filters = {"image_id": image_id, "job_id": job.id}
     if cursor:
         (after,) = cursors.decode(cursor, filters, 1)
@@ -134,7 +139,6 @@ def neighbors(
                          pairs_as_query=counts.get((image_id, n.neighbor_image_id), 0),
                          pairs_as_neighbor=counts.get((n.neighbor_image_id, image_id), 0))
              for n, path, w, h in rows]
-    total = cursors.count(session, Neighbor, [Neighbor.job_id == job.id, Neighbor.image_id == image_id])
     return NeighborPage(items=items, next_cursor=nxt, total=total, image_id=image_id, job_id=job.id,
                         checkpoint_id=lookups.mine_checkpoint_id(job))
 
