@@ -42,10 +42,11 @@ def _detail(resp: httpx.Response) -> str:
 
 
 def items_of(body: Any) -> list[dict]:
-    """The rows of a list response: ``{"items": [...]}`` or a bare list."""
-    if isinstance(body, dict):
-        return list(body.get("items") or [])
-    return list(body or [])
+    """The rows of a list response: every list endpoint answers ``{items, next_cursor, total}``."""
+    if not isinstance(body, dict) or not isinstance(body.get("items"), list):
+        raise ApiError(f"the API sent a list response without 'items' ({type(body).__name__}); "
+                       "is it an older version than this dashboard?")
+    return list(body["items"])
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,11 @@ class ApiClient:
         return Binary(resp.content, {k.lower(): v for k, v in resp.headers.items()})
 
     def post(self, path: str, json: Any = None, headers: dict[str, str] | None = None) -> Any:
-        resp = self._request("POST", path, json=json, headers=headers)
+        return self.send("POST", path, json, headers)
+
+    def send(self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None) -> Any:
+        """A write (POST, PUT): the JSON body of the answer, or None when it has none."""
+        resp = self._request(method, path, json=json, headers=headers)
         return resp.json() if resp.content else None
 
     # -- health -----------------------------------------------------------------------------

@@ -43,19 +43,25 @@ def scale_box(box: Sequence[float], original_size: tuple[int, int], shown_size: 
 
 
 def draw_box(image: Image.Image, box: Sequence[float], colour: tuple[int, int, int]) -> Image.Image:
-    """A copy of ``image`` with ``box`` (xyxy, in this image's pixels) outlined in ``colour``.
+    """A copy of ``image`` with ``box`` (xyxy, in this image's pixels) outlined in ``colour``."""
+    return draw_boxes(image, [(box, colour)])
+
+
+def draw_boxes(image: Image.Image, boxes: Sequence[tuple[Sequence[float], tuple[int, int, int]]]) -> Image.Image:
+    """A copy of ``image`` with each (box, colour) outlined, in order (later ones on top).
 
     A dark rim under the coloured line keeps it visible on bright and busy backgrounds.
     """
     out = image.copy()
     draw = ImageDraw.Draw(out)
     width = max(2, round(min(out.size) / 80))
-    x1, y1, x2, y2 = box
-    # Keep the outline inside the picture even for a box that touches the border.
-    x1, y1 = max(0.0, x1), max(0.0, y1)
-    x2, y2 = min(out.width - 1.0, x2), min(out.height - 1.0, y2)
-    draw.rectangle([x1, y1, x2, y2], outline=(0, 0, 0), width=width + 2)
-    draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
+    for box, colour in boxes:
+        x1, y1, x2, y2 = box
+        # Keep the outline inside the picture even for a box that touches the border.
+        x1, y1 = max(0.0, x1), max(0.0, y1)
+        x2, y2 = min(out.width - 1.0, x2), min(out.height - 1.0, y2)
+        draw.rectangle([x1, y1, x2, y2], outline=(0, 0, 0), width=width + 2)
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
     return out
 
 

@@ -9,13 +9,14 @@ of the URL to keep links short.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-PAGES = ("jobs", "pairs", "attention", "dataset")
+PAGES = ("jobs", "pairs", "image", "attention", "dataset")
 DEFAULT_PAGE = "jobs"
 PAGE_SIZES = (10, 20, 50)
+ORDERS = ("score_desc", "score_asc", "random")  # the API's ?order=
 
 
 def _positive_int(v: str) -> int:
@@ -39,11 +40,45 @@ def _opacity(v: str) -> float:
     return x
 
 
+def _area(v: str) -> float:
+    x = float(v)
+    if not math.isfinite(x) or x < 0:  # square pixels
+        raise ValueError(v)
+    return x
+
+
+def _order(v: str) -> str:
+    if v not in ORDERS:
+        raise ValueError(v)
+    return v
+
+
+def _seed(v: str) -> int:
+    n = int(v)
+    if not 0 <= n <= 2**31 - 1:
+        raise ValueError(v)
+    return n
+
+
+def _flag(v: str) -> bool:
+    if v not in ("0", "1"):
+        raise ValueError(v)
+    return v == "1"
+
+
 def _page_size(v: str) -> int:
     n = int(v)
     if n not in PAGE_SIZES:
         raise ValueError(v)
     return n
+
+
+def _search(v: str) -> str:
+    # A file-name search as typed; bounded like the API's ?name=.
+    v = v.strip()
+    if not v or len(v) > 200:
+        raise ValueError(v)
+    return v
 
 
 def _cursor(v: str) -> str:
@@ -66,8 +101,22 @@ PARAMS: dict[str, dict[str, Param]] = {
         "job": Param(_positive_int),
         "image": Param(_positive_int),
         "min_score": Param(_score),
+        "max_score": Param(_score),
+        "min_area": Param(_area),  # both boxes, square pixels
+        "max_area": Param(_area),
+        "order": Param(_order, "score_desc"),
+        "seed": Param(_seed, 0),  # with order=random
+        "todo": Param(_flag, False),  # only pairs the reviewer has not judged yet
         "per_page": Param(_page_size, 20),
         "cursor": Param(_cursor),
+    },
+    "image": {
+        "dataset": Param(_positive_int),
+        "image": Param(_positive_int),
+        "checkpoint": Param(_positive_int),  # whose KNN; none: the newest mining job that covered the image
+        "nb": Param(_positive_int),  # the neighbour whose pairs are drawn
+        "q": Param(_search),  # file-name search of the gallery
+        "cursor": Param(_cursor),  # the gallery's page
     },
     "attention": {
         "dataset": Param(_positive_int),
@@ -79,7 +128,8 @@ PARAMS: dict[str, dict[str, Param]] = {
     "dataset": {"dataset": Param(_positive_int)},
 }
 # Changing any of these starts the pair list again from its first page.
-PAIR_FILTERS = ("dataset", "job", "image", "min_score", "per_page")
+PAIR_FILTERS = ("dataset", "job", "image", "min_score", "max_score", "min_area", "max_area", "order", "seed", "todo",
+                "per_page")
 
 
 def page_of(query: Mapping[str, str]) -> str:
@@ -106,7 +156,7 @@ def encode(page: str, values: Mapping[str, Any]) -> dict[str, str]:
         v = values.get(name)
         if v is None or v == param.default:
             continue
-        out[name] = f"{v:g}" if isinstance(v, float) else str(v)
+        out[name] = f"{v:g}" if isinstance(v, float) else str(int(v)) if isinstance(v, bool) else str(v)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints: everything a resume or an evaluation needs, and backbone-only export.
+"""Checkpoints: everything a resume or an evaluation needs, and backbone-only exports.
 
 A checkpoint is a dict with: ``format`` (version tag), ``stage`` ("byol" | "orl"),
 ``config`` (Config.to_dict()), ``model`` (state dict of ORLModel, online + target + predictors),
@@ -8,7 +8,9 @@ A checkpoint is a dict with: ``format`` (version tag), ``stage`` ("byol" | "orl"
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +57,62 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     return model, cfg, ckpt
 
 
-def export_backbone(path: str | os.PathLike, out: str | os.PathLike) -> None:
-    """Write the online backbone as a torchvision ResNet state dict (no ``fc``).
+EXPORT_FORMATS = ("torchvision", "torchscript", "onnx")
 
-    ``torchvision.models.resnet50().load_state_dict(torch.load(out), strict=False)`` loads it;
-    only ``fc.weight`` / ``fc.bias`` are reported missing.
+
+class ExportError(RuntimeError):
+    """An export that cannot be made here (a missing optional package); the message says what to install."""
+
+
+def export_backbone(path: str | os.PathLike, out: str | os.PathLike, fmt: str = "torchvision",
+                    input_size: int | None = None) -> dict[str, Any]:
+    """Write a checkpoint's online backbone; returns what was written.
+
+    ``torchvision``: the ResNet state dict without ``fc``;
+    ``torchvision.models.resnet50().load_state_dict(torch.load(out), strict=False)`` loads it and
+    reports only ``fc.weight`` / ``fc.bias`` missing. ``torchscript`` and ``onnx``: the backbone as a
+    self-contained model, images (N, 3, H, W), normalised like training, to pooled res5 features
+    (N, C), traced at ``input_size`` px (default: the training size); both accept other sizes and
+    batch sizes. ONNX uses the TorchScript-based exporter (the dynamo one needs onnxscript
+    besides onnx) and is checked with ``onnx.checker``; it needs the ``onnx`` package.
     """
-    ckpt = load_checkpoint(path)
-    prefix = "backbone.net."
-    sd = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-    torch.save(sd, out)
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    out = Path(out)
+    if fmt == "torchvision":
+        ckpt = load_checkpoint(path)
+        prefix = "backbone.net."
+        sd = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+        with atomic_path(out) as tmp:
+            torch.save(sd, tmp)
+        return {"format": fmt, "path": str(out), "tensors": len(sd)}
+    if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
+        raise ExportError("ONNX export needs the onnx package: pip install onnx (or export --format torchscript)")
+    model, cfg, _ = load_model(path)
+    net = model.backbone.eval()
+    size = int(input_size or cfg.augment.image_size)
+    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch 2.14 marks both exporters deprecated (FutureWarning / DeprecationWarning) in favour
+        # of torch.export; they still work and the tests load every file back. A user can do
+        # nothing about these lines, so they are not printed.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(torch\.onnx|orl\.checkpoint)")
+        dim = int(net(example).shape[1])
+        with atomic_path(out) as tmp:
+            if fmt == "torchscript":
+                torch.jit.trace(net, example).save(str(tmp))
+            else:
+                _export_onnx(net, example, tmp)
+    return {"format": fmt, "path": str(out), "input": ["N", 3, "H", "W"], "traced_at": [1, 3, size, size],
+            "output": ["N", dim], "backbone": cfg.model.backbone}
+
+
+
+def _export_onnx(net: torch.nn.Module, example: torch.Tensor, out: Path) -> None:
+    import onnx
+
+    torch.onnx.export(net, (example,), str(out), dynamo=False, opset_version=17,
+                      input_names=["images"], output_names=["features"],
+                      dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "features": {0: "batch"}})
+    onnx.checker.check_model(onnx.load(str(out)))

@@ -282,13 +282,15 @@ def cmd_render_pairs(args) -> dict:
 
 
 def cmd_export_backbone(args) -> dict:
-    from orl.checkpoint import CheckpointError, export_backbone
+    from orl.checkpoint import CheckpointError, ExportError, export_backbone
 
+    if args.input_size is not None and args.input_size < 32:
+        raise CLIError(f"--input-size must be at least 32 px (got {args.input_size})")
     try:
-        export_backbone(args.checkpoint, args.out)
-    except CheckpointError as exc:
+        written = export_backbone(args.checkpoint, args.out, args.format, args.input_size)
+    except (CheckpointError, ExportError) as exc:
         raise CLIError(str(exc)) from exc
-    return {"backbone": args.out}
+    return {"backbone": args.out, **written}
 
 
 class _Progress:
@@ -388,9 +390,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(s, preset=False)
     s.set_defaults(func=cmd_render_pairs)
 
-    s = sub.add_parser("export-backbone", help="write backbone-only weights that torchvision's ResNet loads")
+    s = sub.add_parser("export-backbone", help="write the backbone: torchvision weights, TorchScript or ONNX",
+                       description="Write a checkpoint's online backbone. torchvision (default): a state dict "
+                                   "that torchvision's ResNet loads (strict=False: fc is left out). torchscript / "
+                                   "onnx: a self-contained model from normalised images (N, 3, H, W) to pooled "
+                                   "features (N, C), any batch and image size; onnx needs `pip install onnx`.")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--out", required=True)
+    s.add_argument("--format", choices=["torchvision", "torchscript", "onnx"], default="torchvision",
+                   help="torchvision state dict (default), TorchScript (torch.jit.load) or ONNX")
+    s.add_argument("--input-size", type=int, metavar="PX",
+                   help="image side the model is traced at (torchscript, onnx; default: the training size)")
     _add_common(s, preset=False)
     s.set_defaults(func=cmd_export_backbone)
     return p

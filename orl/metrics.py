@@ -16,8 +16,10 @@ something only when it is larger than that noise.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from pathlib import PurePosixPath
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -65,6 +67,26 @@ def roc_auc(scores, labels) -> float | None:
     u = below.sum() + 0.5 * ties.sum()  # wins of qry over ref, ties 1/2
     auc = u / (len(pos) * len(neg))
     return float(auc if sign > 0 else 1.0 - auc)
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float] | None:
+    """Wilson score interval of a binomial proportion ``successes / n``; None when ``n`` is 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is sensible for small ``n`` and
+    for proportions near 0 or 1 (10 of 10 correct gives about [0.72, 1.0], not [1.0, 1.0]), which
+    is what a reviewed sample of a few dozen mined pairs looks like.
+    """
+    if not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n, got {successes} of {n}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n == 0:
+        return None
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _interval(stats: np.ndarray, level: float) -> tuple[float | None, float | None]:

@@ -355,3 +355,21 @@ def test_shared_class_restriction_and_intervals():
     assert lo <= r["precision"] <= hi
     assert sc["precision_ci95"] == [0.5, 0.5]  # both shared image pairs have precision 1/2
     assert r["knn_share_ci95"][0] <= r["knn"]["share"] <= r["knn_share_ci95"][1]
+
+
+def test_wilson_interval_known_values():
+    from orl.metrics import wilson_interval
+
+    # Published values (e.g. Newcombe 1998, method 3; Brown, Cai & DasGupta 2001).
+    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    lo90, hi90 = wilson_interval(8, 10, level=0.90)
+    assert 0.4902 < lo90 < hi90 < 0.9433  # a lower level, a narrower interval
+    assert wilson_interval(0, 0) is None
+    for bad in [(3, 2), (-1, 5)]:
+        with pytest.raises(ValueError, match="successes"):
+            wilson_interval(*bad)
+    with pytest.raises(ValueError, match="level"):
+        wilson_interval(1, 2, level=1.0)

@@ -29,11 +29,6 @@ def jet_bar(width: int = 256, height: int = 12) -> Image.Image:
     return Image.fromarray(np.repeat(row[None], height, axis=0))
 
 
-def checkpoint_label(c: dict) -> str:
-    stage = {"byol": "stage 1 BYOL", "orl": "stage 3 ORL"}.get(c.get("stage") or "", c.get("stage") or "checkpoint")
-    return f"#{c['id']} · {stage} · job {c.get('job_id')}"
-
-
 def default_pair(checkpoints: list[dict]) -> tuple[int | None, int | None]:
     """Newest BYOL checkpoint on the left, newest ORL one on the right (the paper's comparison)."""
     byol = next((c["id"] for c in checkpoints if c.get("stage") == "byol"), None)
@@ -64,7 +59,7 @@ def render(api: common.Api) -> None:
         st.info("This dataset has no readable image.")
         return
     ids = [c["id"] for c in checkpoints]
-    labels = {c["id"]: checkpoint_label(c) for c in checkpoints}
+    labels = {c["id"]: common.checkpoint_label(c) for c in checkpoints}
     image_ids = [im["id"] for im in images]
     names = {im["id"]: f"{im['id']} · {im['rel_path']}" for im in images}
     if values["image"] is not None and values["image"] not in image_ids:

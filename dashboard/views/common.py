@@ -9,6 +9,7 @@ immutable for a given image and box). Write actions clear the short-lived caches
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import streamlit as st
@@ -18,6 +19,7 @@ from dashboard.api_client import ApiClient, ApiError, Binary, items_of
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 TERMINAL = ("succeeded", "failed", "cancelled")
+MAX_LIST = 500  # the API's largest page of datasets and checkpoints: a picker shows them all
 
 
 @st.cache_resource(show_spinner=False)
@@ -61,7 +63,7 @@ class Api:
 
     # reads
     def datasets(self) -> list[dict]:
-        return items_of(self._get(_get_fresh, "/datasets"))
+        return items_of(self._get(_get_fresh, "/datasets", limit=MAX_LIST))
 
     def dataset(self, dataset_id: int) -> dict:
         return self._get(_get_live, f"/datasets/{dataset_id}")
@@ -77,6 +79,12 @@ class Api:
 
     def pairs(self, **params) -> dict:
         return self._get(_get_fresh, "/correspondences", **params)
+
+    def neighbors(self, image_id: int, **params) -> dict:
+        return self._get(_get_fresh, f"/images/{image_id}/neighbors", **params)
+
+    def review_summary(self, job_id: int) -> dict:
+        return self._get(_get_fresh, f"/jobs/{job_id}/review-summary")
 
     def histogram(self, **params) -> dict:
         return self._get(_get_fresh, "/correspondences/histogram", **params)
@@ -97,8 +105,8 @@ class Api:
                          size=size)
 
     # writes (never cached; they make the live caches stale)
-    def _write(self, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
-        out = get_client(self.base_url, self.token).post(path, json=body, headers=headers)
+    def _write(self, path: str, body: Any = None, headers: dict[str, str] | None = None, method: str = "POST") -> Any:
+        out = get_client(self.base_url, self.token).send(method, path, json=body, headers=headers)
         _get_live.clear()
         _get_fresh.clear()
         return out
@@ -112,6 +120,10 @@ class Api:
 
     def cancel_job(self, job_id: int) -> dict:
         return self._write(f"/jobs/{job_id}/cancel")
+
+    def review_pair(self, pair_id: int, verdict: str, reviewer: str) -> dict:
+        return self._write(f"/correspondences/{pair_id}/review", {"verdict": verdict, "reviewer": reviewer},
+                           method="PUT")
 
 
 # -- URL state ----------------------------------------------------------------------------------
@@ -149,6 +161,46 @@ def sidebar_connection() -> Api | None:
     return Api(base_url, token)
 
 
+# -- cursor pages -----------------------------------------------------------------------------------
+def cursor_history(name: str, filter_key: tuple) -> list[str | None]:
+    """The cursors of the pages before the one shown (this session only: the API pages forward,
+    "Back" walks this stack). It belongs to one filter combination and starts empty for another."""
+    history = st.session_state.setdefault(name, {"key": None, "cursors": []})
+    if history["key"] != filter_key:
+        history.update(key=filter_key, cursors=[])
+    return history["cursors"]
+
+
+def fetch_page(page: str, state: dict[str, Any], fetch: Callable[[dict[str, Any]], dict]) -> dict:
+    """``fetch(state)``; when the API refuses the link's cursor (400: stale or hand-edited), say
+    so and fetch the first page with the same filters (``state["cursor"]`` is reset in place)."""
+    try:
+        return fetch(state)
+    except ApiError as exc:
+        if exc.status != 400 or not state.get("cursor"):
+            raise
+        st.warning(f"{exc}. Showing the first page.")
+        state["cursor"] = None
+        set_query(page, state)
+        return fetch(state)
+
+
+def pager(page: str, state: dict[str, Any], next_cursor: str | None, before: list[str | None], key: str) -> None:
+    """Back / First page / Next buttons; the page's cursor lives in the URL (``state["cursor"]``)."""
+    back, first, nxt, _ = st.columns([1, 1, 1, 4])
+    if back.button("← Back", disabled=not before, key=f"{key}_back"):
+        set_query(page, {**state, "cursor": before.pop()})
+        st.rerun()
+    if first.button("First page", disabled=state["cursor"] is None, key=f"{key}_first"):
+        before.clear()
+        set_query(page, {**state, "cursor": None})
+        st.rerun()
+    if nxt.button("Next →", disabled=next_cursor is None, key=f"{key}_next", type="primary"):
+        before.append(state["cursor"])
+        set_query(page, {**state, "cursor": next_cursor})
+        st.rerun()
+
+
 # -- widgets shared by pages ------------------------------------------------------------------------
 def show_error(exc: ApiError, what: str) -> None:
     st.error(f"{what}: {exc}")
@@ -168,6 +220,17 @@ def dataset_picker(api: Api, current: int | None, key: str) -> int | None:
     names = {d["id"]: f"{d['name']} (#{d['id']})" for d in datasets}
     index = ids.index(current) if current in ids else len(ids) - 1  # newest by default
     return st.selectbox("Dataset", ids, index=index, format_func=names.get, key=key)
+
+
+def checkpoint_label(c: dict) -> str:
+    stage = {"byol": "stage 1 BYOL", "orl": "stage 3 ORL"}.get(c.get("stage") or "", c.get("stage") or "checkpoint")
+    return f"#{c['id']} · {stage} · job {c.get('job_id')}"
+
+
+def goto(page: str, values: dict[str, Any]) -> None:
+    """Switch to ``page`` showing ``values`` (a button's on_click: the next run renders it)."""
+    st.session_state["nav_page"] = page
+    set_query(page, values)
 
 
 def is_active(job: dict) -> bool:

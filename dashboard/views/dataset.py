@@ -1,4 +1,5 @@
-"""Dataset: counts, the histogram of pair scores, and the unreadable images with their reasons."""
+"""Dataset: counts, the histogram of pair scores, reviewed precision per mining job, and the
+unreadable images with their reasons."""
 
 from __future__ import annotations
 
@@ -61,8 +62,41 @@ def render(api: common.Api) -> None:
         st.bar_chart(frame, x="score", y="pairs", x_label="pair score (cosine similarity)", y_label="pairs")
         st.caption(f"{hist.get('total', 0):,} pairs")
 
+    st.subheader("Reviewed precision per mining job")
+    _review_table(api, mine_jobs)
+
     st.subheader("Unreadable images")
     _failed_images(api, dataset_id)
+
+
+def precision_text(summary: dict) -> str:
+    """'0.667 [0.208, 0.939]' (precision and its interval), or '–' before any review."""
+    if summary.get("precision") is None:
+        return "–"
+    lo, hi = summary["interval"]
+    return f"{summary['precision']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _review_table(api: common.Api, mine_jobs: list[dict]) -> None:
+    rows = []
+    for job in mine_jobs:
+        try:
+            summary = api.review_summary(job["id"])
+        except ApiError as exc:
+            common.show_error(exc, f"cannot load the reviews of job {job['id']}")
+            continue
+        rows.append({"job": f"#{job['id']}", "status": job["status"], "pairs": summary["pairs"],
+                     "reviewed": summary["reviewed"], "correct": summary["correct"], "wrong": summary["wrong"],
+                     "disputed": summary["disputed"], "reviewers": len(summary["reviewers"]),
+                     "precision [95% interval]": precision_text(summary)})
+    if not rows:
+        st.info("No mining job yet.")
+        return
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    st.caption("Share of reviewed pairs marked correct (a pair counts once, with the verdict most of its reviewers "
+               "gave), with a Wilson 95% interval. It estimates the precision of all of a job's pairs only when the "
+               "reviewed ones are a random sample: review them on the Pairs page with Order: random sample. When two "
+               "jobs' intervals do not overlap, their precision really differs.")
 
 
 def _failed_images(api: common.Api, dataset_id: int) -> None:

@@ -254,5 +254,4 @@ def _job_row(api: common.Api, job: dict, nested: bool = False) -> None:
 
 
 def _goto_pairs(dataset_id: int, job_id: int) -> None:
-    st.session_state["nav_page"] = "pairs"
-    common.set_query("pairs", {"dataset": dataset_id, "job": job_id})
+    common.goto("pairs", {"dataset": dataset_id, "job": job_id})

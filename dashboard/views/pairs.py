@@ -1,11 +1,16 @@
-"""Pairs: mined RoI pairs side by side, best first, with filters and cursor pagination.
+"""Pairs: mined RoI pairs side by side, with filters, cursor pages and review buttons.
 
 Each row: the query image and its neighbour as thumbnails with the two boxes in one colour,
-then the two crops (framed in that colour), score and ranks. Images come from the API's
-thumbnail and crop endpoints; boxes are drawn here onto the thumbnails.
+then the two crops (framed in that colour), score and ranks, and ✓ / ✗ buttons that record the
+reviewer's verdict. Pairs come best first, worst first or as a seeded random sample (the one to
+review for an unbiased precision, shown per mining job on the Dataset page). Images come from
+the API's thumbnail and crop endpoints; boxes are drawn here onto the thumbnails.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import streamlit as st
 
@@ -15,6 +20,7 @@ from dashboard.views import common
 
 THUMB_PX = 320
 CROP_PX = 160
+REVIEWER = "reviewer_name"  # session key: who marks pairs on this browser session
 
 
 def render(api: common.Api) -> None:
@@ -40,72 +46,74 @@ def render(api: common.Api) -> None:
     default_job = values["job"] if values["job"] in job_ids else next(
         (j["id"] for j in mine_jobs if j["status"] == "succeeded"), job_ids[0])
 
-    c1, c2, c3, c4 = st.columns([2, 1, 1, 1])
+    c1, c2, c3, c4, c5 = st.columns([2, 1, 1.4, 1, 1])
     job_id = c1.selectbox("Mining job", job_ids, index=job_ids.index(default_job), key="pairs_job",
                           format_func=lambda i: f"#{i} ({status_of.get(i, 'pipeline')})")
     image_id = c2.number_input("Query image id", min_value=1, value=values["image"], step=1, key="pairs_image",
                                placeholder="any")
-    min_score = c3.number_input("Minimum score", min_value=-1.0, max_value=1.0, value=values["min_score"],
-                                step=0.05, format="%.2f", key="pairs_min_score", placeholder="any")
-    per_page = c4.selectbox("Per page", urlstate.PAGE_SIZES, index=urlstate.PAGE_SIZES.index(values["per_page"]),
+    order = c3.selectbox("Order", urlstate.ORDERS, index=urlstate.ORDERS.index(values["order"]), key="pairs_order",
+                         format_func=ORDER_LABELS.get)
+    seed = c4.number_input("Seed", min_value=0, max_value=2**31 - 1, value=values["seed"], step=1, key="pairs_seed",
+                           disabled=order != "random", help="the same seed gives the same sample (order: random)")
+    per_page = c5.selectbox("Per page", urlstate.PAGE_SIZES, index=urlstate.PAGE_SIZES.index(values["per_page"]),
                             key="pairs_per_page")
-    state = urlstate.with_filters(values, dataset=dataset_id, job=job_id, image=image_id, min_score=min_score,
-                                  per_page=per_page)
+    d1, d2, d3, d4, d5 = st.columns([1, 1, 1, 1, 2], vertical_alignment="bottom")
+    min_score = d1.number_input("Minimum score", min_value=-1.0, max_value=1.0, value=values["min_score"],
+                                step=0.05, format="%.2f", key="pairs_min_score", placeholder="any")
+    max_score = d2.number_input("Maximum score", min_value=-1.0, max_value=1.0, value=values["max_score"],
+                                step=0.05, format="%.2f", key="pairs_max_score", placeholder="any")
+    area_help = "both boxes of a pair, in square pixels of their own photo (a 100 x 100 box is 10000)"
+    min_area = d3.number_input("Min box area (px²)", min_value=0.0, value=values["min_area"], step=1000.0,
+                               format="%.0f", key="pairs_min_area", placeholder="any", help=area_help)
+    max_area = d4.number_input("Max box area (px²)", min_value=0.0, value=values["max_area"], step=1000.0,
+                               format="%.0f", key="pairs_max_area", placeholder="any", help=area_help)
+    # A widget's state is dropped on pages without it: the name is kept in a key of its own.
+    typed = d5.text_input("Reviewer", value=st.session_state.get(REVIEWER, os.environ.get("ORL_REVIEWER", "")),
+                          key="reviewer", max_chars=100, placeholder="your name, to mark pairs",
+                          help="kept in this browser session only, never in the link (default: ORL_REVIEWER)")
+    st.session_state[REVIEWER] = typed
+    reviewer = typed.strip() or None
+    todo = st.checkbox("Only pairs I have not reviewed", value=values["todo"], key="pairs_todo",
+                       disabled=reviewer is None)
+    state = urlstate.with_filters(values, dataset=dataset_id, job=job_id, image=image_id, order=order,
+                                  seed=int(seed) if order == "random" else 0, per_page=per_page, min_score=min_score,
+                                  max_score=max_score, min_area=min_area, max_area=max_area,
+                                  todo=bool(todo and reviewer))
     common.set_query("pairs", state)
-    _page(api, state)
+    _page(api, state, reviewer)
+
+
+ORDER_LABELS = {"score_desc": "best score first", "score_asc": "worst score first", "random": "random sample"}
 
 
 def _filter_key(state: dict) -> tuple:
     return tuple(state.get(k) for k in urlstate.PAIR_FILTERS)
 
 
-def _fetch(api: common.Api, state: dict) -> dict:
+def _fetch(api: common.Api, reviewer: str | None, state: dict) -> dict:
     return api.pairs(job_id=state["job"], image_id=state["image"], min_score=state["min_score"],
+                     max_score=state["max_score"], min_area=state["min_area"], max_area=state["max_area"],
+                     order=state["order"], seed=state["seed"] if state["order"] == "random" else None,
+                     reviewer=reviewer, reviewed=False if state["todo"] and reviewer else None,
                      limit=state["per_page"], cursor=state["cursor"])
 
 
-def _page(api: common.Api, state: dict) -> None:
+def _page(api: common.Api, state: dict, reviewer: str | None) -> None:
+    state = dict(state)
     try:
-        try:
-            page = _fetch(api, state)
-        except ApiError as exc:
-            if exc.status != 400 or not state["cursor"]:
-                raise
-            # A stale or hand-edited link: its cursor no longer fits. Keep the filters, start over.
-            st.warning(f"{exc}. Showing the first page.")
-            state = {**state, "cursor": None}
-            common.set_query("pairs", state)
-            page = _fetch(api, state)
+        page = common.fetch_page("pairs", state, functools.partial(_fetch, api, reviewer))
     except ApiError as exc:
         common.show_error(exc, "cannot load pairs")
         return
     items = page.get("items") or []
-    # Cursors of the pages before this one (this session only): the API pages forward, "Back"
-    # walks this stack. It belongs to one filter combination.
-    history = st.session_state.setdefault("pairs_history", {"key": None, "cursors": []})
-    if history["key"] != _filter_key(state):
-        history.update(key=_filter_key(state), cursors=[])
-    page_no = len(history["cursors"]) + 1
-    st.caption(f"page {page_no} · {len(items)} pairs, best score first" if items else "no pairs match these filters")
+    before = common.cursor_history("pairs_history", _filter_key(state))
+    page_no = len(before) + 1
+    how = ORDER_LABELS[state["order"]] + (f" (seed {state['seed']})" if state["order"] == "random" else "")
+    st.caption(f"page {page_no} · {len(items)} pairs, {how}" if items else "no pairs match these filters")
     for i, pair in enumerate(items):
-        _pair_row(api, pair, drawing.pair_colour(i), (page_no - 1) * state["per_page"] + i + 1)
-    _pager(state, page.get("next_cursor"), history)
-
-
-def _pager(state: dict, next_cursor: str | None, history: dict) -> None:
-    back, first, nxt, _ = st.columns([1, 1, 1, 4])
-    if back.button("← Back", disabled=not history["cursors"], key="pairs_back"):
-        previous = history["cursors"].pop()
-        common.set_query("pairs", {**state, "cursor": previous})
-        st.rerun()
-    if first.button("First page", disabled=state["cursor"] is None, key="pairs_first"):
-        history["cursors"] = []
-        common.set_query("pairs", {**state, "cursor": None})
-        st.rerun()
-    if nxt.button("Next →", disabled=next_cursor is None, key="pairs_next", type="primary"):
-        history["cursors"].append(state["cursor"])
-        common.set_query("pairs", {**state, "cursor": next_cursor})
-        st.rerun()
+        _pair_row(api, pair, drawing.pair_colour(i), (page_no - 1) * state["per_page"] + i + 1, state["dataset"],
+                  reviewer)
+    common.pager("pairs", state, page.get("next_cursor"), before, key="pairs")
 
 
 def _boxed_thumbnail(api: common.Api, image_id: int, box, size: tuple[int | None, int | None], colour):
@@ -115,7 +123,7 @@ def _boxed_thumbnail(api: common.Api, image_id: int, box, size: tuple[int | None
     return thumb  # size unknown (not yet recorded): show the image without the box
 
 
-def _pair_row(api: common.Api, pair: dict, colour, number: int) -> None:
+def _pair_row(api: common.Api, pair: dict, colour, number: int, dataset_id: int, reviewer: str | None) -> None:
     with st.container(border=True):
         q_img, n_img, q_crop, n_crop, info = st.columns([3, 3, 1.6, 1.6, 1.6], vertical_alignment="center")
         try:
@@ -140,7 +148,33 @@ def _pair_row(api: common.Api, pair: dict, colour, number: int) -> None:
         info.markdown(f"**#{number}**  \nscore **{pair['score']:.3f}**  \npair rank {pair['rank'] + 1} "
                       f"for these two images  \nneighbour rank {pair['neighbor_rank'] + 1}  \n"
                       f"<small>pair id {pair['id']} · job {pair['job_id']}</small>", unsafe_allow_html=True)
+        _review_buttons(api, info, pair, reviewer)
         info.button("Only this image", key=f"only_{pair['id']}", on_click=_only_image, args=(pair["image_id"],))
+        info.button("Image page", key=f"imagepage_{pair['id']}", on_click=common.goto, args=(
+            "image", {"dataset": dataset_id, "image": pair["image_id"], "nb": pair["neighbor_image_id"]}))
+
+
+VERDICT_MARKS = {"correct": ":green[✓ correct]", "wrong": ":red[✗ wrong]"}
+
+
+def _review_buttons(api: common.Api, col, pair: dict, reviewer: str | None) -> None:
+    counts = pair.get("reviews") or {}
+    mine = pair.get("verdict")
+    col.markdown(f"reviews ✓ {counts.get('correct', 0)} · ✗ {counts.get('wrong', 0)}"
+                 + (f"  \nyou: {VERDICT_MARKS[mine]}" if mine in VERDICT_MARKS else ""))
+    why = "needs the API token (sidebar)" if not api.token else "type your name as Reviewer above" if not reviewer \
+        else None
+    yes, no = col.columns(2)
+    for box, verdict, label in ((yes, "correct", "✓"), (no, "wrong", "✗")):
+        if box.button(label, key=f"review_{pair['id']}_{verdict}", disabled=why is not None, help=why or (
+                f"mark this pair {verdict}"), type="primary" if mine == verdict else "secondary"):
+            try:
+                api.review_pair(pair["id"], verdict, reviewer or "")
+            except ApiError as exc:
+                common.show_error(exc, f"cannot review pair {pair['id']}")
+            else:
+                st.toast(f"pair {pair['id']}: {verdict}")
+                st.rerun()
 
 
 def _only_image(image_id: int) -> None:

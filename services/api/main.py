@@ -11,7 +11,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from services.api.routers import checkpoints, correspondences, datasets, health, images, jobs
+from services.api.routers import artifacts, checkpoints, correspondences, datasets, health, images, jobs
 
 MAX_BODY_BYTES = 1 << 20  # every request body is a small JSON object
 
@@ -51,7 +51,7 @@ def create_app() -> FastAPI:
                                 status_code=status.HTTP_413_CONTENT_TOO_LARGE)
         return await call_next(request)
 
-    for r in (health, datasets, images, jobs, correspondences, checkpoints):
+    for r in (health, datasets, images, jobs, correspondences, checkpoints, artifacts):
         app.include_router(r.router)
     return app
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from services.common.models import Job, JobStatus
 
@@ -16,8 +16,12 @@ T = TypeVar("T")
 
 
 class Page(BaseModel, Generic[T]):
+    """The one shape of every list response (docs/SERVICES.md, "Lists")."""
+
     items: list[T]
     next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; null on the last page")
+    total: int | None = Field(None, description="rows matching the filters, where that is cheap to count; "
+                                                "null where it is not (the pairs of a large job)")
 
 
 # -- datasets -----------------------------------------------------------------------------------
@@ -66,8 +70,23 @@ class ImageOut(BaseModel):
     created_at: datetime
 
 
-class ImagePage(Page[ImageOut]):
-    total: int = Field(description="images matching the filter")
+class NeighborOut(BaseModel):
+    rank: int = Field(description="rank in the image's KNN, 0 = nearest")
+    image_id: int = Field(description="the neighbour image")
+    similarity: float = Field(description="cosine similarity of the two image embeddings")
+    rel_path: str
+    width: int | None
+    height: int | None
+    rank_back: int | None = Field(description="rank of the asked image in this neighbour's own KNN; "
+                                               "null when it is not among them")
+    pairs_as_query: int = Field(description="mined pairs with the asked image as query, this one as neighbour")
+    pairs_as_neighbor: int = Field(description="mined pairs with this image as query, the asked one as neighbour")
+
+
+class NeighborPage(Page[NeighborOut]):
+    image_id: int
+    job_id: int = Field(description="the mining job whose KNN this is (pairs: GET /correspondences?job_id=)")
+    checkpoint_id: int | None = Field(description="the checkpoint that job embedded the images with")
 
 
 # -- jobs ---------------------------------------------------------------------------------------
@@ -123,6 +142,14 @@ class JobOut(BaseModel):
 Box = tuple[float, float, float, float]
 
 
+class ReviewCounts(BaseModel):
+    correct: int = 0
+    wrong: int = 0
+
+
+Verdict = Literal["correct", "wrong"]
+
+
 class PairOut(BaseModel):
     id: int
     job_id: int
@@ -139,6 +166,42 @@ class PairOut(BaseModel):
     neighbor_height: int | None
     image_path: str
     neighbor_path: str
+    reviews: ReviewCounts = Field(description="verdicts given on this pair, by everyone")
+    verdict: Verdict | None = Field(None, description="the verdict of ?reviewer= on this pair, if they gave one")
+
+
+class ReviewIn(BaseModel):
+    verdict: Verdict
+    # Stripped first: "ana " and "ana" are one reviewer.
+    reviewer: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100,
+                                               pattern=r"^[\w][\w.@+' -]*$")] = Field(
+        description="who reviews: a name or e-mail address (letters, digits, . @ + ' - _ space)")
+
+
+class ReviewOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    pair_id: int
+    reviewer: str
+    verdict: Verdict
+    created_at: datetime
+    updated_at: datetime = Field(description="when this reviewer last gave their verdict on the pair")
+
+
+class ReviewSummary(BaseModel):
+    job_id: int = Field(description="the mine job (a pipeline's mine stage)")
+    reviewer: str | None = Field(description="only this reviewer's verdicts; null: everyone's")
+    pairs: int = Field(description="pairs the job mined")
+    reviewed: int = Field(description="pairs with at least one verdict; a pair counts once, with its majority verdict")
+    correct: int
+    wrong: int
+    disputed: int = Field(description="pairs with as many correct as wrong verdicts: in neither count")
+    reviews: int = Field(description="verdicts given")
+    reviewers: list[str]
+    precision: float | None = Field(description="correct / (correct + wrong); null before any review")
+    interval: tuple[float, float] | None = Field(description="Wilson score interval of the precision")
+    level: float = Field(description="confidence level of the interval")
+    last_review_at: datetime | None
+    note: str = Field(description="how to read the figure")
 
 
 class Histogram(BaseModel):
@@ -157,3 +220,29 @@ class CheckpointOut(BaseModel):
     path: str
     meta: dict[str, Any]
     created_at: datetime
+
+
+# -- artifacts ----------------------------------------------------------------------------------
+ArtifactKind = Literal["checkpoint", "backbone", "correspondence", "metrics"]
+
+
+class JobRef(BaseModel):
+    id: int
+    kind: JobKind
+    status: JobStatus
+
+
+class ArtifactOut(BaseModel):
+    id: int
+    kind: ArtifactKind
+    stage: Literal["byol", "orl"] | None = Field(description="training stage of a checkpoint or backbone")
+    dataset_id: int | None
+    job: JobRef | None = Field(description="the job that wrote it (null once that job was deleted)")
+    file_name: str
+    size_bytes: int | None = Field(description="null when the file is missing on the artifacts volume")
+    metrics: dict[str, Any] = Field(description="what its run reported: the last logged training values "
+                                                "(loss, lr, ...) of a checkpoint or backbone, images and pairs "
+                                                "of a correspondence export")
+    meta: dict[str, Any] = Field(description="the row's meta without the full config (GET /checkpoints has it)")
+    created_at: datetime
+    download_url: str

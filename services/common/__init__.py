@@ -10,6 +10,7 @@
   plan.py             MinePlan: the values a mining job runs with, recorded in its row
   artifacts.py        artifact rows and their files
   correspondences.py  a mine job's rows -> Correspondence (the miner's file = the API's export)
+  reviews.py          people's verdicts on mined pairs; a mining job's reviewed precision
   datasets.py         data roots, path checks, scanning a folder
   migrate.py          ``python -m services.common.migrate``
 

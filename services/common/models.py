@@ -55,6 +55,7 @@ TERMINAL_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 IMAGE_STATUSES = ("ok", "failed")
 ARTIFACT_KINDS = ("checkpoint", "backbone", "correspondence", "metrics")
 ARTIFACT_STAGES = ("byol", "orl")
+VERDICTS = ("correct", "wrong")
 
 # Deterministic constraint names, so Alembic migrations can refer to (and drop) them.
 NAMING = {
@@ -249,6 +250,24 @@ class RoiPair(Base):
     ny1: Mapped[float]
     nx2: Mapped[float]
     ny2: Mapped[float]
+
+
+class PairReview(Base):
+    """A person's verdict on a mined pair: one row per (pair, reviewer); their next verdict on the
+    same pair replaces it (``updated_at`` says when)."""
+
+    __tablename__ = "pair_reviews"
+    __table_args__ = (
+        UniqueConstraint("pair_id", "reviewer"),
+        CheckConstraint(_in("verdict", VERDICTS), name="verdict"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    pair_id: Mapped[int] = mapped_column(ForeignKey("roi_pairs.id", ondelete="CASCADE"))
+    reviewer: Mapped[str] = mapped_column(String(100))
+    verdict: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _created_at()
 
 
 # Keyset pagination of /correspondences orders by (score DESC, id ASC): per job, per query image,

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from orl.correspondence import Correspondence
 from services.common.db import insert_ignore, session_scope
-from services.common.models import Artifact, Image, Neighbor, Proposal, RoiPair
+from services.common.models import Artifact, Image, Job, Neighbor, Proposal, RoiPair
 
 API = "/api/v1"
 
@@ -36,6 +36,17 @@ def dataset(api_client, auth_headers, settings_env):
 
 def _images(api_client, dataset_id: int) -> list[dict]:
     return api_client.get(f"{API}/datasets/{dataset_id}/images", params={"limit": 500}).json()["items"]
+
+
+def _walk(api_client, path: str, **params) -> list[dict]:
+    """Every page of a list endpoint, following next_cursor; the pages' bodies in order."""
+    pages, cursor = [], None
+    while True:
+        r = api_client.get(f"{API}{path}", params={**params, "cursor": cursor})
+        assert r.status_code == 200, r.text
+        pages.append(r.json())
+        if not (cursor := pages[-1]["next_cursor"]):
+            return pages
 
 
 # -- health, docs, limits ---------------------------------------------------------------------------
@@ -87,6 +98,29 @@ def test_oversized_body_is_refused(api_client, auth_headers):
     assert r.status_code == 413 and "smaller" in r.json()["detail"]
 
 
+# -- lists ------------------------------------------------------------------------------------------
+LISTS = ["/datasets", "/checkpoints", "/jobs", "/correspondences", "/artifacts"]
+
+
+def test_every_list_endpoint_answers_one_envelope(api_client, dataset):
+    """{items, next_cursor, total}: no GET answers a bare JSON array."""
+    spec = api_client.get("/openapi.json").json()
+    for path, ops in spec["paths"].items():
+        schema = (ops.get("get", {}).get("responses", {}).get("200", {}).get("content", {})
+                  .get("application/json", {}).get("schema", {}))
+        assert schema.get("type") != "array", f"GET {path} answers a bare list"
+    for path in [*LISTS, f"/datasets/{dataset['id']}/images"]:
+        r = api_client.get(f"{API}{path}", params={"limit": 1})
+        assert r.status_code == 200, (path, r.text)
+        assert set(r.json()) == {"items", "next_cursor", "total"}, path
+        r = api_client.get(f"{API}{path}", params={"limit": 0})
+        assert r.status_code == 422 and "query parameter 'limit'" in r.json()["detail"], path
+    # pages of one walk every dataset once; total counts them
+    pages = _walk(api_client, "/datasets", limit=1)
+    seen = [d["id"] for page in pages for d in page["items"]]
+    assert seen == sorted(set(seen)) and len(seen) == pages[0]["total"] and dataset["id"] in seen
+
+
 # -- datasets ---------------------------------------------------------------------------------------
 def test_register_rescan_and_counts(api_client, auth_headers, settings_env):
     folder = settings_env.data_root / f"reg-{_uid()}"
@@ -115,14 +149,10 @@ def test_register_rescan_and_counts(api_client, auth_headers, settings_env):
     assert failed["total"] == 2 and set(reasons) == {"deep/er/broken.png", "escape.jpg"}
     assert "cannot read image header" in reasons["deep/er/broken.png"] and "outside" in reasons["escape.jpg"]
     # keyset pages of 3 walk every image exactly once
-    seen, cursor = [], None
-    while True:
-        page = api_client.get(f"{API}/datasets/{ds['id']}/images", params={"limit": 3, "cursor": cursor}).json()
-        seen += [i["id"] for i in page["items"]]
-        if not (cursor := page["next_cursor"]):
-            break
+    seen = [i["id"] for page in _walk(api_client, f"/datasets/{ds['id']}/images", limit=3) for i in page["items"]]
     assert len(seen) == len(set(seen)) == 11 and seen == sorted(seen)
-    assert any(d["id"] == ds["id"] for d in api_client.get(f"{API}/datasets").json())
+    listed = api_client.get(f"{API}/datasets").json()
+    assert any(d["id"] == ds["id"] for d in listed["items"]) and listed["total"] >= 1
     # the unreadable image is refused with its reason, the escaping link never served
     ids = {i["rel_path"]: i["id"] for i in _images(api_client, ds["id"])}
     r = api_client.get(f"{API}/images/{ids['escape.jpg']}/thumbnail")
@@ -209,7 +239,70 @@ def test_attention_png_from_a_checkpoint(api_client, dataset, tiny_byol_checkpoi
     r = api_client.get(f"{API}/images/{img['id']}/attention", params={"checkpoint_id": ckpt_id, "method": "nope"})
     assert r.status_code == 422 and "similarity" in r.json()["detail"]
     listed = api_client.get(f"{API}/checkpoints", params={"dataset_id": dataset["id"]}).json()
-    assert [c["id"] for c in listed] == [ckpt_id]
+    assert [c["id"] for c in listed["items"]] == [ckpt_id] and listed["total"] == 1 and listed["next_cursor"] is None
+
+
+# -- artifacts ----------------------------------------------------------------------------------------
+def test_artifacts_listed_with_job_stage_metrics_and_downloaded(api_client, auth_headers, dataset, settings_env,
+                                                                tmp_path):
+    root = settings_env.artifacts_dir
+    run = root / f"jobs-{_uid()}"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"checkpoint bytes " * 1000)
+    (run / "backbone.pth").write_bytes(b"backbone")
+    (run / "folder").mkdir()
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not for you")
+    (run / "link.pt").symlink_to(outside)
+    with session_scope() as s:
+        from services.common import jobs
+
+        job = jobs.create_job(s, kind="pretrain", dataset_id=dataset["id"]).job
+        jobs.start_job(s, job.id, "t")
+        jobs.finish_job(s, job.id, "succeeded", result={"summary": {"metrics": {"loss": 0.25, "lr": 0.1}}})
+        rel = run.relative_to(root).as_posix()
+        made = [Artifact(job_id=job.id, dataset_id=dataset["id"], kind=kind, stage=stage, path=path, meta=meta)
+                for kind, stage, path, meta in [
+                    ("checkpoint", "byol", f"{rel}/last.pt", {"config": {"big": 1}, "global_step": 7}),
+                    ("backbone", "byol", str(run / "backbone.pth"), {}),  # absolute, inside the root
+                    ("correspondence", None, f"{rel}/missing.json", {"images": 8, "pairs": 96}),
+                    ("metrics", None, f"{rel}/folder", {"metrics": {"auc": 0.7}}),
+                    ("metrics", None, f"../{outside.name}", {}),  # a relative path that climbs out
+                    ("checkpoint", "orl", f"{rel}/link.pt", {}),  # a symlink that leads out
+                ]]
+        s.add_all(made)
+        s.flush()
+        ids = [a.id for a in made]
+    pages = _walk(api_client, "/artifacts", job_id=job.id, limit=4)
+    listed = [a for page in pages for a in page["items"]]
+    assert [a["id"] for a in listed] == sorted(ids, reverse=True) and pages[0]["total"] == 6
+    by_id = {a["id"]: a for a in listed}
+    ckpt, backbone, corr = (by_id[i] for i in ids[:3])
+    assert ckpt["job"] == {"id": job.id, "kind": "pretrain", "status": "succeeded"} and ckpt["stage"] == "byol"
+    assert ckpt["metrics"] == {"loss": 0.25, "lr": 0.1} and ckpt["meta"] == {"global_step": 7}
+    assert ckpt["size_bytes"] == 17000 and ckpt["file_name"] == "last.pt"
+    assert ckpt["download_url"] == f"/api/v1/artifacts/{ids[0]}/download"
+    assert corr["metrics"] == {"images": 8, "pairs": 96} and corr["size_bytes"] is None
+    assert by_id[ids[3]]["metrics"] == {"auc": 0.7}
+    assert [a["id"] for a in api_client.get(f"{API}/artifacts", params={"job_id": job.id, "kind": "backbone"})
+            .json()["items"]] == [ids[1]]
+    assert api_client.get(f"{API}/artifacts/{ids[1]}").json() == backbone
+    # downloads stream the file itself, named after the artifact
+    r = api_client.get(f"{API}/artifacts/{ids[0]}/download")
+    assert r.status_code == 200 and r.content == (run / "last.pt").read_bytes()
+    assert f'filename="checkpoint-{ids[0]}-last.pt"' in r.headers["content-disposition"] and r.headers["etag"]
+    r = api_client.get(f"{API}/artifacts/{ids[1]}/download", headers={"Range": "bytes=0-3"})
+    assert r.status_code == 206 and r.content == b"back"
+    for i, code, frag in [(ids[2], 410, "no longer on the artifacts volume"), (ids[3], 409, "a folder"),
+                          (ids[4], 403, "outside ORL_ARTIFACTS_DIR"), (ids[5], 403, "outside ORL_ARTIFACTS_DIR"),
+                          (99999999, 404, "GET /api/v1/artifacts")]:
+        r = api_client.get(f"{API}/artifacts/{i}/download")
+        assert r.status_code == code and frag in r.json()["detail"], (i, r.text)
+        assert "not for you" not in r.text
+    assert by_id[ids[4]]["size_bytes"] is None and by_id[ids[5]]["size_bytes"] is None
+    r = api_client.get(f"{API}/artifacts", params={"kind": "weights"})
+    assert r.status_code == 422 and "query parameter 'kind'" in r.json()["detail"]
+    assert api_client.get(f"{API}/artifacts", params={"limit": 201}).status_code == 422
 
 
 # -- jobs ---------------------------------------------------------------------------------------------
@@ -391,6 +484,247 @@ def test_export_csv_and_official_json(api_client, mined):
     assert data["info"]["job_id"] == mined["job_id"]
     r = api_client.get(f"{API}/correspondences/export", params={"job_id": mined["job_id"], "format": "xml"})
     assert r.status_code == 422 and "orl-json" in r.json()["detail"]
+
+
+def test_images_found_by_file_name(api_client, dataset):
+    path = f"/datasets/{dataset['id']}/images"
+    pages = _walk(api_client, path, name="TRAIN2017/", limit=3)  # any case; pages keep the filter
+    found = [i["rel_path"] for page in pages for i in page["items"]]
+    assert len(pages) == 2 and pages[0]["total"] == 4 and len(found) == 4
+    assert all(f.startswith("train2017/") for f in found)
+    one = api_client.get(f"{API}{path}", params={"name": "000000000139"}).json()
+    assert [i["rel_path"] for i in one["items"]] == ["val2017/000000000139.jpg"] and one["total"] == 1
+    for literal in ("%", "_", "\\"):  # LIKE wildcards match only themselves
+        assert api_client.get(f"{API}{path}", params={"name": literal}).json()["total"] == 0, literal
+    r = api_client.get(f"{API}{path}", params={"name": ""})
+    assert r.status_code == 422 and "query parameter 'name'" in r.json()["detail"]
+    c = pages[0]["next_cursor"]
+    r = api_client.get(f"{API}{path}", params={"name": "val2017", "limit": 3, "cursor": c})
+    assert r.status_code == 400 and "other filters" in r.json()["detail"]
+
+
+def test_pairs_of_an_image_on_either_side(api_client, mined):
+    ids, job = mined["image_ids"], mined["job_id"]
+
+    def pairs(**params) -> list[dict]:
+        r = api_client.get(f"{API}/correspondences", params={"job_id": job, "limit": 500, **params})
+        assert r.status_code == 200, r.text
+        return r.json()["items"]
+
+    img = ids[3]  # query of 2 x 6 pairs; neighbour of ids[2] (rank 0) and ids[1] (rank 1)
+    assert len(pairs(image_id=img)) == 12 and len(pairs(image_id=img, side="neighbor")) == 12
+    both = pairs(image_id=img, side="either")
+    assert len(both) == 24 and all(img in (p["image_id"], p["neighbor_image_id"]) for p in both)
+    assert [(-p["score"], p["id"]) for p in both] == sorted((-p["score"], p["id"]) for p in both)
+    between = pairs(image_id=img, other_image_id=ids[2], side="either")
+    assert len(between) == 6 and {(p["image_id"], p["neighbor_image_id"]) for p in between} == {(ids[2], img)}
+    assert pairs(image_id=img, other_image_id=ids[2]) == []
+    assert len(pairs(image_id=img, other_image_id=ids[4])) == 6
+    for params, field in [({"side": "either"}, "side"), ({"other_image_id": img}, "other_image_id")]:
+        r = api_client.get(f"{API}/correspondences", params={"job_id": job, **params})
+        assert r.status_code == 422 and f"'{field}'" in r.json()["detail"] and "image_id" in r.json()["detail"]
+    r = api_client.get(f"{API}/correspondences", params={"image_id": img, "side": "left"})
+    assert r.status_code == 422 and "query parameter 'side'" in r.json()["detail"]
+
+
+def test_neighbors_of_an_image(api_client, mined, dataset):
+    ids, job = mined["image_ids"], mined["job_id"]
+    r = api_client.get(f"{API}/images/{ids[0]}/neighbors")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["image_id"], body["job_id"], body["checkpoint_id"], body["total"]) == (ids[0], job, None, 2)
+    assert [(n["rank"], n["image_id"]) for n in body["items"]] == [(0, ids[1]), (1, ids[2])]
+    assert [n["similarity"] for n in body["items"]] == pytest.approx([0.9, 0.8])
+    first = body["items"][0]
+    assert (first["pairs_as_query"], first["pairs_as_neighbor"], first["rank_back"]) == (6, 0, None)
+    assert first["rel_path"] and first["width"] > 0 and body["next_cursor"] is None
+    # A second mining job, with a checkpoint, in which ids[0] and ids[1] are each other's nearest.
+    with session_scope() as s:
+        from services.common import jobs
+
+        ckpt = Artifact(kind="checkpoint", stage="byol", path="knn.pt", dataset_id=dataset["id"])
+        s.add(ckpt)
+        s.flush()
+        other = jobs.create_job(s, kind="mine", dataset_id=dataset["id"], params={"checkpoint_id": ckpt.id}).job
+        a, b = ids[0], ids[1]
+        insert_ignore(s, Neighbor, [dict(job_id=other.id, image_id=a, rank=0, neighbor_image_id=b, similarity=0.7),
+                                    dict(job_id=other.id, image_id=b, rank=0, neighbor_image_id=a, similarity=0.7)])
+        box = dict(qx1=0.0, qy1=0.0, qx2=9.0, qy2=9.0, nx1=0.0, ny1=0.0, nx2=9.0, ny2=9.0)
+        insert_ignore(s, RoiPair, [dict(job_id=other.id, image_id=q, neighbor_image_id=n, neighbor_rank=0, rank=r,
+                                        score=0.5, **box) for q, n, k in ((a, b, 2), (b, a, 3)) for r in range(k)])
+        ckpt_id, other_id, unused = ckpt.id, other.id, Artifact(kind="checkpoint", path="unused.pt")
+        s.add(unused)
+        s.flush()
+        unused_id = unused.id
+    try:
+        # the succeeded job comes first by default; the checkpoint or the job picks the other one
+        picks = ({"checkpoint_id": ckpt_id}, {"job_id": other_id}, {"job_id": other_id, "checkpoint_id": ckpt_id})
+        for params in picks:
+            body = api_client.get(f"{API}/images/{a}/neighbors", params=params).json()
+            assert (body["job_id"], body["checkpoint_id"], body["total"]) == (other_id, ckpt_id, 1), params
+            n = body["items"][0]
+            assert (n["image_id"], n["rank_back"], n["pairs_as_query"], n["pairs_as_neighbor"]) == (b, 0, 2, 3)
+        cases = [
+            (ids[5], {"checkpoint_id": ckpt_id}, 404, f"no stored neighbours under checkpoint {ckpt_id}"),
+            (a, {"checkpoint_id": unused_id}, 404, "no mining job"),
+            (a, {"checkpoint_id": 99999999}, 404, "GET /api/v1/checkpoints"),
+            (a, {"job_id": other_id, "checkpoint_id": unused_id}, 422, f"not {unused_id}"),
+            (a, {"job_id": mined["other_job"]}, 422, "pretrain job"),
+            (ids[5], {"job_id": other_id}, 404, f"mining job {other_id} stored no neighbours for image {ids[5]}"),
+            (a, {"checkpoint_id": 0}, 422, "query parameter 'checkpoint_id'"),
+            (a, {"limit": 201}, 422, "query parameter 'limit'"),
+            (99999999, {}, 404, "image 99999999 does not exist"),
+        ]
+        for image, params, code, frag in cases:
+            r = api_client.get(f"{API}/images/{image}/neighbors", params=params)
+            assert r.status_code == code and frag in r.json()["detail"], (image, params, r.text)
+        pages = _walk(api_client, f"/images/{ids[0]}/neighbors", limit=1)
+        assert [n["image_id"] for page in pages for n in page["items"]] == [ids[1], ids[2]]
+    finally:
+        with session_scope() as s:
+            s.delete(s.get(Job, other_id))  # its neighbours and pairs go with it
+            s.delete(s.get(Artifact, ckpt_id))
+            s.delete(s.get(Artifact, unused_id))
+
+
+def test_pairs_worst_first_random_sample_and_ranges(api_client, mined):
+    job = mined["job_id"]
+
+    def ids_of(**params) -> list[int]:
+        return [p["id"] for page in _walk(api_client, "/correspondences", job_id=job, **params) for p in page["items"]]
+
+    def scores(**params) -> list[float]:
+        r = api_client.get(f"{API}/correspondences", params={"job_id": job, "limit": 500, **params})
+        assert r.status_code == 200, r.text
+        return [p["score"] for p in r.json()["items"]]
+
+    best = api_client.get(f"{API}/correspondences", params={"job_id": job, "limit": 500}).json()["items"]
+    worst = [p for page in _walk(api_client, "/correspondences", job_id=job, order="score_asc", limit=7)
+             for p in page["items"]]
+    assert len(worst) == 96 == len({p["id"] for p in worst})
+    assert [(p["score"], -p["id"]) for p in worst] == sorted((p["score"], -p["id"]) for p in worst)
+    assert [p["id"] for p in worst] == [p["id"] for p in reversed(best)]
+    # a seeded shuffle: every pair once, the same order for the same seed, another for another seed
+    sample = ids_of(order="random", seed=7, limit=10)
+    assert len(sample) == 96 and set(sample) == {p["id"] for p in best}
+    assert ids_of(order="random", seed=7, limit=10) == sample and ids_of(order="random", seed=8, limit=96) != sample
+    assert sample[:10] != [p["id"] for p in best[:10]] and ids_of(order="random", limit=30) == ids_of(
+        order="random", seed=0, limit=30)
+    # score and box-area ranges (both boxes: query areas (49.5 - rank) x 58, neighbour area 67 x 76.25)
+    assert len(scores(max_score=0.75)) == 64 and max(scores(max_score=0.75)) == 0.75
+    assert sorted(set(scores(min_score=0.6, max_score=0.8))) == [0.65, 0.75]
+    assert len(scores(min_area=2800)) == 32 and len(scores(min_area=2800, max_area=5200)) == 32
+    assert scores(max_area=5000) == []  # the neighbour box is larger
+    cases = [
+        ({"order": "score_desc", "seed": 3}, "'seed' applies to order=random"),
+        ({"order": "shuffle"}, "query parameter 'order'"),
+        ({"min_score": 0.8, "max_score": 0.5}, "'min_score' (0.8) is above 'max_score' (0.5)"),
+        ({"min_area": 10, "max_area": 5}, "'min_area' (10) is above 'max_area' (5)"),
+        ({"min_area": -1}, "query parameter 'min_area'"),
+        ({"order": "random", "seed": -1}, "query parameter 'seed'"),
+    ]
+    for params, frag in cases:
+        r = api_client.get(f"{API}/correspondences", params={"job_id": job, **params})
+        assert r.status_code == 422 and frag in r.json()["detail"], (params, r.text)
+    c = api_client.get(f"{API}/correspondences", params={"job_id": job, "order": "random", "seed": 7,
+                                                        "limit": 5}).json()["next_cursor"]
+    r = api_client.get(f"{API}/correspondences", params={"job_id": job, "order": "random", "seed": 8, "cursor": c})
+    assert r.status_code == 400 and "other filters" in r.json()["detail"]
+
+
+def test_review_pairs_and_the_reviewed_precision(api_client, auth_headers, mined, dataset):
+    job = mined["job_id"]
+    pairs = api_client.get(f"{API}/correspondences", params={"job_id": job, "limit": 4}).json()["items"]
+    p1, p2, p3, p4 = (p["id"] for p in pairs)
+    assert pairs[0]["reviews"] == {"correct": 0, "wrong": 0} and pairs[0]["verdict"] is None
+
+    def put(pair_id: int, verdict: str, reviewer: str, headers=auth_headers):
+        body = {"verdict": verdict, "reviewer": reviewer}
+        return api_client.put(f"{API}/correspondences/{pair_id}/review", json=body, headers=headers)
+
+    assert put(p1, "correct", "ana", headers={}).status_code == 401
+    r = put(p1, "correct", "ana")
+    assert r.status_code == 201, r.text
+    first = r.json()
+    assert (first["pair_id"], first["reviewer"], first["verdict"]) == (p1, "ana", "correct") and first["created_at"]
+    # the same reviewer again: their verdict is replaced, never added
+    assert put(p1, "correct", "ana").status_code == 200
+    r = put(p1, "wrong", "ana")
+    assert r.status_code == 200 and r.json()["verdict"] == "wrong"
+    assert r.json()["created_at"] == first["created_at"] and r.json()["updated_at"] >= first["updated_at"]
+    assert put(p1, "wrong", "  ana ").status_code == 200, "the name is stripped: the same reviewer"
+    with session_scope() as s:
+        from services.common.models import PairReview
+
+        rows = s.execute(select(PairReview).where(PairReview.pair_id == p1)).scalars().all()
+        assert [(r.reviewer, r.verdict) for r in rows] == [("ana", "wrong")]
+    assert [put(p, v, who).status_code for p, v, who in [
+        (p2, "correct", "ana"), (p3, "correct", "ana"), (p2, "correct", "Bob Ng"), (p3, "wrong", "Bob Ng"),
+        (p4, "correct", "Bob Ng")]] == [201] * 5
+    for body, frag in [({"verdict": "maybe", "reviewer": "ana"}, "body field 'verdict'"),
+                       ({"verdict": "correct", "reviewer": ""}, "body field 'reviewer'"),
+                       ({"verdict": "correct", "reviewer": "<script>"}, "body field 'reviewer'"),
+                       ({"verdict": "correct"}, "body field 'reviewer': Field required")]:
+        r = api_client.put(f"{API}/correspondences/{p1}/review", json=body, headers=auth_headers)
+        assert r.status_code == 422 and frag in r.json()["detail"], (body, r.text)
+    r = put(99999999, "correct", "ana")
+    assert r.status_code == 404 and "GET /api/v1/correspondences" in r.json()["detail"]
+    # the list shows the counts, a reviewer's own verdicts, and filters on them
+    got = {p["id"]: p for p in api_client.get(f"{API}/correspondences", params={
+        "job_id": job, "limit": 4, "reviewer": "ana"}).json()["items"]}
+    assert got[p1]["verdict"] == "wrong" and got[p4]["verdict"] is None
+    assert got[p2]["reviews"] == {"correct": 2, "wrong": 0} and got[p3]["reviews"] == {"correct": 1, "wrong": 1}
+    reviewed = [p["id"] for p in api_client.get(f"{API}/correspondences", params={
+        "job_id": job, "reviewed": True, "limit": 500}).json()["items"]]
+    assert sorted(reviewed) == sorted([p1, p2, p3, p4])
+    by_ana = api_client.get(f"{API}/correspondences", params={"job_id": job, "reviewed": True, "reviewer": "ana"})
+    assert sorted(p["id"] for p in by_ana.json()["items"]) == sorted([p1, p2, p3])
+    assert len(api_client.get(f"{API}/correspondences", params={
+        "job_id": job, "reviewed": False, "limit": 500}).json()["items"]) == 92
+    # per pair, the majority verdict: p1 wrong, p2 correct, p3 disputed, p4 correct
+    r = api_client.get(f"{API}/jobs/{job}/review-summary")
+    assert r.status_code == 200, r.text
+    summary = r.json()
+    assert {k: summary[k] for k in ("job_id", "pairs", "reviewed", "correct", "wrong", "disputed", "reviews")} == \
+        {"job_id": job, "pairs": 96, "reviewed": 4, "correct": 2, "wrong": 1, "disputed": 1, "reviews": 6}
+    assert summary["reviewers"] == ["Bob Ng", "ana"] and summary["precision"] == pytest.approx(2 / 3)
+    from orl.metrics import wilson_interval
+
+    assert summary["interval"] == pytest.approx(list(wilson_interval(2, 3))) and summary["level"] == 0.95
+    assert summary["last_review_at"] and "random sample" in summary["note"]
+    ana = api_client.get(f"{API}/jobs/{job}/review-summary", params={"reviewer": "ana"}).json()
+    assert (ana["reviewed"], ana["correct"], ana["wrong"], ana["reviewers"]) == (3, 2, 1, ["ana"])
+    # a job nobody reviewed; jobs without pairs
+    with session_scope() as s:
+        from services.common import jobs
+
+        empty = jobs.create_job(s, kind="mine", dataset_id=dataset["id"]).job.id
+    none = api_client.get(f"{API}/jobs/{empty}/review-summary").json()
+    assert (none["reviewed"], none["precision"], none["interval"], none["last_review_at"]) == (0, None, None, None)
+    r = api_client.get(f"{API}/jobs/{mined['other_job']}/review-summary")
+    assert r.status_code == 422 and "pretrain job" in r.json()["detail"]
+    assert api_client.get(f"{API}/jobs/99999999/review-summary").status_code == 404
+
+
+def test_concurrent_reviews_by_one_reviewer_make_one_row(settings_env, mined):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.common import reviews
+    from services.common.models import PairReview
+
+    with session_scope() as s:
+        pair = s.execute(select(RoiPair.id).where(RoiPair.job_id == mined["job_id"]).order_by(RoiPair.id.desc())
+                         .limit(1)).scalar_one()
+
+    def review(i: int) -> bool:
+        with session_scope() as s:
+            return reviews.put_review(s, pair, "carol", "correct" if i % 2 else "wrong").created
+
+    with ThreadPoolExecutor(4) as ex:
+        created = list(ex.map(review, range(8)))
+    assert sum(created) == 1
+    with session_scope() as s:
+        assert len(s.execute(select(PairReview).where(PairReview.pair_id == pair)).all()) == 1
 
 
 # -- the embedded Postgres from pip ------------------------------------------------------------------

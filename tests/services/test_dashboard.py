@@ -53,8 +53,15 @@ def test_url_state_round_trip_and_rejects_bad_values():
 
     q = {"page": "pairs", "dataset": "3", "job": "12", "min_score": "0.5", "per_page": "50", "cursor": "abc"}
     values = urlstate.parse("pairs", q)
-    assert values == {"dataset": 3, "job": 12, "image": None, "min_score": 0.5, "per_page": 50, "cursor": "abc"}
+    assert values == {"dataset": 3, "job": 12, "image": None, "min_score": 0.5, "max_score": None,
+                      "min_area": None, "max_area": None, "order": "score_desc", "seed": 0, "todo": False,
+                      "per_page": 50, "cursor": "abc"}
     assert urlstate.encode("pairs", values) == q
+    review = {"page": "pairs", "order": "random", "seed": "7", "todo": "1", "max_area": "5000", "max_score": "0.9"}
+    assert urlstate.encode("pairs", urlstate.parse("pairs", review)) == review
+    odd = urlstate.parse("pairs", {"order": "best", "seed": "-3", "todo": "yes", "min_area": "-5"})
+    assert (odd["order"], odd["seed"], odd["todo"], odd["min_area"]) == ("score_desc", 0, False, None)
+    assert urlstate.with_filters(values, order="random")["cursor"] is None
     # Hand-edited links degrade to defaults instead of failing.
     bad = urlstate.parse("pairs", {"job": "-1", "min_score": "nan", "per_page": "7", "image": "x"})
     assert bad["job"] is None and bad["min_score"] is None and bad["per_page"] == 20 and bad["image"] is None
@@ -63,6 +70,9 @@ def test_url_state_round_trip_and_rejects_bad_values():
     assert urlstate.encode("attention", {"opacity": 0.5, "image": 4}) == {"page": "attention", "image": "4"}
     assert urlstate.with_filters(values, min_score=0.7)["cursor"] is None
     assert urlstate.with_filters(values, cursor="def")["cursor"] == "def"
+    img = urlstate.parse("image", {"image": "5", "nb": "7", "q": "  val2017/ ", "checkpoint": "0", "cursor": ""})
+    assert img == {"dataset": None, "image": 5, "checkpoint": None, "nb": 7, "q": "val2017/", "cursor": None}
+    assert urlstate.parse("image", {"q": "x" * 201})["q"] is None
 
 
 def test_drawing_scales_boxes_and_blends():
@@ -159,7 +169,7 @@ def seeded(live_api, settings_env, tiny_byol_checkpoint):
     from sqlalchemy import select
 
     from services.common.db import session_scope
-    from services.common.models import Artifact, Image, Job, RoiPair
+    from services.common.models import Artifact, Image, Job, Neighbor, RoiPair
 
     folder = settings_env.data_root / f"dashboard_{os.getpid()}"
     photos = sorted(SAMPLE.rglob("*.jpg"))[:N_PHOTOS]
@@ -205,6 +215,10 @@ def seeded(live_api, settings_env, tiny_byol_checkpoint):
                                  qx1=qb[0], qy1=qb[1], qx2=qb[2], qy2=qb[3],
                                  nx1=nb[0], ny1=nb[1], nx2=nb[2], ny2=nb[3]))
         s.add_all(pairs)
+        # The mining job's KNN: each photo's 3 next ones, nearest first.
+        s.add_all([Neighbor(job_id=mine.id, image_id=im.id, rank=r, similarity=0.9 - 0.1 * r,
+                            neighbor_image_id=images[(k + 1 + r) % len(images)].id)
+                   for k, im in enumerate(images) for r in range(3)])
         s.flush()
         out = {"dataset": ds["id"], "mine": mine.id, "pretrain": pretrain.id, "byol": byol.id, "orl": orl.id,
                "images": [im.id for im in images], "token": settings_env.token}
@@ -265,6 +279,43 @@ def test_pairs_page_shows_pairs_pages_with_cursor_and_filters(app, seeded):
     assert qp(at)["image"] == str(image_id)
     queries = [c for im in at.image for c in im.captions if c.startswith("query · image")]
     assert queries and all(c.startswith(f"query · image {image_id} ") for c in queries), queries
+
+
+def test_pairs_page_orders_samples_and_reviews(app, seeded):
+    api = os.environ["ORL_API_URL"]
+    at = open_page(app, page="pairs", dataset=seeded["dataset"], job=seeded["mine"], per_page=10)
+    button = at.button(key=[b.key for b in at.button if (b.key or "").endswith("_correct")][0])
+    assert button.disabled, "no reviewer name yet"
+    # worst first; a random sample with its seed in the URL; a score ceiling
+    at.selectbox(key="pairs_order").set_value("score_asc").run()
+    scores = [float(v) for v in re.findall(r"score \*\*([0-9.]+)\*\*", texts(at))]
+    assert scores[0] == 0.47 and scores == sorted(scores) and qp(at)["order"] == "score_asc"
+    at.selectbox(key="pairs_order").set_value("random").run()
+    at.number_input(key="pairs_seed").set_value(3).run()
+    assert qp(at)["order"] == "random" and qp(at)["seed"] == "3"
+    assert "random sample (seed 3)" in texts(at)
+    sample = re.findall(r"pair id (\d+)", texts(at))
+    at.run()
+    assert re.findall(r"pair id (\d+)", texts(at)) == sample, "the same seed, the same sample"
+    at.number_input(key="pairs_max_score").set_value(0.6).run()
+    assert max(float(v) for v in re.findall(r"score \*\*([0-9.]+)\*\*", texts(at))) <= 0.6
+    # a reviewer marks the first pair of the sample correct, then changes their mind
+    at.text_input(key="reviewer").set_value("dora").run()
+    first = int(re.findall(r"pair id (\d+)", texts(at))[0])
+    at.button(key=f"review_{first}_correct").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert "you: :green[✓ correct]" in texts(at)
+    at.button(key=f"review_{first}_wrong").click().run()
+    got = httpx.get(f"{api}/api/v1/correspondences", params={"job_id": seeded["mine"], "reviewer": "dora",
+                                                             "reviewed": True}).json()["items"]
+    assert [(p["id"], p["verdict"], p["reviews"]) for p in got] == [(first, "wrong", {"correct": 0, "wrong": 1})]
+    # the pairs not yet reviewed by this reviewer
+    at.checkbox(key="pairs_todo").check().run()
+    assert qp(at)["todo"] == "1" and str(first) not in re.findall(r"pair id (\d+)", texts(at))
+    # the name outlives a visit to another page
+    at.radio(key="nav_page").set_value("dataset").run()
+    at.radio(key="nav_page").set_value("pairs").run()
+    assert not at.exception and at.text_input(key="reviewer").value == "dora"
 
 
 def test_pairs_page_from_a_shared_link_and_a_bad_cursor(app, seeded):
@@ -335,14 +386,67 @@ def test_attention_page_compares_two_checkpoints(app, seeded):
 
 
 def test_dataset_page_counts_histogram_and_failed_images(app, seeded):
+    api = os.environ["ORL_API_URL"]
+    pair = httpx.get(f"{api}/api/v1/correspondences", params={"job_id": seeded["mine"], "limit": 1}).json()["items"][0]
+    r = httpx.put(f"{api}/api/v1/correspondences/{pair['id']}/review", json={"verdict": "correct", "reviewer": "eve"},
+                  headers={"Authorization": f"Bearer {seeded['token']}"})
+    assert r.status_code in (200, 201), r.text
+    summary = httpx.get(f"{api}/api/v1/jobs/{seeded['mine']}/review-summary").json()
     at = open_page(app, page="dataset", dataset=seeded["dataset"])
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Images"] == str(N_PHOTOS + 1) and metrics["Unreadable"] == "1"
     assert metrics["RoI pairs"] == str(N_PAIRS)
     assert any(f"{N_PAIRS} pairs" in c.value for c in at.caption)
     assert at.get("vega_lite_chart"), "the score histogram is drawn"
-    failed = at.dataframe[0].value
+    reviews = at.dataframe[0].value
+    assert list(reviews["job"]) == [f"#{seeded['mine']}"] and reviews["pairs"][0] == N_PAIRS
+    lo, hi = summary["interval"]
+    assert reviews["precision [95% interval]"][0] == f"{summary['precision']:.3f} [{lo:.3f}, {hi:.3f}]"
+    assert reviews["reviewed"][0] == summary["reviewed"] >= 1
+    assert any("Wilson 95% interval" in c.value for c in at.caption)
+    failed = at.dataframe[1].value
     assert list(failed["file"]) == ["broken.jpg"] and failed["reason"][0]
+
+
+def test_image_page_gallery_search_neighbours_and_pairs(app, seeded):
+    at = open_page(app, page="image", dataset=seeded["dataset"])
+    assert len(at.image) == N_PHOTOS, "the gallery shows every readable photo (one page)"
+    assert any(f"images 1–{N_PHOTOS} of {N_PHOTOS}" in c.value for c in at.caption)
+    # Search by file name: one match, written to the URL; open it.
+    target = seeded["images"][-1]
+    name = httpx.get(f"{os.environ['ORL_API_URL']}/api/v1/images/{target}").json()["rel_path"]
+    at.text_input(key="image_q").set_value(Path(name).stem.upper()).run()
+    assert not at.exception and qp(at)["q"] == Path(name).stem.upper()
+    assert [c for im in at.image for c in im.captions] == [f"{target} · {name}"]
+    at.button(key=f"open_{target}").click().run()
+    assert not at.exception and qp(at)["image"] == str(target)
+    # The photo, its 3 neighbours with similarities, and the pairs with the nearest drawn both ways:
+    # the last photo's nearest is the first one; they share one pair in each direction.
+    captions = [c for im in at.image for c in im.captions]
+    sims = [c for c in captions if "similarity" in c]
+    assert len(sims) == 3 and sims[0].startswith("#1 · similarity 0.900") and "pairs → 1 ← 1" in sims[0], sims
+    body = texts(at)
+    assert f"image {target} as the query → neighbour {seeded['images'][0]}** · best 1 of 1 pairs" in body
+    assert f"image {seeded['images'][0]} as the query → image {target} as its neighbour** · best 1 of 1" in body
+    assert captions.count(f"image {target}") == 2 and captions.count(f"image {seeded['images'][0]}") == 2
+    # Another neighbour: its pairs; the choice is in the URL.
+    second = seeded["images"][1]
+    at.button(key=f"nb_{second}").click().run()
+    assert not at.exception and qp(at)["nb"] == str(second)
+    assert f"neighbour #2 (image {second})" in "\n".join(h.value for h in at.subheader)
+    # A checkpoint no mining job used: the API's 404 is shown as a hint, not an error.
+    at.selectbox(key="image_checkpoint").set_value(seeded["byol"]).run()
+    assert not at.exception and qp(at)["checkpoint"] == str(seeded["byol"])
+    assert any("no stored neighbours under checkpoint" in i.value for i in at.info), [i.value for i in at.info]
+
+
+def test_pairs_page_links_to_the_image_page(app, seeded):
+    at = open_page(app, page="pairs", dataset=seeded["dataset"], job=seeded["mine"], per_page=10)
+    first = [b for b in at.button if b.key and b.key.startswith("imagepage_")][0]
+    first.click().run()
+    assert not at.exception
+    assert qp(at)["page"] == "image" and qp(at)["image"] == str(seeded["images"][0])
+    assert any("similarity" in c for im in at.image for c in im.captions)
 
 
 def test_navigation_keeps_the_dataset_in_the_url(app, seeded):

@@ -127,7 +127,7 @@ def test_up_down_clean_from_a_clean_state(stack):
     # Up again on the kept data: the dataset registered before is still there.
     again = stack("up")
     assert again.returncode == 0, again.stdout + again.stderr
-    datasets = httpx.get(f"{api}/api/v1/datasets", timeout=10).json()
+    datasets = httpx.get(f"{api}/api/v1/datasets", timeout=10).json()["items"]
     assert [d["name"] for d in datasets] == ["sample"]
     assert httpx.get(f"{api}/api/v1/datasets/{datasets[0]['id']}", timeout=10).json()["counts"]["images"] == n_images
     pids = {f.stem: json.loads(f.read_text())["pid"] for f in (state / "run").glob("*.pid")}

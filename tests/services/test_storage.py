@@ -58,7 +58,7 @@ def test_migration_matches_models(pg_url):
 def test_migrate_command_creates_database_and_is_repeatable(pg_url):
     from sqlalchemy import make_url
 
-    from services.common.migrate import drop_database, is_at_head
+    from services.common.migrate import drop_database, head_revisions, is_at_head
 
     url = make_url(pg_url).set(database=f"orl_test_mig_{uuid.uuid4().hex[:8]}").render_as_string(hide_password=False)
     env = {**os.environ, "ORL_DATABASE_URL": url}
@@ -67,9 +67,29 @@ def test_migrate_command_creates_database_and_is_repeatable(pg_url):
             out = subprocess.run([sys.executable, "-m", "services.common.migrate"], cwd=REPO, env=env,
                                  capture_output=True, text=True, timeout=120)
             assert out.returncode == 0, out.stderr
-            assert "is at 0001" in out.stdout
+            assert f"is at {', '.join(sorted(head_revisions()))}" in out.stdout
         eng = create_engine(url, poolclass=pool.NullPool)
         assert is_at_head(eng)
+        eng.dispose()
+    finally:
+        drop_database(url)
+
+
+def test_migrations_downgrade_and_upgrade_again(pg_url):
+    """Each revision's downgrade undoes its upgrade: head -> 0001 drops pair_reviews, head again restores it."""
+    from alembic import command
+    from sqlalchemy import inspect, make_url
+
+    from services.common.migrate import alembic_config, drop_database, is_at_head, upgrade
+
+    url = make_url(pg_url).set(database=f"orl_test_down_{uuid.uuid4().hex[:8]}").render_as_string(hide_password=False)
+    try:
+        upgrade(url)
+        eng = create_engine(url, poolclass=pool.NullPool)
+        command.downgrade(alembic_config(url), "0001")
+        assert "pair_reviews" not in inspect(eng).get_table_names() and not is_at_head(eng)
+        command.upgrade(alembic_config(url), "head")
+        assert "pair_reviews" in inspect(eng).get_table_names() and is_at_head(eng)
         eng.dispose()
     finally:
         drop_database(url)

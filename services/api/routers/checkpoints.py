@@ -7,27 +7,29 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 from sqlalchemy import select
 
+from services.api import cursors
 from services.api.deps import SessionDep
-from services.api.schemas import CheckpointOut
+from services.api.schemas import CheckpointOut, Page
 from services.common.models import Artifact
 
 router = APIRouter(prefix="/api/v1/checkpoints", tags=["checkpoints"])
 
+MAX_PAGE = 500
 
-@router.get("", response_model=list[CheckpointOut], summary="Checkpoints, newest first")
+
+@router.get("", response_model=Page[CheckpointOut], summary="Checkpoints, newest first")
 def list_checkpoints(
     session: SessionDep,
     dataset_id: int | None = None,
     job_id: int | None = None,
     stage: Literal["byol", "orl"] | None = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
-) -> list[CheckpointOut]:
-    stmt = select(Artifact).where(Artifact.kind == "checkpoint")
-    if dataset_id is not None:
-        stmt = stmt.where(Artifact.dataset_id == dataset_id)
-    if job_id is not None:
-        stmt = stmt.where(Artifact.job_id == job_id)
-    if stage is not None:
-        stmt = stmt.where(Artifact.stage == stage)
-    rows = session.execute(stmt.order_by(Artifact.id.desc()).limit(limit)).scalars()
-    return [CheckpointOut.model_validate(a) for a in rows]
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size, at most {MAX_PAGE}")] = 100,
+    cursor: str | None = None,
+) -> Page[CheckpointOut]:
+    filters = {"dataset_id": dataset_id, "job_id": job_id, "stage": stage}
+    where = cursors.equal_to([(Artifact.kind, "checkpoint"), (Artifact.dataset_id, dataset_id),
+                              (Artifact.job_id, job_id), (Artifact.stage, stage)])
+    rows, nxt = cursors.id_page(session, select(Artifact).where(*where), Artifact.id, filters, limit, cursor,
+                                descending=True)
+    return Page[CheckpointOut](items=[CheckpointOut.model_validate(a) for a in rows], next_cursor=nxt,
+                               total=cursors.count(session, Artifact, where))

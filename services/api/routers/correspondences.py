@@ -1,7 +1,11 @@
-"""Mined RoI pairs: keyset pages ordered by score, a score histogram, and exports.
+"""Mined RoI pairs: keyset pages, reviews, a score histogram, and exports.
 
-Order is (score DESC, id ASC), served by the (job_id | image_id |) score DESC, id indexes. The
-``image_id`` filter matches the query side of a pair (each image is a query of its own pairs).
+Default order is (score DESC, id ASC), served by the (job_id | image_id |) score DESC, id
+indexes; ``order=score_asc`` walks them backwards and ``order=random&seed=`` pages through a
+seeded shuffle (a reproducible random sample for review). The
+``image_id`` filter matches the query side of a pair (each image is a query of its own pairs) by
+default; ``side=neighbor`` or ``side=either`` match the other side or both, and
+``other_image_id`` keeps the pairs between two images (both directions with ``side=either``).
 A ``dataset_id`` filter without ``job_id`` covers every mining job of that dataset; each item
 says which job it comes from.
 """
@@ -11,89 +15,184 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterator
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, HTTPException, Query, Response, status
 from fastapi.responses import JSONResponse, StreamingResponse
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import aliased
 
-from services.api import cursors
-from services.api.deps import SessionDep
-from services.api.schemas import Histogram, Page, PairOut
+from services.api import cursors, lookups
+from services.api.deps import SessionDep, WriteAccess
+from services.api.schemas import Histogram, Page, PairOut, ReviewCounts, ReviewIn, ReviewOut
+from services.common import reviews
 from services.common.correspondences import mine_job_correspondence
+from services.common.models import Dataset, Image, Job, PairReview, RoiPair
 from services.common.runtime import get_sessionmaker
-from services.common.models import Dataset, Image, Job, RoiPair
 
 router = APIRouter(prefix="/api/v1/correspondences", tags=["correspondences"])
 
 MAX_PAGE = 500
+MAX_AREA = 1e12  # square pixels; far above any photo
+MAX_SEED = 2**62
+Side = Literal["query", "neighbor", "either"]
+Order = Literal["score_desc", "score_asc", "random"]
 QI, NI = aliased(Image, name="qi"), aliased(Image, name="ni")
 
 
-def _filters(session, dataset_id, job_id, image_id, min_score) -> list:
+def _filters(session, dataset_id, job_id, min_score=None) -> list:
     where = []
     if job_id is not None:
-        where.append(RoiPair.job_id == _mine_job_id(session, job_id))
+        where.append(RoiPair.job_id == lookups.mine_job_id(session, job_id))
     if dataset_id is not None:
         if session.get(Dataset, dataset_id) is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"dataset {dataset_id} does not exist")
         where.append(RoiPair.job_id.in_(select(Job.id).where(Job.dataset_id == dataset_id)))
-    if image_id is not None:
-        where.append(RoiPair.image_id == image_id)
     if min_score is not None:
         where.append(RoiPair.score >= min_score)
     return where
 
 
-def _mine_job_id(session, job_id: int) -> int:
-    """A mine job's id; a pipeline stands for its mine stage."""
-    job = session.get(Job, job_id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} does not exist")
-    if job.kind == "pipeline":
-        child = session.execute(select(Job.id).where(Job.parent_id == job_id, Job.kind == "mine")).scalar()
-        if child is None:
-            raise HTTPException(status.HTTP_409_CONFLICT,
-                                f"pipeline {job_id} has not reached its mine stage yet; try again later")
-        return child
-    if job.kind != "mine":
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                            f"job {job_id} is a {job.kind} job; pairs come from mine (or pipeline) jobs")
-    return job.id
+def _image_filter(image_id: int | None, side: Side, other_image_id: int | None) -> list:
+    """Pairs that have ``image_id`` on ``side`` (query, neighbor or either), and ``other_image_id``
+    on the other side when given."""
+    if image_id is None:
+        if other_image_id is not None or side != "query":
+            field = "other_image_id" if other_image_id is not None else "side"
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                                f"query parameter '{field}' qualifies image_id; give image_id too, or drop {field}")
+        return []
+
+    def one_way(here, there):
+        return and_(here == image_id, there == other_image_id) if other_image_id is not None else here == image_id
+
+    as_query = one_way(RoiPair.image_id, RoiPair.neighbor_image_id)
+    as_neighbor = one_way(RoiPair.neighbor_image_id, RoiPair.image_id)
+    return [{"query": as_query, "neighbor": as_neighbor, "either": or_(as_query, as_neighbor)}[side]]
 
 
-@router.get("", response_model=Page[PairOut], summary="RoI pairs, best score first (keyset pages)")
+def _ranges(min_score, max_score, min_area, max_area) -> list:
+    for lo, hi, name in ((min_score, max_score, "score"), (min_area, max_area, "area")):
+        if lo is not None and hi is not None and lo > hi:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                                f"query parameter 'min_{name}' ({lo:g}) is above 'max_{name}' ({hi:g}); "
+                                "swap them or drop one")
+    where = []
+    if max_score is not None:
+        where.append(RoiPair.score <= max_score)
+    # Both boxes of the pair must lie in the area range (pixels of their own images).
+    for area in ((RoiPair.qx2 - RoiPair.qx1) * (RoiPair.qy2 - RoiPair.qy1),
+                 (RoiPair.nx2 - RoiPair.nx1) * (RoiPair.ny2 - RoiPair.ny1)):
+        if min_area is not None:
+            where.append(area >= min_area)
+        if max_area is not None:
+            where.append(area <= max_area)
+    return where
+
+
+def _reviewed(reviewed: bool | None, reviewer: str | None) -> list:
+    if reviewed is None:
+        return []
+    by = [PairReview.pair_id == RoiPair.id] + ([PairReview.reviewer == reviewer] if reviewer is not None else [])
+    done = exists().where(*by)
+    return [done if reviewed else ~done]
+
+
+def _sort_keys(order: Order, seed: int | None) -> list[tuple[Any, bool]]:
+    """(column, ascending) pairs of the page order; the first is the cursor's sort key, id breaks ties.
+
+    score_asc walks the (..., score DESC, id) indexes backwards, hence id DESC. random orders by a
+    seeded hash of the id: a fixed shuffle per seed, so its first page is a uniform sample that the
+    same seed reproduces, and its pages never repeat a pair.
+    """
+    if order == "random":
+        return [(func.hashint8extended(RoiPair.id, seed or 0), True), (RoiPair.id, True)]
+    if order == "score_asc":
+        return [(RoiPair.score, True), (RoiPair.id, False)]
+    return [(RoiPair.score, False), (RoiPair.id, True)]
+
+
+def _after(keys: list[tuple[Any, bool]], last: list[Any]):
+    """Rows after ``last`` in the order of ``keys`` (keyset pagination)."""
+    (k1, up1), (k2, up2) = keys
+    beyond = (k1 > last[0]) if up1 else (k1 < last[0])
+    tie = (k2 > last[1]) if up2 else (k2 < last[1])
+    return or_(beyond, and_(k1 == last[0], tie))
+
+
+@router.get("", response_model=Page[PairOut], summary="RoI pairs: best first, worst first, or a seeded random sample "
+                                                      "(keyset pages)")
 def list_pairs(
     session: SessionDep,
     dataset_id: int | None = None,
     job_id: Annotated[int | None, Query(description="a mine job, or a pipeline (its mine stage)")] = None,
-    image_id: Annotated[int | None, Query(description="pairs whose query image is this one")] = None,
+    image_id: Annotated[int | None, Query(description="pairs with this image on `side`")] = None,
+    side: Annotated[Side, Query(description="where image_id is: the query (default), the neighbour, or either "
+                                            "(both directions)")] = "query",
+    other_image_id: Annotated[int | None, Query(description="with image_id: only pairs between the two images")] = None,
     min_score: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
+    max_score: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
+    min_area: Annotated[float | None, Query(ge=0, le=MAX_AREA, description=(
+        "both boxes at least this large (square pixels of their own image)"))] = None,
+    max_area: Annotated[float | None, Query(ge=0, le=MAX_AREA, description="both boxes at most this large")] = None,
+    order: Annotated[Order, Query(description=(
+        "score_desc (best first), score_asc (worst first), or random (a seeded shuffle: pages of a reproducible "
+        "random sample)"))] = "score_desc",
+    seed: Annotated[int | None, Query(ge=0, le=MAX_SEED, description="with order=random (default 0)")] = None,
+    reviewed: Annotated[bool | None, Query(description=(
+        "true: only pairs with a verdict (by ?reviewer= when given); false: only pairs without"))] = None,
+    reviewer: Annotated[str | None, Query(min_length=1, max_length=100, description=(
+        "adds this reviewer's verdict to each pair, and narrows ?reviewed= to their verdicts"))] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size, at most {MAX_PAGE}")] = 50,
     cursor: str | None = None,
 ) -> Page[PairOut]:
-    where = _filters(session, dataset_id, job_id, image_id, min_score)
-    fkey = {"dataset_id": dataset_id, "job_id": job_id, "image_id": image_id, "min_score": min_score}
+    if seed is not None and order != "random":
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"query parameter 'seed' applies to order=random only (got order={order}); drop it")
+    where = (_filters(session, dataset_id, job_id, min_score) + _image_filter(image_id, side, other_image_id)
+             + _ranges(min_score, max_score, min_area, max_area) + _reviewed(reviewed, reviewer))
+    fkey = {"dataset_id": dataset_id, "job_id": job_id, "image_id": image_id, "min_score": min_score,
+            "side": side, "other_image_id": other_image_id, "max_score": max_score, "min_area": min_area,
+            "max_area": max_area, "order": order, "seed": seed, "reviewed": reviewed, "reviewer": reviewer}
+    keys = _sort_keys(order, seed)
     if cursor:
-        score, last_id = cursors.decode(cursor, fkey, 2)
-        where.append(or_(RoiPair.score < score, and_(RoiPair.score == score, RoiPair.id > last_id)))
-    stmt = (select(RoiPair, QI.width, QI.height, QI.rel_path, NI.width, NI.height, NI.rel_path)
+        where.append(_after(keys, cursors.decode(cursor, fkey, 2)))
+    stmt = (select(RoiPair, QI.width, QI.height, QI.rel_path, NI.width, NI.height, NI.rel_path, keys[0][0])
             .join(QI, QI.id == RoiPair.image_id).join(NI, NI.id == RoiPair.neighbor_image_id)
-            .where(*where).order_by(RoiPair.score.desc(), RoiPair.id.asc()).limit(limit + 1))
+            .where(*where).order_by(*(k.asc() if up else k.desc() for k, up in keys)).limit(limit + 1))
     rows = session.execute(stmt).all()
+    page = rows[:limit]
+    ids = [r[0].id for r in page]
+    counts = reviews.verdict_counts(session, ids)
+    mine = reviews.verdicts_of(session, ids, reviewer) if reviewer is not None else {}
     items = [PairOut(id=p.id, job_id=p.job_id, image_id=p.image_id, neighbor_image_id=p.neighbor_image_id,
                      neighbor_rank=p.neighbor_rank, rank=p.rank, score=p.score,
                      query_box=(p.qx1, p.qy1, p.qx2, p.qy2), neighbor_box=(p.nx1, p.ny1, p.nx2, p.ny2),
                      image_width=qw, image_height=qh, neighbor_width=nw, neighbor_height=nh,
-                     image_path=qp, neighbor_path=np_)
-             for p, qw, qh, qp, nw, nh, np_ in rows[:limit]]
+                     image_path=qp, neighbor_path=np_, reviews=ReviewCounts(**counts.get(p.id, {})),
+                     verdict=mine.get(p.id))
+             for p, qw, qh, qp, nw, nh, np_, _key in page]
     nxt = None
     if len(rows) > limit:
-        last = rows[limit - 1][0]
-        nxt = cursors.encode([last.score, last.id], fkey)
+        last = rows[limit - 1]
+        nxt = cursors.encode([last[-1], last[0].id], fkey)
     return Page[PairOut](items=items, next_cursor=nxt)
+
+
+@router.put("/{pair_id}/review", response_model=ReviewOut, dependencies=[WriteAccess],
+            summary="Mark a pair correct or wrong (one verdict per reviewer: a second PUT replaces the first)",
+            responses={200: {"description": "this reviewer's earlier verdict was replaced"},
+                       201: {"description": "the first verdict of this reviewer on the pair"},
+                       404: {"description": "no such pair"}})
+def review_pair(pair_id: int, body: ReviewIn, session: SessionDep, response: Response) -> ReviewOut:
+    if session.get(RoiPair, pair_id) is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND,
+                            f"pair {pair_id} does not exist; pair ids are the 'id' of GET /api/v1/correspondences")
+    saved = reviews.put_review(session, pair_id, body.reviewer, body.verdict)
+    session.commit()
+    response.status_code = status.HTTP_201_CREATED if saved.created else status.HTTP_200_OK
+    return ReviewOut.model_validate(saved.review)
 
 
 @router.get("/histogram", response_model=Histogram, summary="Histogram of pair scores")
@@ -103,7 +202,7 @@ def histogram(
     job_id: int | None = None,
     bins: Annotated[int, Query(ge=1, le=200)] = 20,
 ) -> Histogram:
-    where = _filters(session, dataset_id, job_id, None, None)
+    where = _filters(session, dataset_id, job_id)
     lo, hi, total = session.execute(select(func.min(RoiPair.score), func.max(RoiPair.score), func.count())
                                     .where(*where)).one()
     if not total:
@@ -156,7 +255,7 @@ def export(
     job_id: Annotated[int, Query(description="a mine job, or a pipeline (its mine stage)")],
     format: Literal["orl-json", "csv"] = "orl-json",
 ):
-    mine_id = _mine_job_id(session, job_id)
+    mine_id = lookups.mine_job_id(session, job_id)
     if format == "csv":
         return StreamingResponse(_csv_rows(mine_id), media_type="text/csv",
                                  headers={"Content-Disposition": f'attachment; filename="pairs_job{mine_id}.csv"'})

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Response, status
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from services.api import cursors
 from services.api.deps import SessionDep, SettingsDep, WriteAccess
-from services.api.schemas import Counts, DatasetCreate, DatasetOut, ImageOut, ImagePage, ScanOut
+from services.api.schemas import Counts, DatasetCreate, DatasetOut, ImageOut, Page, ScanOut
 from services.common.datasets import PathRefused, dataset_counts, resolve_dataset_path, scan_dataset
 from services.common.models import Dataset, Image
 
@@ -64,9 +64,15 @@ def register_dataset(body: DatasetCreate, session: SessionDep, settings: Setting
     return _out(session, ds, scan)
 
 
-@router.get("", response_model=list[DatasetOut], summary="All datasets (without counts)")
-def list_datasets(session: SessionDep) -> list[DatasetOut]:
-    return [DatasetOut.model_validate(d) for d in session.execute(select(Dataset).order_by(Dataset.id)).scalars()]
+@router.get("", response_model=Page[DatasetOut], summary="Datasets, oldest first (without counts)")
+def list_datasets(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size, at most {MAX_PAGE}")] = 100,
+    cursor: str | None = None,
+) -> Page[DatasetOut]:
+    rows, nxt = cursors.id_page(session, select(Dataset), Dataset.id, {}, limit, cursor)
+    return Page[DatasetOut](items=[DatasetOut.model_validate(d) for d in rows], next_cursor=nxt,
+                            total=cursors.count(session, Dataset, []))
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="A dataset and its counts")
@@ -86,25 +92,30 @@ def rescan_dataset(dataset_id: int, session: SessionDep) -> DatasetOut:
     return _out(session, ds, scan)
 
 
-@router.get("/{dataset_id}/images", response_model=ImagePage,
-            summary="A dataset's images, by id; ?status=failed lists the unreadable ones with reasons")
+def _like_pattern(text: str) -> str:
+    """``text`` as a literal substring for ILIKE (its own % and _ match only themselves)."""
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+@router.get("/{dataset_id}/images", response_model=Page[ImageOut],
+            summary="A dataset's images, by id; ?name= finds them by file name, ?status=failed lists the "
+                    "unreadable ones with reasons")
 def list_images(
     dataset_id: int,
     session: SessionDep,
     status_: Annotated[Literal["ok", "failed"] | None, Query(alias="status")] = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    name: Annotated[str | None, Query(min_length=1, max_length=200, description=(
+        "part of the file's path relative to the dataset folder, any case (e.g. 000000000139 or train2017/)"))] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size, at most {MAX_PAGE}")] = 50,
     cursor: str | None = None,
-) -> ImagePage:
+) -> Page[ImageOut]:
     get_dataset_or_404(session, dataset_id)
-    filters = {"dataset_id": dataset_id, "status": status_}
+    filters = {"dataset_id": dataset_id, "status": status_, "name": name}
     where = [Image.dataset_id == dataset_id]
     if status_ is not None:
         where.append(Image.status == status_)
-    total = session.execute(select(func.count()).select_from(Image).where(*where)).scalar_one()
-    stmt = select(Image).where(*where)
-    if cursor:
-        (after,) = cursors.decode(cursor, filters, 1)
-        stmt = stmt.where(Image.id > after)
-    rows = list(session.execute(stmt.order_by(Image.id).limit(limit + 1)).scalars())
-    nxt = cursors.encode([rows[limit - 1].id], filters) if len(rows) > limit else None
-    return ImagePage(items=[ImageOut.model_validate(r) for r in rows[:limit]], next_cursor=nxt, total=total)
+    if name is not None:
+        where.append(Image.rel_path.ilike(_like_pattern(name), escape="\\"))
+    rows, nxt = cursors.id_page(session, select(Image).where(*where), Image.id, filters, limit, cursor)
+    return Page[ImageOut](items=[ImageOut.model_validate(r) for r in rows], next_cursor=nxt,
+                          total=cursors.count(session, Image, where))

@@ -1,4 +1,4 @@
-"""Images: metadata, and server-rendered thumbnails, crops and attention overlays."""
+"""Images: metadata, stored KNN neighbours, and server-rendered thumbnails, crops and attention overlays."""
 
 from __future__ import annotations
 
@@ -7,16 +7,19 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from sqlalchemy import exists, func, or_, select
 
 from orl.images import ImageError
-from services.api import imaging
+from services.api import cursors, imaging, lookups
 from services.api.deps import SessionDep, SettingsDep
-from services.api.schemas import ImageOut
+from services.api.schemas import ImageOut, NeighborOut, NeighborPage
 from services.common.artifacts import artifact_file
 from services.common.datasets import PathRefused, image_file
-from services.common.models import Artifact, Dataset, Image
+from services.common.models import Dataset, Image, Job, Neighbor, RoiPair
 
 router = APIRouter(prefix="/api/v1/images", tags=["images"])
+
+MAX_NEIGHBORS_PAGE = 200
 
 # Rendered bytes depend only on the file's content (checksum) and the request parameters, so a
 # client may keep them for a day; the ETag lets it revalidate cheaply after that.
@@ -26,9 +29,7 @@ IMAGE_RESPONSES = {304: {"description": "not modified (If-None-Match)"},
 
 
 def _image_and_file(session, settings, image_id: int) -> tuple[Image, Path]:
-    img = session.get(Image, image_id)
-    if img is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"image {image_id} does not exist")
+    img = lookups.image_or_404(session, image_id)
     if img.status != "ok":
         raise HTTPException(status.HTTP_409_CONFLICT,
                             f"image {image_id} ({img.rel_path}) is unreadable: {img.reason}")
@@ -62,10 +63,84 @@ def _unreadable(img: Image, exc: Exception) -> HTTPException:
 
 @router.get("/{image_id}", response_model=ImageOut, summary="Image metadata")
 def get_image(image_id: int, session: SessionDep) -> ImageOut:
-    img = session.get(Image, image_id)
-    if img is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"image {image_id} does not exist")
-    return ImageOut.model_validate(img)
+    return ImageOut.model_validate(lookups.image_or_404(session, image_id))
+
+
+def _knn_job(session, img: Image, checkpoint_id: int | None, job_id: int | None) -> Job:
+    """The mining job whose stored KNN answers for ``img``: the given one, else the newest
+    (succeeded ones first) that covered the image, with ``checkpoint_id`` when given."""
+    if job_id is not None:
+        job = session.get(Job, lookups.mine_job_id(session, job_id))
+        used = lookups.mine_checkpoint_id(job)
+        if checkpoint_id is not None and used != checkpoint_id:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                                f"mining job {job.id} embedded with checkpoint {used}, not {checkpoint_id}; "
+                                "give job_id or checkpoint_id, or a matching pair")
+        return job
+    covered = exists().where(Neighbor.job_id == Job.id, Neighbor.image_id == img.id)
+    stmt = select(Job).where(Job.kind == "mine", Job.dataset_id == img.dataset_id, covered)
+    if checkpoint_id is not None:
+        ckpt = Job.result[("plan", "checkpoint_id")].astext
+        stmt = stmt.where(func.coalesce(ckpt, Job.params["checkpoint_id"].astext) == str(checkpoint_id))
+    job = session.execute(stmt.order_by((Job.status == "succeeded").desc(), Job.id.desc()).limit(1)).scalar()
+    if job is None:
+        under = f" under checkpoint {checkpoint_id}" if checkpoint_id is not None else ""
+        hint = (f"mine the dataset with params.checkpoint_id={checkpoint_id}, or omit checkpoint_id for the newest "
+                "mining job that covered it" if checkpoint_id is not None else "submit a mine (or pipeline) job")
+        raise HTTPException(status.HTTP_404_NOT_FOUND,
+                            f"image {img.id} has no stored neighbours{under}: no mining job of dataset "
+                            f"{img.dataset_id} covered it; {hint}")
+    return job
+
+
+@router.get("/{image_id}/neighbors", response_model=NeighborPage,
+            summary="The image's K nearest images (stored by a mining job), with similarities and pair counts",
+            responses={404: {"description": "no such image or checkpoint, or no mining job covered the image"}})
+def neighbors(
+    image_id: int,
+    session: SessionDep,
+    checkpoint_id: Annotated[int | None, Query(gt=0, description=(
+        "the checkpoint the KNN was computed with (default: the newest mining job that covered the image)"))] = None,
+    job_id: Annotated[int | None, Query(gt=0, description="a mine job (or pipeline) instead of a checkpoint")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_NEIGHBORS_PAGE,
+                                description=f"page size, at most {MAX_NEIGHBORS_PAGE}")] = 50,
+    cursor: str | None = None,
+) -> NeighborPage:
+    img = lookups.image_or_404(session, image_id)
+    if checkpoint_id is not None:
+        lookups.checkpoint_or_404(session, checkpoint_id)
+    job = _knn_job(session, img, checkpoint_id, job_id)
+    where = [Neighbor.job_id == job.id, Neighbor.image_id == image_id]
+    total = cursors.count(session, Neighbor, where)
+    if not total:  # only when the job was given: otherwise it was chosen for covering the image
+        raise HTTPException(status.HTTP_404_NOT_FOUND,
+                            f"mining job {job.id} stored no neighbours for image {image_id}: it has not reached its "
+                            "KNN step, or the image is not among its images; omit job_id for a job that covered it")
+    filters = {"image_id": image_id, "job_id": job.id}
+    if cursor:
+        (after,) = cursors.decode(cursor, filters, 1)
+        where.append(Neighbor.rank > after)
+    rows = session.execute(select(Neighbor, Image.rel_path, Image.width, Image.height)
+                           .join(Image, Image.id == Neighbor.neighbor_image_id)
+                           .where(*where).order_by(Neighbor.rank).limit(limit + 1)).all()
+    nxt = cursors.encode([rows[limit - 1][0].rank], filters) if len(rows) > limit else None
+    rows = rows[:limit]
+    ids = [n.neighbor_image_id for n, *_ in rows]
+    back = dict(session.execute(select(Neighbor.image_id, Neighbor.rank).where(
+        Neighbor.job_id == job.id, Neighbor.neighbor_image_id == image_id, Neighbor.image_id.in_(ids))).all())
+    counts = {(int(q), int(n)): int(c) for q, n, c in session.execute(
+        select(RoiPair.image_id, RoiPair.neighbor_image_id, func.count())
+        .where(RoiPair.job_id == job.id,
+               or_((RoiPair.image_id == image_id) & RoiPair.neighbor_image_id.in_(ids),
+                   (RoiPair.neighbor_image_id == image_id) & RoiPair.image_id.in_(ids)))
+        .group_by(RoiPair.image_id, RoiPair.neighbor_image_id))}
+    items = [NeighborOut(rank=n.rank, image_id=n.neighbor_image_id, similarity=n.similarity, rel_path=path,
+                         width=w, height=h, rank_back=back.get(n.neighbor_image_id),
+                         pairs_as_query=counts.get((image_id, n.neighbor_image_id), 0),
+                         pairs_as_neighbor=counts.get((n.neighbor_image_id, image_id), 0))
+             for n, path, w, h in rows]
+    return NeighborPage(items=items, next_cursor=nxt, total=total, image_id=image_id, job_id=job.id,
+                        checkpoint_id=lookups.mine_checkpoint_id(job))
 
 
 @router.get("/{image_id}/thumbnail", response_class=Response, responses=IMAGE_RESPONSES,
@@ -108,10 +183,7 @@ def crop(image_id: int, session: SessionDep, settings: SettingsDep,
 
 
 def checkpoint_file(session, settings, checkpoint_id: int) -> Path:
-    art = session.get(Artifact, checkpoint_id)
-    if art is None or art.kind != "checkpoint":
-        raise HTTPException(status.HTTP_404_NOT_FOUND,
-                            f"checkpoint {checkpoint_id} does not exist; list checkpoints with GET /api/v1/checkpoints")
+    art = lookups.checkpoint_or_404(session, checkpoint_id)
     p = artifact_file(art.path, settings.artifacts_path)
     if not p.is_file():
         raise HTTPException(status.HTTP_410_GONE, f"checkpoint {checkpoint_id}'s file {p} is missing")

@@ -13,11 +13,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from sqlalchemy import select
 
-from services.api import cursors
+from services.api import cursors, lookups
 from services.api.deps import SessionDep, WriteAccess
-from services.api.schemas import JobCreate, JobKind, JobOut, Page
-from services.common import broker, jobs
-from services.common.models import Artifact, Dataset, Job, JobStatus
+from services.api.schemas import JobCreate, JobKind, JobOut, Page, ReviewSummary
+from services.common import broker, jobs, reviews
+from services.common.models import Artifact, Dataset, Job, JobStatus, RoiPair
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 
@@ -112,26 +112,37 @@ def list_jobs(
     cursor: str | None = None,
 ) -> Page[JobOut]:
     filters = {"status": status_, "kind": kind, "dataset_id": dataset_id, "parent_id": parent_id}
-    stmt = select(Job)
-    if status_:
-        stmt = stmt.where(Job.status == status_)
-    if kind:
-        stmt = stmt.where(Job.kind == kind)
-    if dataset_id is not None:
-        stmt = stmt.where(Job.dataset_id == dataset_id)
-    if parent_id is not None:
-        stmt = stmt.where(Job.parent_id == parent_id)
-    if cursor:
-        (before,) = cursors.decode(cursor, filters, 1)
-        stmt = stmt.where(Job.id < before)
-    rows = list(session.execute(stmt.order_by(Job.id.desc()).limit(limit + 1)).scalars())
-    nxt = cursors.encode([rows[limit - 1].id], filters) if len(rows) > limit else None
-    return Page[JobOut](items=[_out(session, j) for j in rows[:limit]], next_cursor=nxt)
+    where = cursors.equal_to([(Job.status, status_), (Job.kind, kind), (Job.dataset_id, dataset_id),
+                              (Job.parent_id, parent_id)])
+    rows, nxt = cursors.id_page(session, select(Job).where(*where), Job.id, filters, limit, cursor, descending=True)
+    return Page[JobOut](items=[_out(session, j) for j in rows], next_cursor=nxt,
+                        total=cursors.count(session, Job, where))
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="A job: status, progress, error, params, timestamps")
 def get_job(job_id: int, session: SessionDep) -> JobOut:
     return _out(session, _job_or_404(session, job_id))
+
+
+@router.get("/{job_id}/review-summary", response_model=ReviewSummary,
+            summary="Reviewed precision of a mining job's pairs, with a Wilson 95% interval",
+            responses={404: {"description": "no such job"}, 422: {"description": "not a mine or pipeline job"}})
+def review_summary(
+    job_id: int,
+    session: SessionDep,
+    reviewer: Annotated[str | None, Query(min_length=1, max_length=100,
+                                          description="only this reviewer's verdicts")] = None,
+) -> ReviewSummary:
+    mine_id = lookups.mine_job_id(session, job_id)
+    summary = reviews.job_summary(session, mine_id, reviewer)
+    pairs = cursors.count(session, RoiPair, [RoiPair.job_id == mine_id])
+    return ReviewSummary(
+        job_id=mine_id, reviewer=reviewer, pairs=pairs, reviewed=summary.reviewed, correct=summary.correct,
+        wrong=summary.wrong, disputed=summary.disputed, reviews=summary.reviews, reviewers=summary.reviewers,
+        precision=summary.precision, interval=summary.interval, level=reviews.LEVEL,
+        last_review_at=summary.last_review_at,
+        note=("the share of reviewed pairs marked correct; it estimates the precision of all the job's pairs only "
+              "when the reviewed ones are a random sample (GET /correspondences?order=random&seed=)"))
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,

@@ -1,0 +1,52 @@
+"""Rows that several routers look up by id, with the 4xx a client gets when they are not there.
+
+Each message says what the id must be and where to find valid ones.
+"""
+
+from __future__ import annotations
+
+from fastapi import HTTPException, status
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from services.common.models import Artifact, Image, Job
+from services.common.plan import MinePlan
+
+
+def image_or_404(session: Session, image_id: int) -> Image:
+    img = session.get(Image, image_id)
+    if img is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"image {image_id} does not exist")
+    return img
+
+
+def checkpoint_or_404(session: Session, checkpoint_id: int) -> Artifact:
+    art = session.get(Artifact, checkpoint_id)
+    if art is None or art.kind != "checkpoint":
+        raise HTTPException(status.HTTP_404_NOT_FOUND,
+                            f"checkpoint {checkpoint_id} does not exist; list checkpoints with GET /api/v1/checkpoints")
+    return art
+
+
+def mine_job_id(session: Session, job_id: int) -> int:
+    """A mine job's id; a pipeline stands for its mine stage."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} does not exist")
+    if job.kind == "pipeline":
+        child = session.execute(select(Job.id).where(Job.parent_id == job_id, Job.kind == "mine")).scalar()
+        if child is None:
+            raise HTTPException(status.HTTP_409_CONFLICT,
+                                f"pipeline {job_id} has not reached its mine stage yet; try again later")
+        return child
+    if job.kind != "mine":
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"job {job_id} is a {job.kind} job; pairs come from mine (or pipeline) jobs")
+    return job.id
+
+
+def mine_checkpoint_id(job: Job) -> int | None:
+    """The stage-1 checkpoint a mine job embeds with: its recorded plan, else its parameters."""
+    plan = MinePlan.of(job)
+    cid = plan.checkpoint_id if plan else (job.params or {}).get("checkpoint_id")
+    return int(cid) if isinstance(cid, int) and not isinstance(cid, bool) else None

@@ -1,0 +1,122 @@
+"""Artifacts: every file a job left on the artifacts volume (checkpoints, torchvision backbones,
+correspondence exports), listed with its job, stage and metrics, and downloaded as a stream.
+
+Only files that resolve (symlinks followed) inside ORL_ARTIFACTS_DIR are ever served, whatever
+path a row holds.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Query, status
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+
+from services.api import cursors
+from services.api.deps import SessionDep, SettingsDep
+from services.api.schemas import ArtifactKind, ArtifactOut, JobRef, Page
+from services.common.artifacts import artifact_file
+from services.common.models import Artifact, Job
+
+router = APIRouter(prefix="/api/v1/artifacts", tags=["artifacts"])
+
+MAX_PAGE = 200
+
+
+def _metrics(art: Artifact, job: Job | None) -> dict[str, Any]:
+    meta = art.meta or {}
+    if isinstance(meta.get("metrics"), dict):
+        return meta["metrics"]
+    if art.kind in ("checkpoint", "backbone") and job is not None:
+        # The trainer reports its last logged values in the job's result summary.
+        found = ((job.result or {}).get("summary") or {}).get("metrics")
+        return found if isinstance(found, dict) else {}
+    return {k: meta[k] for k in ("images", "pairs") if k in meta}
+
+
+def _inside(path: Path, root: Path) -> Path | None:
+    """The real path (symlinks followed) of ``path`` when it lies inside ``root``, else None.
+
+    Containment is decided before existence, so a client never learns whether a file outside
+    the artifacts volume exists."""
+    real = path.resolve()
+    return real if real.is_relative_to(root) else None
+
+
+def _size(path: Path, root: Path) -> int | None:
+    real = _inside(path, root)
+    return real.stat().st_size if real is not None and real.is_file() else None
+
+
+def _out(art: Artifact, job: Job | None, root: Path) -> ArtifactOut:
+    path = artifact_file(art.path, root)
+    return ArtifactOut(
+        id=art.id, kind=art.kind, stage=art.stage, dataset_id=art.dataset_id,
+        job=JobRef(id=job.id, kind=job.kind, status=job.status) if job is not None else None,
+        file_name=path.name, size_bytes=_size(path, root), metrics=_metrics(art, job),
+        meta={k: v for k, v in (art.meta or {}).items() if k != "config"}, created_at=art.created_at,
+        download_url=f"/api/v1/artifacts/{art.id}/download")
+
+
+def _artifact_or_404(session, artifact_id: int) -> Artifact:
+    art = session.get(Artifact, artifact_id)
+    if art is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND,
+                            f"artifact {artifact_id} does not exist; list artifacts with GET /api/v1/artifacts")
+    return art
+
+
+@router.get("", response_model=Page[ArtifactOut], summary="Artifacts (checkpoints, backbones, exports), newest first")
+def list_artifacts(
+    session: SessionDep,
+    settings: SettingsDep,
+    dataset_id: int | None = None,
+    job_id: int | None = None,
+    kind: ArtifactKind | None = None,
+    stage: Literal["byol", "orl"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size, at most {MAX_PAGE}")] = 50,
+    cursor: str | None = None,
+) -> Page[ArtifactOut]:
+    filters = {"dataset_id": dataset_id, "job_id": job_id, "kind": kind, "stage": stage}
+    where = cursors.equal_to([(Artifact.dataset_id, dataset_id), (Artifact.job_id, job_id), (Artifact.kind, kind),
+                              (Artifact.stage, stage)])
+    rows, nxt = cursors.id_page(session, select(Artifact).where(*where), Artifact.id, filters, limit, cursor,
+                                descending=True)
+    job_ids = {a.job_id for a in rows if a.job_id is not None}
+    jobs = {j.id: j for j in session.execute(select(Job).where(Job.id.in_(job_ids))).scalars()} if job_ids else {}
+    root = settings.artifacts_path
+    return Page[ArtifactOut](items=[_out(a, jobs.get(a.job_id), root) for a in rows], next_cursor=nxt,
+                             total=cursors.count(session, Artifact, where))
+
+
+@router.get("/{artifact_id}", response_model=ArtifactOut, summary="One artifact")
+def get_artifact(artifact_id: int, session: SessionDep, settings: SettingsDep) -> ArtifactOut:
+    art = _artifact_or_404(session, artifact_id)
+    job = session.get(Job, art.job_id) if art.job_id is not None else None
+    return _out(art, job, settings.artifacts_path)
+
+
+@router.get("/{artifact_id}/download", response_class=FileResponse,
+            summary="The artifact's file, streamed (ETag, Range); never a file outside ORL_ARTIFACTS_DIR",
+            responses={200: {"content": {"application/octet-stream": {}}},
+                       403: {"description": "the row's path leads outside the artifacts volume"},
+                       404: {"description": "no such artifact"}, 410: {"description": "the file is gone"}})
+def download(artifact_id: int, session: SessionDep, settings: SettingsDep) -> FileResponse:
+    art = _artifact_or_404(session, artifact_id)
+    root = settings.artifacts_path
+    real = _inside(artifact_file(art.path, root), root)
+    if real is None:
+        raise HTTPException(status.HTTP_403_FORBIDDEN,
+                            f"artifact {artifact_id}'s path leads outside ORL_ARTIFACTS_DIR; only files on the "
+                            "artifacts volume are served")
+    if not real.exists():
+        raise HTTPException(status.HTTP_410_GONE,
+                            f"artifact {artifact_id}'s file {art.path} is no longer on the artifacts volume")
+    if not real.is_file():
+        raise HTTPException(status.HTTP_409_CONFLICT, f"artifact {artifact_id} is a folder, not a file")
+    media = mimetypes.guess_type(real.name)[0] or "application/octet-stream"
+    # Every checkpoint is called last.pt: the download name says which one it is.
+    return FileResponse(real, media_type=media, filename=f"{art.kind}-{art.id}-{real.name}")
