@@ -36,12 +36,13 @@ sys.path.insert(0, str(REPO))
 from orl.checkpoint import load_model  # noqa: E402
 from orl.config import get_preset  # noqa: E402
 from orl.correspondence import Correspondence  # noqa: E402
+from orl.device import resolve_device  # noqa: E402
 from orl.images import list_images, load_rgb  # noqa: E402
 from orl.labels import load_labels  # noqa: E402
 from orl.metrics import correspondence_precision  # noqa: E402
 from orl.mining import embed_images, embed_rois, knn_search, mine, select_pairs  # noqa: E402
 from orl.proposals import propose_image  # noqa: E402
-from orl.train import resolve_device, train  # noqa: E402
+from orl.train import train  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "coco128"
 

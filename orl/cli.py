@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from orl.config import PRESETS, Config, get_preset
+from orl.device import resolve_device, set_threads
 
 log = logging.getLogger("orl")
 
@@ -25,21 +26,6 @@ class CLIError(Exception):
 
 
 # -- shared option helpers ------------------------------------------------------------------
-
-def set_threads(n: int) -> None:
-    """Limit torch's intra-op pool and the BLAS / OpenMP pools of numpy, scipy and sklearn.
-
-    threadpoolctl limits only the pools of libraries already loaded, so they are loaded first.
-    """
-    import scipy.linalg  # noqa: F401
-    import sklearn.linear_model  # noqa: F401
-    import sklearn.svm  # noqa: F401
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    torch.set_num_threads(n)
-    threadpool_limits(n)
-
 
 def _add_common(p: argparse.ArgumentParser, preset: bool = True) -> None:
     if preset:
@@ -153,14 +139,11 @@ def _readable_images(root: str, out_dir: Path) -> list[str]:
 
 
 def _device(args) -> str:
-    from orl.train import resolve_device
-
     return str(resolve_device(args.device))
 
 
 def _load_model(path: str, device: str):
     from orl.checkpoint import CheckpointError, load_model
-    from orl.train import resolve_device
 
     try:
         model, cfg, ck = load_model(path, map_location="cpu")

@@ -21,6 +21,7 @@ from orl.checkpoint import export_backbone, load_checkpoint, save_checkpoint
 from orl.config import Config
 from orl.correspondence import Correspondence
 from orl.data import BYOLDataset, ORLDataset, ResumableSampler, collate_views
+from orl.device import resolve_device
 from orl.ema import update_target
 from orl.models import ORLModel, build_model
 from orl.schedules import ema_momentum_at, lr_at, lr_by_epoch_at, peak_lr
@@ -32,12 +33,6 @@ ProgressCallback = Callable[[dict[str, Any]], None]
 
 class ConfigMismatch(ValueError):
     """An existing run in out_dir was made with a different stage or model."""
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def train(
