@@ -9,9 +9,9 @@ of the URL to keep links short.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 PAGES = ("jobs", "pairs", "attention", "dataset")
 DEFAULT_PAGE = "jobs"

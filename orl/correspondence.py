@@ -103,7 +103,7 @@ class Correspondence:
         }
 
     @classmethod
-    def from_official(cls, data: dict[str, Any]) -> "Correspondence":
+    def from_official(cls, data: dict[str, Any]) -> Correspondence:
         imgs = data["images"]
         files = list(imgs["file_name"]) if isinstance(imgs, dict) else [d["file_name"] for d in imgs]
         ann = data["pseudo_annotations"]
@@ -141,7 +141,7 @@ class Correspondence:
         atomic_write_text(path, json.dumps(self.to_official()))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Correspondence":
+    def load(cls, path: str | os.PathLike) -> Correspondence:
         path = Path(path)
         if path.is_dir():
             path = path / "correspondence.json"

@@ -26,7 +26,6 @@ from orl.boxes import iou_matrix
 from orl.correspondence import Correspondence
 from orl.labels import GroundTruth, ImageObjects
 
-
 RULES = ("iou", "ioa")
 
 

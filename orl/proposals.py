@@ -16,9 +16,9 @@ import pickle
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import wait as mp_wait
-from typing import Iterable, Iterator
 
 import numpy as np
 

@@ -92,7 +92,7 @@ class State:
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
 
-    def load(self) -> "State":
+    def load(self) -> State:
         if self.file.exists():
             self.config = json.loads(self.file.read_text())
         return self

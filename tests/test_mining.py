@@ -4,11 +4,18 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from orl.config import get_preset
 from orl.correspondence import Correspondence
-from orl.mining import _drop_self, _knn_torch, _save_roi_features, embed_rois, knn_search, load_roi_features, select_pairs
+from orl.mining import (
+    _drop_self,
+    _knn_torch,
+    _save_roi_features,
+    embed_rois,
+    knn_search,
+    load_roi_features,
+    select_pairs,
+)
 
 
 def _unit(n, d, seed=0):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from orl.checkpoint import CheckpointError, export_backbone, load_checkpoint, load_model
+from orl.checkpoint import CheckpointError, load_checkpoint, load_model
 from orl.config import get_preset
 from orl.correspondence import Correspondence
 from orl.data import ResumableSampler

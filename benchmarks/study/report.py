@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from . import DOC, RESULTS_DIR
 from .plan import MODES, RANDOM_BN, RUNS, VARIANTS
-from .store import aggregate, paired, verdict
+from .store import paired
 
 MODE_ORDER = ("long", "short", "gpu", "quick")
 MODE_TITLES = {

@@ -5,7 +5,7 @@ ORLModel re-initialises them as the authors do (orl.models.init).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torchvision

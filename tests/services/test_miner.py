@@ -229,7 +229,6 @@ def test_gpu_and_cpu_mine_the_same_pairs(settings_env, checkpoint_id):
     from orl.checkpoint import load_model
     from orl.images import list_images
     from orl.mining import mine
-
     from services.common.models import Artifact
 
     with session_scope() as s:

@@ -23,8 +23,8 @@ from services.api import cursors
 from services.api.deps import SessionDep
 from services.api.schemas import Histogram, Page, PairOut
 from services.common.correspondences import mine_job_correspondence
-from services.common.runtime import get_sessionmaker
 from services.common.models import Dataset, Image, Job, RoiPair
+from services.common.runtime import get_sessionmaker
 
 router = APIRouter(prefix="/api/v1/correspondences", tags=["correspondences"])
 
