@@ -87,7 +87,8 @@ def _config(args, base: Config | None = None) -> Config:
         key, sep, raw = item.partition("=")
         section, _, field = key.partition(".")
         if not sep or not hasattr(cfg, section) or section == "preset":
-            raise CLIError(f"--set expects SECTION.FIELD=VALUE with SECTION in model, augment, train, mine; got {item!r}")
+            raise CLIError(f"--set expects SECTION.FIELD=VALUE with SECTION in model, augment, train, mine; "
+                           f"got {item!r}")
         part = getattr(cfg, section)
         names = [f.name for f in dataclasses.fields(part)]
         if field not in names:
@@ -183,8 +184,8 @@ def cmd_mine(args) -> dict:
     log.info("stage 2: %d images, roi_mode %s, selective search max side %s -> %s", len(files), mc.roi_mode,
              mc.ss_max_side_px or "full resolution", args.out)
     progress = _Progress(not args.quiet)
-    corr, stats = mine(model, args.images, files, args.out, mc, dev, progress=progress,
-                       info={"checkpoint": str(Path(args.checkpoint).resolve()), "images_root": str(Path(args.images).resolve())})
+    info = {"checkpoint": str(Path(args.checkpoint).resolve()), "images_root": str(Path(args.images).resolve())}
+    corr, stats = mine(model, args.images, files, args.out, mc, dev, progress=progress, info=info)
     progress.close()
     return {"correspondence": str(Path(args.out) / "correspondence.json"),
             "image_status": str(Path(args.out) / "image_status.csv"), "images": len(corr),
@@ -297,8 +298,9 @@ class _Progress:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="orl", description="ORL: object-level self-supervised pre-training from scene images. "
-                                "Stage 1 `pretrain` (BYOL) -> stage 2 `mine` (correspondences) -> stage 3 `train` (ORL).")
+    p = argparse.ArgumentParser(prog="orl", description="ORL: object-level self-supervised pre-training from scene "
+                                "images. Stage 1 `pretrain` (BYOL) -> stage 2 `mine` (correspondences) -> stage 3 "
+                                "`train` (ORL).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("pretrain", help="stage 1: image-level BYOL pre-training on a folder of images",

@@ -67,7 +67,8 @@ class Correspondence:
         for i, row in enumerate(self.pairs):
             for k, arr in enumerate(row):
                 j = int(self.knn[i, k])
-                for r, (p, s) in enumerate(zip(arr, self.pair_scores[i][k])):
+                # strict=False: the scores of a loaded file are not checked against its pairs
+                for r, (p, s) in enumerate(zip(arr, self.pair_scores[i][k], strict=False)):
                     yield i, j, r, p[:4], p[4:], float(s)
 
     # -- official json --------------------------------------------------------------------
@@ -125,7 +126,8 @@ class Correspondence:
             for k in range(k_max):
                 if k < len(ids):
                     arr = np.asarray(ann["knn_bbox_pair"][i][k], dtype=np.float64).reshape(-1, 8)
-                    arr = np.concatenate([xywh_to_xyxy(arr[:, :4]), xywh_to_xyxy(arr[:, 4:])], 1) if len(arr) else np.zeros((0, 8))
+                    arr = (np.concatenate([xywh_to_xyxy(arr[:, :4]), xywh_to_xyxy(arr[:, 4:])], 1) if len(arr)
+                           else np.zeros((0, 8)))
                     sc = ann.get("knn_bbox_pair_score")
                     s = np.asarray(sc[i][k], dtype=np.float64) if sc is not None else np.full(len(arr), np.nan)
                 else:

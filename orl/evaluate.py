@@ -141,7 +141,7 @@ def recompute_bn_stats(
         used = 0
         raise
     finally:
-        for m, mom, state in zip(bns, momenta, saved):
+        for m, mom, state in zip(bns, momenta, saved, strict=True):
             m.momentum = mom
             if used == 0:
                 m.load_state_dict(state)
@@ -201,7 +201,7 @@ def embed_gt_crops(
             if image is None:
                 counts["skipped_images"] += 1
                 continue
-            for box, cls in zip(obj.boxes[ok], obj.class_ids[ok]):
+            for box, cls in zip(obj.boxes[ok], obj.class_ids[ok], strict=True):
                 batch.append(crop_patch(image, box, image_size))
                 batch_labels.append(int(cls))
                 if len(batch) >= batch_size:
@@ -578,7 +578,7 @@ def voc07_svm(
                                        for _, ytr, yva in todo)
     else:
         fits = [svm_one_class(train_x, ytr, val_x, yva, costs, folds, seed) for _, ytr, yva in todo]
-    per_class = {name: r for (name, _, _), r in zip(todo, fits)}
+    per_class = {name: r for (name, _, _), r in zip(todo, fits, strict=True)}
     cv_aps = [v["ap"] for v in per_class.values() if v["cv"]]
     all_aps = [v["ap"] for v in per_class.values()]
     return {"map": _mean_or_none(cv_aps), "map_all": _mean_or_none(all_aps),

@@ -52,7 +52,7 @@ class ImageObjects:
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (class name, (4,) xyxy box) per object."""
-        return iter(zip(self.names, self.boxes))
+        return iter(zip(self.names, self.boxes, strict=True))
 
 
 class GroundTruth(Mapping):
@@ -327,7 +327,7 @@ def _load_coco(images_root: Path, images: list[str], sources: list[Path]):
     classes = list(dict.fromkeys(name for _, name in cats))
     index = {name: i for i, name in enumerate(classes)}
     tags = [p.stem[len("instances_"):] if p.stem.startswith("instances_") else None for p in sources]
-    entries = [_coco_entries(d, index, p) for d, p in zip(datas, sources)]
+    entries = [_coco_entries(d, index, p) for d, p in zip(datas, sources, strict=True)]
     objects: dict[str, ImageObjects] = {}
     claimed: set[tuple[int, str]] = set()
     for rel in sorted(images, key=lambda r: _tag_of(r, tags) is None):

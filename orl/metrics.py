@@ -249,11 +249,12 @@ def correspondence_precision(
 
     Matching rule. A box *matches* a ground-truth object when their IoU is at least
     ``iou_threshold`` (``rule="iou"``; with ``rule="ioa"`` the intersection over the box's
-    own area is used instead, so a box lying on part of an object matches it too). A mined pair (query box in image i, neighbour box in image j) is
-    *correct* when there is a class c such that the query box matches a class-c object of
-    image i and the neighbour box matches a class-c object of image j. Only pairs whose
-    two images are both labelled count (a labelled image with no objects makes every pair
-    in it wrong; an unlabeled image is left out).
+    own area is used instead, so a box lying on part of an object matches it too). A mined
+    pair (query box in image i, neighbour box in image j) is *correct* when there is a class
+    c such that the query box matches a class-c object of image i and the neighbour box
+    matches a class-c object of image j. Only pairs whose two images are both labelled count
+    (a labelled image with no objects makes every pair in it wrong; an unlabeled image is
+    left out).
 
     Random baseline. For every (i, j) with P counted mined pairs, P box pairs are drawn
     uniformly with replacement from ``corr.boxes[i]`` x ``corr.boxes[j]`` (the filtered

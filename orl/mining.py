@@ -171,7 +171,8 @@ def embed_rois(
     elif cfg.roi_mode == "roi_align":
         scale = min(1.0, cfg.roi_align_max_side_px / max(image.size))
         w, h = max(32, round(image.width * scale)), max(32, round(image.height * scale))
-        t = torch.from_numpy(np.asarray(image.resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0).permute(2, 0, 1)
+        pixels = np.asarray(image.resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
+        t = torch.from_numpy(pixels).permute(2, 0, 1)
         t = (t - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
         fmap = backbone.forward_features(t[None].to(device)).float()
         sx, sy = fmap.shape[3] / image.width, fmap.shape[2] / image.height
@@ -334,7 +335,7 @@ def _proposals_cached(paths, files, cfg: MineConfig, cache: Path, progress: Prog
         cache.write_text(json.dumps({"params": params}) + "\n")
     todo = [i for i in range(len(files)) if i not in done]
     with cache.open("a") as fh:
-        for n, (k, res) in enumerate(run_proposals([paths[i] for i in todo], params, cfg.ss_workers, cfg.ss_timeout_s)):
+        for k, res in run_proposals([paths[i] for i in todo], params, cfg.ss_workers, cfg.ss_timeout_s):
             i = todo[k]
             done[i] = res
             rec = res.to_record()

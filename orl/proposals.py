@@ -126,7 +126,8 @@ def propose_image(path: str, params: dict) -> ProposalResult:
     kw, kh = kept[0, 2] - kept[0, 0], kept[0, 3] - kept[0, 1]
     min_side = params.get("min_side_px", 96.0)
     note = ""
-    if len(kept) == 1 and (min(kw, kh) < min_side or max(kw / max(kh, 1e-9), kh / max(kw, 1e-9)) > params.get("max_aspect", 3.0)):
+    aspect = max(kw / max(kh, 1e-9), kh / max(kw, 1e-9))
+    if len(kept) == 1 and (min(kw, kh) < min_side or aspect > params.get("max_aspect", 3.0)):
         note = "no region passed the box filter; kept the first raw region (the authors' fallback)"
     return ProposalResult(path, True, note, w, h, len(raw), kept, time.perf_counter() - t0)
 
