@@ -13,10 +13,15 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orl.config import PRESETS, Config, get_preset
 from orl.device import resolve_device, set_threads
+
+if TYPE_CHECKING:
+    import torch
+
+    from orl.models import ORLModel
 
 log = logging.getLogger("orl")
 
@@ -73,7 +78,7 @@ def _parse_value(raw: str, current: Any) -> Any:
     return raw
 
 
-def _config(args, base: Config | None = None) -> Config:
+def _config(args: argparse.Namespace, base: Config | None = None) -> Config:
     import torch
 
     name = args.preset or ("paper" if torch.cuda.is_available() else "cpu")
@@ -139,11 +144,11 @@ def _readable_images(root: str, out_dir: Path) -> list[str]:
     return good
 
 
-def _device(args) -> str:
+def _device(args: argparse.Namespace) -> str:
     return str(resolve_device(args.device))
 
 
-def _load_model(path: str, device: str):
+def _load_model(path: str, device: str) -> tuple[ORLModel, Config, dict[str, Any], torch.device]:
     from orl.checkpoint import CheckpointError, load_model
 
     try:
@@ -156,7 +161,7 @@ def _load_model(path: str, device: str):
 
 # -- commands -----------------------------------------------------------------------------
 
-def cmd_pretrain(args) -> dict:
+def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     from orl.train import train
 
     out = Path(args.out)
@@ -168,7 +173,7 @@ def cmd_pretrain(args) -> dict:
     return summary
 
 
-def cmd_mine(args) -> dict:
+def cmd_mine(args: argparse.Namespace) -> dict[str, Any]:
     from orl.mining import mine
 
     model, ckcfg, ck, dev = _load_model(args.checkpoint, args.device)
@@ -193,7 +198,7 @@ def cmd_mine(args) -> dict:
             "pairs": stats["pairs"], "seconds": stats["seconds"]}
 
 
-def cmd_train(args) -> dict:
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from orl.correspondence import Correspondence
     from orl.train import train
 
@@ -219,7 +224,7 @@ def cmd_train(args) -> dict:
         raise
 
 
-def cmd_eval(args) -> dict:
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from orl.checkpoint import CheckpointError
     from orl.evaluate import evaluate_checkpoint
 
@@ -240,7 +245,7 @@ def cmd_eval(args) -> dict:
     return result
 
 
-def cmd_attention(args) -> dict:
+def cmd_attention(args: argparse.Namespace) -> dict[str, Any]:
     from orl.attention import render_attention
     from orl.checkpoint import CheckpointError
     from orl.images import ImageError
@@ -253,7 +258,7 @@ def cmd_attention(args) -> dict:
     return {"attention": args.out}
 
 
-def cmd_render_pairs(args) -> dict:
+def cmd_render_pairs(args: argparse.Namespace) -> dict[str, Any]:
     from orl.correspondence import Correspondence
     from orl.render import render_top_pairs
 
@@ -265,7 +270,7 @@ def cmd_render_pairs(args) -> dict:
     return {"rendered": [str(p) for p in paths]}
 
 
-def cmd_export_backbone(args) -> dict:
+def cmd_export_backbone(args: argparse.Namespace) -> dict[str, Any]:
     from orl.checkpoint import CheckpointError, export_backbone
 
     try:
@@ -279,7 +284,8 @@ class _Progress:
     """tqdm bars for the mining steps, one per step name."""
 
     def __init__(self, enabled: bool):
-        self.enabled, self.bars = enabled, {}
+        self.enabled = enabled
+        self.bars: dict[str, Any] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:

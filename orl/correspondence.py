@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ class Correspondence:
     def num_pairs(self) -> int:
         return int(sum(len(p) for row in self.pairs for p in row))
 
-    def iter_pairs(self):
+    def iter_pairs(self) -> Iterator[tuple[int, int, int, np.ndarray, np.ndarray, float]]:
         """Yield (image_idx, neighbour_idx, rank, q_box xyxy, n_box xyxy, score)."""
         for i, row in enumerate(self.pairs):
             for k, arr in enumerate(row):
@@ -73,7 +73,7 @@ class Correspondence:
 
     # -- official json --------------------------------------------------------------------
     def to_official(self) -> dict[str, Any]:
-        def r(x):  # round for a compact file; sub-pixel digits carry nothing
+        def r(x: Any) -> Any:  # round for a compact file; sub-pixel digits carry nothing
             return np.round(np.asarray(x, dtype=np.float64), 2).tolist()
 
         knn_ids, bbox, pairs, scores = [], [], [], []

@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 # name -> (constructor, res5 channels). A plain dict, so the valid names are easy to list.
-BACKBONES: dict[str, tuple[Callable[..., nn.Module], int]] = {
+BACKBONES: dict[str, tuple[Callable[..., torchvision.models.ResNet], int]] = {
     "resnet18": (torchvision.models.resnet18, 512),
     "resnet34": (torchvision.models.resnet34, 512),
     "resnet50": (torchvision.models.resnet50, 2048),
