@@ -7,14 +7,15 @@ PRESET ?= tiny
 DEMO_EPOCHS ?= 5
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup up down status demo demo-cli test bench study study-quick clean help
+.PHONY: setup up down status demo demo-cli lint test bench study study-quick clean help
 
 help:
 	@echo "make demo      - start the stack, run a pipeline job on the bundled sample, print the dashboard URL"
 	@echo "make demo-cli  - the three ORL stages through the CLI only (no services)"
 	@echo "make up/down   - single-machine mode: start/stop API, workers, trainer, dashboard (data kept)"
 	@echo "make status    - what is running"
-	@echo "make test      - the test suite"
+	@echo "make lint      - ruff over the whole tree, mypy over orl/ (settings in pyproject.toml)"
+	@echo "make test      - the linters, then the test suite"
 	@echo "make bench     - mining benchmark on ../shared/data/coco128 (writes benchmarks/results/)"
 	@echo "make study     - evidence study, long run (one seed, 3,000 stage-1 steps; hours on 2 CPU cores; resumable)"
 	@echo "make study-quick - the study's pipeline check (minutes; numbers mean nothing)"
@@ -44,7 +45,12 @@ demo: setup
 demo-cli: setup
 	PRESET=$(PRESET) EPOCHS=$(DEMO_EPOCHS) OUT=$(DEMO_DIR) ORL=$(BIN)/orl bash scripts/demo.sh
 
-test: setup
+# The linters run first; if either fails, make stops and pytest does not run.
+lint: setup
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m mypy
+
+test: setup lint
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -64,7 +64,7 @@ def roi_checks(images: Path, proposals: Path, n_images: int) -> dict:
             if dev == "cuda":
                 torch.cuda.synchronize()
             secs[dev] = time.perf_counter() - t
-        diff = max(float(np.abs(a - b).max()) for a, b in zip(feats["cpu"], feats["cuda"]))
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(feats["cpu"], feats["cuda"], strict=True))
         same_pairs, total = 0, 0
         for q in range(len(recs) - 1):  # each photo against the next, as query and neighbour
             pc, _ = select_pairs(feats["cpu"][q], feats["cpu"][q + 1], cfg.mine.pair_ratio, "cpu")

@@ -50,6 +50,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,7 +119,7 @@ def input_size(width: int, height: int, short_side: int = DEFAULT_SHORT_SIDE,
 
 def preprocess(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """PIL image -> (1, 3, H, W) float tensor, resized (bilinear) and ImageNet-normalised."""
-    im = image.convert("RGB").resize(size, Image.BILINEAR)
+    im = image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
     x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -162,8 +163,8 @@ def gradcam_map(features: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor
 
 
 # -- running the network -------------------------------------------------------------------
-def _parts(net: nn.Module):
-    """(backbone, model or None) from a Backbone-like module or an ORLModel."""
+def _parts(net: nn.Module) -> tuple[Any, Any]:
+    """(backbone, model or None) from a Backbone-like module or an ORLModel (duck-typed)."""
     if hasattr(net, "forward_features"):
         return net, None
     if hasattr(net, "backbone") and hasattr(net.backbone, "forward_features"):
@@ -189,16 +190,15 @@ class _EvalMode:
         self.modules = [m for m in modules if m is not None]
         self.saved: list[tuple[nn.Module, bool]] = []
 
-    def __enter__(self):
+    def __enter__(self) -> _EvalMode:
         self.saved = [(m, m.training) for root in self.modules for m in root.modules()]
         for root in self.modules:
             root.eval()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         for m, flag in self.saved:
             m.training = flag
-        return False
 
 
 def _raw_map(net: nn.Module, x: torch.Tensor, method: str) -> torch.Tensor:
@@ -334,7 +334,7 @@ def attention_figure(image: Image.Image, att: Attention, opacity: float = 0.5, c
     ov = overlay(img, att.heat, opacity, colormap)
     s = min(1.0, max_panel_side / max(img.size))
     size = (max(1, round(img.width * s)), max(1, round(img.height * s)))
-    left, right = img.resize(size, Image.BILINEAR), ov.resize(size, Image.BILINEAR)
+    left, right = img.resize(size, Image.Resampling.BILINEAR), ov.resize(size, Image.Resampling.BILINEAR)
 
     font = get_font(14)
     line_h = text_size(font, "Ag")[1]

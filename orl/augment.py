@@ -12,6 +12,8 @@ worker from the run seed, so runs are repeatable for a given seed and worker cou
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
@@ -99,8 +101,8 @@ def crop_patch(image: Image.Image, box: np.ndarray, size: int) -> Image.Image:
     x1, y1, x2, y2 = [float(v) for v in box]
     x1, y1 = max(0.0, min(x1, image.width - 1)), max(0.0, min(y1, image.height - 1))
     x2, y2 = max(x1 + 1, min(x2, image.width)), max(y1 + 1, min(y2, image.height))
-    return image.resize((size, size), Image.BILINEAR, box=(x1, y1, x2, y2))
+    return image.resize((size, size), Image.Resampling.BILINEAR, box=(x1, y1, x2, y2))
 
 
-def to_tensor_batch(images: list[Image.Image], tf) -> torch.Tensor:
+def to_tensor_batch(images: list[Image.Image], tf: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
     return torch.stack([tf(im) for im in images])

@@ -48,7 +48,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[ORLModel, Config, dict[str, Any]]:
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+               ) -> tuple[ORLModel, Config, dict[str, Any]]:
     """Rebuild the exact model a checkpoint was trained with. Returns (model, config, ckpt)."""
     ckpt = load_checkpoint(path, map_location)
     cfg = Config.from_dict(ckpt["config"])

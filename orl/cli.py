@@ -13,9 +13,15 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orl.config import PRESETS, Config, get_preset
+from orl.device import resolve_device, set_threads
+
+if TYPE_CHECKING:
+    import torch
+
+    from orl.models import ORLModel
 
 log = logging.getLogger("orl")
 
@@ -25,21 +31,6 @@ class CLIError(Exception):
 
 
 # -- shared option helpers ------------------------------------------------------------------
-
-def set_threads(n: int) -> None:
-    """Limit torch's intra-op pool and the BLAS / OpenMP pools of numpy, scipy and sklearn.
-
-    threadpoolctl limits only the pools of libraries already loaded, so they are loaded first.
-    """
-    import scipy.linalg  # noqa: F401
-    import sklearn.linear_model  # noqa: F401
-    import sklearn.svm  # noqa: F401
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    torch.set_num_threads(n)
-    threadpool_limits(n)
-
 
 def _add_common(p: argparse.ArgumentParser, preset: bool = True) -> None:
     if preset:
@@ -87,7 +78,7 @@ def _parse_value(raw: str, current: Any) -> Any:
     return raw
 
 
-def _config(args, base: Config | None = None) -> Config:
+def _config(args: argparse.Namespace, base: Config | None = None) -> Config:
     import torch
 
     name = args.preset or ("paper" if torch.cuda.is_available() else "cpu")
@@ -101,7 +92,8 @@ def _config(args, base: Config | None = None) -> Config:
         key, sep, raw = item.partition("=")
         section, _, field = key.partition(".")
         if not sep or not hasattr(cfg, section) or section == "preset":
-            raise CLIError(f"--set expects SECTION.FIELD=VALUE with SECTION in model, augment, train, mine; got {item!r}")
+            raise CLIError(f"--set expects SECTION.FIELD=VALUE with SECTION in model, augment, train, mine; "
+                           f"got {item!r}")
         part = getattr(cfg, section)
         names = [f.name for f in dataclasses.fields(part)]
         if field not in names:
@@ -152,15 +144,12 @@ def _readable_images(root: str, out_dir: Path) -> list[str]:
     return good
 
 
-def _device(args) -> str:
-    from orl.train import resolve_device
-
+def _device(args: argparse.Namespace) -> str:
     return str(resolve_device(args.device))
 
 
-def _load_model(path: str, device: str):
+def _load_model(path: str, device: str) -> tuple[ORLModel, Config, dict[str, Any], torch.device]:
     from orl.checkpoint import CheckpointError, load_model
-    from orl.train import resolve_device
 
     try:
         model, cfg, ck = load_model(path, map_location="cpu")
@@ -172,7 +161,7 @@ def _load_model(path: str, device: str):
 
 # -- commands -----------------------------------------------------------------------------
 
-def cmd_pretrain(args) -> dict:
+def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     from orl.train import train
 
     out = Path(args.out)
@@ -184,7 +173,7 @@ def cmd_pretrain(args) -> dict:
     return summary
 
 
-def cmd_mine(args) -> dict:
+def cmd_mine(args: argparse.Namespace) -> dict[str, Any]:
     from orl.mining import mine
 
     model, ckcfg, ck, dev = _load_model(args.checkpoint, args.device)
@@ -200,8 +189,8 @@ def cmd_mine(args) -> dict:
     log.info("stage 2: %d images, roi_mode %s, selective search max side %s -> %s", len(files), mc.roi_mode,
              mc.ss_max_side_px or "full resolution", args.out)
     progress = _Progress(not args.quiet)
-    corr, stats = mine(model, args.images, files, args.out, mc, dev, progress=progress,
-                       info={"checkpoint": str(Path(args.checkpoint).resolve()), "images_root": str(Path(args.images).resolve())})
+    info = {"checkpoint": str(Path(args.checkpoint).resolve()), "images_root": str(Path(args.images).resolve())}
+    corr, stats = mine(model, args.images, files, args.out, mc, dev, progress=progress, info=info)
     progress.close()
     return {"correspondence": str(Path(args.out) / "correspondence.json"),
             "image_status": str(Path(args.out) / "image_status.csv"), "images": len(corr),
@@ -209,7 +198,7 @@ def cmd_mine(args) -> dict:
             "pairs": stats["pairs"], "seconds": stats["seconds"]}
 
 
-def cmd_train(args) -> dict:
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from orl.correspondence import Correspondence
     from orl.train import train
 
@@ -235,7 +224,7 @@ def cmd_train(args) -> dict:
         raise
 
 
-def cmd_eval(args) -> dict:
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from orl.checkpoint import CheckpointError
     from orl.evaluate import evaluate_checkpoint
 
@@ -256,7 +245,7 @@ def cmd_eval(args) -> dict:
     return result
 
 
-def cmd_attention(args) -> dict:
+def cmd_attention(args: argparse.Namespace) -> dict[str, Any]:
     from orl.attention import render_attention
     from orl.checkpoint import CheckpointError
     from orl.images import ImageError
@@ -269,7 +258,7 @@ def cmd_attention(args) -> dict:
     return {"attention": args.out}
 
 
-def cmd_render_pairs(args) -> dict:
+def cmd_render_pairs(args: argparse.Namespace) -> dict[str, Any]:
     from orl.correspondence import Correspondence
     from orl.render import render_top_pairs
 
@@ -281,7 +270,7 @@ def cmd_render_pairs(args) -> dict:
     return {"rendered": [str(p) for p in paths]}
 
 
-def cmd_export_backbone(args) -> dict:
+def cmd_export_backbone(args: argparse.Namespace) -> dict[str, Any]:
     from orl.checkpoint import CheckpointError, ExportError, export_backbone
 
     if args.input_size is not None and args.input_size < 32:
@@ -297,7 +286,8 @@ class _Progress:
     """tqdm bars for the mining steps, one per step name."""
 
     def __init__(self, enabled: bool):
-        self.enabled, self.bars = enabled, {}
+        self.enabled = enabled
+        self.bars: dict[str, Any] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
@@ -316,8 +306,9 @@ class _Progress:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="orl", description="ORL: object-level self-supervised pre-training from scene images. "
-                                "Stage 1 `pretrain` (BYOL) -> stage 2 `mine` (correspondences) -> stage 3 `train` (ORL).")
+    p = argparse.ArgumentParser(prog="orl", description="ORL: object-level self-supervised pre-training from scene "
+                                "images. Stage 1 `pretrain` (BYOL) -> stage 2 `mine` (correspondences) -> stage 3 "
+                                "`train` (ORL).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("pretrain", help="stage 1: image-level BYOL pre-training on a folder of images",

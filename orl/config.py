@@ -96,7 +96,7 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
+    def from_dict(cls, d: dict[str, Any]) -> Config:
         kwargs: dict[str, Any] = {}
         for name, typ in (("model", ModelConfig), ("augment", AugmentConfig),
                           ("train", TrainConfig), ("mine", MineConfig)):
@@ -104,7 +104,7 @@ class Config:
             kwargs[name] = typ(**{k: v for k, v in d.get(name, {}).items() if k in known})
         return cls(preset=d.get("preset", "custom"), **kwargs)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Raise ValueError naming the valid choices for any bad name or range; return self."""
         from orl.models.backbones import BACKBONES
 
@@ -130,7 +130,7 @@ class Config:
             raise ValueError("augment.image_size and augment.patch_size must be at least 32 px")
         return self
 
-    def override(self, **dotted: Any) -> "Config":
+    def override(self, **dotted: Any) -> Config:
         """Return a copy with ``section.field=value`` overrides applied (None values skipped)."""
         cfg = self
         for key, value in dotted.items():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,17 +62,18 @@ class Correspondence:
     def num_pairs(self) -> int:
         return int(sum(len(p) for row in self.pairs for p in row))
 
-    def iter_pairs(self):
+    def iter_pairs(self) -> Iterator[tuple[int, int, int, np.ndarray, np.ndarray, float]]:
         """Yield (image_idx, neighbour_idx, rank, q_box xyxy, n_box xyxy, score)."""
         for i, row in enumerate(self.pairs):
             for k, arr in enumerate(row):
                 j = int(self.knn[i, k])
-                for r, (p, s) in enumerate(zip(arr, self.pair_scores[i][k])):
+                # strict=False: the scores of a loaded file are not checked against its pairs
+                for r, (p, s) in enumerate(zip(arr, self.pair_scores[i][k], strict=False)):
                     yield i, j, r, p[:4], p[4:], float(s)
 
     # -- official json --------------------------------------------------------------------
     def to_official(self) -> dict[str, Any]:
-        def r(x):  # round for a compact file; sub-pixel digits carry nothing
+        def r(x: Any) -> Any:  # round for a compact file; sub-pixel digits carry nothing
             return np.round(np.asarray(x, dtype=np.float64), 2).tolist()
 
         knn_ids, bbox, pairs, scores = [], [], [], []
@@ -103,7 +104,7 @@ class Correspondence:
         }
 
     @classmethod
-    def from_official(cls, data: dict[str, Any]) -> "Correspondence":
+    def from_official(cls, data: dict[str, Any]) -> Correspondence:
         imgs = data["images"]
         files = list(imgs["file_name"]) if isinstance(imgs, dict) else [d["file_name"] for d in imgs]
         ann = data["pseudo_annotations"]
@@ -125,7 +126,8 @@ class Correspondence:
             for k in range(k_max):
                 if k < len(ids):
                     arr = np.asarray(ann["knn_bbox_pair"][i][k], dtype=np.float64).reshape(-1, 8)
-                    arr = np.concatenate([xywh_to_xyxy(arr[:, :4]), xywh_to_xyxy(arr[:, 4:])], 1) if len(arr) else np.zeros((0, 8))
+                    arr = (np.concatenate([xywh_to_xyxy(arr[:, :4]), xywh_to_xyxy(arr[:, 4:])], 1) if len(arr)
+                           else np.zeros((0, 8)))
                     sc = ann.get("knn_bbox_pair_score")
                     s = np.asarray(sc[i][k], dtype=np.float64) if sc is not None else np.full(len(arr), np.nan)
                 else:
@@ -141,7 +143,7 @@ class Correspondence:
         atomic_write_text(path, json.dumps(self.to_official()))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Correspondence":
+    def load(cls, path: str | os.PathLike) -> Correspondence:
         path = Path(path)
         if path.is_dir():
             path = path / "correspondence.json"

@@ -8,8 +8,8 @@ files whose header cannot be read).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -22,6 +22,10 @@ from orl.images import ImageError, load_rgb
 
 log = logging.getLogger(__name__)
 
+# One sample, or one batch: per branch ("global", "intra", "inter") a pair of views, or None
+# where the branch has nothing (no box, no mined pair; in a batch: fewer than 2 samples).
+Views = dict[str, tuple[torch.Tensor, torch.Tensor] | None]
+
 
 class _Robust(torch.utils.data.Dataset):
     def __init__(self, paths: list[str]):
@@ -31,7 +35,7 @@ class _Robust(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> Views:
         for k in range(len(self.paths)):
             j = (i + k) % len(self.paths)
             if j in self.bad:
@@ -43,7 +47,7 @@ class _Robust(torch.utils.data.Dataset):
                 log.warning("skipping unreadable image %s: %s", self.paths[j], exc)
         raise RuntimeError("no readable image left in the dataset")
 
-    def sample(self, i: int):
+    def sample(self, i: int) -> Views:
         raise NotImplementedError
 
 
@@ -55,7 +59,7 @@ class BYOLDataset(_Robust):
         self.t1 = byol_pipeline(1, aug.image_size, aug.min_scale)
         self.t2 = byol_pipeline(2, aug.image_size, aug.min_scale)
 
-    def sample(self, i: int):
+    def sample(self, i: int) -> Views:
         img = load_rgb(self.paths[i])
         return {"global": (self.t1(img), self.t2(img))}
 
@@ -81,12 +85,12 @@ class ORLDataset(_Robust):
         self.p1 = byol_pipeline(1, aug.patch_size, random_crop=False)
         self.p2 = byol_pipeline(2, aug.patch_size, random_crop=False)
 
-    def sample(self, i: int):
+    def sample(self, i: int) -> Views:
         # One numpy Generator per sample, drawn from torch's (per-worker seeded) RNG, so the
         # box choice and jitter are reproducible for a given run seed.
         rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
         img = load_rgb(self.paths[i])
-        out = {"global": (self.t1(img), self.t2(img)), "intra": None, "inter": None}
+        out: Views = {"global": (self.t1(img), self.t2(img)), "intra": None, "inter": None}
         boxes = self.corr.boxes[i]
         if len(boxes):
             b = boxes[rng.integers(len(boxes))]
@@ -107,11 +111,11 @@ class ORLDataset(_Robust):
         return out
 
 
-def collate_views(batch: list[dict]) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
+def collate_views(batch: list[Views]) -> Views:
     """Stack each branch's pairs; a branch with fewer than 2 samples is None (BN needs 2)."""
-    out = {}
+    out: Views = {}
     for key in batch[0]:
-        items = [b[key] for b in batch if b[key] is not None]
+        items = [v for v in (b[key] for b in batch) if v is not None]
         out[key] = (torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])) if len(items) >= 2 else None
     return out
 

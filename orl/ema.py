@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 
 @torch.no_grad()
-def update_target(online_params, target_params, momentum: float) -> None:
+def update_target(online_params: Iterable[torch.Tensor], target_params: Iterable[torch.Tensor],
+                  momentum: float) -> None:
     """target <- m * target + (1 - m) * online, parameters only (buffers are not averaged).
 
     Called after the optimiser step, as in the authors' code.

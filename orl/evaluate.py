@@ -22,18 +22,21 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from orl.augment import crop_patch, squash_transform, to_tensor_batch
 from orl.images import ImageError, load_rgb
 from orl.labels import GroundTruth, load_labels
+from orl.models.backbones import Backbone
 
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
@@ -47,7 +50,7 @@ SVM_FOLDS = 3
 
 # -- feature extraction ---------------------------------------------------------------------
 @contextmanager
-def frozen(module: nn.Module, device: str | torch.device):
+def frozen(module: nn.Module, device: str | torch.device) -> Iterator[nn.Module]:
     """Move ``module`` to ``device`` in eval mode with gradients off; restore its mode after.
 
     Eval mode makes BatchNorm use its running statistics, so a crop's feature does not
@@ -74,7 +77,7 @@ def pooled_2x2_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     leaves exactly 2 x 2 overlapping cells (ResNet-50 at 224: 7 x 7 map, 6 x 6 kernel,
     2 x 2 x 2048 = 8192 dims), then flattened channel-major. Needs H, W >= 2, so S >= 64.
     """
-    fmap = backbone.forward_features(x).float()
+    fmap = cast(Backbone, backbone).forward_features(x).float()  # or any module with forward_features
     h, w = fmap.shape[-2:]
     if h < 2 or w < 2:
         raise ValueError(f"res5 map is {h}x{w}; the 2x2 SVM pooling needs an image size >= 64")
@@ -141,16 +144,16 @@ def recompute_bn_stats(
         used = 0
         raise
     finally:
-        for m, mom, state in zip(bns, momenta, saved):
+        for m, mom, state in zip(bns, momenta, saved, strict=True):
             m.momentum = mom
             if used == 0:
                 m.load_state_dict(state)
-        for m, was in modes.items():
-            m.training = was
+        for mod, was in modes.items():
+            mod.training = was
     return used
 
 
-def _load_or_none(path: Path):
+def _load_or_none(path: Path) -> Image.Image | None:
     try:
         return load_rgb(path)
     except ImageError:
@@ -178,10 +181,13 @@ def embed_gt_crops(
     Boxes are batched across images; each image is decoded once.
     """
     tf = squash_transform(image_size)
-    feats, labels, batch, batch_labels = [], [], [], []
+    feats: list[np.ndarray] = []
+    labels: list[int] = []
+    batch: list[Image.Image] = []
+    batch_labels: list[int] = []
     counts = {"kept": 0, "skipped_small": 0, "skipped_images": 0}
 
-    def flush():
+    def flush() -> None:
         if batch:
             x = to_tensor_batch(batch, tf).to(device)
             feats.append(pooled_features(backbone, x).cpu().numpy())
@@ -201,7 +207,7 @@ def embed_gt_crops(
             if image is None:
                 counts["skipped_images"] += 1
                 continue
-            for box, cls in zip(obj.boxes[ok], obj.class_ids[ok]):
+            for box, cls in zip(obj.boxes[ok], obj.class_ids[ok], strict=True):
                 batch.append(crop_patch(image, box, image_size))
                 batch_labels.append(int(cls))
                 if len(batch) >= batch_size:
@@ -226,9 +232,11 @@ def embed_images_2x2(
     Returns the features and the paths they belong to (unreadable images are left out).
     """
     tf = squash_transform(image_size)
-    feats, kept, batch = [], [], []
+    feats: list[np.ndarray] = []
+    kept: list[str] = []
+    batch: list[Image.Image] = []
 
-    def flush():
+    def flush() -> None:
         if batch:
             x = to_tensor_batch(batch, tf).to(device)
             feats.append(pooled_2x2_features(backbone, x).cpu().numpy())
@@ -282,7 +290,7 @@ def knn_predict(
 
 
 @contextmanager
-def _one_thread():
+def _one_thread() -> Iterator[None]:
     """Single-threaded BLAS / OpenMP for small fits: on a shared machine, threads fighting
     over cores made an lbfgs fit of a 1,000 x 512 problem 30x slower than one thread."""
     from threadpoolctl import threadpool_limits
@@ -297,7 +305,7 @@ def _one_thread():
         yield
 
 
-def _logreg(C: float, max_iter: int, seed: int, warm_start: bool = False):
+def _logreg(C: float, max_iter: int, seed: int, warm_start: bool = False) -> Any:
     from sklearn.linear_model import LogisticRegression
 
     return LogisticRegression(C=C, max_iter=max_iter, random_state=seed, warm_start=warm_start)
@@ -340,7 +348,7 @@ def stratified_folds(y: np.ndarray, folds: int) -> np.ndarray:
 
 
 def linear_probe_cv(
-    train_x: np.ndarray, train_y: np.ndarray, c_grid=LINEAR_C_GRID, folds: int = LINEAR_CV_FOLDS,
+    train_x: np.ndarray, train_y: np.ndarray, c_grid: Sequence[float] = LINEAR_C_GRID, folds: int = LINEAR_CV_FOLDS,
     seed: int = 0, max_iter: int = LINEAR_MAX_ITER,
 ) -> dict[str, Any]:
     """Choose the logistic-regression C by ``folds``-fold cross-validation on TRAIN only.
@@ -395,7 +403,7 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float | None:
 
 def probe_scores(
     train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-    k: int = KNN_K, seed: int = 0, n_boot: int = 1000, c_grid=LINEAR_C_GRID,
+    k: int = KNN_K, seed: int = 0, n_boot: int = 1000, c_grid: Sequence[float] = LINEAR_C_GRID,
     cv_folds: int = LINEAR_CV_FOLDS,
 ) -> dict[str, Any]:
     """kNN (both votes) and linear-probe accuracy of val samples on train samples, with
@@ -453,8 +461,8 @@ def probe_scores(
                  "majority": "majority_acc"}
     _, inv = np.unique(test_y, return_inverse=True)
 
-    def resampled_balanced(hit):
-        def stat(idx):  # balanced accuracy over the classes present in the resample
+    def resampled_balanced(hit: np.ndarray) -> Callable[[np.ndarray], float]:
+        def stat(idx: np.ndarray) -> float:  # balanced accuracy over the classes present in the resample
             total = np.bincount(inv[idx], minlength=n_val_cls)
             hits = np.bincount(inv[idx], weights=hit[idx], minlength=n_val_cls)
             return float(np.mean(hits[total > 0] / total[total > 0]))
@@ -489,7 +497,7 @@ def object_probe(
 
 
 # -- VOC07 SVM ------------------------------------------------------------------------------
-def _svm(cost: float, seed: int):
+def _svm(cost: float, seed: int) -> Any:
     from sklearn.svm import LinearSVC
 
     # Positives weigh twice the negatives, as in the authors' VOC07 SVM benchmark.
@@ -497,7 +505,7 @@ def _svm(cost: float, seed: int):
                      tol=1e-4, max_iter=2000, dual="auto", random_state=seed)
 
 
-def _fit_svm(x: np.ndarray, y: np.ndarray, cost: float, seed: int):
+def _fit_svm(x: np.ndarray, y: np.ndarray, cost: float, seed: int) -> Any:
     from sklearn.exceptions import ConvergenceWarning
 
     with warnings.catch_warnings():
@@ -519,7 +527,7 @@ def _cv_ap(x: np.ndarray, y: np.ndarray, cost: float, folds: int, seed: int) -> 
 
 def svm_one_class(
     train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-    costs=SVM_COSTS, folds: int = SVM_FOLDS, seed: int = 0,
+    costs: Sequence[float] = SVM_COSTS, folds: int = SVM_FOLDS, seed: int = 0,
 ) -> dict[str, Any]:
     """One binary class: pick C by CV AP on train, refit on all train, AP on val.
 
@@ -543,7 +551,7 @@ def svm_one_class(
 
 def voc07_svm(
     train_x: np.ndarray, train_labels: np.ndarray, val_x: np.ndarray, val_labels: np.ndarray,
-    class_names: list[str] | None = None, costs=SVM_COSTS, folds: int = SVM_FOLDS, seed: int = 0,
+    class_names: list[str] | None = None, costs: Sequence[float] = SVM_COSTS, folds: int = SVM_FOLDS, seed: int = 0,
     n_jobs: int = 1,
 ) -> dict[str, Any]:
     """Per-class linear SVMs on (N, D) features with (N, K) {0, 1} multi-label targets.
@@ -578,7 +586,7 @@ def voc07_svm(
                                        for _, ytr, yva in todo)
     else:
         fits = [svm_one_class(train_x, ytr, val_x, yva, costs, folds, seed) for _, ytr, yva in todo]
-    per_class = {name: r for (name, _, _), r in zip(todo, fits)}
+    per_class = {name: r for (name, _, _), r in zip(todo, fits, strict=True)}
     cv_aps = [v["ap"] for v in per_class.values() if v["cv"]]
     all_aps = [v["ap"] for v in per_class.values()]
     return {"map": _mean_or_none(cv_aps), "map_all": _mean_or_none(all_aps),

@@ -42,9 +42,9 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     reason for anything that cannot be decoded (truncated, not an image, zero size).
     """
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
+        with Image.open(path) as opened:
+            opened.load()
+            im = ImageOps.exif_transpose(opened)
             if im.mode == "I;16" or im.mode == "I":
                 arr = np.asarray(im, dtype=np.float64)
                 arr = (255 * (arr - arr.min()) / max(1.0, arr.max() - arr.min())).astype(np.uint8)

@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+import numpy.typing as npt
 
 from orl.boxes import clip_boxes, xywh_to_xyxy
 from orl.images import ImageError, image_size, list_images
@@ -52,7 +53,7 @@ class ImageObjects:
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (class name, (4,) xyxy box) per object."""
-        return iter(zip(self.names, self.boxes))
+        return iter(zip(self.names, self.boxes, strict=True))
 
 
 class GroundTruth(Mapping):
@@ -64,7 +65,8 @@ class GroundTruth(Mapping):
     but are left out of every label metric. ``splits`` covers every image under the root.
     """
 
-    def __init__(self, classes, objects, splits, fmt, images_root, labels_path):
+    def __init__(self, classes: Iterable[str], objects: Mapping[str, ImageObjects], splits: Mapping[str, str],
+                 fmt: str, images_root: str | os.PathLike, labels_path: str | os.PathLike) -> None:
         self.classes: list[str] = list(classes)
         self.objects: dict[str, ImageObjects] = dict(objects)
         self.splits: dict[str, str] = dict(splits)
@@ -169,7 +171,7 @@ def _detect_format(labels_path: Path) -> tuple[str, list[Path]]:
     raise ValueError(f"no label files found in {labels_path}: expected {ACCEPTED_FORMATS}")
 
 
-def _objects(boxes, class_ids, classes, size) -> ImageObjects:
+def _objects(boxes: npt.ArrayLike, class_ids: npt.ArrayLike, classes: list[str], size: tuple[int, int]) -> ImageObjects:
     """Clip to the image and drop boxes left with no area."""
     boxes = clip_boxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), size)
     class_ids = np.asarray(class_ids, dtype=np.int64).reshape(-1)
@@ -180,7 +182,7 @@ def _objects(boxes, class_ids, classes, size) -> ImageObjects:
 
 
 # -- YOLO -----------------------------------------------------------------------------------
-def _load_yolo(images_root: Path, images: list[str], labels_root: Path):
+def _load_yolo(images_root: Path, images: list[str], labels_root: Path) -> tuple[list[str], dict[str, ImageObjects]]:
     """Pair each image with its txt; returns (classes, {path: ImageObjects})."""
     names = _yolo_class_names(labels_root)
     txt_dirs: dict[Path, bool] = {}
@@ -193,7 +195,7 @@ def _load_yolo(images_root: Path, images: list[str], labels_root: Path):
     if not any(rows or _has_file(rel, labels_root, txt_dirs, images_root) for rel, rows in raw.items()):
         return [], {}  # not one image has its own txt: these labels are for other images
     classes, index = _yolo_classes(names, raw)
-    objects = {}
+    objects: dict[str, ImageObjects] = {}
     for rel, rows in raw.items():
         try:
             size = image_size(images_root / rel)
@@ -205,7 +207,7 @@ def _load_yolo(images_root: Path, images: list[str], labels_root: Path):
     return classes, objects
 
 
-def _has_file(rel, labels_root, txt_dirs, images_root) -> bool:
+def _has_file(rel: str, labels_root: Path, txt_dirs: dict[Path, bool], images_root: Path) -> bool:
     txt = _yolo_txt_for(rel, labels_root, txt_dirs, images_root.resolve().name)
     return txt is not None and txt.is_file()
 
@@ -223,7 +225,7 @@ def _yolo_txt_for(rel: str, labels_root: Path, txt_dirs: dict[Path, bool], root_
     """
     p = PurePosixPath(rel)
     dirs = p.parts[:-1]
-    subs = [dirs[k:] for k in range(len(dirs))] if dirs else [()]
+    subs: list[tuple[str, ...]] = [dirs[k:] for k in range(len(dirs))] if dirs else [()]
     subs.append((root_name, *dirs))
     for sub in subs:
         d = labels_root.joinpath(*sub)
@@ -286,7 +288,8 @@ def _read_names_yaml(path: Path) -> dict[int, str]:
                          f"or an id -> name mapping): {exc}") from exc
 
 
-def _yolo_classes(names: dict[int, str] | None, raw) -> tuple[list[str], dict[int, int]]:
+def _yolo_classes(names: dict[int, str] | None,
+                  raw: dict[str, list[tuple[int, np.ndarray]]]) -> tuple[list[str], dict[int, int]]:
     """(class list, YOLO id -> index in that list).
 
     With a names file the list is its names in id order; without, the ids seen, sorted
@@ -315,7 +318,7 @@ def _read_coco(path: Path) -> dict:
     return data
 
 
-def _load_coco(images_root: Path, images: list[str], sources: list[Path]):
+def _load_coco(images_root: Path, images: list[str], sources: list[Path]) -> tuple[list[str], dict[str, ImageObjects]]:
     """Match images by basename; returns (classes, {path: ImageObjects}).
 
     Several json files may share one category list (the usual train/val pair). The class
@@ -327,7 +330,7 @@ def _load_coco(images_root: Path, images: list[str], sources: list[Path]):
     classes = list(dict.fromkeys(name for _, name in cats))
     index = {name: i for i, name in enumerate(classes)}
     tags = [p.stem[len("instances_"):] if p.stem.startswith("instances_") else None for p in sources]
-    entries = [_coco_entries(d, index, p) for d, p in zip(datas, sources)]
+    entries = [_coco_entries(d, index, p) for d, p in zip(datas, sources, strict=True)]
     objects: dict[str, ImageObjects] = {}
     claimed: set[tuple[int, str]] = set()
     for rel in sorted(images, key=lambda r: _tag_of(r, tags) is None):
@@ -378,7 +381,7 @@ def _coco_entries(data: dict, index: dict[str, int], path: Path) -> dict[str, tu
         out = {}
         for im in data["images"]:
             anns = per_image[im["id"]]
-            boxes = xywh_to_xyxy([b for b, _ in anns]) if anns else np.zeros((0, 4))
+            boxes = xywh_to_xyxy(np.asarray([b for b, _ in anns], dtype=np.float64)) if anns else np.zeros((0, 4))
             size = (int(im["width"]), int(im["height"])) if "width" in im and "height" in im else None
             out[PurePosixPath(im["file_name"]).name] = (size, boxes, [c for _, c in anns])
     except (KeyError, TypeError, ValueError) as exc:

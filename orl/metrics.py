@@ -17,23 +17,27 @@ something only when it is larger than that noise.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import PurePosixPath
 from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from orl.boxes import iou_matrix
 from orl.correspondence import Correspondence
 from orl.labels import GroundTruth, ImageObjects
 
-
 RULES = ("iou", "ioa")
+
+# One image's candidate boxes grouped by area bin (see _bin_index).
+BinIndex = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 # -- statistics -------------------------------------------------------------------------------
-def roc_auc(scores, labels) -> float | None:
+def roc_auc(scores: npt.ArrayLike, labels: npt.ArrayLike) -> float | None:
     """ROC-AUC of (N,) scores against (N,) binary labels; None when only one class occurs.
 
     The Mann-Whitney statistic U / (n+ n-), U counting, over all (positive, negative)
@@ -99,14 +103,14 @@ def _interval(stats: np.ndarray, level: float) -> tuple[float | None, float | No
     return (float(lo), float(hi))
 
 
-def _index_chunks(rng: np.random.Generator, n: int, n_boot: int, max_cells: int = 2_000_000):
+def _index_chunks(rng: np.random.Generator, n: int, n_boot: int, max_cells: int = 2_000_000) -> Iterator[np.ndarray]:
     """Yield (b, n) int index arrays, b * n <= max_cells, n_boot rows in all."""
     step = max(1, max_cells // max(n, 1))
     for s in range(0, n_boot, step):
         yield rng.integers(n, size=(min(step, n_boot - s), n))
 
 
-def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+def bootstrap_ci(values: npt.ArrayLike, n_boot: int = 1000, seed: int = 0, level: float = 0.95
                  ) -> tuple[float | None, float | None]:
     """Percentile bootstrap interval of the mean of (N,) values.
 
@@ -124,8 +128,8 @@ def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, level: float = 0.95
     return _interval(means, level)
 
 
-def bootstrap_ci_stat(statistic, n: int, n_boot: int = 1000, seed: int = 0, level: float = 0.95
-                      ) -> tuple[float | None, float | None]:
+def bootstrap_ci_stat(statistic: Callable[[np.ndarray], float | None], n: int, n_boot: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> tuple[float | None, float | None]:
     """Percentile bootstrap interval of any statistic of N units.
 
     ``statistic(idx)`` receives an (N,) int array of unit indices drawn with replacement and
@@ -210,7 +214,7 @@ def matched_classes(boxes: np.ndarray, obj: ImageObjects, num_classes: int, iou_
     return (hit.astype(np.int64) @ onehot.astype(np.int64)) > 0
 
 
-def pairs_correct(q_boxes, n_boxes, q_obj: ImageObjects, n_obj: ImageObjects,
+def pairs_correct(q_boxes: np.ndarray, n_boxes: np.ndarray, q_obj: ImageObjects, n_obj: ImageObjects,
                   num_classes: int, iou_threshold: float, rule: str = "iou") -> np.ndarray:
     """(P, 4) query boxes and (P, 4) neighbour boxes -> (P,) bool: row p is correct when
     one class c is matched by query box p in the query image and by neighbour box p in the
@@ -220,8 +224,8 @@ def pairs_correct(q_boxes, n_boxes, q_obj: ImageObjects, n_obj: ImageObjects,
     return (mq & mn).any(axis=1)
 
 
-def _resolve(corr: Correspondence, gt: GroundTruth) -> list[str | None]:
-    """The labelled ground-truth key of each correspondence image, or None.
+def _resolve(corr: Correspondence, gt: GroundTruth) -> dict[int, str]:
+    """Index of each labelled correspondence image -> its ground-truth key, in index order.
 
     An exact relative path wins; a path unknown to ``gt`` falls back to its basename when
     that basename is unique among ``gt``'s images (mining and evaluation may have been run
@@ -230,12 +234,14 @@ def _resolve(corr: Correspondence, gt: GroundTruth) -> list[str | None]:
     by_base: dict[str, list[str]] = {}
     for p in gt.splits:
         by_base.setdefault(PurePosixPath(p).name, []).append(p)
-    keys = []
-    for f in corr.files:
+    keys: dict[int, str] = {}
+    for i, f in enumerate(corr.files):
+        key: str | None = f
         if f not in gt.splits:
             cands = by_base.get(PurePosixPath(f).name, [])
-            f = cands[0] if len(cands) == 1 else None
-        keys.append(f if f in gt.objects else None)
+            key = cands[0] if len(cands) == 1 else None
+        if key is not None and key in gt.objects:
+            keys[i] = key
     return keys
 
 
@@ -243,16 +249,17 @@ def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
-def _image_pair_share(pairs: list[tuple[int, int]], keys, gt: GroundTruth) -> dict[str, Any]:
+def _image_pair_share(pairs: list[tuple[int, int]], keys: dict[int, str], gt: GroundTruth) -> dict[str, Any]:
     """Share of (query, neighbour) image pairs with at least one class in common."""
     shared = sum(bool(gt.image_classes(keys[i]) & gt.image_classes(keys[j])) for i, j in pairs)
     return {"image_pairs": len(pairs), "shared": shared, "share": _ratio(shared, len(pairs))}
 
 
-def _random_image_pairs(pairs, labelled: list[int], rng: np.random.Generator) -> list[tuple[int, int]]:
+def _random_image_pairs(pairs: list[tuple[int, int]], labelled: list[int],
+                        rng: np.random.Generator) -> list[tuple[int, int]]:
     """For each counted KNN pair (i, j), one random partner of i among the other labelled
     images: the share of chance, with the same query images as the KNN figure."""
-    out = []
+    out: list[tuple[int, int]] = []
     if len(labelled) < 2:
         return out
     pool = np.asarray(labelled)
@@ -272,11 +279,12 @@ def correspondence_precision(
 
     Matching rule. A box *matches* a ground-truth object when their IoU is at least
     ``iou_threshold`` (``rule="iou"``; with ``rule="ioa"`` the intersection over the box's
-    own area is used instead, so a box lying on part of an object matches it too). A mined pair (query box in image i, neighbour box in image j) is
-    *correct* when there is a class c such that the query box matches a class-c object of
-    image i and the neighbour box matches a class-c object of image j. Only pairs whose
-    two images are both labelled count (a labelled image with no objects makes every pair
-    in it wrong; an unlabeled image is left out).
+    own area is used instead, so a box lying on part of an object matches it too). A mined
+    pair (query box in image i, neighbour box in image j) is *correct* when there is a class
+    c such that the query box matches a class-c object of image i and the neighbour box
+    matches a class-c object of image j. Only pairs whose two images are both labelled count
+    (a labelled image with no objects makes every pair in it wrong; an unlabeled image is
+    left out).
 
     Random baseline. For every (i, j) with P counted mined pairs, P box pairs are drawn
     uniformly with replacement from ``corr.boxes[i]`` x ``corr.boxes[j]`` (the filtered
@@ -314,7 +322,7 @@ def correspondence_precision(
     rng = np.random.default_rng(seed)
     rng_area = np.random.default_rng([seed, 1])
     keys = _resolve(corr, gt)
-    labelled = [i for i, k in enumerate(keys) if k is not None]
+    labelled = list(keys)
     if not labelled:
         raise ValueError("no image of the correspondence file has ground-truth labels; check "
                          "that the labels belong to the images that were mined")
@@ -325,14 +333,14 @@ def correspondence_precision(
     rand = _counts()
     area = _counts()
     fallbacks = 0
-    bin_index: dict[int, tuple] = {}
-    knn_pairs = []
+    bin_index: dict[int, BinIndex] = {}
+    knn_pairs: list[tuple[int, int]] = []
     rows = []  # per image pair with counted pairs: mined n, correct; random n, c; area n, c; top1 n, c
     shared_rows = []
     for i in labelled:
         for k, j in enumerate(corr.knn[i]):
             j = int(j)
-            if j < 0 or keys[j] is None:
+            if j < 0 or j not in keys:
                 continue
             knn_pairs.append((i, j))
             arr = corr.pairs[i][k].reshape(-1, 8)
@@ -416,13 +424,13 @@ def _precision_cis(rows: np.ndarray, n_boot: int, seed: int) -> dict[str, list]:
 
 
 # -- box-size bins --------------------------------------------------------------------------
-def _log_area(boxes) -> np.ndarray:
+def _log_area(boxes: npt.ArrayLike) -> np.ndarray:
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     wh = np.clip(b[:, 2:] - b[:, :2], 0, None)
     return np.log(np.maximum(wh[:, 0] * wh[:, 1], 1e-6))
 
 
-def area_bin_edges(boxes_list, n_bins: int = 5) -> np.ndarray:
+def area_bin_edges(boxes_list: Sequence[npt.ArrayLike], n_bins: int = 5) -> np.ndarray:
     """(n_bins - 1,) inner edges, in log pixel area, of ``n_bins`` quantile bins of the areas
     of all boxes in ``boxes_list`` (arrays (B_i, 4) xyxy). Equal-count bins adapt to the
     proposals' size distribution. Empty input gives no edges (a single bin)."""
@@ -434,12 +442,12 @@ def area_bin_edges(boxes_list, n_bins: int = 5) -> np.ndarray:
     return np.quantile(la, np.linspace(0.0, 1.0, n_bins + 1)[1:-1])
 
 
-def area_bin(boxes, edges: np.ndarray) -> np.ndarray:
+def area_bin(boxes: npt.ArrayLike, edges: np.ndarray) -> np.ndarray:
     """(B, 4) xyxy -> (B,) int bin index in [0, len(edges)] of each box's log area."""
     return np.searchsorted(edges, _log_area(boxes), side="right")
 
 
-def _bin_index(cands, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _bin_index(cands: npt.ArrayLike, edges: np.ndarray) -> BinIndex:
     """Candidates grouped by area bin, built once per image: ((B, 4) boxes, (B,) candidate
     order sorted by bin, (n_bins,) counts, (n_bins,) start of each bin in that order)."""
     cands = np.asarray(cands, dtype=np.float64).reshape(-1, 4)
@@ -448,7 +456,8 @@ def _bin_index(cands, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return cands, np.argsort(cb, kind="stable"), counts, np.r_[0, np.cumsum(counts)[:-1]]
 
 
-def _draw_same_bin(boxes, index, edges, rng) -> tuple[np.ndarray, int]:
+def _draw_same_bin(boxes: np.ndarray, index: BinIndex, edges: np.ndarray,
+                   rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """One uniform random candidate per box, from the candidates in that box's area bin.
     Returns ((P, 4) drawn boxes, number of boxes whose bin had no candidate: those draw from
     the nearest non-empty bin, the lower one on a tie)."""
@@ -463,7 +472,8 @@ def _draw_same_bin(boxes, index, edges, rng) -> tuple[np.ndarray, int]:
     return cands[pick], int(empty.sum())
 
 
-def area_matched_pairs(q_boxes, n_boxes, q_cands, n_cands, edges: np.ndarray, rng: np.random.Generator
+def area_matched_pairs(q_boxes: npt.ArrayLike, n_boxes: npt.ArrayLike, q_cands: npt.ArrayLike | BinIndex,
+                       n_cands: npt.ArrayLike | BinIndex, edges: np.ndarray, rng: np.random.Generator
                        ) -> tuple[np.ndarray, np.ndarray, int]:
     """For P mined pairs ((P, 4) query boxes, (P, 4) neighbour boxes), P random candidate
     pairs from ``q_cands`` x ``n_cands`` ((Bq, 4), (Bk, 4) xyxy) with the same area bins:
@@ -492,12 +502,13 @@ def _add(c: dict[str, int], ok: np.ndarray) -> None:
     c["correct"] += int(np.sum(ok))
 
 
-def _lift(mined, rand) -> float | None:
+def _lift(mined: dict[str, int], rand: dict[str, int]) -> float | None:
     p, r = _ratio(mined["correct"], mined["n"]), _ratio(rand["correct"], rand["n"])
     return p / r if p is not None and r else None
 
 
-def _random_pairs_correct(corr, i, j, n, q_obj, n_obj, K, thr, rng, rule="iou") -> np.ndarray:
+def _random_pairs_correct(corr: Correspondence, i: int, j: int, n: int, q_obj: ImageObjects, n_obj: ImageObjects,
+                          K: int, thr: float, rng: np.random.Generator, rule: str = "iou") -> np.ndarray:
     """(n,) bool for n random (box of image i, box of image j) pairs; empty if either
     image has no filtered boxes."""
     bi, bj = np.asarray(corr.boxes[i]).reshape(-1, 4), np.asarray(corr.boxes[j]).reshape(-1, 4)
@@ -510,7 +521,7 @@ def _random_pairs_correct(corr, i, j, n, q_obj, n_obj, K, thr, rng, rule="iou") 
 
 # -- pair ranking ---------------------------------------------------------------------------
 @contextmanager
-def _single_thread_blas():
+def _single_thread_blas() -> Iterator[None]:
     """One BLAS thread for many tiny (40 x 512) @ (512 x 40) products: on a busy machine a
     multi-threaded BLAS made pair_ranking_auc 5-15x slower than a single thread."""
     try:
@@ -568,7 +579,7 @@ def pair_ranking_auc(
     if rule not in RULES:
         raise ValueError(f"unknown matching rule {rule!r}; valid: {', '.join(RULES)}")
     keys = _resolve(corr, gt)
-    labelled = [i for i, k in enumerate(keys) if k is not None]
+    labelled = list(keys)
     if not labelled:
         raise ValueError("no image of the correspondence file has ground-truth labels; check "
                          "that the labels belong to the images that were mined")
@@ -595,7 +606,7 @@ def pair_ranking_auc(
         for i in labelled:
             for j in knn[i]:
                 j = int(j)
-                if j < 0 or keys[j] is None:
+                if j < 0 or j not in keys:
                     continue
                 n_labelled += 1
                 if len(unit[i]) == 0 or len(unit[j]) == 0:
@@ -655,7 +666,8 @@ def _stratified_auc(scores: np.ndarray, labels: np.ndarray, cells: np.ndarray) -
         y = labels[m]
         n_pos = int(y.sum())
         n_neg = len(y) - n_pos
-        if n_pos and n_neg:
-            num += roc_auc(scores[m], y) * n_pos * n_neg
+        auc = roc_auc(scores[m], y) if n_pos and n_neg else None
+        if auc is not None:
+            num += auc * n_pos * n_neg
             den += n_pos * n_neg
     return num / den if den else None

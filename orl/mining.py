@@ -16,9 +16,9 @@ from __future__ import annotations
 import csv
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from orl.config import MineConfig
 from orl.correspondence import Correspondence, official_info
 from orl.images import ImageError, load_rgb
 from orl.models import ORLModel
+from orl.models.backbones import Backbone
 from orl.proposals import ProposalResult, run_proposals
 
 ProgressFn = Callable[[str, int, int], None]
@@ -41,24 +42,25 @@ def _noop(stage: str, done: int, total: int) -> None:
 
 
 class _EvalImages(torch.utils.data.Dataset):
-    def __init__(self, paths: list[str], tf):
+    def __init__(self, paths: list[str], tf: Callable[[Image.Image], torch.Tensor]):
         self.paths, self.tf = paths, tf
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         try:
             return i, self.tf(load_rgb(self.paths[i])), ""
         except ImageError as exc:
             return i, None, str(exc)
 
 
-def _collate(batch):
-    ok = [b for b in batch if b[1] is not None]
-    bad = [(b[0], b[2]) for b in batch if b[1] is None]
-    idx = torch.tensor([b[0] for b in ok], dtype=torch.long)
-    x = torch.stack([b[1] for b in ok]) if ok else None
+def _collate(batch: list[tuple[int, torch.Tensor | None, str]]
+             ) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, str]]]:
+    ok = [(i, x) for i, x, _ in batch if x is not None]
+    bad = [(i, reason) for i, x, reason in batch if x is None]
+    idx = torch.tensor([i for i, _ in ok], dtype=torch.long)
+    x = torch.stack([x for _, x in ok]) if ok else None
     return idx, x, bad
 
 
@@ -119,7 +121,7 @@ def knn_search(emb: np.ndarray, k: int, device: torch.device | str = "cpu") -> t
     return _drop_self(idx, sims, k_eff)
 
 
-def _knn_torch(emb: np.ndarray, k: int, device, chunk: int = 4096):
+def _knn_torch(emb: np.ndarray, k: int, device: torch.device | str, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     x = torch.from_numpy(emb).to(device)
     sims, idx = [], []
     for s in range(0, len(x), chunk):
@@ -129,7 +131,7 @@ def _knn_torch(emb: np.ndarray, k: int, device, chunk: int = 4096):
     return torch.cat(sims).numpy(), torch.cat(idx).numpy()
 
 
-def _drop_self(idx: np.ndarray, sims: np.ndarray, k: int):
+def _drop_self(idx: np.ndarray, sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Remove each row's own index (wherever ties put it); else drop the last column."""
     n = len(idx)
     out_i = np.empty((n, k), np.int64)
@@ -145,8 +147,8 @@ def _drop_self(idx: np.ndarray, sims: np.ndarray, k: int):
 
 @torch.no_grad()
 def embed_rois(
-    backbone: torch.nn.Module,
-    image,
+    backbone: Backbone,
+    image: Image.Image,
     boxes: np.ndarray,
     cfg: MineConfig,
     device: torch.device | str = "cpu",
@@ -171,7 +173,8 @@ def embed_rois(
     elif cfg.roi_mode == "roi_align":
         scale = min(1.0, cfg.roi_align_max_side_px / max(image.size))
         w, h = max(32, round(image.width * scale)), max(32, round(image.height * scale))
-        t = torch.from_numpy(np.asarray(image.resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0).permute(2, 0, 1)
+        pixels = np.asarray(image.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+        t = torch.from_numpy(pixels).permute(2, 0, 1)
         t = (t - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
         fmap = backbone.forward_features(t[None].to(device)).float()
         sx, sy = fmap.shape[3] / image.width, fmap.shape[2] / image.height
@@ -184,7 +187,8 @@ def embed_rois(
     return F.normalize(f, dim=1).cpu().numpy(), n_fwd
 
 
-def select_pairs(fq: np.ndarray, fk: np.ndarray, ratio: float, device="cpu") -> tuple[np.ndarray, np.ndarray]:
+def select_pairs(fq: np.ndarray, fk: np.ndarray, ratio: float,
+                 device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """The authors' pair rule for one (query, neighbour) image pair.
 
     fq (Bq, C), fk (Bk, C) L2-normalised. The Bq x Bk cosine matrix is flattened and its top
@@ -196,8 +200,8 @@ def select_pairs(fq: np.ndarray, fk: np.ndarray, ratio: float, device="cpu") -> 
     sim = torch.from_numpy(fq).to(device) @ torch.from_numpy(fk).to(device).T
     n = min(max(1, int(ratio * len(fq))), sim.numel())
     scores, flat = sim.flatten().topk(n)
-    flat = flat.cpu().numpy()
-    return np.stack([flat // len(fk), flat % len(fk)], axis=1), scores.cpu().numpy().astype(np.float32)
+    top = flat.cpu().numpy()
+    return np.stack([top // len(fk), top % len(fk)], axis=1), scores.cpu().numpy().astype(np.float32)
 
 
 def mine(
@@ -313,7 +317,8 @@ def load_roi_features(path: str | Path) -> tuple[list[str], list[np.ndarray]]:
     return [str(f) for f in z["files"]], np.split(z["features"], splits) if len(z["counts"]) else []
 
 
-def _proposals_cached(paths, files, cfg: MineConfig, cache: Path, progress: ProgressFn) -> dict[int, ProposalResult]:
+def _proposals_cached(paths: list[str], files: list[str], cfg: MineConfig, cache: Path,
+                      progress: ProgressFn) -> dict[int, ProposalResult]:
     params = {"mode": cfg.ss_mode, "max_side_px": cfg.ss_max_side_px, "min_side_px": cfg.min_side_px,
               "max_aspect": cfg.max_aspect, "max_iou": cfg.max_iou, "max_boxes": cfg.max_boxes}
     done: dict[int, ProposalResult] = {}
@@ -334,7 +339,7 @@ def _proposals_cached(paths, files, cfg: MineConfig, cache: Path, progress: Prog
         cache.write_text(json.dumps({"params": params}) + "\n")
     todo = [i for i in range(len(files)) if i not in done]
     with cache.open("a") as fh:
-        for n, (k, res) in enumerate(run_proposals([paths[i] for i in todo], params, cfg.ss_workers, cfg.ss_timeout_s)):
+        for k, res in run_proposals([paths[i] for i in todo], params, cfg.ss_workers, cfg.ss_timeout_s):
             i = todo[k]
             done[i] = res
             rec = res.to_record()
@@ -351,15 +356,17 @@ def _from_record(rec: dict, path: str) -> ProposalResult:
                           np.asarray(rec["boxes"], dtype=np.float64).reshape(-1, 4), rec["seconds"])
 
 
-def _write_status(path: Path, files, props, failed) -> None:
+def _write_status(path: Path, files: list[str], props: dict[int, ProposalResult], failed: dict[int, str]) -> None:
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["file", "status", "reason", "width", "height", "n_proposals", "n_boxes", "ss_seconds"])
         for i, f in enumerate(files):
-            r = props.get(i)
             if i in failed:
-                w.writerow([f, "failed", failed[i], r.width if r else 0, r.height if r else 0, 0, 0, ""])
-            elif not r.ok:
+                p = props.get(i)
+                w.writerow([f, "failed", failed[i], p.width if p else 0, p.height if p else 0, 0, 0, ""])
+                continue
+            r = props[i]  # an image that did not fail has its proposals
+            if not r.ok:
                 w.writerow([f, "no_boxes", r.reason, r.width, r.height, r.n_raw, 0, f"{r.seconds:.3f}"])
             else:
                 w.writerow([f, "ok", r.reason, r.width, r.height, r.n_raw, len(r.boxes), f"{r.seconds:.3f}"])

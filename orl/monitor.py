@@ -22,9 +22,11 @@ running statistics of 0 / 1; for a "random weights with data statistics" baselin
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from PIL import Image
 from torch import nn
@@ -34,12 +36,12 @@ from orl.evaluate import frozen, pooled_features
 from orl.images import ImageError, load_rgb
 
 
-def _as_images(images) -> list[Image.Image]:
+def _as_images(images: Iterable[Image.Image | str | os.PathLike]) -> list[Image.Image]:
     """PIL images pass through; paths are decoded with :func:`orl.images.load_rgb`."""
     return [im if isinstance(im, Image.Image) else load_rgb(im) for im in images]
 
 
-def _embed(backbone: nn.Module, x: torch.Tensor, batch_size: int, device) -> np.ndarray:
+def _embed(backbone: nn.Module, x: torch.Tensor, batch_size: int, device: str | torch.device) -> np.ndarray:
     """(N, 3, S, S) -> (N, C) float32 pooled L2-normalised features of the frozen backbone."""
     out = []
     with frozen(backbone, device):
@@ -78,7 +80,8 @@ def retrieval_top1(z1: np.ndarray, z2: np.ndarray) -> float:
 
 
 def view_retrieval_top1(
-    backbone: nn.Module, images, image_size: int, seed: int = 0, batch_size: int = 64,
+    backbone: nn.Module, images: Iterable[Image.Image | str | os.PathLike], image_size: int, seed: int = 0,
+    batch_size: int = 64,
     device: str | torch.device = "cpu",
 ) -> float:
     """Top-1 retrieval of an image's second BYOL view from its first; chance 1 / N.
@@ -97,7 +100,7 @@ def view_retrieval_top1(
     return retrieval_top1(_embed(backbone, v1, batch_size, device), _embed(backbone, v2, batch_size, device))
 
 
-def effective_rank(x) -> float:
+def effective_rank(x: npt.ArrayLike) -> float:
     """Effective rank of an (N, D) matrix: exp of the Shannon entropy of its normalised
     singular values after centring the columns (Roy & Vetterli 2007).
 
@@ -124,7 +127,7 @@ def effective_rank(x) -> float:
     return float(np.exp(-np.sum(p * np.log(p))))
 
 
-def evenly_spaced(paths, n: int) -> list[str]:
+def evenly_spaced(paths: Iterable[str | os.PathLike], n: int) -> list[str]:
     """``n`` paths evenly spaced over the sorted paths (all when n >= their number): a
     subset that depends only on the set of paths, so it is the same for every checkpoint."""
     paths = sorted(str(p) for p in paths)
@@ -135,7 +138,7 @@ def evenly_spaced(paths, n: int) -> list[str]:
 
 
 def label_free_signals(
-    backbone: nn.Module, paths, image_size: int, seed: int = 0, n_images: int = 128,
+    backbone: nn.Module, paths: Iterable[str | os.PathLike], image_size: int, seed: int = 0, n_images: int = 128,
     device: str | torch.device = "cpu", batch_size: int = 64,
 ) -> dict[str, Any]:
     """View retrieval and effective rank of one backbone on a fixed image set.

@@ -16,9 +16,10 @@ import pickle
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import wait as mp_wait
-from typing import Iterable, Iterator
+from typing import IO, Any
 
 import numpy as np
 
@@ -60,7 +61,7 @@ def _seed_c_rand(seed: int) -> None:
     _LIBC.srand(ctypes.c_uint(seed))
 
 
-_LIBC = None
+_LIBC: ctypes.CDLL | None = None
 
 
 def selective_search(rgb: np.ndarray, mode: str = "fast", max_side_px: int | None = None, seed: int = 0) -> np.ndarray:
@@ -84,8 +85,10 @@ def selective_search(rgb: np.ndarray, mode: str = "fast", max_side_px: int | Non
     bgr = np.ascontiguousarray(img[:, :, ::-1])
     ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
     ss.setBaseImage(bgr)
-    {"fast": ss.switchToSelectiveSearchFast, "quality": ss.switchToSelectiveSearchQuality,
-     "single": ss.switchToSingleStrategy}[mode]()
+    strategy: dict[str, Callable[[], None]] = {"fast": ss.switchToSelectiveSearchFast,
+                                               "quality": ss.switchToSelectiveSearchQuality,
+                                               "single": ss.switchToSingleStrategy}
+    strategy[mode]()
     _seed_c_rand(seed)
     rects = np.asarray(ss.process(), dtype=np.float64).reshape(-1, 4)  # x, y, w, h
     boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1) / scale
@@ -126,12 +129,13 @@ def propose_image(path: str, params: dict) -> ProposalResult:
     kw, kh = kept[0, 2] - kept[0, 0], kept[0, 3] - kept[0, 1]
     min_side = params.get("min_side_px", 96.0)
     note = ""
-    if len(kept) == 1 and (min(kw, kh) < min_side or max(kw / max(kh, 1e-9), kh / max(kw, 1e-9)) > params.get("max_aspect", 3.0)):
+    aspect = max(kw / max(kh, 1e-9), kh / max(kw, 1e-9))
+    if len(kept) == 1 and (min(kw, kh) < min_side or aspect > params.get("max_aspect", 3.0)):
         note = "no region passed the box filter; kept the first raw region (the authors' fallback)"
     return ProposalResult(path, True, note, w, h, len(raw), kept, time.perf_counter() - t0)
 
 
-def _read_msg(stream):
+def _read_msg(stream: IO[bytes]) -> Any:
     head = stream.read(8)
     if len(head) < 8:
         raise EOFError("worker pipe closed")
@@ -139,7 +143,7 @@ def _read_msg(stream):
     return pickle.loads(body)
 
 
-def _write_msg(stream, obj) -> None:
+def _write_msg(stream: IO[bytes], obj: Any) -> None:
     body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     stream.write(len(body).to_bytes(8, "little") + body)
     stream.flush()
@@ -168,24 +172,26 @@ class _Worker:
     it, which they may not do with multiprocessing.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen([sys.executable, "-m", "orl.proposals"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env)
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both are pipes
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
         self.task: tuple[int, str] | None = None
         self.deadline = 0.0
         self.started = 0.0
 
-    def send(self, msg) -> None:
-        _write_msg(self.proc.stdin, msg)
+    def send(self, msg: Any) -> None:
+        _write_msg(self.stdin, msg)
 
-    def recv(self):
-        return _read_msg(self.proc.stdout)
+    def recv(self) -> Any:
+        return _read_msg(self.stdout)
 
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait(5)
-        for f in (self.proc.stdin, self.proc.stdout):
+        for f in (self.stdin, self.stdout):
             try:
                 f.close()
             except OSError:
@@ -194,7 +200,7 @@ class _Worker:
     def close(self) -> None:
         try:
             self.send(None)
-            self.proc.stdin.close()
+            self.stdin.close()
             self.proc.wait(2)
         except (OSError, subprocess.TimeoutExpired):
             pass
@@ -230,13 +236,13 @@ def run_proposals(
                     w.send((idx, p, params))
             busy = [w for w in pool if w.task]
             wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
-            ready = mp_wait([w.proc.stdout for w in busy], timeout=wait_s)
+            ready = mp_wait([w.stdout.fileno() for w in busy], timeout=wait_s)
             for i, w in enumerate(pool):
                 if w.task is None:
                     continue
                 idx, p = w.task
                 reason = None
-                if w.proc.stdout in ready:
+                if w.stdout.fileno() in ready:
                     try:
                         got_idx, result = w.recv()
                         w.task = None

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -45,9 +45,12 @@ TEXT_COLOUR = (20, 20, 20)
 RIM_COLOUR = (0, 0, 0)
 GAP = 8  # pixels between the two images of a pair and between rows
 
+Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
+Colour = tuple[int, int, int]
+
 
 # -- text helpers (shared with orl.attention) ------------------------------------------------
-def get_font(size: int = 16) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def get_font(size: int = 16) -> Font:
     """PIL's default font at ``size`` px when FreeType is available, else the bitmap font."""
     try:
         return ImageFont.load_default(size=size)
@@ -55,25 +58,26 @@ def get_font(size: int = 16) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def text_size(font, text: str) -> tuple[int, int]:
+def text_size(font: Font, text: str) -> tuple[int, int]:
     """(width, height) in pixels of ``text`` drawn with ``font``."""
     box = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), _safe(font, text), font=font)
     return int(box[2]), int(box[3])
 
 
-def draw_text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, font, fill=TEXT_COLOUR) -> None:
+def draw_text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, font: Font,
+              fill: Colour = TEXT_COLOUR) -> None:
     """Draw text; characters the font cannot encode become '?' instead of raising."""
     draw.text(xy, _safe(font, text), font=font, fill=fill)
 
 
-def _safe(font, text: str) -> str:
+def _safe(font: Font, text: str) -> str:
     if isinstance(font, ImageFont.FreeTypeFont):
         return text
     # The bitmap fallback font only encodes latin-1.
     return text.encode("latin-1", "replace").decode("latin-1")
 
 
-def _fit_text(font, text: str, max_width: int) -> str:
+def _fit_text(font: Font, text: str, max_width: int) -> str:
     """Shorten ``text`` with a middle ellipsis until it fits ``max_width`` pixels."""
     if text_size(font, text)[0] <= max_width or len(text) < 5:
         return text
@@ -98,7 +102,7 @@ def _box_array(box: Sequence[float] | np.ndarray) -> np.ndarray:
 
 
 def _draw_box(draw: ImageDraw.ImageDraw, box: np.ndarray, scale: float, offset_x: int,
-              size: tuple[int, int], colour, width: int) -> None:
+              size: tuple[int, int], colour: Colour, width: int) -> None:
     """Draw an xyxy box given in original pixels onto a panel scaled by ``scale``."""
     w, h = size
     x0, y0, x1, y1 = (box * scale).tolist()
@@ -151,7 +155,7 @@ def render_pair(
     for im in (img_q, img_n):
         im = im.convert("RGB")
         s = height / im.height
-        panels.append(im.resize((max(1, round(im.width * s)), height), Image.BILINEAR))
+        panels.append(im.resize((max(1, round(im.width * s)), height), Image.Resampling.BILINEAR))
         scales.append(s)
     wq, wn = panels[0].width, panels[1].width
     font = get_font(max(12, height // 20))
@@ -222,7 +226,8 @@ class _ImageCache:
         return self.cache[idx]
 
 
-def _flat_pairs(corr: Correspondence, images: Sequence[int] | None = None):
+def _flat_pairs(corr: Correspondence, images: Sequence[int] | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """All pairs as flat arrays: (scores (M,), image (M,), slot k (M,), rank (M,)).
 
     Vectorised over the per-neighbour arrays, so ranking a full COCO correspondence

@@ -1,18 +1,23 @@
-"""One readable training loop for stage 1 (BYOL) and stage 3 (ORL).
+"""One readable training loop for stage 1 (BYOL) and stage 3 (ORL), in two parts as DINO's.
 
 ``train`` reads top to bottom as the list of steps: data, networks, optimiser, schedules,
-resume, loop. The same call starts a run or resumes it from ``out_dir/last.pt``.
+resume, loop; ``train_one_epoch`` runs one epoch's steps from a :class:`RunPosition`. The same
+call starts a run or resumes it from ``out_dir/last.pt``.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import random
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from types import TracebackType
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
@@ -21,6 +26,7 @@ from orl.checkpoint import export_backbone, load_checkpoint, save_checkpoint
 from orl.config import Config
 from orl.correspondence import Correspondence
 from orl.data import BYOLDataset, ORLDataset, ResumableSampler, collate_views
+from orl.device import resolve_device
 from orl.ema import update_target
 from orl.models import ORLModel, build_model
 from orl.schedules import ema_momentum_at, lr_at, lr_by_epoch_at, peak_lr
@@ -29,15 +35,75 @@ log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
+# metrics.csv: one row per optimiser step with these columns, in this order, each written with
+# its format ("" for a branch that did not run in that step). Readers go by column name.
+METRICS_COLUMNS: dict[str, str] = {
+    "epoch": "d", "step": "d", "global_step": "d", "lr": ".6g", "momentum": ".6f", "loss": ".5f",
+    "loss_global": ".5f", "loss_intra": ".5f", "loss_inter": ".5f", "images_per_s": ".2f", "time": ".1f",
+}
+
 
 class ConfigMismatch(ValueError):
     """An existing run in out_dir was made with a different stage or model."""
 
 
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+@dataclass
+class RunPosition:
+    """Where a run stands: its epoch, the steps done in that epoch, and the steps done in all."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate and EMA momentum of each step: pure functions of the position."""
+
+    epochs: int
+    steps_per_epoch: int
+    warmup_steps: int
+    lr_peak: float
+    warmup_ratio: float
+    lr_by_epoch: bool
+    ema_base: float
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def lr(self, pos: RunPosition) -> float:
+        if self.lr_by_epoch:
+            return lr_by_epoch_at(pos.epoch, pos.global_step, self.epochs, self.warmup_steps, self.lr_peak,
+                                  self.warmup_ratio)
+        return lr_at(pos.global_step, self.total_steps, self.warmup_steps, self.lr_peak)
+
+    def momentum(self, pos: RunPosition) -> float:
+        return ema_momentum_at(pos.global_step, self.total_steps, self.ema_base)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What stays the same while a run trains: its data, networks, optimiser and schedule."""
+
+    stage: str
+    cfg: Config  # with train.batch_size as used (at most the images per process)
+    dataset: BYOLDataset | ORLDataset
+    sampler: ResumableSampler
+    model: ORLModel  # the bare model: checkpoints and the EMA update
+    net: torch.nn.Module  # what the forward pass goes through: the model or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    weights: dict[str, float]  # loss weight per branch; a branch weighted 0 is not run
+    device: torch.device
+    amp: bool  # bfloat16 autocast and channels_last (CUDA only)
+    out: Path
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / "last.pt"
 
 
 def train(
@@ -68,176 +134,236 @@ def train(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    tc = cfg.train
 
     # -- data -------------------------------------------------------------------------
+    dataset = _dataset(stage, images_root, cfg, files, corr)
+    cfg = _fit_batch_size(cfg, len(dataset), world)
+    tc = cfg.train
+    sampler = ResumableSampler(len(dataset), tc.batch_size, tc.seed, rank, world, drop_last=tc.drop_last)
+
+    # -- networks -----------------------------------------------------------------------
+    _seed_everything(tc.seed + rank)
+    resuming = (out / "last.pt").exists()
+    model, net, amp = _networks(cfg, stage, dev, world, init_from=None if resuming else init_from)
+
+    # -- optimiser: weight decay on every parameter, plain SGD, as the authors' configs ----
+    optimizer = torch.optim.SGD(list(model.trainable_parameters()), lr=0.0, momentum=tc.momentum,
+                                weight_decay=tc.weight_decay)
+
+    # -- schedules ----------------------------------------------------------------------
+    steps_per_epoch = sampler.steps_per_epoch()
+    schedule = Schedule(epochs=tc.epochs, steps_per_epoch=steps_per_epoch,
+                        warmup_steps=round(tc.warmup_epochs * steps_per_epoch),
+                        lr_peak=peak_lr(tc.base_lr, tc.batch_size * world), warmup_ratio=tc.warmup_ratio,
+                        lr_by_epoch=tc.lr_by_epoch, ema_base=tc.ema_base)
+    run = Run(stage=stage, cfg=cfg, dataset=dataset, sampler=sampler, model=model, net=net, optimizer=optimizer,
+              schedule=schedule, weights={"global": tc.w_global, "intra": tc.w_intra, "inter": tc.w_inter},
+              device=dev, amp=amp, out=out, rank=rank, world=world)
+
+    # -- resume -------------------------------------------------------------------------
+    pos = _resume(run) if resuming else RunPosition()
+
+    # -- loop ---------------------------------------------------------------------------
+    stopped = max_steps is not None and pos.global_step >= max_steps
+    with StepLog(run, pos, show_progress, on_progress) as steps:
+        while pos.epoch < tc.epochs and not stopped:
+            stopped = train_one_epoch(run, pos, steps, max_steps=max_steps, should_stop=should_stop)
+            if not stopped:
+                pos.epoch += 1
+                pos.step_in_epoch = 0
+                save_run(run, pos, steps.last)
+    finished = pos.epoch >= tc.epochs
+    save_run(run, pos, steps.last, finished=finished)
+    if finished and rank == 0:
+        export_backbone(run.checkpoint, out / "backbone.pth")
+    return {"stage": stage, "finished": finished, "stopped": stopped, "epoch": pos.epoch,
+            "global_step": pos.global_step, "total_steps": schedule.total_steps, "checkpoint": str(run.checkpoint),
+            "metrics": steps.last, "images": len(dataset), "batch_size": tc.batch_size, "device": str(dev)}
+
+
+def train_one_epoch(run: Run, pos: RunPosition, steps: StepLog, *, max_steps: int | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> bool:
+    """Run the steps of epoch ``pos.epoch`` from ``pos.step_in_epoch`` on, advancing ``pos``.
+
+    Writes last.pt every ``train.checkpoint_every_steps`` steps. Returns True when it stopped
+    before the end of the epoch: ``max_steps`` reached, or ``should_stop()`` (polled after
+    every step) said so.
+    """
+    tc = run.cfg.train
+    run.sampler.set_position(pos.epoch, pos.step_in_epoch)
+    loader = torch.utils.data.DataLoader(
+        run.dataset, batch_size=tc.batch_size, sampler=run.sampler, num_workers=tc.num_workers,
+        # The sampler decides the last batch (kept unless of size 1, or train.drop_last).
+        collate_fn=collate_views, drop_last=False, pin_memory=run.device.type == "cuda",
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(tc.seed * 7919 + pos.epoch * 31 + pos.step_in_epoch + run.rank),
+    )
+    run.net.train()
+    t_last = time.perf_counter()
+    for views in loader:
+        lr = run.schedule.lr(pos)
+        for g in run.optimizer.param_groups:
+            g["lr"] = lr
+        with _autocast(run.amp):
+            # A branch weighted 0 is not run at all (no forward, no BatchNorm update),
+            # so an ablation removes the branch, not just its gradient.
+            ran = {b: v for b, v in views.items() if run.weights.get(b, 0) > 0}
+            losses: dict[str, torch.Tensor] = run.net(_to_device(ran, run.device, run.amp))
+        loss = cast(torch.Tensor, sum(run.weights[b] * v for b, v in losses.items()))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss {loss.item()} at epoch {pos.epoch} step {pos.step_in_epoch}: "
+                f"lower train.base_lr (now {tc.base_lr}) or check the input images")
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        m = run.schedule.momentum(pos)
+        update_target(run.model.online_parameters(), run.model.target_parameters(), m)
+        pos.global_step += 1
+        pos.step_in_epoch += 1
+        now = time.perf_counter()
+        ips = len(views["global"][0]) * run.world / max(1e-9, now - t_last)  # last batch may be smaller
+        t_last = now
+        steps.record({
+            "epoch": pos.epoch, "step": pos.step_in_epoch, "global_step": pos.global_step,
+            "total_steps": run.schedule.total_steps, "lr": lr, "momentum": m, "loss": loss.item(),
+            **{f"loss_{k}": float(v.detach()) for k, v in losses.items()}, "images_per_s": ips,
+        })
+        if tc.checkpoint_every_steps and pos.global_step % tc.checkpoint_every_steps == 0:
+            save_run(run, pos, steps.last)
+        if (max_steps is not None and pos.global_step >= max_steps) or (should_stop and should_stop()):
+            return True
+    return False
+
+
+class StepLog(AbstractContextManager["StepLog"]):
+    """Where each step's metrics go: a row of metrics.csv (rank 0), the progress bar, ``on_progress``.
+
+    ``last`` is the last step's metrics (with ``eta_s`` when there is an ``on_progress``): the
+    checkpoint and the summary carry it.
+    """
+
+    def __init__(self, run: Run, pos: RunPosition, show_progress: bool, on_progress: ProgressCallback | None):
+        self.total_steps, self.on_progress = run.schedule.total_steps, on_progress
+        self.file: IO[str] | None = None
+        self.writer: csv.DictWriter[str] | None = None
+        if run.rank == 0:
+            self.file = (run.out / "metrics.csv").open("a", newline="")
+            self.writer = csv.DictWriter(self.file, fieldnames=list(METRICS_COLUMNS))
+            if self.file.tell() == 0:
+                self.writer.writeheader()
+        self.last: dict[str, Any] = {}
+        self.pbar = _progress_bar(self.total_steps, pos.global_step, show_progress and run.rank == 0, run.stage)
+        self.t_start, self.first_step = time.time(), pos.global_step
+
+    def record(self, metrics: dict[str, Any]) -> None:
+        self.last = metrics
+        if self.file is not None and self.writer is not None:
+            self.writer.writerow(metrics_row({**metrics, "time": time.time()}))
+            self.file.flush()
+        self.pbar.update(1)
+        self.pbar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.3g}")
+        if self.on_progress:
+            done_here, remaining = metrics["global_step"] - self.first_step, self.total_steps - metrics["global_step"]
+            metrics["eta_s"] = remaining * (time.time() - self.t_start) / max(1, done_here)
+            self.on_progress(dict(metrics))
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.pbar.close()
+        if self.file is not None:
+            self.file.close()
+
+
+def metrics_row(values: dict[str, Any]) -> dict[str, str]:
+    """One metrics.csv row: each of METRICS_COLUMNS formatted, "" where ``values`` lacks it."""
+    return {col: "" if values.get(col) is None else format(values[col], spec) for col, spec in METRICS_COLUMNS.items()}
+
+
+def save_run(run: Run, pos: RunPosition, metrics: dict[str, Any], finished: bool = False) -> None:
+    """Write last.pt (rank 0 only): everything a resume needs to go on as if never stopped."""
+    if run.rank != 0:
+        return
+    save_checkpoint({
+        "stage": run.stage, "config": run.cfg.to_dict(), "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "position": {**dataclasses.asdict(pos), "total_steps": run.schedule.total_steps,
+                     "steps_per_epoch": run.schedule.steps_per_epoch, "finished": finished},
+        "rng": _get_rng(), "metrics": metrics, "images": len(run.dataset),
+    }, run.checkpoint)
+
+
+def _dataset(stage: str, images_root: str | Path, cfg: Config, files: list[str] | None,
+             corr: Correspondence | None) -> BYOLDataset | ORLDataset:
     if stage == "byol":
         if not files:
             raise ValueError("stage byol needs a non-empty list of image files")
-        dataset = BYOLDataset([str(Path(images_root) / f) for f in files], cfg.augment)
-    elif stage == "orl":
+        return BYOLDataset([str(Path(images_root) / f) for f in files], cfg.augment)
+    if stage == "orl":
         if corr is None or len(corr) == 0:
             raise ValueError("stage orl needs a correspondence with at least one image")
-        dataset = ORLDataset(images_root, corr, cfg.augment, tc)
-    else:
-        raise ValueError(f"unknown stage {stage!r}; valid: byol, orl")
-    per_rank = len(dataset) // world
-    if per_rank < 2:
-        raise ValueError(f"need at least {2 * world} images to train (BatchNorm needs 2 per batch), got {len(dataset)}")
-    batch = min(tc.batch_size, per_rank)
-    if batch != tc.batch_size:
-        log.warning("batch size %d > images per process %d: using %d", tc.batch_size, per_rank, batch)
-        cfg = cfg.override(**{"train.batch_size": batch})
-        tc = cfg.train
-    sampler = ResumableSampler(len(dataset), batch, tc.seed, rank, world, drop_last=tc.drop_last)
-    steps_per_epoch = sampler.steps_per_epoch()
-    total_steps = steps_per_epoch * tc.epochs
+        return ORLDataset(images_root, corr, cfg.augment, cfg.train)
+    raise ValueError(f"unknown stage {stage!r}; valid: byol, orl")
 
-    # -- networks and optimiser ---------------------------------------------------------
-    _seed_everything(tc.seed + rank)
+
+def _fit_batch_size(cfg: Config, images: int, world: int) -> Config:
+    """The config with train.batch_size at most the images per process (BatchNorm needs 2)."""
+    per_rank = images // world
+    if per_rank < 2:
+        raise ValueError(f"need at least {2 * world} images to train (BatchNorm needs 2 per batch), got {images}")
+    batch = min(cfg.train.batch_size, per_rank)
+    if batch != cfg.train.batch_size:
+        log.warning("batch size %d > images per process %d: using %d", cfg.train.batch_size, per_rank, batch)
+        cfg = cfg.override(**{"train.batch_size": batch})
+    return cfg
+
+
+def _networks(cfg: Config, stage: str, dev: torch.device, world: int,
+              init_from: str | Path | None) -> tuple[ORLModel, torch.nn.Module, bool]:
+    """The model (online + target + predictors) on ``dev``, what to run it through, and whether in bf16."""
     model = build_model(cfg.model, stage)
-    if init_from is not None and not (out / "last.pt").exists():
+    if init_from is not None:
         _init_from(model, init_from)
     model.to(dev)
-    use_amp = tc.amp and dev.type == "cuda"
-    if use_amp:
+    amp = cfg.train.amp and dev.type == "cuda"
+    if amp:
         model = model.to(memory_format=torch.channels_last)
     net: torch.nn.Module = model
     if world > 1:
         # SyncBN as the authors train; torch implements it for CUDA only, so CPU ranks (gloo,
         # used for tests) keep per-process BatchNorm.
         if dev.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = cast(ORLModel, torch.nn.SyncBatchNorm.convert_sync_batchnorm(model))
         # A step may lack the intra or inter branch (images without boxes or pairs), so some
         # predictors go unused: DDP must be told to expect that.
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
-    # Weight decay on every parameter, plain SGD: as the authors' configs.
-    optimizer = torch.optim.SGD(list(model.trainable_parameters()), lr=0.0, momentum=tc.momentum,
-                                weight_decay=tc.weight_decay)
-    lr_peak = peak_lr(tc.base_lr, batch * world)
-    weights = {"global": tc.w_global, "intra": tc.w_intra, "inter": tc.w_inter}
-    warmup_steps = round(tc.warmup_epochs * steps_per_epoch)
-
-    # -- resume -------------------------------------------------------------------------
-    epoch, step_in_epoch, global_step = 0, 0, 0
-    ckpt_path = out / "last.pt"
-    if ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path, map_location=dev)
-        _check_compatible(ck, stage, cfg)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        pos = ck["position"]
-        epoch, step_in_epoch, global_step = pos["epoch"], pos["step_in_epoch"], pos["global_step"]
-        _set_rng(ck["rng"])
-        log.info("resumed %s at epoch %d step %d (global %d)", ckpt_path, epoch, step_in_epoch, global_step)
-
-    def save(finished: bool = False) -> None:
-        if rank != 0:
-            return
-        save_checkpoint({
-            "stage": stage, "config": cfg.to_dict(), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "position": {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                         "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "finished": finished},
-            "rng": _get_rng(), "metrics": last_metrics, "images": len(dataset),
-        }, ckpt_path)
-
-    # -- loop ---------------------------------------------------------------------------
-    metrics_file = (out / "metrics.csv").open("a", newline="") if rank == 0 else None
-    writer = csv.writer(metrics_file) if metrics_file else None
-    if metrics_file and metrics_file.tell() == 0:
-        writer.writerow(["epoch", "step", "global_step", "lr", "momentum", "loss", "loss_global",
-                         "loss_intra", "loss_inter", "images_per_s", "time"])
-    last_metrics: dict[str, Any] = {}
-    pbar = _progress_bar(total_steps, global_step, show_progress and rank == 0, stage)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
-    t_start = time.time()
-    steps_done_here = 0
-    stopped = max_steps is not None and global_step >= max_steps
-    try:
-        while epoch < tc.epochs and not stopped:
-            sampler.set_position(epoch, step_in_epoch)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_size=batch, sampler=sampler, num_workers=tc.num_workers,
-                # The sampler decides the last batch (kept unless of size 1, or train.drop_last).
-                collate_fn=collate_views, drop_last=False, pin_memory=dev.type == "cuda",
-                persistent_workers=False,
-                generator=torch.Generator().manual_seed(tc.seed * 7919 + epoch * 31 + step_in_epoch + rank),
-            )
-            net.train()
-            t_last = time.perf_counter()
-            for views in loader:
-                lr = (lr_by_epoch_at(epoch, global_step, tc.epochs, warmup_steps, lr_peak, tc.warmup_ratio)
-                      if tc.lr_by_epoch else lr_at(global_step, total_steps, warmup_steps, lr_peak))
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                with autocast():
-                    # A branch weighted 0 is not run at all (no forward, no BatchNorm update),
-                    # so an ablation removes the branch, not just its gradient.
-                    losses = net(_to_device({b: v for b, v in views.items() if weights.get(b, 0) > 0}, dev, use_amp))
-                loss = sum(weights[b] * v for b, v in losses.items())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite loss {loss.item()} at epoch {epoch} step {step_in_epoch}: "
-                        f"lower train.base_lr (now {tc.base_lr}) or check the input images")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                m = ema_momentum_at(global_step, total_steps, tc.ema_base)
-                update_target(model.online_parameters(), model.target_parameters(), m)
-                global_step += 1
-                step_in_epoch += 1
-                steps_done_here += 1
-                now = time.perf_counter()
-                ips = len(views["global"][0]) * world / max(1e-9, now - t_last)  # last batch may be smaller
-                t_last = now
-                last_metrics = {
-                    "epoch": epoch, "step": step_in_epoch, "global_step": global_step, "total_steps": total_steps,
-                    "lr": lr, "momentum": m, "loss": loss.item(),
-                    **{f"loss_{k}": float(v.detach()) for k, v in losses.items()}, "images_per_s": ips,
-                }
-                if writer:
-                    writer.writerow([epoch, step_in_epoch, global_step, f"{lr:.6g}", f"{m:.6f}", f"{loss.item():.5f}",
-                                     _fmt(losses.get("global")), _fmt(losses.get("intra")), _fmt(losses.get("inter")),
-                                     f"{ips:.2f}", f"{time.time():.1f}"])
-                    metrics_file.flush()
-                pbar.update(1)
-                pbar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
-                if on_progress:
-                    remaining = total_steps - global_step
-                    last_metrics["eta_s"] = remaining * (time.time() - t_start) / max(1, steps_done_here)
-                    on_progress(dict(last_metrics))
-                if tc.checkpoint_every_steps and global_step % tc.checkpoint_every_steps == 0:
-                    save()
-                if (max_steps is not None and global_step >= max_steps) or (should_stop and should_stop()):
-                    stopped = True
-                    break
-            if not stopped:
-                epoch += 1
-                step_in_epoch = 0
-                save()
-    finally:
-        pbar.close()
-        if metrics_file:
-            metrics_file.close()
-    finished = epoch >= tc.epochs
-    save(finished=finished)
-    if finished and rank == 0:
-        export_backbone(ckpt_path, out / "backbone.pth")
-    return {"stage": stage, "finished": finished, "stopped": stopped, "epoch": epoch, "global_step": global_step,
-            "total_steps": total_steps, "checkpoint": str(ckpt_path), "metrics": last_metrics,
-            "images": len(dataset), "batch_size": batch, "device": str(dev)}
+    return model, net, amp
 
 
-def _to_device(views: dict, dev: torch.device, channels_last: bool) -> dict:
+def _resume(run: Run) -> RunPosition:
+    """Load last.pt into the model and the optimiser, restore the RNG; the position to go on from."""
+    ck = load_checkpoint(run.checkpoint, map_location=run.device)
+    _check_compatible(ck, run.stage, run.cfg)
+    run.model.load_state_dict(ck["model"])
+    run.optimizer.load_state_dict(ck["optimizer"])
+    p = ck["position"]
+    pos = RunPosition(epoch=p["epoch"], step_in_epoch=p["step_in_epoch"], global_step=p["global_step"])
+    _set_rng(ck["rng"])
+    log.info("resumed %s at epoch %d step %d (global %d)", run.checkpoint, pos.epoch, pos.step_in_epoch,
+             pos.global_step)
+    return pos
+
+
+def _autocast(amp: bool) -> AbstractContextManager[Any]:
+    return torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
+
+
+def _to_device(views: dict[str, tuple[torch.Tensor, torch.Tensor] | None], dev: torch.device,
+               channels_last: bool) -> dict[str, tuple[torch.Tensor, ...] | None]:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return {b: None if pair is None else tuple(t.to(dev, non_blocking=True).contiguous(memory_format=fmt) for t in pair)
             for b, pair in views.items()}
-
-
-def _fmt(v) -> str:
-    return "" if v is None else f"{float(v.detach()):.5f}"
 
 
 def _init_from(model: ORLModel, path: str | Path) -> None:
@@ -252,7 +378,7 @@ def _init_from(model: ORLModel, path: str | Path) -> None:
     log.info("initialised %d tensors from %s", len(loaded), path)
 
 
-def _check_compatible(ck: dict, stage: str, cfg: Config) -> None:
+def _check_compatible(ck: dict[str, Any], stage: str, cfg: Config) -> None:
     old = Config.from_dict(ck["config"])
     if ck["stage"] != stage or old.model != cfg.model:
         raise ConfigMismatch(
@@ -279,7 +405,7 @@ def _set_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def _progress_bar(total: int, initial: int, enabled: bool, desc: str):
+def _progress_bar(total: int, initial: int, enabled: bool, desc: str) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True)

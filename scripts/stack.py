@@ -92,7 +92,7 @@ class State:
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
 
-    def load(self) -> "State":
+    def load(self) -> State:
         if self.file.exists():
             self.config = json.loads(self.file.read_text())
         return self
@@ -337,7 +337,7 @@ def postgres_up(state: State, port: int) -> str:
                         stdout=out, stderr=subprocess.STDOUT)
             except subprocess.CalledProcessError:
                 raise SystemExit(f"PostgreSQL did not start; its log ({log}):\n"
-                                 + "\n".join(log.read_text(errors="replace").splitlines()[-20:]))
+                                 + "\n".join(log.read_text(errors="replace").splitlines()[-20:])) from None
     # The `orl` database itself is created by the migrate step, as in compose.
     return f"postgresql+psycopg://postgres@127.0.0.1:{port}/orl"
 

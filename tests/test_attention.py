@@ -12,8 +12,8 @@ from torch import nn
 
 from orl.attention import (
     METHODS,
-    compute_attention,
     attention_map,
+    compute_attention,
     contribution_map,
     gradcam_map,
     input_size,

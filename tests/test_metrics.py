@@ -258,7 +258,7 @@ def test_pair_ranking_auc_perfect_random_and_tied_features():
     tied = [np.ones((len(c), 4)) / 2 for c in box_cls]
     assert pair_ranking_auc(corr, tied, gt)["auc"] == 0.5
     # signal and noise: in between, with an interval that excludes chance
-    mixed = [unit(np.hstack([0.4 * p[:, :3], n])) for p, n in zip(perfect, noise)]
+    mixed = [unit(np.hstack([0.4 * p[:, :3], n])) for p, n in zip(perfect, noise, strict=True)]
     r = pair_ranking_auc(corr, mixed, gt)
     assert 0.55 < r["auc"] < 1.0 and r["ci95"][0] > 0.5
 

@@ -4,11 +4,18 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from orl.config import get_preset
 from orl.correspondence import Correspondence
-from orl.mining import _drop_self, _knn_torch, _save_roi_features, embed_rois, knn_search, load_roi_features, select_pairs
+from orl.mining import (
+    _drop_self,
+    _knn_torch,
+    _save_roi_features,
+    embed_rois,
+    knn_search,
+    load_roi_features,
+    select_pairs,
+)
 
 
 def _unit(n, d, seed=0):
@@ -103,7 +110,7 @@ def test_roi_features_round_trip_keeps_images_without_boxes(tmp_path):
     files, back = load_roi_features(tmp_path / "f.npz")
     assert files == ["a.jpg", "b.jpg", "c.jpg"]
     assert [f.shape for f in back] == [(3, 8), (0, 8), (2, 8)]
-    assert all(np.array_equal(a, b) for a, b in zip(feats, back))
+    assert all(np.array_equal(a, b) for a, b in zip(feats, back, strict=True))
 
 
 def test_official_json_round_trip(tmp_path):
@@ -118,7 +125,7 @@ def test_official_json_round_trip(tmp_path):
     assert ann["knn_bbox_pair"][0][0] == [[0, 0, 100, 120.5, 5, 5, 145, 145]]
     back = Correspondence.load(tmp_path)
     assert back.files == corr.files and back.num_pairs == corr.num_pairs == 2
-    for a, b in zip(back.boxes, corr.boxes):
+    for a, b in zip(back.boxes, corr.boxes, strict=True):
         assert np.allclose(a, b)
     assert np.array_equal(back.knn, corr.knn)
     assert np.allclose(back.pairs[0][0], corr.pairs[0][0])

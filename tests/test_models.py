@@ -41,7 +41,7 @@ def test_init_is_seeded_and_target_is_a_copy():
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["backbone.net.conv1.weight"], sc["backbone.net.conv1.weight"])
-    for on, tg in zip(a.online_parameters(), a.target_parameters()):
+    for on, tg in zip(a.online_parameters(), a.target_parameters(), strict=True):
         assert torch.equal(on, tg)
 
 

@@ -1,7 +1,6 @@
 """Selective search on real photos, and per-image failure records for bad inputs."""
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from orl.proposals import ProposalResult, propose_image, run_proposals, selective_search

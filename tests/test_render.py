@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +78,7 @@ def corr_root(tmp_path):
     root = tmp_path / "images"
     (root / "sub").mkdir(parents=True)
     files = [FILES[0], FILES[1], "sub/" + FILES[2]]
-    for src, dst in zip(FILES, files):
+    for src, dst in zip(FILES, files, strict=True):
         shutil.copy(f"{COCO}/{src}", root / dst)
     sizes = np.asarray([image_size(root / f) for f in files])
     boxes = [np.asarray([[10, 20, 200, 220.0], [300, 100, 500, 300]]),

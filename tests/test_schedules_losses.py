@@ -1,5 +1,6 @@
 """Known-value tests for the BYOL loss, the EMA schedule and update, and the LR schedules."""
 
+import itertools
 import math
 
 import pytest
@@ -31,7 +32,7 @@ def test_ema_momentum_schedule():
     assert ema_momentum_at(50, 100, 0.99) == pytest.approx(0.995)
     assert ema_momentum_at(100, 100, 0.99) == pytest.approx(1.0)
     vals = [ema_momentum_at(k, 100) for k in range(101)]
-    assert all(a <= b for a, b in zip(vals, vals[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(vals))
 
 
 def test_ema_update_known_value():
@@ -72,6 +73,6 @@ def test_authors_lr_schedule_known_values():
     assert lr(9, 49) == pytest.approx(0.4 * 0.02447174, rel=1e-6)  # the last epoch is not 0
     assert lr(10, 50) == pytest.approx(0.0, abs=1e-12)
     vals = [lr(e, e * 5 + k) for e in range(2, E) for k in range(5)]
-    assert all(a >= b for a, b in zip(vals, vals[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(vals))
     assert lr_by_epoch_at(0, 0, E, 0, peak) == pytest.approx(0.4)  # no warmup
     assert lr_by_epoch_at(0, 0, E, W, peak, warmup_ratio=0.5) == pytest.approx(0.2)

@@ -65,7 +65,8 @@ def test_loss_curves_dedupe_resumed_steps(tmp_path):
 
 def test_class_sharing_pairs_only_link_images_with_a_common_class():
     box = np.array([[0, 0, 10, 10]], dtype=np.float64)
-    objects = {f: ImageObjects(box, np.array([c]), ("xy"[c],), (10, 10)) for f, c in (("a", 0), ("b", 0), ("c", 1), ("d", 0))}
+    objects = {f: ImageObjects(box, np.array([c]), ("xy"[c],), (10, 10))
+               for f, c in (("a", 0), ("b", 0), ("c", 1), ("d", 0))}
     gt = GroundTruth(["x", "y"], objects, {f: "train" for f in objects}, "yolo", "", "")
     files = ["a", "b", "c", "d", "unlabelled"]
     fixed = class_sharing_pairs(files, gt, k=3, seed=0)
@@ -74,10 +75,10 @@ def test_class_sharing_pairs_only_link_images_with_a_common_class():
         assert sorted(fixed[i][fixed[i] >= 0].tolist()) == sorted({0, 1, 3} - {i})
     assert (fixed[2] == -1).all() and (fixed[4] == -1).all()  # no partner; unlabelled
     # the same partners whatever order the files come in
-    perm = class_sharing_pairs(["d", "c", "b", "a", "unlabelled"], gt, k=3, seed=0)
+    order = ["d", "c", "b", "a", "unlabelled"]
+    perm = class_sharing_pairs(order, gt, k=3, seed=0)
     names = lambda arr, fs: [sorted(fs[j] for j in row if j >= 0) for row in arr]  # noqa: E731
-    assert dict(zip(files, names(fixed, files))) == dict(zip(["d", "c", "b", "a", "unlabelled"],
-                                                             names(perm, ["d", "c", "b", "a", "unlabelled"])))
+    assert dict(zip(files, names(fixed, files), strict=True)) == dict(zip(order, names(perm, order), strict=True))
 
 
 # -- resumability and commits ----------------------------------------------------------------
@@ -198,17 +199,20 @@ def test_report_from_hand_made_results(results):
     lines = md.splitlines()
     assert "these numbers only check that the pipeline runs" in md
     # headline 2: the stage-1 end against random init, and the control, by interval
-    assert any(line.startswith("- End of stage 1 (2 epochs) against random init (BatchNorm statistics 0/1), fixed pairs:"
-                               " AUC: 0.600 against 0.560, higher, intervals do not overlap") for line in lines)
+    expected = ("- End of stage 1 (2 epochs) against random init (BatchNorm statistics 0/1), fixed pairs:"
+                " AUC: 0.600 against 0.560, higher, intervals do not overlap")
+    assert any(line.startswith(expected) for line in lines)
     assert any("Positive control against" in line and "the metric can see good features" in line for line in lines)
-    row = next(line for line in lines if line.startswith("| BYOL 2 epochs (end of stage 1) | 32 | 0.600 [0.590, 0.610]"))
+    row = next(line for line in lines
+               if line.startswith("| BYOL 2 epochs (end of stage 1) | 32 | 0.600 [0.590, 0.610]"))
     assert row
     # headline 3: ORL against BYOL continued, seed 0: kNN bal. 21 vs 22 -> -1.0 and a loss listed
     row = next(line for line in lines if line.startswith("| BYOL 2 ep. + ORL 1 ep., init from stage 1 |"))
     assert "21.0 (-1.0)" in row and "0.620 [0.610, 0.630] (+0.010)" in row
     assert "**Where ORL does not win here:**" in md
     # over seeds: ORL - BYOL continued kNN bal. = (-1, +3) points
-    row = next(line for line in lines if line.startswith("| BYOL 2 ep. + ORL 1 ep., init from stage 1 | BYOL 2 ep. + BYOL"))
+    row = next(line for line in lines
+               if line.startswith("| BYOL 2 ep. + ORL 1 ep., init from stage 1 | BYOL 2 ep. + BYOL"))
     assert "+1.0 ± 2.8 (1/2)" in row
     assert "`train/s1/orl`: MissingInput: the stage-1 pairs are missing" in md
     assert "**Partial:**" in md  # variants and mining of runs are missing from the hand-made file

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from orl.checkpoint import CheckpointError, export_backbone, load_checkpoint, load_model
+from orl.checkpoint import CheckpointError, load_checkpoint, load_model
 from orl.config import get_preset
 from orl.correspondence import Correspondence
 from orl.data import ResumableSampler
@@ -72,7 +72,7 @@ def test_sampler_ranks_run_the_same_steps():
     assert set(got[0]) | set(got[1]) == set(range(21))
     assert len(set(got[0]) & set(got[1])) == 1  # the one padding index
     # resume on each rank continues its own shard
-    for s, g in zip(shards, got):
+    for s, g in zip(shards, got, strict=True):
         s.set_position(0, 2)
         assert list(s) == g[8:]
     # 3 ranks, 8 images, batch 2: 3 each (padded by 1), the last batch of 1 dropped on every rank

@@ -74,7 +74,7 @@ def _crops(gts: dict, split: str, min_side: float) -> tuple[list, list[tuple[int
                 images.append(load_rgb(Path(gt.images_root) / rel))
             except ImageError:
                 continue
-            items += [(len(images) - 1, b, int(c)) for b, c in zip(obj.boxes[ok], obj.class_ids[ok])]
+            items += [(len(images) - 1, b, int(c)) for b, c in zip(obj.boxes[ok], obj.class_ids[ok], strict=True)]
     return images, items
 
 

@@ -32,7 +32,7 @@ def build_image_folder(data_root: Path, dest: Path, per_folder: int | None) -> l
         by_folder: dict[str, list[str]] = {}
         for rel in list_images(src_root):
             by_folder.setdefault(str(Path(rel).parent), []).append(rel)
-        for folder, rels in sorted(by_folder.items()):
+        for _, rels in sorted(by_folder.items()):
             if per_folder is not None and len(rels) > per_folder:
                 step = len(rels) / per_folder
                 rels = [rels[int(i * step)] for i in range(per_folder)]

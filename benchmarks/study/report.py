@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from . import DOC, RESULTS_DIR
 from .plan import MODES, RANDOM_BN, RUNS, VARIANTS
-from .store import aggregate, paired, verdict
+from .store import paired
 
 MODE_ORDER = ("long", "short", "gpu", "quick")
 MODE_TITLES = {
@@ -156,7 +157,7 @@ def intervals_apart(a: dict | None, b: dict | None) -> bool | None:
 
 # -- one mode's section ---------------------------------------------------------------------------
 def section(results: dict, plots: dict[str, str]) -> list[str]:
-    mode, st, units = results["mode"], results["settings"], results["units"]
+    mode, units = results["mode"], results["units"]
     m = results.get("machine", {})
     seeds = seeds_of(results)
     L = [f"## {MODE_TITLES.get(mode, mode)}", ""]
@@ -227,8 +228,10 @@ def headline(results: dict, seed: int) -> list[str]:
                      + f" | {pct(probe_fn('linear_balanced_acc')(r))} | {pct(svm_fn(r))} |")
         chance = [dig(g("eval", rows[0]), "datasets", d, "probe", "balanced_chance") for d in DATASET_NAMES]
         maj = [dig(g("eval", rows[0]), "datasets", d, "probe", "majority_acc") for d in DATASET_NAMES]
-        L += ["", "Chance for balanced accuracy: " + ", ".join(f"{d} {pct(c)}%" for d, c in zip(DATASET_NAMES, chance))
-              + "; the majority class's plain accuracy: " + ", ".join(f"{d} {pct(x)}%" for d, x in zip(DATASET_NAMES, maj))
+        L += ["", "Chance for balanced accuracy: "
+              + ", ".join(f"{d} {pct(c)}%" for d, c in zip(DATASET_NAMES, chance, strict=True))
+              + "; the majority class's plain accuracy: "
+              + ", ".join(f"{d} {pct(x)}%" for d, x in zip(DATASET_NAMES, maj, strict=True))
               + ".", ""]
         byol, rnd = g("eval", f"e{N}"), g("eval", RANDOM_BN)
         if byol and rnd:
@@ -237,7 +240,8 @@ def headline(results: dict, seed: int) -> list[str]:
             L += [f"BYOL after {N} epochs against the random-init network with data BatchNorm statistics: "
                   f"kNN balanced accuracy higher with non-overlapping intervals on "
                   f"{', '.join(better) if better else 'neither dataset'}; view top-1 "
-                  f"{pct(dig(byol, 'label_free', 'view_top1'))}% against {pct(dig(rnd, 'label_free', 'view_top1'))}%.", ""]
+                  f"{pct(dig(byol, 'label_free', 'view_top1'))}% against "
+                  f"{pct(dig(rnd, 'label_free', 'view_top1'))}%.", ""]
     # 2. pair AUC over stage-1 training, beside the positive control
     names = [n for n in stage1_names(results) + ["control"] if g("mine", n)]
     if names:
@@ -333,12 +337,14 @@ def setup(results: dict, m: dict) -> list[str]:
          "- Labelled images for evaluation (train / val): "
          + "; ".join(f"{k}: {v['train']} / {v['val']}" for k, v in results.get("labels", {}).items()) + ".",
          f"- Preset `{st['preset']}` with `{json.dumps(st['overrides'])}`: {m.get('backbone', 'n/a')}, global views "
-         f"{m.get('image_size', 'n/a')} px, RoI patches {m.get('patch_size', 'n/a')} px, batch {m.get('batch_size', 'n/a')}, "
+         f"{m.get('image_size', 'n/a')} px, RoI patches {m.get('patch_size', 'n/a')} px, "
+         f"batch {m.get('batch_size', 'n/a')}, "
          f"{m.get('steps_per_epoch', 'n/a')} steps per epoch.",
          f"- Stage 1: N = {st['epochs']} epochs, snapshots after {', '.join(map(str, st['snapshots']))} epochs; "
          f"runs after it: M = {st['more_epochs']} epochs each. Positive control: "
          + (f"{st['control_epochs']} epochs." if st.get("control_epochs") else "none in this mode."),
-         f"- Machine: {m.get('cpu', 'n/a')}, {m.get('cpu_count', 'n/a')} cores, torch threads {m.get('torch_threads', 'n/a')}, "
+         f"- Machine: {m.get('cpu', 'n/a')}, {m.get('cpu_count', 'n/a')} cores, "
+         f"torch threads {m.get('torch_threads', 'n/a')}, "
          f"device `{m.get('device', 'n/a')}`, torch {m.get('torch', 'n/a')}, commit {m.get('git_commit', 'n/a')}.", ""]
     cost = {}
     for k, r in units.items():
@@ -360,7 +366,8 @@ def setup(results: dict, m: dict) -> list[str]:
         L += ["| started | command | wall s | load avg at start |", "|---|---|---|---|"]
         for i in inv:
             wall = "n/a (interrupted)" if i.get("wall_s") is None else f"{i['wall_s']:.0f}"
-            L.append(f"| {i['started']} | `{i['command']}` | {wall} | {', '.join(f'{x:.1f}' for x in i.get('load_avg', []))} |")
+            load = ", ".join(f"{x:.1f}" for x in i.get("load_avg", []))
+            L.append(f"| {i['started']} | `{i['command']}` | {wall} | {load} |")
         L.append("")
     return L
 
@@ -376,17 +383,19 @@ def pairs_table(results: dict, seed: int) -> list[str]:
          "'area-matched': random pairs whose two boxes fall in the same area bins (quintiles) as the mined pair's. "
          "'shared class': only image pairs that share a ground-truth class (removes the image KNN's cap). "
          "KNN: share of image neighbours sharing a class, against random images. Percent except AUC.", "",
-         "| pairs mined with | steps | pairs | AUC fixed IoA | area-matched | AUC fixed IoU | AUC KNN IoA | IoA prec. | "
-         "uniform | area-matched | shared-class prec. | its area-matched | KNN share | random |",
+         "| pairs mined with | steps | pairs | AUC fixed IoA | area-matched | AUC fixed IoU | AUC KNN IoA | "
+         "IoA prec. | uniform | area-matched | shared-class prec. | its area-matched | KNN share | random |",
          "|---|" + "---|" * 13]
     for n in names:
         r = done(units, f"mine/s{seed}/{n}")
         p = dig(r, "precision", "ioa") or {}
-        L.append(f"| {ckpt_label(n, results)} | {steps_cell(units, seed, n.split('+')[0], results)} | {r.get('pairs', 'n/a')} | "
+        L.append(f"| {ckpt_label(n, results)} | {steps_cell(units, seed, n.split('+')[0], results)} | "
+                 f"{r.get('pairs', 'n/a')} | "
                  f"{auc_cell(r, 'pair_auc_fixed')} | {auc_cell(r, 'pair_auc_fixed', field='auc_area_matched')} | "
                  f"{auc_cell(r, 'pair_auc_fixed', 'iou')} | {auc_cell(r, 'pair_auc')} | "
                  f"{pct(p.get('precision'), 2)} | {pct(dig(p, 'random', 'precision'), 2)} | "
-                 f"{pct(dig(p, 'random_area_matched', 'precision'), 2)} | {pct(dig(p, 'shared_class', 'precision'), 2)} | "
+                 f"{pct(dig(p, 'random_area_matched', 'precision'), 2)} | "
+                 f"{pct(dig(p, 'shared_class', 'precision'), 2)} | "
                  f"{pct(dig(p, 'shared_class', 'random_area_matched_precision'), 2)} | "
                  f"{pct(dig(p, 'knn', 'share'))} | {pct(dig(p, 'knn_random', 'share'))} |")
     return L + [""]
@@ -412,8 +421,9 @@ def eval_table(results: dict, seed: int) -> list[str]:
     ctl = done(units, f"train/s{seed}/control")
     if ctl:
         L += ["", f"The control's own classifier on val2017 crops: accuracy {pct(ctl.get('classifier_val_acc'))}%, "
-              f"balanced {pct(ctl.get('classifier_val_balanced_acc'))}% (majority class {pct(ctl.get('val_majority_acc'))}%), "
-              f"after {ctl.get('epochs')} epochs on {ctl.get('train_crops')} train crops of {ctl.get('train_classes')} classes."]
+              f"balanced {pct(ctl.get('classifier_val_balanced_acc'))}% "
+              f"(majority class {pct(ctl.get('val_majority_acc'))}%), after {ctl.get('epochs')} epochs on "
+              f"{ctl.get('train_crops')} train crops of {ctl.get('train_classes')} classes."]
     return L + [""]
 
 
@@ -468,8 +478,9 @@ def make_plots(results: dict, out_dir: Path, doc_dir: Path) -> dict[str, str]:
     snaps = [n for n in stage1_names(results) if n != RANDOM_BN and done(units, f"mine/s{seed}/{n}")]
     if snaps:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for ax, rule in zip(axes, ("ioa", "iou")):
-            for block, lab, mk in (("pair_auc_fixed", "fixed class-sharing pairs", "o-"), ("pair_auc", "own KNN", "s--")):
+        for ax, rule in zip(axes, ("ioa", "iou"), strict=True):
+            for block, lab, mk in (("pair_auc_fixed", "fixed class-sharing pairs", "o-"),
+                                   ("pair_auc", "own KNN", "s--")):
                 xs, ys, lo, hi = [], [], [], []
                 for n in snaps:
                     a = dig(units[f"mine/s{seed}/{n}"], block, rule)
@@ -528,7 +539,7 @@ def render_report(all_results: dict[str, dict], plots: dict[str, dict[str, str]]
          "Generated by `python -m benchmarks.study` from `benchmarks/results/study_<mode>.json`; do not edit by "
          "hand (`python -m benchmarks.study --report-only` regenerates it). Every number comes from those files.", "",
          "```",
-         "python -m benchmarks.study --mode long --commit   # one seed, ~3,000 stage-1 steps; resumable, commits each unit",
+         "python -m benchmarks.study --mode long --commit   # one seed, ~3,000 stage-1 steps; commits each unit",
          "python -m benchmarks.study --mode short --commit  # three seeds at ~800 steps",
          "python -m benchmarks.study --quick                # pipeline check, under 15 minutes; numbers mean nothing",
          "python -m benchmarks.study --report-only          # rebuild this file and the plots from the JSON",

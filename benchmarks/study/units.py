@@ -21,13 +21,14 @@ import dataclasses
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from .data import build_image_folder, class_sharing_pairs, load_ground_truths
-from .plan import DEFAULT_MINE, RANDOM_BN, RUNS, VARIANTS, Mode, MineVariant
+from .plan import DEFAULT_MINE, RANDOM_BN, RUNS, VARIANTS, MineVariant, Mode
 from .store import MissingInput, ResultsStore
 
 LABEL_FREE_IMAGES = 128  # fixed photos for view retrieval and effective rank

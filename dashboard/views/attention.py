@@ -83,7 +83,7 @@ def render(api: common.Api) -> None:
         common.show_error(exc, f"cannot load image {image_id}")
         return
     cols = st.columns(2)
-    for col, ckpt in zip(cols, (a, b)):
+    for col, ckpt in zip(cols, (a, b), strict=True):
         with col:
             st.markdown(f"**{labels[ckpt]}**")
             try:

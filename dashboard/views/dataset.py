@@ -3,6 +3,8 @@ unreadable images with their reasons."""
 
 from __future__ import annotations
 
+import itertools
+
 import pandas as pd
 import streamlit as st
 
@@ -17,7 +19,7 @@ def histogram_frame(hist: dict) -> pd.DataFrame:
     edges, counts = hist.get("edges") or [], hist.get("counts") or []
     if len(edges) != len(counts) + 1 or not counts:
         return pd.DataFrame({"pairs": []})
-    labels = [f"{lo:.3f}–{hi:.3f}" for lo, hi in zip(edges[:-1], edges[1:])]
+    labels = [f"{lo:.3f}–{hi:.3f}" for lo, hi in itertools.pairwise(edges)]
     # Ordered categories keep the bars in score order (a plain string index would be sorted).
     return pd.DataFrame({"score": pd.Categorical(labels, categories=labels, ordered=True), "pairs": counts})
 
@@ -37,8 +39,9 @@ def render(api: common.Api) -> None:
     st.caption(f"{ds['name']} · {ds['path']}")
     counts = ds.get("counts") or {}
     cols = st.columns(5)
-    for col, (key, label) in zip(cols, [("images", "Images"), ("failed_images", "Unreadable"),
-                                        ("proposals", "Proposals (boxes)"), ("pairs", "RoI pairs"), ("jobs", "Jobs")]):
+    tiles = [("images", "Images"), ("failed_images", "Unreadable"), ("proposals", "Proposals (boxes)"),
+             ("pairs", "RoI pairs"), ("jobs", "Jobs")]
+    for col, (key, label) in zip(cols, tiles, strict=True):
         col.metric(label, f"{counts.get(key, 0):,}")
 
     st.subheader("Pair scores")

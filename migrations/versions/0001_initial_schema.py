@@ -41,7 +41,8 @@ def upgrade() -> None:
     sa.Column('reason', sa.Text(), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.CheckConstraint("status IN ('ok', 'failed')", name=op.f('ck_images_status')),
-    sa.ForeignKeyConstraint(['dataset_id'], ['datasets.id'], name=op.f('fk_images_dataset_id_datasets'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['dataset_id'], ['datasets.id'], name=op.f('fk_images_dataset_id_datasets'),
+        ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_images')),
     sa.UniqueConstraint('dataset_id', 'rel_path', name=op.f('uq_images_dataset_id_rel_path'))
     )
@@ -55,7 +56,8 @@ def upgrade() -> None:
     sa.Column('params', postgresql.JSONB(astext_type=sa.Text()), server_default=sa.text("'{}'::jsonb"), nullable=False),
     sa.Column('progress_done', sa.BigInteger(), server_default='0', nullable=False),
     sa.Column('progress_total', sa.BigInteger(), server_default='0', nullable=False),
-    sa.Column('progress', postgresql.JSONB(astext_type=sa.Text()), server_default=sa.text("'{}'::jsonb"), nullable=False),
+    sa.Column('progress', postgresql.JSONB(astext_type=sa.Text()), server_default=sa.text("'{}'::jsonb"),
+        nullable=False),
     sa.Column('error', sa.Text(), nullable=True),
     sa.Column('cancel_requested', sa.Boolean(), server_default='false', nullable=False),
     sa.Column('idempotency_key', sa.String(length=200), nullable=True),
@@ -67,8 +69,10 @@ def upgrade() -> None:
     sa.Column('started_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
     sa.CheckConstraint("kind IN ('pretrain', 'mine', 'train', 'pipeline')", name=op.f('ck_jobs_kind')),
-    sa.CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed', 'cancelling', 'cancelled')", name=op.f('ck_jobs_status')),
-    sa.ForeignKeyConstraint(['dataset_id'], ['datasets.id'], name=op.f('fk_jobs_dataset_id_datasets'), ondelete='CASCADE'),
+    sa.CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed', 'cancelling', 'cancelled')",
+        name=op.f('ck_jobs_status')),
+    sa.ForeignKeyConstraint(['dataset_id'], ['datasets.id'], name=op.f('fk_jobs_dataset_id_datasets'),
+        ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['parent_id'], ['jobs.id'], name=op.f('fk_jobs_parent_id_jobs'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_jobs')),
     sa.UniqueConstraint('idempotency_key', name=op.f('uq_jobs_idempotency_key'))
@@ -85,9 +89,11 @@ def upgrade() -> None:
     sa.Column('path', sa.Text(), nullable=False),
     sa.Column('meta', postgresql.JSONB(astext_type=sa.Text()), server_default=sa.text("'{}'::jsonb"), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
-    sa.CheckConstraint("kind IN ('checkpoint', 'backbone', 'correspondence', 'metrics')", name=op.f('ck_artifacts_kind')),
+    sa.CheckConstraint("kind IN ('checkpoint', 'backbone', 'correspondence', 'metrics')",
+        name=op.f('ck_artifacts_kind')),
     sa.CheckConstraint("stage IS NULL OR stage IN ('byol', 'orl')", name=op.f('ck_artifacts_stage')),
-    sa.ForeignKeyConstraint(['dataset_id'], ['datasets.id'], name=op.f('fk_artifacts_dataset_id_datasets'), ondelete='SET NULL'),
+    sa.ForeignKeyConstraint(['dataset_id'], ['datasets.id'], name=op.f('fk_artifacts_dataset_id_datasets'),
+        ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_artifacts_job_id_jobs'), ondelete='SET NULL'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_artifacts'))
     )
@@ -101,7 +107,8 @@ def upgrade() -> None:
     sa.Column('similarity', sa.Float(precision=53), nullable=False),
     sa.ForeignKeyConstraint(['image_id'], ['images.id'], name=op.f('fk_neighbors_image_id_images'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_neighbors_job_id_jobs'), ondelete='CASCADE'),
-    sa.ForeignKeyConstraint(['neighbor_image_id'], ['images.id'], name=op.f('fk_neighbors_neighbor_image_id_images'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['neighbor_image_id'], ['images.id'], name=op.f('fk_neighbors_neighbor_image_id_images'),
+        ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('job_id', 'image_id', 'rank', name=op.f('pk_neighbors'))
     )
     op.create_index('ix_neighbors_neighbor_image_id', 'neighbors', ['neighbor_image_id'], unique=False)
@@ -113,7 +120,8 @@ def upgrade() -> None:
     sa.Column('n_raw', sa.Integer(), server_default='0', nullable=False),
     sa.Column('n_boxes', sa.Integer(), server_default='0', nullable=False),
     sa.Column('seconds', sa.Float(precision=53), server_default='0', nullable=False),
-    sa.ForeignKeyConstraint(['image_id'], ['images.id'], name=op.f('fk_proposal_status_image_id_images'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['image_id'], ['images.id'], name=op.f('fk_proposal_status_image_id_images'),
+        ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('image_id', 'params_key', name=op.f('pk_proposal_status'))
     )
     op.create_table('proposals',
@@ -145,20 +153,26 @@ def upgrade() -> None:
     sa.Column('ny2', sa.Float(precision=53), nullable=False),
     sa.ForeignKeyConstraint(['image_id'], ['images.id'], name=op.f('fk_roi_pairs_image_id_images'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_roi_pairs_job_id_jobs'), ondelete='CASCADE'),
-    sa.ForeignKeyConstraint(['neighbor_image_id'], ['images.id'], name=op.f('fk_roi_pairs_neighbor_image_id_images'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['neighbor_image_id'], ['images.id'], name=op.f('fk_roi_pairs_neighbor_image_id_images'),
+        ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_roi_pairs')),
-    sa.UniqueConstraint('job_id', 'image_id', 'neighbor_image_id', 'rank', name=op.f('uq_roi_pairs_job_id_image_id_neighbor_image_id_rank'))
+    sa.UniqueConstraint('job_id', 'image_id', 'neighbor_image_id', 'rank',
+        name=op.f('uq_roi_pairs_job_id_image_id_neighbor_image_id_rank'))
     )
-    op.create_index('ix_roi_pairs_image_id_score_id', 'roi_pairs', ['image_id', sa.literal_column('score DESC'), 'id'], unique=False)
-    op.create_index('ix_roi_pairs_job_id_score_id', 'roi_pairs', ['job_id', sa.literal_column('score DESC'), 'id'], unique=False)
+    op.create_index('ix_roi_pairs_image_id_score_id', 'roi_pairs', ['image_id', sa.literal_column('score DESC'), 'id'],
+        unique=False)
+    op.create_index('ix_roi_pairs_job_id_score_id', 'roi_pairs', ['job_id', sa.literal_column('score DESC'), 'id'],
+        unique=False)
     op.create_index('ix_roi_pairs_neighbor_image_id', 'roi_pairs', ['neighbor_image_id'], unique=False)
     op.create_index('ix_roi_pairs_score_id', 'roi_pairs', [sa.literal_column('score DESC'), 'id'], unique=False)
     op.create_table('image_embeddings',
     sa.Column('image_id', sa.BigInteger(), nullable=False),
     sa.Column('checkpoint_id', sa.BigInteger(), nullable=False),
     sa.Column('vector', sa.LargeBinary(), nullable=False),
-    sa.ForeignKeyConstraint(['checkpoint_id'], ['artifacts.id'], name=op.f('fk_image_embeddings_checkpoint_id_artifacts'), ondelete='CASCADE'),
-    sa.ForeignKeyConstraint(['image_id'], ['images.id'], name=op.f('fk_image_embeddings_image_id_images'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['checkpoint_id'], ['artifacts.id'],
+        name=op.f('fk_image_embeddings_checkpoint_id_artifacts'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['image_id'], ['images.id'], name=op.f('fk_image_embeddings_image_id_images'),
+        ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('image_id', 'checkpoint_id', name=op.f('pk_image_embeddings'))
     )
     op.create_index('ix_image_embeddings_checkpoint_id', 'image_embeddings', ['checkpoint_id'], unique=False)

@@ -5,14 +5,14 @@ ORLModel re-initialises them as the authors do (orl.models.init).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torchvision
 from torch import nn
 
 # name -> (constructor, res5 channels). A plain dict, so the valid names are easy to list.
-BACKBONES: dict[str, tuple[Callable[..., nn.Module], int]] = {
+BACKBONES: dict[str, tuple[Callable[..., torchvision.models.ResNet], int]] = {
     "resnet18": (torchvision.models.resnet18, 512),
     "resnet34": (torchvision.models.resnet34, 512),
     "resnet50": (torchvision.models.resnet50, 2048),

@@ -8,6 +8,7 @@ global predictor.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -44,15 +45,15 @@ class ORLModel(nn.Module):
             p.requires_grad_(False)
 
     # -- parameter groups -------------------------------------------------------------
-    def online_parameters(self):
+    def online_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.backbone.parameters()
         yield from self.projector.parameters()
 
-    def target_parameters(self):
+    def target_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.target_backbone.parameters()
         yield from self.target_projector.parameters()
 
-    def trainable_parameters(self):
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.online_parameters()
         yield from self.predictors.parameters()
 

@@ -40,7 +40,8 @@ def decode(cursor: str, filters: dict[str, Any], n_keys: int) -> list[Any]:
                             "cursor is not valid; pass the next_cursor of the previous page unchanged, or omit it")
     if data.get("f") != _digest(filters):
         raise HTTPException(status.HTTP_400_BAD_REQUEST,
-                            "cursor belongs to a query with other filters; keep the filters of the first page or drop the cursor")
+                            "cursor belongs to a query with other filters; keep the filters of the first page or "
+                            "drop the cursor")
     return key
 
 

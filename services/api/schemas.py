@@ -129,7 +129,7 @@ class JobOut(BaseModel):
     children: list[int] | None = Field(None, description="a pipeline's stage jobs, in order")
 
     @classmethod
-    def of(cls, job: Job, children: list[int] | None = None) -> "JobOut":
+    def of(cls, job: Job, children: list[int] | None = None) -> JobOut:
         progress = {**(job.progress or {}), "done": job.progress_done, "total": job.progress_total}
         return cls(id=job.id, kind=job.kind, dataset_id=job.dataset_id, parent_id=job.parent_id, status=job.status,
                    params=job.params or {}, progress=progress, error=job.error,

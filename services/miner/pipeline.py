@@ -50,10 +50,10 @@ import torch
 from sqlalchemy.orm import Session
 
 from orl.checkpoint import load_model
+from orl.device import resolve_device
 from orl.images import ImageError, load_rgb
 from orl.mining import embed_images, embed_rois, knn_search, select_pairs
 from orl.proposals import proposal_params, run_proposals
-from orl.train import resolve_device
 from services.common import jobs
 from services.common.artifacts import artifact_file, checkpoint_config, upsert_artifact
 from services.common.correspondences import mine_job_correspondence

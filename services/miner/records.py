@@ -114,10 +114,11 @@ def ids_lacking_embedding(session: Session, dataset_id: int, image_max_id: int, 
 def write_embeddings(session: Session, checkpoint_id: int, ids: Sequence[int], emb: np.ndarray) -> None:
     insert_ignore(session, ImageEmbedding, [
         {"image_id": int(i), "checkpoint_id": checkpoint_id,
-         "vector": np.ascontiguousarray(v, dtype="<f4").tobytes()} for i, v in zip(ids, emb)])
+         "vector": np.ascontiguousarray(v, dtype="<f4").tobytes()} for i, v in zip(ids, emb, strict=True)])
 
 
-def load_embeddings(session: Session, dataset_id: int, image_max_id: int, checkpoint_id: int) -> tuple[list[int], np.ndarray]:
+def load_embeddings(session: Session, dataset_id: int, image_max_id: int,
+                    checkpoint_id: int) -> tuple[list[int], np.ndarray]:
     """(image ids ascending, (N, D) float32) of the set's ok images that have an embedding."""
     rows = session.execute(
         select(ImageEmbedding.image_id, ImageEmbedding.vector)

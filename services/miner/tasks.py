@@ -64,7 +64,7 @@ def _run(task: Task, job_id: int, step: Callable[..., None], *args) -> dict:
     except _TRANSIENT as exc:
         if task.request.retries < MAX_RETRIES:
             log.warning("%s for job %s: transient error, retrying: %s", task.name, job_id, exc)
-            raise task.retry(exc=exc, countdown=2 ** (task.request.retries + 1))
+            raise task.retry(exc=exc, countdown=2 ** (task.request.retries + 1)) from exc
         pipeline.finish(job_id, JobStatus.FAILED, dispatcher=DISPATCHER,
                         error=f"{task.name} failed {MAX_RETRIES + 1} times: {type(exc).__name__}: {exc}")
     except Exception as exc:

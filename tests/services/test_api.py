@@ -333,7 +333,8 @@ def test_submit_mine_job_sends_the_task_by_name(api_client, auth_headers, datase
     r = api_client.post(f"{API}/jobs", json=body, headers={**auth_headers, "Idempotency-Key": key})
     assert r.status_code == 202 and r.json()["id"] == job["id"] and r.headers["idempotent-replayed"] == "true"
     assert len(_gpu_queue_messages(settings_env.broker_url)) == n
-    r = api_client.post(f"{API}/jobs", json={**body, "params": {"k": 6}}, headers={**auth_headers, "Idempotency-Key": key})
+    r = api_client.post(f"{API}/jobs", json={**body, "params": {"k": 6}},
+                        headers={**auth_headers, "Idempotency-Key": key})
     assert r.status_code == 409 and "new key" in r.json()["detail"]
     import redis
 
@@ -412,14 +413,16 @@ def mined(api_client, auth_headers, dataset, settings_env):
         ids = [i.id for i in imgs]
         nb, pairs, props = [], [], []
         for a, ia in enumerate(ids):
-            props += [dict(image_id=ia, params_key="pk1", ord=o, x1=o, y1=o, x2=o + 40.0, y2=o + 30.0) for o in range(3)]
+            props += [dict(image_id=ia, params_key="pk1", ord=o, x1=o, y1=o, x2=o + 40.0, y2=o + 30.0)
+                      for o in range(3)]
             for k in range(2):
                 ib = ids[(a + k + 1) % len(ids)]
                 nb.append(dict(job_id=job.id, image_id=ia, rank=k, neighbor_image_id=ib, similarity=0.9 - 0.1 * k))
                 for rank in range(6):
                     pairs.append(dict(job_id=job.id, image_id=ia, neighbor_image_id=ib, neighbor_rank=k, rank=rank,
                                       score=round(0.95 - 0.1 * rank, 2),  # 6 distinct values, 16 rows each
-                                      qx1=1.0 + rank, qy1=2.0, qx2=50.5, qy2=60.0, nx1=3.0, ny1=4.0, nx2=70.0, ny2=80.25))
+                                      qx1=1.0 + rank, qy1=2.0, qx2=50.5, qy2=60.0,
+                                      nx1=3.0, ny1=4.0, nx2=70.0, ny2=80.25))
         insert_ignore(s, Neighbor, nb)
         insert_ignore(s, RoiPair, pairs)
         insert_ignore(s, Proposal, props)

@@ -134,7 +134,8 @@ def _library_pairs(corr: Correspondence) -> dict[tuple, float]:
 def test_api_export_is_the_miners_correspondence_json(api_client, auth_headers, settings_env, miner, checkpoint_id):
     """GET /correspondences/export?format=orl-json and the miner's file: one function, one result."""
     folder = _folder(settings_env, 4, offset=16)
-    job_id = _submit(api_client, auth_headers, _register(api_client, auth_headers, folder), {"checkpoint_id": checkpoint_id})
+    ds = _register(api_client, auth_headers, folder)
+    job_id = _submit(api_client, auth_headers, ds, {"checkpoint_id": checkpoint_id})
     assert procs.wait_job(job_id, 180, [miner])["status"] == "succeeded"
     r = api_client.get(f"{API}/correspondences/export", params={"job_id": job_id})
     assert r.status_code == 200, r.text
@@ -174,7 +175,8 @@ def test_resubmitted_job_processes_only_new_images_and_records_bad_ones(api_clie
             select(Image.id, Image.rel_path, Image.status, Image.reason).where(Image.dataset_id == ds))}
         after = dict(s.execute(select(ProposalStatus.image_id, ProposalStatus.seconds)
                                .join(Image, Image.id == ProposalStatus.image_id).where(Image.dataset_id == ds)).all())
-        n_emb = s.execute(select(func.count()).select_from(ImageEmbedding).join(Image, Image.id == ImageEmbedding.image_id)
+        n_emb = s.execute(select(func.count()).select_from(ImageEmbedding)
+                          .join(Image, Image.id == ImageEmbedding.image_id)
                           .where(Image.dataset_id == ds)).scalar_one()
         in_pairs = set(s.execute(select(RoiPair.image_id).where(RoiPair.job_id == second)).scalars()) | set(
             s.execute(select(RoiPair.neighbor_image_id).where(RoiPair.job_id == second)).scalars())
@@ -229,7 +231,6 @@ def test_gpu_and_cpu_mine_the_same_pairs(settings_env, checkpoint_id):
     from orl.checkpoint import load_model
     from orl.images import list_images
     from orl.mining import mine
-
     from services.common.models import Artifact
 
     with session_scope() as s:

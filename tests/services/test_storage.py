@@ -381,7 +381,8 @@ def _service_imports(path: Path) -> set[str]:
 
 def test_common_modules_import_one_way():
     """settings is a leaf, and no chain of imports in services/common comes back to where it started."""
-    files = {f"services.common.{f.stem}": f for f in (REPO / "services" / "common").glob("*.py") if f.stem != "__init__"}
+    files = {f"services.common.{f.stem}": f for f in (REPO / "services" / "common").glob("*.py")
+             if f.stem != "__init__"}
     graph = {m: {d for d in _service_imports(f) if d in files and d != m} for m, f in files.items()}
     assert graph["services.common.settings"] == set()
     done: set[str] = set()
@@ -439,7 +440,8 @@ def test_worker_writes_merge_and_respect_the_phase(settings_env):
         job = jobs.get_job(s, job_id)
         assert job.result == {"plan": {"k": 1}, "phase": "embed"}
         assert job.progress == {"stage": "propose", "note": "x"} and (job.progress_done, job.progress_total) == (3, 8)
-        assert s.execute(select(func.now() - Job.heartbeat_at).where(Job.id == job_id)).scalar_one().total_seconds() < 60
+        age = s.execute(select(func.now() - Job.heartbeat_at).where(Job.id == job_id)).scalar_one()
+        assert age.total_seconds() < 60
         # a late report of the phase the job has left changes nothing
         assert jobs.set_progress(s, job_id, done=7, total=9, phase="propose") is None
         assert jobs.set_progress(s, job_id, done=5, total=8, phase="embed") == (5, 8)

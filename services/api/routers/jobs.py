@@ -47,7 +47,8 @@ def _checkpoint_ids(kind: str, params: dict[str, Any]) -> list[tuple[str, Any]]:
 def _validate(session, body: JobCreate) -> None:
     if session.get(Dataset, body.dataset_id) is None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                            f"dataset_id {body.dataset_id} does not exist; register the folder with POST /api/v1/datasets")
+                            f"dataset_id {body.dataset_id} does not exist; register the folder with "
+                            "POST /api/v1/datasets")
     if len(json.dumps(body.params)) > MAX_PARAMS_BYTES:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"params are larger than {MAX_PARAMS_BYTES} bytes")
     mine_ref = body.params.get("mine_job_id") if body.kind == "train" else None
@@ -55,7 +56,8 @@ def _validate(session, body: JobCreate) -> None:
         ref = session.get(Job, mine_ref) if isinstance(mine_ref, int) and not isinstance(mine_ref, bool) else None
         if ref is None or ref.kind != "mine":
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                                f"params.mine_job_id={mine_ref!r} is not a mine job; list them with GET /api/v1/jobs?kind=mine")
+                                f"params.mine_job_id={mine_ref!r} is not a mine job; list them with "
+                                "GET /api/v1/jobs?kind=mine")
     for where, cid in _checkpoint_ids(body.kind, body.params):
         art = session.get(Artifact, cid) if isinstance(cid, int) and not isinstance(cid, bool) else None
         if art is None or art.kind != "checkpoint":
@@ -92,7 +94,8 @@ def submit_job(
         # Failing the job keeps the table honest: a queued mine job nobody will ever run would
         # otherwise sit there forever.
         for job_id, _ in created.to_dispatch:
-            jobs.finish_job(session, job_id, JobStatus.FAILED, error=f"could not reach the broker to start the job: {exc}")
+            jobs.finish_job(session, job_id, JobStatus.FAILED,
+                            error=f"could not reach the broker to start the job: {exc}")
         session.commit()
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
                             f"the broker is unreachable ({type(exc).__name__}); job {job.id} was marked failed. "
