@@ -210,7 +210,8 @@ def headline(results: dict, seed: int) -> list[str]:
     g = lambda kind, name: done(units, f"{kind}/s{seed}/{name}")  # noqa: E731
     L = ["### In short", ""]
     # 1. BYOL against random init
-    rows = [n for n in ("e0", RANDOM_BN, f"e{N}", "control") if g("eval", n)]
+    # every evaluated stage-1 snapshot, so a study still in stage 1 already shows its trend
+    rows = [n for n in stage1_names(results) + ["control"] if g("eval", n)]
     if rows:
         L += [f"**1. BYOL against random init** (seed {seed}). View top-1: a photo's second augmented view "
               "retrieved among the views of 128 fixed photos (no labels; chance 1/128 = 0.8%). Effective rank of "
@@ -233,11 +234,12 @@ def headline(results: dict, seed: int) -> list[str]:
               + "; the majority class's plain accuracy: "
               + ", ".join(f"{d} {pct(x)}%" for d, x in zip(DATASET_NAMES, maj, strict=True))
               + ".", ""]
-        byol, rnd = g("eval", f"e{N}"), g("eval", RANDOM_BN)
+        latest = [n for n in stage1_names(results)[2:] if g("eval", n)]
+        byol, rnd = (g("eval", latest[-1]) if latest else None), g("eval", RANDOM_BN)
         if byol and rnd:
             better = [d for d in DATASET_NAMES
                       if intervals_apart(_probe_ci(byol, d), _probe_ci(rnd, d))]
-            L += [f"BYOL after {N} epochs against the random-init network with data BatchNorm statistics: "
+            L += [f"BYOL after {latest[-1][1:]} epochs against the random-init network with data BatchNorm statistics: "
                   f"kNN balanced accuracy higher with non-overlapping intervals on "
                   f"{', '.join(better) if better else 'neither dataset'}; view top-1 "
                   f"{pct(dig(byol, 'label_free', 'view_top1'))}% against "
