@@ -5,19 +5,34 @@ Each message says what the id must be and where to find valid ones.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from fastapi import HTTPException, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from services.common.models import Artifact, Image, Job
+from services.common.models import Artifact, Dataset, Image, Job
 from services.common.plan import MinePlan
+
+T = TypeVar("T")
+
+
+def row_or_404(session: Session, model: type[T], row_id: int, noun: str, list_path: str | None = None) -> T:
+    """The row of ``model`` with primary key ``row_id``, or a 404 naming it (and, with
+    ``list_path``, the endpoint that lists the valid ids)."""
+    row = session.get(model, row_id)
+    if row is None:
+        hint = f"; list {noun}s with GET {list_path}" if list_path else ""
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"{noun} {row_id} does not exist{hint}")
+    return row
 
 
 def image_or_404(session: Session, image_id: int) -> Image:
-    img = session.get(Image, image_id)
-    if img is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"image {image_id} does not exist")
-    return img
+    return row_or_404(session, Image, image_id, "image")
+
+
+def dataset_or_404(session: Session, dataset_id: int) -> Dataset:
+    return row_or_404(session, Dataset, dataset_id, "dataset", "/api/v1/datasets")
 
 
 def checkpoint_or_404(session: Session, checkpoint_id: int) -> Artifact:

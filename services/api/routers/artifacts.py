@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from services.api import cursors
 from services.api.deps import SessionDep, SettingsDep
+from services.api.lookups import row_or_404
 from services.api.schemas import ArtifactKind, ArtifactOut, JobRef, Page
 from services.common.artifacts import artifact_file
 from services.common.models import Artifact, Job
@@ -61,14 +62,6 @@ def _out(art: Artifact, job: Job | None, root: Path) -> ArtifactOut:
         download_url=f"/api/v1/artifacts/{art.id}/download")
 
 
-def _artifact_or_404(session, artifact_id: int) -> Artifact:
-    art = session.get(Artifact, artifact_id)
-    if art is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND,
-                            f"artifact {artifact_id} does not exist; list artifacts with GET /api/v1/artifacts")
-    return art
-
-
 @router.get("", response_model=Page[ArtifactOut], summary="Artifacts (checkpoints, backbones, exports), newest first")
 def list_artifacts(
     session: SessionDep,
@@ -94,7 +87,7 @@ def list_artifacts(
 
 @router.get("/{artifact_id}", response_model=ArtifactOut, summary="One artifact")
 def get_artifact(artifact_id: int, session: SessionDep, settings: SettingsDep) -> ArtifactOut:
-    art = _artifact_or_404(session, artifact_id)
+    art = row_or_404(session, Artifact, artifact_id, "artifact", "/api/v1/artifacts")
     job = session.get(Job, art.job_id) if art.job_id is not None else None
     return _out(art, job, settings.artifacts_path)
 
@@ -105,7 +98,7 @@ def get_artifact(artifact_id: int, session: SessionDep, settings: SettingsDep) -
                        403: {"description": "the row's path leads outside the artifacts volume"},
                        404: {"description": "no such artifact"}, 410: {"description": "the file is gone"}})
 def download(artifact_id: int, session: SessionDep, settings: SettingsDep) -> FileResponse:
-    art = _artifact_or_404(session, artifact_id)
+    art = row_or_404(session, Artifact, artifact_id, "artifact", "/api/v1/artifacts")
     root = settings.artifacts_path
     real = _inside(artifact_file(art.path, root), root)
     if real is None:

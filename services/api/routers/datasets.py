@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 
 from services.api import cursors
 from services.api.deps import SessionDep, SettingsDep, WriteAccess
+from services.api.lookups import dataset_or_404
 from services.api.schemas import Counts, DatasetCreate, DatasetOut, ImageOut, Page, ScanOut
 from services.common.datasets import PathRefused, dataset_counts, resolve_dataset_path, scan_dataset
 from services.common.models import Dataset, Image
@@ -17,14 +18,6 @@ from services.common.models import Dataset, Image
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
 
 MAX_PAGE = 500
-
-
-def get_dataset_or_404(session, dataset_id: int) -> Dataset:
-    ds = session.get(Dataset, dataset_id)
-    if ds is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND,
-                            f"dataset {dataset_id} does not exist; list datasets with GET /api/v1/datasets")
-    return ds
 
 
 def _out(session, ds: Dataset, scan=None) -> DatasetOut:
@@ -77,13 +70,13 @@ def list_datasets(
 
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="A dataset and its counts")
 def get_dataset(dataset_id: int, session: SessionDep) -> DatasetOut:
-    return _out(session, get_dataset_or_404(session, dataset_id))
+    return _out(session, dataset_or_404(session, dataset_id))
 
 
 @router.post("/{dataset_id}/rescan", response_model=DatasetOut, dependencies=[WriteAccess],
              summary="Record images added to the folder since the last scan")
 def rescan_dataset(dataset_id: int, session: SessionDep) -> DatasetOut:
-    ds = get_dataset_or_404(session, dataset_id)
+    ds = dataset_or_404(session, dataset_id)
     try:
         scan = scan_dataset(session, ds)
     except (FileNotFoundError, NotADirectoryError) as exc:
@@ -109,7 +102,7 @@ def list_images(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size, at most {MAX_PAGE}")] = 50,
     cursor: str | None = None,
 ) -> Page[ImageOut]:
-    get_dataset_or_404(session, dataset_id)
+    dataset_or_404(session, dataset_id)
     filters = {"dataset_id": dataset_id, "status": status_, "name": name}
     where = [Image.dataset_id == dataset_id]
     if status_ is not None:
