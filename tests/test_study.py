@@ -109,6 +109,7 @@ def test_store_skips_done_units_records_errors_and_recomputation(tmp_path):
     # its files are gone (a new machine): it runs again and says so
     assert again.run_unit("train/s0/a", ok, outputs_exist=False, log=lambda m: None) and calls == ["ok", "ok"]
     assert again.units["train/s0/a"]["recomputed"] == 1
+    assert again.units["train/s0/a"]["previous"]["seconds"] == saved["units"]["train/s0/a"]["seconds"]
     assert again.run_unit("train/s0/b", ok, log=lambda m: None)  # a failed unit is retried
     assert not again.run_unit("train/s0/c", ok, out_of_time=True, log=lambda m: None)
     assert again.skipped == ["train/s0/c"]
@@ -241,3 +242,37 @@ def test_quick_mode_is_the_pipeline_check_cli(tmp_path):
     assert main(["--quick", "--runs", "nope", "--out", str(tmp_path)]) == 2
     assert not (tmp_path / "study_quick.json").exists()
     assert Path(report.__file__).parent.name == "study"
+
+
+def test_kept_checkpoint_is_float16_and_restores_to_the_rounded_weights(tmp_path):
+    """The final stage-1 checkpoint kept in git: half the bytes, and the restored copy every
+    later unit reads equals the kept weights exactly (so all runs start from one copy)."""
+    import torch
+
+    from orl.checkpoint import load_checkpoint, load_model, save_checkpoint
+    from orl.config import get_preset
+    from orl.models import build_model
+
+    cfg = get_preset("tiny")
+    model = build_model(cfg.model, "byol")
+    src = tmp_path / "e2.pt"
+    save_checkpoint({"stage": "byol", "config": cfg.to_dict(), "model": model.state_dict(),
+                     "optimizer": {"state": {}}, "position": {"global_step": 7}}, src)
+    kept, back = tmp_path / "keep" / "e2.pt", tmp_path / "snap" / "e2.pt"
+    kept.parent.mkdir()
+    units.keep_checkpoint(src, kept)
+    ck = load_checkpoint(kept)
+    assert "optimizer" not in ck and ck["position"]["global_step"] == 7
+    floats = [v for v in ck["model"].values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+    assert kept.stat().st_size < 0.6 * src.stat().st_size
+    units.restore_checkpoint(kept, back)
+    restored, _, _ = load_model(back)
+    for k, v in restored.state_dict().items():
+        orig = model.state_dict()[k]
+        assert v.dtype == orig.dtype
+        if v.is_floating_point():
+            assert torch.equal(v, ck["model"][k].float())
+            assert torch.allclose(v, orig, rtol=1e-3, atol=1e-4)
+        else:
+            assert torch.equal(v, orig)

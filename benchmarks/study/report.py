@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import DOC, RESULTS_DIR
-from .plan import MODES, RANDOM_BN, RUNS, VARIANTS
+from .plan import MODES, RANDOM_BN, RUN_MINING, RUNS, VARIANTS
 from .store import paired
 
 MODE_ORDER = ("long", "short", "gpu", "quick")
@@ -197,9 +197,11 @@ def expected_units(results: dict) -> list[str]:
         snaps = [f"e{e}" for e in sorted(st["snapshots"]) if e > 0]
         for n in first + snaps:
             out += [f"mine/s{s}/{n}", f"eval/s{s}/{n}"]
-        out += [f"mine/s{s}/e{st['epochs']}+{v}" for v in st.get("variants", [])]
+        if st.get("runs"):
+            out.append(f"mine/s{s}/e{st['epochs']}+{RUN_MINING}")
         for r in st.get("runs", []):
-            out += [f"train/s{s}/{r}", f"eval/s{s}/{r}", f"mine/s{s}/{r}"]
+            out += [f"train/s{s}/{r}", f"eval/s{s}/{r}", f"mine/s{s}/{r}+{RUN_MINING}"]
+        out += [f"mine/s{s}/e{st['epochs']}+{v}" for v in st.get("variants", []) if v != RUN_MINING]
     return out
 
 

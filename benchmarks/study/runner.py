@@ -118,7 +118,7 @@ def main(argv=None) -> int:
 
     from .units import Study
 
-    study = Study(mode, work, store, Path(args.data), args.device)
+    study = Study(mode, work, store, Path(args.data), args.device, keep=results_dir / f"study_{name}_keep")
     d = store.data
     d["machine"] = machine_info(study)
     d["seeds"] = sorted(set(d.get("seeds", [])) | set(mode.seeds))
@@ -146,9 +146,11 @@ def main(argv=None) -> int:
             except Exception as exc:  # a report bug must not stop the study; the JSON is what counts
                 print(f"report failed: {exc}", file=sys.stderr)
                 written = None
-            paths = [out] + ([written] if written else []) + sorted(results_dir.glob(f"study_{name}_*.png"))
+            paths = ([out] + ([written] if written else []) + sorted(results_dir.glob(f"study_{name}_*.png"))
+                     + study.kept_written)
             git_commit(REPO, paths, f"study {name}: {key} ({store.units[key]['status']})")
         store.after_record = commit
+        study.after_keep = lambda p: git_commit(REPO, [p], f"study {name}: keep {p.relative_to(results_dir)}")
     try:
         study.run()
     finally:

@@ -104,7 +104,11 @@ class ResultsStore:
             return False
         rec = {"status": "done", "seconds": time.perf_counter() - t, "cpu_seconds": cpu_seconds() - c, **rec}
         if prev.get("status") == "done":
+            # What the first computation found, beside the new one (e.g. whether CPU training
+            # reproduced its loss curve).
             rec["recomputed"] = prev.get("recomputed", 0) + 1
+            rec["previous"] = {k: prev[k] for k in ("recorded_at", "seconds", "loss", "pair_auc_fixed", "pairs")
+                               if k in prev}
         self.record(key, rec)
         log(f"{key} done in {rec['seconds']:.0f} s")
         return True

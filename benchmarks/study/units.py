@@ -11,8 +11,15 @@ Kinds of unit (key = kind/s<seed>/<name>):
 
 Getters (``checkpoint``, ``mined``) are lazy and memoised: a unit's input that is missing on
 disk (a new machine) is recomputed by running its unit again, and that unit's record then says
-``recomputed``. Training resumes from its run folder's last.pt, so even a killed chunk loses
-only the steps since its last checkpoint (every 50 steps).
+``recomputed``. A done unit is never rerun for its own sake, only when a later unit needs its
+files. Training resumes from its run folder's last.pt, so even a killed chunk loses only the
+steps since its last checkpoint (every 50 steps).
+
+The work folder does not survive a new checkout, and every run after stage 1 needs the final
+stage-1 checkpoint and its pairs (about 95 minutes to recompute on 2 cores). Those two are kept
+in git (``benchmarks/results/study_<mode>_keep/``): the model weights in float16 (48 MB for the
+long mode's ResNet-18, online + target; no optimizer state, which stage 3's init does not read)
+and the pairs file. A getter that finds its file missing restores it from there first.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .data import build_image_folder, class_sharing_pairs, load_ground_truths
-from .plan import DEFAULT_MINE, RANDOM_BN, RUNS, VARIANTS, MineVariant, Mode
+from .plan import DEFAULT_MINE, RANDOM_BN, RUN_MINING, RUNS, VARIANTS, MineVariant, Mode
 from .store import MissingInput, ResultsStore
 
 LABEL_FREE_IMAGES = 128  # fixed photos for view retrieval and effective rank
@@ -39,11 +46,12 @@ def unit_key(kind: str, seed: int, name: str) -> str:
 
 
 class Study:
-    def __init__(self, mode: Mode, work: Path, store: ResultsStore, data_root: Path, device: str):
+    def __init__(self, mode: Mode, work: Path, store: ResultsStore, data_root: Path, device: str,
+                 keep: Path | None = None):
         from orl.config import get_preset
         from orl.train import resolve_device
 
-        self.mode, self.work, self.store = mode, work, store
+        self.mode, self.work, self.store, self.keep = mode, work, store, keep
         self.device = resolve_device(device)
         self.cfg = get_preset(mode.preset).override(**mode.overrides).validate()
         self.images = work / "images"
@@ -51,6 +59,9 @@ class Study:
         self.gts, self.gt_union = load_ground_truths(data_root, self.files)
         self.t0 = time.time()
         self._memo: dict[tuple, Path | None] = {}
+        self.kept_written: list[Path] = []  # for the runner to commit
+        self.restored: set[str] = set()
+        self.after_keep: Callable[[Path], None] | None = None
         if mode.threads:
             from orl.cli import set_threads
 
@@ -135,8 +146,37 @@ class Study:
             return {"kind": "train", "run": "byol", "seed": seed, "snapshot_epoch": epoch,
                     **train_record(run_dir, summary)}
 
-        ok = self.unit(unit_key("train", seed, f"byol@e{epoch}"), run, snap.exists())
+        key = unit_key("train", seed, f"byol@e{epoch}")
+        if epoch == self.mode.epochs:
+            self.restore_kept(key, self.keep_path(seed, f"e{epoch}.pt"), snap, restore_checkpoint)
+        ok = self.unit(key, run, snap.exists())
+        kept = self.keep_path(seed, f"e{epoch}.pt")
+        if ok and snap.exists() and epoch == self.mode.epochs and kept is not None:
+            self.save_kept(kept, lambda p: keep_checkpoint(snap, p))
+            # Every later unit reads the rounded weights, in this session and after a new
+            # checkout alike, so no two runs start from different copies of stage 1.
+            restore_checkpoint(kept, snap)
         return snap if ok and snap.exists() else None
+
+    # -- the kept inputs of the runs (see the module docstring) ---------------------------------------
+    def keep_path(self, seed: int, name: str) -> Path | None:
+        return self.keep / f"s{seed}" / name if self.keep else None
+
+    def restore_kept(self, key: str, kept: Path | None, dest: Path, restore: Callable[[Path, Path], None]) -> None:
+        if dest.exists() or kept is None or not kept.exists() or not self.store.done(key):
+            return
+        restore(kept, dest)
+        self.restored.add(str(kept.relative_to(self.keep)) if self.keep else str(kept))
+        print(f"[study {self.mode.name}] {key}: restored {dest.name} from {kept}", flush=True)
+
+    def save_kept(self, kept: Path | None, write: Callable[[Path], None]) -> None:
+        if kept is None or kept.exists():
+            return
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        write(kept)
+        self.kept_written.append(kept)
+        if self.after_keep:
+            self.after_keep(kept)
 
     def _random_bn(self, seed: int) -> Path | None:
         from torch import nn
@@ -196,19 +236,28 @@ class Study:
                 summary = train("byol", self.images, out, cfg, files=self.files, init_from=init,
                                 device=str(self.device), show_progress=False)
             else:
-                pairs = self.mined(seed, f"e{N}")
+                pairs = self.mined(seed, f"e{N}", features=False)
                 if pairs is None:
                     raise MissingInput("the stage-1 pairs are missing")
                 summary = train("orl", self.images, out, cfg, corr=Correspondence.load(pairs), init_from=init,
                                 device=str(self.device), show_progress=False)
-            return {"kind": "train", "run": name, "seed": seed, **train_record(out, summary)}
+            return {"kind": "train", "run": name, "seed": seed, **train_record(out, summary),
+                    "inputs_restored_from_keep": sorted(self.restored)}
 
         ok = self.unit(unit_key("train", seed, name), run, final.exists())
         return final if ok and final.exists() else None
 
     # -- stage 2 -----------------------------------------------------------------------------------
-    def mined(self, seed: int, name: str) -> Path | None:
-        """correspondence.json of mining unit ``name`` ("<ckpt>" or "<ckpt>+<variant>")."""
+    def mined(self, seed: int, name: str, features: bool = True) -> Path | None:
+        """correspondence.json of mining unit ``name`` ("<ckpt>" or "<ckpt>+<variant>").
+        ``features``: its saved RoI features are needed too (scoring); stage 3 needs only the pairs."""
+        if not features:
+            corr = self.seed_dir(seed) / f"mine_{name}" / "correspondence.json"
+            key = unit_key("mine", seed, name)
+            if name == f"e{self.mode.epochs}":
+                self.restore_kept(key, self.keep_path(seed, f"mine_{name}.json"), corr, restore_file)
+            if corr.exists() and self.store.done(key):
+                return corr
         return self.memo(("mine", seed, name), lambda: self._mine(seed, name))
 
     def _mine(self, seed: int, name: str) -> Path | None:
@@ -242,6 +291,8 @@ class Study:
                     "stage_seconds": stats.get("seconds", {}), **score_pairs(corr, feats, self.gt_union, seed)}
 
         ok = self.unit(unit_key("mine", seed, name), run, corr_path.exists() and (out / "roi_features.npz").exists())
+        if ok and corr_path.exists() and name == f"e{self.mode.epochs}":
+            self.save_kept(self.keep_path(seed, f"mine_{name}.json"), lambda p: shutil.copy(corr_path, p))
         return corr_path if ok and corr_path.exists() else None
 
     def mine_top(self, model, out: Path, mc):
@@ -294,25 +345,62 @@ class Study:
     def run(self) -> None:
         """Per seed: the baselines and the control first (they make every later number
         readable), then stage 1 snapshot by snapshot (each mined and evaluated as soon as it
-        exists, so an interrupted study already has the first points of its curve), the
-        mining options, then the runs after stage 1."""
+        exists, so an interrupted study already has the first points of its curve), the runs
+        after stage 1 (the comparisons the study exists for), then the mining options.
+
+        A unit already done is skipped here even when its files are gone: only a later unit
+        that needs them recomputes them."""
         N = self.mode.epochs
+        todo = lambda kind, seed, name: not self.store.done(unit_key(kind, seed, name))  # noqa: E731
         for seed in self.mode.seeds:
             first = ["e0", RANDOM_BN] + (["control"] if self.mode.control_epochs else [])
-            for name in first:
-                self.mined(seed, name)
-                self.evaluate(seed, name, svm=name != "e0")
-            for e in sorted(s for s in self.mode.snapshots if s > 0):
-                self.mined(seed, f"e{e}")
-                self.evaluate(seed, f"e{e}", svm=e == N)
-            for v in self.mode.variants:
-                self.mined(seed, f"e{N}+{v}")
+            stage1 = [f"e{e}" for e in sorted(s for s in self.mode.snapshots if s > 0)]
+            for name in first + stage1:
+                if todo("mine", seed, name):
+                    self.mined(seed, name)
+                if todo("eval", seed, name):
+                    self.evaluate(seed, name, svm=name not in ("e0",) and (name in first or name == f"e{N}"))
+            if self.mode.runs and todo("mine", seed, f"e{N}+{RUN_MINING}"):
+                self.mined(seed, f"e{N}+{RUN_MINING}")
             for run in self.mode.runs:
-                self.evaluate(seed, run, svm=True)
-                self.mined(seed, run)
+                if todo("eval", seed, run):
+                    self.evaluate(seed, run, svm=True)
+                if todo("mine", seed, f"{run}+{RUN_MINING}"):
+                    self.mined(seed, f"{run}+{RUN_MINING}")
+            for v in self.mode.variants:
+                if todo("mine", seed, f"e{N}+{v}"):
+                    self.mined(seed, f"e{N}+{v}")
 
 
 # -- pieces (no Study state) -------------------------------------------------------------------------
+def keep_checkpoint(src: Path, dest: Path) -> None:
+    """The parts of a checkpoint later units read (config, stage, position, model), floating
+    tensors in float16: half the size, and far below what stage 3's first steps change."""
+    import torch
+
+    from orl.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(src)
+    model = {k: v.half() if v.is_floating_point() else v for k, v in ck["model"].items()}
+    save_checkpoint({"stage": ck["stage"], "config": ck["config"], "position": ck["position"], "model": model,
+                     "metrics": {**(ck.get("metrics") or {}), "kept_as": str(torch.float16)}}, dest)
+
+
+def restore_checkpoint(kept: Path, dest: Path) -> None:
+    from orl.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(kept)
+    ck["model"] = {k: v.float() if v.is_floating_point() else v for k, v in ck["model"].items()}
+    ck.pop("format", None)
+    save_checkpoint(ck, dest)
+
+
+def restore_file(kept: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(kept, dest.with_suffix(".tmp"))
+    os.replace(dest.with_suffix(".tmp"), dest)
+
+
 def train_record(out: Path, summary: dict[str, Any]) -> dict[str, Any]:
     curve, seconds = loss_curves(out / "metrics.csv", summary["batch_size"])
     return {"epochs": summary["epoch"], "steps": summary["global_step"], "total_steps": summary["total_steps"],
