@@ -18,6 +18,18 @@ from .plan import MODES, RUNS, VARIANTS
 from .store import ResultsStore, SettingsMismatch, git_commit
 
 
+def results_repo(results_dir: Path) -> Path:
+    """The git work tree that holds the results folder: commits go there, which need not be the
+    tree the study's code runs from (a long study can run from a frozen worktree while other
+    work lands on main, and still commit its results to main)."""
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=results_dir, capture_output=True,
+                             text=True).stdout.strip()
+    except OSError:
+        top = ""
+    return Path(top) if top else REPO
+
+
 def result_path(results_dir: Path, mode: str) -> Path:
     return results_dir / f"study_{mode}.json"
 
@@ -109,6 +121,8 @@ def main(argv=None) -> int:
             print("--mode gpu needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
             return 2
     out = result_path(results_dir, name)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    repo = results_repo(results_dir)
     work = Path(args.work) if args.work else REPO / "benchmarks" / "work" / f"study_{name}"
     try:
         store = ResultsStore(out, name, mode.settings(), fresh=args.fresh)
@@ -136,7 +150,7 @@ def main(argv=None) -> int:
         store.save()
         print(f"rescored {n} mining unit(s); report: {write_report(results_dir, doc)}")
         if args.commit:
-            git_commit(REPO, [out, doc, *sorted(results_dir.glob(f"study_{name}_*.png"))],
+            git_commit(repo, [out, doc, *sorted(results_dir.glob(f"study_{name}_*.png"))],
                        f"study {name}: pair metrics recomputed for {n} mining units")
         return 0
     if args.commit:
@@ -148,9 +162,9 @@ def main(argv=None) -> int:
                 written = None
             paths = ([out] + ([written] if written else []) + sorted(results_dir.glob(f"study_{name}_*.png"))
                      + study.kept_written)
-            git_commit(REPO, paths, f"study {name}: {key} ({store.units[key]['status']})")
+            git_commit(repo, paths, f"study {name}: {key} ({store.units[key]['status']})")
         store.after_record = commit
-        study.after_keep = lambda p: git_commit(REPO, [p], f"study {name}: keep {p.relative_to(results_dir)}")
+        study.after_keep = lambda p: git_commit(repo, [p], f"study {name}: keep {p.relative_to(results_dir)}")
     try:
         study.run()
     finally:
