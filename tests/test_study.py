@@ -180,7 +180,7 @@ def results():
         for name, step, auc, knn in (("e0", 0, 0.56, 0.10), ("e0bn", 0, 0.57, 0.11), ("e2", 32, 0.60, 0.20),
                                      ("control", 500, 0.70, 0.40), ("byol_cont", 48, 0.61, 0.22 + d),
                                      ("orl_init", 48, 0.62, 0.21 + 3 * d)):
-            u[f"mine/s{s}/{name}"] = _mine(step, auc)
+            u[f"mine/s{s}/{report.mine_name(name)}"] = _mine(step, auc)  # runs: mined with RoIAlign
             u[f"eval/s{s}/{name}"] = _eval(step, knn)
         u[f"train/s{s}/byol@e2"] = {"kind": "train", "status": "done", "seconds": 60.0, "train_seconds": 50.0,
                                     "steps": 32, "loss": {"total": [3.0, 2.0]}}
@@ -232,6 +232,7 @@ def test_plots_and_write_report(results, tmp_path):
 def test_expected_units_cover_every_planned_unit(results):
     keys = report.expected_units(results)
     assert "mine/s1/control" in keys and "eval/s0/e2" in keys and "train/s1/orl_init" in keys
+    assert "mine/s0/orl_init+roi_align" in keys and "mine/s0/e2+roi_align" in keys
     assert len(keys) == len(set(keys))
 
 
