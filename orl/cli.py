@@ -183,13 +183,18 @@ def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _mine_config(args: argparse.Namespace, checkpoint_cfg: Config) -> Config:
+    """Stage 2's configuration: the checkpoint's, with the mining options of the command line."""
+    named = {f"mine.{k}": v for k, v in (("roi_mode", args.roi_mode), ("ss_max_side_px", args.ss_max_side),
+                                         ("ss_workers", args.ss_workers)) if v is not None}
+    return _config(args, base=checkpoint_cfg, named=named, mine_only=True)
+
+
 def cmd_mine(args: argparse.Namespace) -> dict[str, Any]:
     from orl.mining import mine
 
     model, ckcfg, ck, dev = _load_model(args.checkpoint, args.device)
-    named = {f"mine.{k}": v for k, v in (("roi_mode", args.roi_mode), ("ss_max_side_px", args.ss_max_side),
-                                         ("ss_workers", args.ss_workers)) if v is not None}
-    cfg = _config(args, base=ckcfg, named=named, mine_only=True)
+    cfg = _mine_config(args, ckcfg)
     mc = cfg.mine
     files = _images(args.images)
     _save_config(cfg, args.out)
