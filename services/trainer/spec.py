@@ -116,7 +116,8 @@ def build_spec(session: Session, job: Job, artifacts_dir: Path, default_device: 
         if len(spec.files) < 2:
             raise SpecError(f"dataset {ds.id} ({ds.path}) has {len(spec.files)} readable registered images; "
                             "stage 1 needs at least 2 (register the dataset's images first)")
-        spec.info = {"images": len(spec.files)}
+        spec.info = {"images": len(spec.files), "preset_from": "params.preset" if params.get("preset") else
+                     f"default rule: {spec.cfg.preset} on {resolved_device}"}
         return spec
     # stage 3
     if params.get("mine_job_id") is None:
@@ -145,7 +146,9 @@ def build_spec(session: Session, job: Job, artifacts_dir: Path, default_device: 
     if init is not None:
         spec.init_from = str(_checkpoint(session, init, artifacts_dir, "init_from_checkpoint_id")[1])
     spec.info = {"mine_job_id": mine.id, "images": len(spec.corr), "pairs": spec.corr.num_pairs,
-                 "init_from_checkpoint_id": None if init is None else int(init)}
+                 "init_from_checkpoint_id": None if init is None else int(init),
+                 "preset_from": "params.preset" if params.get("preset") else
+                 f"checkpoint {plan.checkpoint_id} (the mine job's)"}
     return spec
 
 
