@@ -157,7 +157,8 @@ def _submit_form(api: common.Api, dataset_id: int) -> None:
         epochs = None
         if kind in ("pipeline", "train"):
             epochs = st.number_input("Epochs (stages 1 and 3)", min_value=1, max_value=5000,
-                                     value=DEFAULT_EPOCHS[preset], key=f"submit_epochs_{preset}")
+                                     value=DEFAULT_EPOCHS[preset], key=f"submit_epochs_{preset}",
+                                     placeholder="the preset's (empty)")
         checkpoint_id = mine_job_id = None
         if kind == "mine":
             if not checkpoints:
