@@ -8,14 +8,25 @@ never rename. Exit codes: 0 success, 2 bad input (the message says what to chang
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orl.config import PRESETS, Config, get_preset
+from orl.config import (
+    CONFIG_FILE,
+    PRESETS,
+    SECTIONS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    default_preset,
+    get_preset,
+    read_config_file,
+    save_config,
+)
 from orl.device import resolve_device, set_threads
 
 if TYPE_CHECKING:
@@ -36,11 +47,17 @@ def _add_common(p: argparse.ArgumentParser, preset: bool = True) -> None:
     if preset:
         p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                        help="configuration preset: tiny (seconds on CPU, tests), cpu (2 CPU cores, tens of "
-                            "minutes), paper (ResNet-50, the paper's hyper-parameters). Default: paper when a "
-                            "GPU is present, else cpu")
+                            "minutes), paper (ResNet-50, the paper's hyper-parameters). Default: the config file's "
+                            "preset, else (mine) the checkpoint's or (train) the mining run's configuration, else "
+                            "paper when --device is a CUDA device, else cpu")
+        p.add_argument("--config", metavar="FILE",
+                       help="YAML config file: an optional `preset:` and sections model, augment, train, mine "
+                            "with any of their fields (a run's config.yaml works too). Applied after the preset, "
+                            "before the other options")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                       help="override any config field, e.g. --set train.base_lr=0.3 --set mine.roi_mode=roi_align "
-                            "(sections: model, augment, train, mine); repeatable")
+                       help="override any config field after --config, e.g. --set train.base_lr=0.3 "
+                            "--set mine.roi_mode=roi_align --set mine.ss_max_side_px=full (sections: model, "
+                            "augment, train, mine); repeatable")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for torch and the numeric libraries (default: all cores). On a shared "
@@ -59,55 +76,47 @@ def _add_train_opts(p: argparse.ArgumentParser) -> None:
                                                  "rerun the same command without it to continue)")
 
 
-def _parse_value(raw: str, current: Any) -> Any:
-    if raw.lower() in ("none", "null", "full"):
-        return None
-    if isinstance(current, bool):
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise CLIError(f"expected true/false, got {raw!r}")
-    for typ in (int, float):
-        if isinstance(current, typ) or current is None:
-            try:
-                return typ(raw)
-            except ValueError:
-                if current is not None:
-                    raise CLIError(f"expected a number, got {raw!r}") from None
-    return raw
+def _config(args: argparse.Namespace, base: Config | None = None, *, named: dict[str, Any] | None = None,
+            mine_only: bool = False) -> Config:
+    """preset -> ``--config`` file -> named options (``--epochs`` ...) -> ``--set``, in that order.
 
-
-def _config(args: argparse.Namespace, base: Config | None = None) -> Config:
-    import torch
-
-    name = args.preset or ("paper" if torch.cuda.is_available() else "cpu")
-    cfg = base if (base is not None and args.preset is None) else get_preset(name)
-    dotted: dict[str, Any] = {}
-    for k, attr in (("train.epochs", "epochs"), ("train.batch_size", "batch_size"), ("train.base_lr", "lr"),
-                    ("train.num_workers", "workers"), ("train.seed", "seed")):
-        if getattr(args, attr, None) is not None:
-            dotted[k] = getattr(args, attr)
-    for item in args.overrides:
-        key, sep, raw = item.partition("=")
-        section, _, field = key.partition(".")
-        if not sep or not hasattr(cfg, section) or section == "preset":
-            raise CLIError(f"--set expects SECTION.FIELD=VALUE with SECTION in model, augment, train, mine; "
-                           f"got {item!r}")
-        part = getattr(cfg, section)
-        names = [f.name for f in dataclasses.fields(part)]
-        if field not in names:
-            raise CLIError(f"unknown field {field!r} in section {section!r}; valid: {', '.join(names)}")
-        dotted[key] = _parse_value(raw, getattr(part, field))
+    The preset is ``--preset``, else the file's ``preset:``, else ``base`` (the checkpoint a run
+    starts from), else the default rule (``default_preset``: paper on a CUDA device, else cpu).
+    With ``mine_only`` (stage 2) only the mining options are taken from the result: the model and
+    the rest are the checkpoint's (a config file shared by all three commands works unchanged).
+    Every override goes through ``apply_overrides`` and ``Config.validate``,
+    like the services' job params.
+    """
     try:
-        # --set may set a field to None explicitly (e.g. mine.ss_max_side_px=full)
-        for key, value in dotted.items():
-            section, _, field = key.partition(".")
-            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{field: value})})
-        cfg.validate()
-    except (TypeError, ValueError) as exc:
-        raise CLIError(str(exc)) from exc
-    return cfg
+        file_preset, file_over = read_config_file(args.config) if args.config else (None, {})
+        name = args.preset or file_preset
+        if name is None:
+            cfg = base if base is not None else get_preset(default_preset(_device(args)))
+        else:
+            cfg = get_preset(name)
+        dotted: dict[str, Any] = dict(file_over)
+        for k, attr in (("train.epochs", "epochs"), ("train.batch_size", "batch_size"), ("train.base_lr", "lr"),
+                        ("train.num_workers", "workers"), ("train.seed", "seed")):
+            if getattr(args, attr, None) is not None:
+                dotted[k] = getattr(args, attr)
+        dotted.update(named or {})
+        for item in args.overrides:
+            key, sep, raw = item.partition("=")
+            if not sep or "." not in key:
+                raise ConfigError(key, f"--set expects SECTION.FIELD=VALUE with SECTION in {', '.join(SECTIONS)}; "
+                                       f"got {item!r}")
+            dotted[key.strip()] = raw
+        cfg = apply_overrides(cfg, dotted)
+        if mine_only and base is not None:
+            cfg = replace(base, preset=cfg.preset, mine=cfg.mine).validate()
+        return cfg
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _save_config(cfg: Config, folder: str | Path) -> None:
+    path = save_config(cfg, folder)
+    log.info("resolved configuration -> %s", path)
 
 
 def _images(root: str) -> list[str]:
@@ -167,25 +176,28 @@ def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     cfg = _config(args)
     files = _readable_images(args.images, out)
+    _save_config(cfg, out)
     log.info("stage 1 (BYOL): %d images, preset %s, %d epochs -> %s", len(files), cfg.preset, cfg.train.epochs, out)
     summary = train("byol", args.images, out, cfg, files=files, device=args.device, show_progress=not args.quiet,
                     max_steps=args.max_steps)
     return summary
 
 
+def _mine_config(args: argparse.Namespace, checkpoint_cfg: Config) -> Config:
+    """Stage 2's configuration: the checkpoint's, with the mining options of the command line."""
+    named = {f"mine.{k}": v for k, v in (("roi_mode", args.roi_mode), ("ss_max_side_px", args.ss_max_side),
+                                         ("ss_workers", args.ss_workers)) if v is not None}
+    return _config(args, base=checkpoint_cfg, named=named, mine_only=True)
+
+
 def cmd_mine(args: argparse.Namespace) -> dict[str, Any]:
     from orl.mining import mine
 
     model, ckcfg, ck, dev = _load_model(args.checkpoint, args.device)
-    cfg = _config(args, base=ckcfg)
+    cfg = _mine_config(args, ckcfg)
     mc = cfg.mine
-    if args.roi_mode:
-        mc = dataclasses.replace(mc, roi_mode=args.roi_mode)
-    if args.ss_max_side is not None:
-        mc = dataclasses.replace(mc, ss_max_side_px=None if args.ss_max_side == "full" else int(args.ss_max_side))
-    if args.ss_workers is not None:
-        mc = dataclasses.replace(mc, ss_workers=args.ss_workers)
     files = _images(args.images)
+    _save_config(cfg, args.out)
     log.info("stage 2: %d images, roi_mode %s, selective search max side %s -> %s", len(files), mc.roi_mode,
              mc.ss_max_side_px or "full resolution", args.out)
     progress = _Progress(not args.quiet)
@@ -210,8 +222,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     if missing:
         raise CLIError(f"{len(missing)} of the first {min(20, len(corr))} images in {args.pairs} are not under "
                        f"{args.images} (e.g. {missing[0]}): pass the --images folder that was mined")
-    cfg = _config(args)
+    cfg = _config(args, base=_mined_config(args.pairs))
     out = Path(args.out)
+    _save_config(cfg, out)
     log.info("stage 3 (ORL): %d images, %d mined pairs, preset %s, %d epochs -> %s", len(corr), corr.num_pairs,
              cfg.preset, cfg.train.epochs, out)
     try:
@@ -222,6 +235,20 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         if isinstance(exc, CheckpointError):
             raise CLIError(str(exc)) from exc
         raise
+
+
+def _mined_config(pairs: str) -> Config | None:
+    """The configuration the pairs were mined with (MINE_DIR/config.yaml, written by ``orl mine``),
+    so stage 3 defaults to the stage-1 run's model and sizes; None for other pairs files."""
+    p = Path(pairs)
+    path = (p if p.is_dir() else p.parent) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        preset, over = read_config_file(path)
+        return apply_overrides(get_preset(preset or "paper"), over)
+    except ConfigError as exc:
+        raise CLIError(f"{exc} (the configuration saved next to the pairs; pass --preset or --config)") from None
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:

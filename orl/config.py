@@ -7,7 +7,10 @@ deviation from it is a named field whose default is the faithful value.
 from __future__ import annotations
 
 import dataclasses
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 
@@ -105,43 +108,268 @@ class Config:
         return cls(preset=d.get("preset", "custom"), **kwargs)
 
     def validate(self) -> Config:
-        """Raise ValueError naming the valid choices for any bad name or range; return self."""
+        """Raise ConfigError naming the field and its valid values or range; return self.
+
+        The one check of a configuration: the CLI, the trainer, the miner and the API (at job
+        submission) all call it, so a value refused in one place is refused in all of them.
+        """
         from orl.models.backbones import BACKBONES
 
-        if self.model.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.model.backbone!r}; valid backbones: {', '.join(BACKBONES)}")
-        if self.mine.roi_mode not in ("crop", "roi_align"):
-            raise ValueError(f"unknown roi_mode {self.mine.roi_mode!r}; valid: crop, roi_align")
-        if self.mine.knn_features not in ("projector", "backbone"):
-            raise ValueError(f"unknown knn_features {self.mine.knn_features!r}; valid: projector, backbone")
-        if self.mine.ss_mode not in ("fast", "quality", "single"):
-            raise ValueError(f"unknown ss_mode {self.mine.ss_mode!r}; valid: fast, quality, single")
-        if not 0 < self.mine.pair_ratio <= 1:
-            raise ValueError(f"mine.pair_ratio must be in (0, 1], got {self.mine.pair_ratio}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self.train, name) < 1:
-                raise ValueError(f"train.{name} must be at least 1, got {getattr(self.train, name)}")
+        def choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+            if value not in valid:
+                raise ConfigError(key, f"{key} must be one of {', '.join(valid)}; got {value!r}")
+
+        def at_least(key: str, value: float | None, low: float) -> None:
+            # Written as "not (...)" so that NaN fails too.
+            if value is not None and not value >= low:
+                raise ConfigError(key, f"{key} must be at least {low:g}, got {value}")
+
+        def within(key: str, value: float, low: float, high: float, low_open: bool = False,
+                   high_open: bool = False) -> None:
+            ok_low = value > low if low_open else value >= low
+            ok_high = value < high if high_open else value <= high
+            if not (ok_low and ok_high):
+                interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+                raise ConfigError(key, f"{key} must be in {interval}, got {value}")
+
+        m, a, t, n = self.model, self.augment, self.train, self.mine
+        if m.backbone not in BACKBONES:
+            raise ConfigError("model.backbone", f"unknown backbone {m.backbone!r} (model.backbone); valid backbones: "
+                                                f"{', '.join(BACKBONES)}")
+        for name in ("proj_hidden", "proj_out", "pred_hidden"):
+            at_least(f"model.{name}", getattr(m, name), 1)
+        # Below 32 px a ResNet's feature map vanishes (five stride-2 stages).
+        for name in ("image_size", "patch_size"):
+            at_least(f"augment.{name}", getattr(a, name), 32)
+        within("augment.min_scale", a.min_scale, 0, 1, low_open=True)
+        for name in ("epochs", "batch_size", "jitter_tries"):
+            at_least(f"train.{name}", getattr(t, name), 1)
+        for name in ("weight_decay", "warmup_epochs", "num_workers", "seed", "checkpoint_every_steps"):
+            at_least(f"train.{name}", getattr(t, name), 0)
+        if not t.base_lr > 0:
+            raise ConfigError("train.base_lr", f"train.base_lr must be > 0, got {t.base_lr}")
+        within("train.momentum", t.momentum, 0, 1, high_open=True)
+        within("train.warmup_ratio", t.warmup_ratio, 0, 1)
+        within("train.ema_base", t.ema_base, 0, 1)
+        within("train.jitter_min_iou", t.jitter_min_iou, 0, 1, high_open=True)
         # The global branch exists for every image, so with it every step has a loss.
-        if self.train.w_global <= 0 or min(self.train.w_intra, self.train.w_inter) < 0:
-            raise ValueError("train.w_global must be > 0 and train.w_intra / train.w_inter >= 0")
-        if not 0 <= self.train.warmup_ratio <= 1:
-            raise ValueError(f"train.warmup_ratio must be in [0, 1], got {self.train.warmup_ratio}")
-        if self.augment.image_size < 32 or self.augment.patch_size < 32:
-            raise ValueError("augment.image_size and augment.patch_size must be at least 32 px")
+        if not t.w_global > 0:
+            raise ConfigError("train.w_global", f"train.w_global must be > 0, got {t.w_global}")
+        for name in ("w_intra", "w_inter"):
+            at_least(f"train.{name}", getattr(t, name), 0)
+        choice("mine.knn_features", n.knn_features, ("projector", "backbone"))
+        choice("mine.ss_mode", n.ss_mode, ("fast", "quality", "single"))
+        choice("mine.roi_mode", n.roi_mode, ("crop", "roi_align"))
+        for name in ("knn_k", "max_boxes", "batch_size"):
+            at_least(f"mine.{name}", getattr(n, name), 1)
+        for name in ("embed_resize", "embed_crop", "roi_size", "roi_align_max_side_px", "ss_max_side_px"):
+            at_least(f"mine.{name}", getattr(n, name), 32)
+        if n.embed_crop > n.embed_resize:
+            raise ConfigError("mine.embed_crop", f"mine.embed_crop ({n.embed_crop}) must not exceed "
+                                                 f"mine.embed_resize ({n.embed_resize}): the crop is taken from it")
+        if not n.ss_timeout_s > 0:
+            raise ConfigError("mine.ss_timeout_s", f"mine.ss_timeout_s must be > 0, got {n.ss_timeout_s}")
+        at_least("mine.ss_workers", n.ss_workers, 0)
+        at_least("mine.min_side_px", n.min_side_px, 0)
+        at_least("mine.max_aspect", n.max_aspect, 1)
+        within("mine.max_iou", n.max_iou, 0, 1, low_open=True)
+        within("mine.pair_ratio", n.pair_ratio, 0, 1, low_open=True)
         return self
 
     def override(self, **dotted: Any) -> Config:
-        """Return a copy with ``section.field=value`` overrides applied (None values skipped)."""
-        cfg = self
-        for key, value in dotted.items():
-            if value is None:
-                continue
-            section, _, name = key.partition(".")
-            part = getattr(cfg, section)
-            if name not in {f.name for f in fields(part)}:
-                raise ValueError(f"unknown config field {key!r}")
-            cfg = replace(cfg, **{section: replace(part, **{name: value})})
-        return cfg
+        """Return a copy with ``section.field=value`` overrides applied (None values skipped).
+
+        Kept for scripts that build configs in code (the study); values go through the same
+        reading as every other override (``apply_overrides``). It does not validate: call
+        ``.validate()`` on the result.
+        """
+        return apply_overrides(self, {k: v for k, v in dotted.items() if v is not None}, validate=False)
+
+
+# -- overrides: the one reading of "set this field to that value" ------------------------------------
+class ConfigError(ValueError):
+    """A configuration value or key is wrong. ``field`` names it ("train.epochs", "preset", ...)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "augment": AugmentConfig, "train": TrainConfig,
+                             "mine": MineConfig}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+# Spellings of None for the optional fields: "full" is the documented one for
+# mine.ss_max_side_px (the authors' full-resolution selective search).
+_NONE = ("none", "null", "full")
+
+
+def _field_types(section: str) -> dict[str, Any]:
+    return typing.get_type_hints(SECTIONS[section])
+
+
+def section_fields(section: str) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(SECTIONS[section]))
+
+
+def flatten_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"train.epochs": 3}`` and ``{"train": {"epochs": 3}}`` (mixed freely) -> dotted keys.
+
+    Raises ConfigError naming an unknown section or field, with the valid ones.
+    """
+    if not isinstance(overrides, Mapping):
+        raise ConfigError("", f"overrides must be a mapping of SECTION.FIELD to values, got {type(overrides).__name__}")
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        key = str(key)
+        section, dot, name = key.partition(".")
+        if section not in SECTIONS:
+            raise ConfigError(key, f"unknown config section {section!r} in {key!r}; valid sections: "
+                                   f"{', '.join(SECTIONS)}")
+        if not dot:
+            if not isinstance(value, Mapping):
+                raise ConfigError(key, f"{key} must be a mapping of its fields to values (e.g. {{{key}: "
+                                       f"{{{section_fields(section)[0]}: ...}}}}), got {value!r}")
+            for sub, v in value.items():
+                flat.update(flatten_overrides({f"{section}.{sub}": v}))
+            continue
+        if name not in section_fields(section):
+            raise ConfigError(key, f"unknown field {name!r} in section {section!r}; valid: "
+                                   f"{', '.join(section_fields(section))}")
+        flat[key] = value
+    return flat
+
+
+def parse_value(key: str, value: Any) -> Any:
+    """Read ``value`` for the field ``key`` ("section.field") by the field's type.
+
+    Strings (the CLI's ``--set``, YAML, JSON) are parsed: numbers, true/false (also yes/no,
+    on/off, 1/0), and none/null/full for an optional field. Other values must already have the
+    field's type (an int is accepted for a float field). Raises ConfigError naming the field.
+    """
+    section, _, name = key.partition(".")
+    typ = _field_types(section)[name]
+    args = typing.get_args(typ)
+    optional = type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else typ
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE):
+        if optional:
+            return None
+        raise ConfigError(key, f"{key} cannot be null; give {_describe(base)}")
+    raw = value.strip() if isinstance(value, str) else None
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if raw is not None and raw.lower() in _TRUE + _FALSE:
+            return raw.lower() in _TRUE
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if raw is not None:
+            try:
+                return int(raw)
+            except ValueError:
+                pass
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if raw is not None:
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+    elif base is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a new field type needs a rule here
+        raise TypeError(f"no parsing rule for {key} of type {typ}")
+    extra = " or null" if optional else ""
+    raise ConfigError(key, f"{key} must be {_describe(base)}{extra}, got {value!r}")
+
+
+def _describe(typ: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(typ, str(typ))
+
+
+def apply_overrides(cfg: Config, overrides: Mapping[str, Any], *, validate: bool = True) -> Config:
+    """The one function that applies overrides, everywhere (CLI, config files, job params).
+
+    ``overrides``: dotted keys or nested sections (``flatten_overrides``); every value read by
+    ``parse_value``, so None can be set where a field allows it. Returns the new config,
+    validated unless ``validate=False``. Raises ConfigError naming the field.
+    """
+    by_section: dict[str, dict[str, Any]] = {}
+    for key, value in flatten_overrides(overrides).items():
+        section, _, name = key.partition(".")
+        by_section.setdefault(section, {})[name] = parse_value(key, value)
+    out = replace(cfg, **{s: replace(getattr(cfg, s), **vals) for s, vals in by_section.items()})
+    return out.validate() if validate else out
+
+
+# -- files ------------------------------------------------------------------------------------------
+CONFIG_FILE = "config.yaml"  # the resolved configuration, written into every run / mine folder
+
+
+def read_config_file(path: str | Path) -> tuple[str | None, dict[str, Any]]:
+    """A YAML config file -> (its ``preset:`` or None, its sections as dotted overrides).
+
+    The file holds an optional ``preset:`` and the sections model / augment / train / mine with
+    fields of the dataclasses above. Raises ConfigError (message names the file and the field)
+    for a missing or unparsable file, an unknown key or a value of the wrong type.
+    """
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {p}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ConfigError("", f"{p} is not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{p} must be a mapping with preset and sections {', '.join(SECTIONS)}; "
+                              f"got a {type(data).__name__}")
+    preset = data.pop("preset", None)
+    try:
+        if preset is not None and not isinstance(preset, str):
+            raise ConfigError("preset", f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        if preset is not None:
+            get_preset(preset)
+        flat = flatten_overrides(data)
+        for key, value in flat.items():
+            parse_value(key, value)  # wrong types are reported here, against the file's name
+    except ConfigError as exc:
+        raise ConfigError(exc.field, f"{p}: {exc}") from None
+    return preset, flat
+
+
+def config_yaml(cfg: Config) -> str:
+    """The resolved configuration as YAML that ``--config`` reads back to the same Config."""
+    import yaml
+
+    head = ("# The resolved configuration of this run: preset, then config file, then options.\n"
+            "# Run again with --config on this file to repeat it.\n")
+    d = cfg.to_dict()
+    if d["preset"] not in PRESETS:
+        # e.g. "custom" (a checkpoint without a preset name): every field is written below, so
+        # the file reads back to the same values without one.
+        head += f"# (built from {d.pop('preset')!r}, not a named preset)\n"
+    return head + yaml.safe_dump(d, sort_keys=False)
+
+
+def save_config(cfg: Config, folder: str | Path) -> Path:
+    """Write ``folder/config.yaml`` (atomically); returns its path."""
+    from orl.fileio import atomic_write_text
+
+    path = Path(folder) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, config_yaml(cfg))
+    return path
 
 
 PRESETS: dict[str, Config] = {
@@ -175,4 +403,14 @@ def get_preset(name: str) -> Config:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}") from None
+        raise ConfigError("preset", f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}") from None
+
+
+def default_preset(device: str) -> str:
+    """The one default-preset rule: ``paper`` when the run's device is CUDA, else ``cpu``.
+
+    ``device`` is where the run really happens (resolved, not "auto"): the CLI's ``--device``,
+    the trainer's job device, each decided on the machine that runs it. Runs that start from a
+    checkpoint (mining, and stage 3 in the services) take that checkpoint's configuration instead.
+    """
+    return "paper" if str(device).startswith("cuda") else "cpu"

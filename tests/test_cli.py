@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orl.cli import main
 
@@ -21,11 +22,16 @@ def run(*args):
 def test_end_to_end_tiny(tmp_path, eight_images):
     """tiny preset: pretrain -> mine -> train -> eval -> attention -> render on 8 real photos."""
     images, labels = eight_images / "images", eight_images / "labels"
-    r = run("pretrain", "--images", images, "--out", tmp_path / "s1", "--preset", "tiny", "--epochs", "2", "--quiet")
+    (tmp_path / "cfg.yaml").write_text("preset: tiny\ntrain:\n  epochs: 2\n  seed: 1\n")
+    r = run("pretrain", "--images", images, "--out", tmp_path / "s1", "--config", tmp_path / "cfg.yaml",
+            "--set", "train.seed=3", "--quiet")
     assert r.returncode == 0, r.stderr
     s1 = json.loads(r.stdout)
     assert s1["finished"] and s1["global_step"] == 2 and (tmp_path / "s1" / "last.pt").is_file()
     assert (tmp_path / "s1" / "backbone.pth").is_file() and (tmp_path / "s1" / "metrics.csv").is_file()
+    # The resolved configuration is saved with the run: the file's values, then --set.
+    saved = yaml.safe_load((tmp_path / "s1" / "config.yaml").read_text())
+    assert (saved["preset"], saved["train"]["epochs"], saved["train"]["seed"]) == ("tiny", 2, 3)
 
     r = run("mine", "--images", images, "--checkpoint", tmp_path / "s1" / "last.pt", "--out", tmp_path / "m", "--quiet")
     assert r.returncode == 0, r.stderr
@@ -35,12 +41,16 @@ def test_end_to_end_tiny(tmp_path, eight_images):
     assert len(corr["pseudo_annotations"]["knn_image_id"][0]) == 7  # K = 10 capped at N - 1
     rows = list(csv.DictReader(open(tmp_path / "m" / "image_status.csv")))
     assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
+    assert yaml.safe_load((tmp_path / "m" / "config.yaml").read_text()) == saved  # the checkpoint's config
 
-    r = run("train", "--images", images, "--pairs", tmp_path / "m", "--out", tmp_path / "s3", "--preset", "tiny",
-            "--epochs", "1", "--quiet")
+    # No --preset: stage 3 starts from the configuration the pairs were mined with (tiny).
+    r = run("train", "--images", images, "--pairs", tmp_path / "m", "--out", tmp_path / "s3", "--epochs", "1",
+            "--quiet")
     assert r.returncode == 0, r.stderr
     s3 = json.loads(r.stdout)
     assert s3["finished"] and {"loss_global", "loss_intra", "loss_inter"} <= set(s3["metrics"])
+    assert yaml.safe_load((tmp_path / "s3" / "config.yaml").read_text()) == {
+        **saved, "train": {**saved["train"], "epochs": 1}}
 
     r = run("eval", "--checkpoint", tmp_path / "s3" / "last.pt", "--images", images, "--labels", labels,
             "--out", tmp_path / "eval.json", "--pairs", tmp_path / "m", "--quiet")

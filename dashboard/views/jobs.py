@@ -11,15 +11,23 @@ import streamlit as st
 from dashboard.api_client import ApiError
 from dashboard.views import common
 
-PRESETS = ("tiny", "cpu", "paper")
+# "default" sends no preset: the worker that runs the job applies the one default rule
+# (README, "Presets"): paper on a CUDA device, else cpu; mine / train: the checkpoint's.
+DEFAULT = "default"
+PRESETS = (DEFAULT, "tiny", "cpu", "paper")
 # Sensible starting points: `tiny` shows the whole pipeline in minutes on a laptop CPU (the
-# `make demo` setting); `cpu` is a meaningful CPU run; `paper` is ResNet-50 on GPUs.
-DEFAULT_EPOCHS = {"tiny": 5, "cpu": 30, "paper": 800}
+# `make demo` setting); `cpu` is a meaningful CPU run; `paper` is ResNet-50 on GPUs. With the
+# default preset the epochs are the preset's unless given.
+DEFAULT_EPOCHS: dict[str, int | None] = {DEFAULT: None, "tiny": 5, "cpu": 30, "paper": 800}
 KINDS = {"pipeline": "Pipeline (pretrain → mine → train)", "mine": "Mine pairs", "train": "Train (stage 3)"}
 
 
+def _preset(preset: str) -> dict[str, Any]:
+    return {} if preset == DEFAULT else {"preset": preset}
+
+
 def stage_params(preset: str, epochs: int | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"preset": preset}
+    out: dict[str, Any] = _preset(preset)
     if epochs:
         out["epochs"] = int(epochs)
     return out
@@ -29,12 +37,12 @@ def build_params(kind: str, preset: str, epochs: int | None, *, checkpoint_id: i
                  mine_job_id: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The job's ``params``: what the form shows, then the advanced JSON on top (it wins)."""
     if kind == "pipeline":
-        params: dict[str, Any] = {"pretrain": stage_params(preset, epochs), "mine": {"preset": preset},
+        params: dict[str, Any] = {"pretrain": stage_params(preset, epochs), "mine": _preset(preset),
                                   "train": stage_params(preset, epochs)}
         for stage, over in (extra or {}).items():
             params[stage] = {**params.get(stage, {}), **over}
         return params
-    params = {"preset": preset}
+    params = _preset(preset)
     if kind == "train":
         params.update(stage_params(preset, epochs))
         if mine_job_id:
@@ -133,7 +141,9 @@ def _submit_form(api: common.Api, dataset_id: int) -> None:
     kind = st.radio("Kind", list(KINDS), format_func=KINDS.get, key="submit_kind", horizontal=True)
     # Outside the form: the epochs default follows the preset as soon as it changes.
     preset = st.selectbox("Preset", PRESETS, key="submit_preset",
-                          help="tiny: minutes on a CPU (demo); cpu: a real CPU run; paper: ResNet-50, GPU")
+                          help="default: decided where the job runs (paper on a GPU, else cpu; mining and stage 3 "
+                               "take the checkpoint's); tiny: minutes on a CPU (demo); cpu: a real CPU run; "
+                               "paper: ResNet-50, GPU")
     checkpoints: list[dict] = []
     mine_jobs: list[dict] = []
     try:
@@ -147,7 +157,8 @@ def _submit_form(api: common.Api, dataset_id: int) -> None:
         epochs = None
         if kind in ("pipeline", "train"):
             epochs = st.number_input("Epochs (stages 1 and 3)", min_value=1, max_value=5000,
-                                     value=DEFAULT_EPOCHS[preset], key=f"submit_epochs_{preset}")
+                                     value=DEFAULT_EPOCHS[preset], key=f"submit_epochs_{preset}",
+                                     placeholder="the preset's (empty)")
         checkpoint_id = mine_job_id = None
         if kind == "mine":
             if not checkpoints:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from services.common.models import Job, JobStatus
 
@@ -94,18 +94,9 @@ class JobCreate(BaseModel):
     kind: JobKind
     dataset_id: int = Field(gt=0)
     params: dict[str, Any] = Field(default_factory=dict, description=(
-        "stage parameters; for a pipeline, one object per stage: {\"pretrain\": {...}, \"mine\": {...}, "
-        "\"train\": {...}}"))
-
-    @field_validator("params")
-    @classmethod
-    def _pipeline_shape(cls, v: dict[str, Any], info) -> dict[str, Any]:
-        if info.data.get("kind") == "pipeline":
-            bad = [k for k, val in v.items() if k not in ("pretrain", "mine", "train") or not isinstance(val, dict)]
-            if bad:
-                raise ValueError(f"pipeline params take one object per stage (keys pretrain, mine, train); "
-                                 f"move or remove {', '.join(map(repr, bad))}")
-        return v
+        "stage parameters (docs/SERVICES.md, 'Job parameters'); for a pipeline, one object per stage: "
+        "{\"pretrain\": {...}, \"mine\": {...}, \"train\": {...}}. Checked at submission "
+        "(services.common.params): a bad one is a 422 naming the field, and no job is created"))
 
 
 class JobOut(BaseModel):
@@ -122,6 +113,9 @@ class JobOut(BaseModel):
     attempts: int
     worker: str | None
     result: dict[str, Any] | None
+    config: dict[str, Any] | None = Field(None, description=(
+        "the resolved configuration (preset, then params; the default preset as the worker decided it), "
+        "also in result.config; null until a worker has resolved it. A pipeline shows its last finished stage's"))
     created_at: datetime
     started_at: datetime | None
     heartbeat_at: datetime | None
@@ -134,7 +128,8 @@ class JobOut(BaseModel):
         return cls(id=job.id, kind=job.kind, dataset_id=job.dataset_id, parent_id=job.parent_id, status=job.status,
                    params=job.params or {}, progress=progress, error=job.error,
                    cancel_requested=job.cancel_requested, attempts=job.attempts, worker=job.worker,
-                   result=job.result, created_at=job.created_at, started_at=job.started_at,
+                   result=job.result, config=(job.result or {}).get("config"), created_at=job.created_at,
+                   started_at=job.started_at,
                    heartbeat_at=job.heartbeat_at, finished_at=job.finished_at, children=children)
 
 

@@ -64,7 +64,7 @@ from services.common.models import TERMINAL_STATUSES, Job, JobStatus
 from services.common.plan import MinePlan
 from services.common.settings import get_settings
 from services.miner import records
-from services.miner.params import MineParamsError, params_key, resolve_mine_config, roi_key
+from services.miner.params import MineParamsError, params_key, resolve_config, roi_key
 from services.miner.roi_cache import RoiCache
 
 log = logging.getLogger(__name__)
@@ -219,9 +219,10 @@ def make_plan(job_id: int) -> MinePlan:
         except Exception as exc:
             raise MineError(f"checkpoint {ckpt_id} ({ckpt_path}) cannot be read: {exc}") from exc
     try:
-        mc = resolve_mine_config(params, ck_cfg)
+        cfg = resolve_config(params, ck_cfg)
     except MineParamsError as exc:
         raise MineError(str(exc)) from None
+    mc = cfg.mine
     try:  # register files added to the folder since the last scan (idempotent; new ones only)
         with session_scope() as s:
             new = scan_dataset(s, records.dataset(s, dataset_id)).added
@@ -238,8 +239,10 @@ def make_plan(job_id: int) -> MinePlan:
             params_key=params_key(mc), roi_key=roi_key(mc), shard_size=get_settings().shard_size,
             new_images_registered=new, image_max_id=image_max_id,
             images=records.count_set(s, dataset_id, image_max_id))
-        jobs.update_job(s, job, result={"plan": plan.to_dict(), "phase": "propose"}, progress={"stage": "propose"},
-                        total=plan.images)
+        # result["config"]: the resolved configuration (checkpoint's model, the job's mining
+        # options), the same record a trainer job keeps.
+        jobs.update_job(s, job, result={"plan": plan.to_dict(), "config": cfg.to_dict(), "phase": "propose"},
+                        progress={"stage": "propose"}, total=plan.images)
     log.info("job %s: plan %s", job_id, plan)
     return plan
 

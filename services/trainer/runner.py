@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orl.config import save_config
 from services.common import broker, jobs
 from services.common.artifacts import upsert_artifact
 from services.common.db import session_scope
@@ -116,6 +117,7 @@ class Trainer:
                                                 "out_dir": self._rel(spec.out_dir)})
         except SpecError as exc:
             return self._finish(job_id, JobStatus.FAILED, error=str(exc))
+        save_config(spec.cfg, spec.out_dir)  # next to last.pt, as `orl pretrain` writes it
         log.info("job %s: %s stage %s, %s, preset %s, %d process(es)%s", job_id, spec.kind, spec.stage,
                  spec.info, spec.cfg.preset, spec.nproc, " (resuming from last.pt)" if resumed else "")
         with Heartbeat(job_id, self.settings.heartbeat_s, worker=self.worker) as lease:

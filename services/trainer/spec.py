@@ -2,11 +2,14 @@
 
 Job params (all optional except ``mine_job_id`` for train):
 
-- ``preset``: tiny | cpu | paper. Default for pretrain: ``cpu``; for train: the configuration
-  of the checkpoint the mining job used, so a pipeline names its preset once (pretrain).
+- ``preset``: tiny | cpu | paper. Default for pretrain: ``paper`` when the job runs on a CUDA
+  device, else ``cpu`` (``orl.config.default_preset``, decided here); for train: the
+  configuration of the checkpoint the mining job used, so a pipeline names its preset once.
 - any ``orl.config.TrainConfig`` field at top level: ``epochs``, ``batch_size``, ``base_lr``,
   ``seed``, ``checkpoint_every_steps``, ``num_workers`` ...
-- ``set``: ``{"section.field": value}`` for any other config field (``augment.image_size`` ...).
+- ``set``: ``{"section.field": value}`` or ``{"section": {"field": value}}`` for any config field.
+
+Params are read by ``services.common.params`` (the reading the API checks at submission).
 - ``max_steps``: stop after this many optimisation steps (a smoke run); the job succeeds.
 - ``nproc``: training processes (data-parallel through torchrun); default: the number of GPUs
   when there are several, else 1.
@@ -18,7 +21,7 @@ Job params (all optional except ``mine_job_id`` for train):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +29,15 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from orl.config import Config, TrainConfig, get_preset
+from orl.config import Config
 from orl.correspondence import Correspondence
+from orl.device import resolve_device
+from services.common import params as job_params
 from services.common.artifacts import artifact_file, checkpoint_config
 from services.common.correspondences import correspondence_from_db
 from services.common.models import Artifact, Dataset, Image, Job, JobStatus
 from services.common.plan import MinePlan
 
-DEFAULT_PRESET = "cpu"
-TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
-OTHER_KEYS = ("preset", "set", "max_steps", "nproc", "device", "mine_job_id", "init_from_checkpoint_id",
-              "init_from", "stage1_checkpoint_id")
 STAGE_OF_KIND = {"pretrain": "byol", "train": "orl"}
 
 
@@ -72,25 +73,12 @@ def _checkpoint(session: Session, artifact_id: Any, artifacts_dir: Path, what: s
     return art, artifact_file(art.path, artifacts_dir)
 
 
-def build_config(params: dict[str, Any], base: Config) -> Config:
-    unknown = sorted(set(params) - set(TRAIN_FIELDS) - set(OTHER_KEYS))
-    if unknown:
-        raise SpecError(f"unknown training parameter(s) {', '.join(unknown)}; valid: "
-                        f"{', '.join(OTHER_KEYS + TRAIN_FIELDS)}")
-    cfg = base
+def build_config(params: dict[str, Any], base: Config, kind: str = "train") -> Config:
+    """``params`` over ``base`` through the one reading of job params (``services.common.params``)."""
     try:
-        if params.get("preset"):
-            cfg = get_preset(str(params["preset"]))
-        cfg = cfg.override(**{f"train.{k}": params[k] for k in TRAIN_FIELDS if k in params})
-        extra = params.get("set") or {}
-        if not isinstance(extra, dict):
-            raise SpecError('params.set must be an object like {"augment.image_size": 96}')
-        cfg = cfg.override(**extra)
-        return cfg.validate()
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, SpecError):
-            raise
-        raise SpecError(f"invalid training parameters: {exc}") from None
+        return job_params.resolve_config(kind, params, base)
+    except job_params.ParamsError as exc:
+        raise SpecError(str(exc)) from None
 
 
 def default_nproc() -> int:
@@ -107,24 +95,29 @@ def build_spec(session: Session, job: Job, artifacts_dir: Path, default_device: 
     if ds is None:
         raise SpecError(f"dataset {job.dataset_id} does not exist")
     out_dir = artifacts_dir / "jobs" / str(job.id)
-    nproc = params.get("nproc")
     try:
-        nproc = default_nproc() if nproc is None else int(nproc)
-        max_steps = None if params.get("max_steps") is None else int(params["max_steps"])
-    except (TypeError, ValueError):
-        raise SpecError("params.nproc and params.max_steps must be integers") from None
-    if nproc < 1:
-        raise SpecError(f"params.nproc must be at least 1, got {nproc}")
-    spec = RunSpec(job.id, job.kind, stage, get_preset(DEFAULT_PRESET), ds.path, out_dir, max_steps=max_steps,
-                   nproc=nproc, device=str(params.get("device") or default_device), dataset_id=ds.id)
+        job_params.check_options(job.kind, params)
+    except job_params.ParamsError as exc:
+        raise SpecError(str(exc)) from None
+    nproc = default_nproc() if params.get("nproc") is None else int(params["nproc"])
+    max_steps = None if params.get("max_steps") is None else int(params["max_steps"])
+    device = str(params.get("device") or default_device)
+    try:
+        # Decided here, on the machine that runs the job: the default preset follows it.
+        resolved_device = str(resolve_device(device))
+    except RuntimeError as exc:
+        raise SpecError(f"params.device {device!r}: {exc}") from None
+    spec = RunSpec(job.id, job.kind, stage, job_params.default_base(resolved_device), ds.path, out_dir,
+                   max_steps=max_steps, nproc=nproc, device=device, dataset_id=ds.id)
     if stage == "byol":
-        spec.cfg = build_config(params, get_preset(DEFAULT_PRESET))
+        spec.cfg = build_config(params, spec.cfg, "pretrain")
         spec.files = list(session.execute(select(Image.rel_path).where(Image.dataset_id == ds.id, Image.status == "ok")
                                           .order_by(Image.id)).scalars())
         if len(spec.files) < 2:
             raise SpecError(f"dataset {ds.id} ({ds.path}) has {len(spec.files)} readable registered images; "
                             "stage 1 needs at least 2 (register the dataset's images first)")
-        spec.info = {"images": len(spec.files)}
+        spec.info = {"images": len(spec.files), "preset_from": "params.preset" if params.get("preset") else
+                     f"default rule: {spec.cfg.preset} on {resolved_device}"}
         return spec
     # stage 3
     if params.get("mine_job_id") is None:
@@ -150,12 +143,12 @@ def build_spec(session: Session, job: Job, artifacts_dir: Path, default_device: 
     init = params.get("init_from_checkpoint_id")
     if params.get("init_from") == "stage1":
         init = params.get("stage1_checkpoint_id", plan.checkpoint_id)
-    elif params.get("init_from") not in (None, "random"):
-        raise SpecError(f"params.init_from must be 'stage1' or 'random', got {params['init_from']!r}")
     if init is not None:
         spec.init_from = str(_checkpoint(session, init, artifacts_dir, "init_from_checkpoint_id")[1])
     spec.info = {"mine_job_id": mine.id, "images": len(spec.corr), "pairs": spec.corr.num_pairs,
-                 "init_from_checkpoint_id": None if init is None else int(init)}
+                 "init_from_checkpoint_id": None if init is None else int(init),
+                 "preset_from": "params.preset" if params.get("preset") else
+                 f"checkpoint {plan.checkpoint_id} (the mine job's)"}
     return spec
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image as PILImage
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from orl.correspondence import Correspondence
 from services.common.db import insert_ignore, session_scope
@@ -318,14 +318,30 @@ def _gpu_queue_messages(broker_url: str) -> list[dict]:
     return out
 
 
-def test_submit_mine_job_sends_the_task_by_name(api_client, auth_headers, dataset, settings_env):
+@pytest.fixture(scope="module")
+def checkpoint(dataset, settings_env, tiny_byol_checkpoint) -> int:
+    """A usable checkpoint artifact: a real tiny stage-1 checkpoint on the artifacts volume."""
+    from orl.checkpoint import load_checkpoint
+
+    dest = settings_env.artifacts_dir / f"ckpt-{_uid()}.pt"
+    shutil.copy(tiny_byol_checkpoint, dest)
+    with session_scope() as s:
+        art = Artifact(kind="checkpoint", stage="byol", path=dest.name, dataset_id=dataset["id"],
+                       meta={"config": load_checkpoint(dest)["config"]})
+        s.add(art)
+        s.flush()
+        return int(art.id)
+
+
+def test_submit_mine_job_sends_the_task_by_name(api_client, auth_headers, dataset, settings_env, checkpoint):
     key = uuid.uuid4().hex
-    body = {"kind": "mine", "dataset_id": dataset["id"], "params": {"k": 5}}
+    body = {"kind": "mine", "dataset_id": dataset["id"], "params": {"checkpoint_id": checkpoint, "knn_k": 5}}
     r = api_client.post(f"{API}/jobs", json=body, headers={**auth_headers, "Idempotency-Key": key})
     assert r.status_code == 202, r.text
     job = r.json()
     assert r.headers["location"] == f"/api/v1/jobs/{job['id']}"
-    assert job["status"] == "queued" and job["params"] == {"k": 5}
+    assert job["status"] == "queued" and job["params"] == body["params"]
+    assert job["config"] is None  # resolved by the miner when it starts the job
     assert job["progress"]["done"] == 0 and job["progress"]["total"] == 0
     assert {"task": "miner.start_mine", "args": [job["id"]]} in _gpu_queue_messages(settings_env.broker_url)
     # retried POST: same job, no second task
@@ -333,9 +349,14 @@ def test_submit_mine_job_sends_the_task_by_name(api_client, auth_headers, datase
     r = api_client.post(f"{API}/jobs", json=body, headers={**auth_headers, "Idempotency-Key": key})
     assert r.status_code == 202 and r.json()["id"] == job["id"] and r.headers["idempotent-replayed"] == "true"
     assert len(_gpu_queue_messages(settings_env.broker_url)) == n
-    r = api_client.post(f"{API}/jobs", json={**body, "params": {"k": 6}},
+    r = api_client.post(f"{API}/jobs", json={**body, "params": {"checkpoint_id": checkpoint, "knn_k": 6}},
                         headers={**auth_headers, "Idempotency-Key": key})
     assert r.status_code == 409 and "new key" in r.json()["detail"]
+    # None where the field allows it (the full-resolution selective search), set through a job's params
+    r = api_client.post(f"{API}/jobs", json={**body, "params": {"checkpoint_id": checkpoint, "ss_max_side_px": None,
+                                                                 "set": {"mine": {"roi_mode": "roi_align"}}}},
+                        headers=auth_headers)
+    assert r.status_code == 202, r.text
     import redis
 
     redis.Redis.from_url(settings_env.broker_url).delete("gpu")
@@ -346,18 +367,90 @@ def test_submit_validation_messages(api_client, auth_headers, dataset):
         ({"kind": "dance", "dataset_id": dataset["id"]}, "body field 'kind'"),
         ({"kind": "mine"}, "body field 'dataset_id': Field required"),
         ({"kind": "mine", "dataset_id": 999999}, "register the folder"),
-        ({"kind": "mine", "dataset_id": dataset["id"], "params": {"checkpoint_id": 999999}}, "not a checkpoint id"),
+        ({"kind": "mine", "dataset_id": dataset["id"], "params": {"checkpoint_id": 999999}},
+         "not a checkpoint artifact"),
         ({"kind": "pipeline", "dataset_id": dataset["id"], "params": {"epochs": 3}}, "one object per stage"),
-        ({"kind": "train", "dataset_id": dataset["id"], "params": {"mine_job_id": "x"}}, "not a mine job"),
+        ({"kind": "train", "dataset_id": dataset["id"], "params": {"mine_job_id": "x"}},
+         "params.mine_job_id must be an integer"),
     ]
     for body, frag in cases:
         r = api_client.post(f"{API}/jobs", json=body, headers=auth_headers)
         assert r.status_code == 422 and frag in r.json()["detail"], (body, r.text)
 
 
+def _job_rows() -> int:
+    with session_scope() as s:
+        return s.execute(select(func.count()).select_from(Job)).scalar_one()
+
+
+def test_bad_params_are_refused_at_submission_before_any_row(api_client, auth_headers, dataset, settings_env,
+                                                             checkpoint):
+    """K = 0, negative sizes, a ratio above 1, unknown fields, wrong types, unusable checkpoints:
+    each a 422 naming the field, and no job row (today's miner would have failed them later)."""
+    gone = settings_env.artifacts_dir / f"gone-{_uid()}.pt"
+    with session_scope() as s:
+        missing = Artifact(kind="checkpoint", stage="byol", path=gone.name, dataset_id=dataset["id"])
+        metrics = Artifact(kind="metrics", path="m.json", dataset_id=dataset["id"])
+        s.add_all([missing, metrics])
+        s.flush()
+        missing_id, metrics_id = missing.id, metrics.id
+    with session_scope() as s:
+        from services.common import jobs
+
+        mine_job = jobs.create_job(s, kind="mine", dataset_id=dataset["id"],
+                                   params={"checkpoint_id": checkpoint}).job.id
+    ck = {"checkpoint_id": checkpoint}
+    cases = [
+        ("mine", {**ck, "knn_k": 0}, "params.knn_k", "must be at least 1, got 0"),
+        ("mine", {**ck, "roi_size": -64}, "params.roi_size", "must be at least 32"),
+        ("mine", {**ck, "pair_ratio": 1.5}, "params.pair_ratio", "must be in (0, 1]"),
+        ("mine", {**ck, "knn": 3}, "params.knn", "unknown mining parameter(s) knn; valid: checkpoint_id"),
+        ("mine", {**ck, "knn_k": "many"}, "params.knn_k", "must be an integer, got 'many'"),
+        ("mine", {**ck, "knn_k": 2.5}, "params.knn_k", "must be an integer"),
+        ("mine", {**ck, "set": {"mine.nope": 1}}, "params.set.mine.nope", "unknown field 'nope'"),
+        ("mine", {**ck, "set": {"train.epochs": 3}}, "params.set.train.epochs", "mine.* fields only"),
+        ("mine", {}, "params.checkpoint_id", "a mine job needs params.checkpoint_id"),
+        ("mine", {"checkpoint_id": 10**9}, "params.checkpoint_id", "is not a checkpoint artifact"),
+        ("mine", {"checkpoint_id": metrics_id}, "params.checkpoint_id", "is not a checkpoint artifact"),
+        ("mine", {"checkpoint_id": missing_id}, "params.checkpoint_id", "is not on the artifacts volume"),
+        ("mine", {"checkpoint_id": str(checkpoint)}, "params.checkpoint_id", "must be an integer"),
+        ("pretrain", {"epochs": 0}, "params.epochs", "train.epochs must be at least 1"),
+        ("pretrain", {"batch_size": -8}, "params.batch_size", "train.batch_size must be at least 1"),
+        ("pretrain", {"set": {"augment": {"image_size": "big"}}}, "params.set.augment.image_size", "an integer"),
+        ("pretrain", {"set": {"train.epochs": None}}, "params.set.train.epochs", "cannot be null"),
+        ("pretrain", {"set": {"mine.pair_ratio": 2}}, "params.set.mine.pair_ratio", "must be in (0, 1]"),
+        ("pretrain", {"set": ["train.epochs"]}, "params.set", "must be an object"),
+        ("pretrain", {"preset": "huge"}, "params.preset", "valid presets: tiny, cpu, paper"),
+        ("pretrain", {"nproc": 0}, "params.nproc", "at least 1"),
+        ("pretrain", {"device": "tpu"}, "params.device", "auto, cpu, cuda or cuda:N"),
+        ("pretrain", {"mine_job_id": 3}, "params.mine_job_id", "unknown training parameter(s) mine_job_id"),
+        ("train", {}, "params.mine_job_id", "a train job needs params.mine_job_id"),
+        ("train", {"mine_job_id": 10**9}, "params.mine_job_id", "is not a mine job"),
+        ("train", {"mine_job_id": mine_job, "init_from": "best"}, "params.init_from", "'stage1' or 'random'"),
+        ("train", {"mine_job_id": mine_job, "w_global": 0}, "params.w_global", "train.w_global must be > 0"),
+        ("train", {"mine_job_id": mine_job, "init_from_checkpoint_id": metrics_id}, "params.init_from_checkpoint_id",
+         "is not a checkpoint artifact"),
+        ("pipeline", {"mine": {"knn_k": 0}}, "params.mine.knn_k", "must be at least 1"),
+        ("pipeline", {"pretrain": {"preset": "tiny"}, "train": {"jitter_min_iou": 1}}, "params.train.jitter_min_iou",
+         "must be in [0, 1)"),
+        ("pipeline", {"pretrain": {"epochs": "x"}}, "params.pretrain.epochs", "must be an integer"),
+        ("pipeline", {"stage3": {}}, "params.stage3", "one object per stage"),
+    ]
+    before = _job_rows()
+    for kind, params, field, fragment in cases:
+        r = api_client.post(f"{API}/jobs", json={"kind": kind, "dataset_id": dataset["id"], "params": params},
+                            headers=auth_headers)
+        detail = r.json()["detail"]
+        assert r.status_code == 422 and f"body field '{field}'" in detail and fragment in detail, (kind, params, r.text)
+    assert _job_rows() == before  # nothing was written for any of them
+    # the unknown kind is refused by the body schema, before the params are read
+    r = api_client.post(f"{API}/jobs", json={"kind": "embed", "dataset_id": dataset["id"]}, headers=auth_headers)
+    assert r.status_code == 422 and "body field 'kind'" in r.json()["detail"] and _job_rows() == before
+
+
 def test_job_list_get_cancel(api_client, auth_headers, dataset):
     made = []
-    for kind in ("pretrain", "train", "pretrain"):
+    for kind in ("pretrain", "pretrain", "pretrain"):
         r = api_client.post(f"{API}/jobs", json={"kind": kind, "dataset_id": dataset["id"]}, headers=auth_headers)
         assert r.status_code == 202 and r.json()["status"] == "queued"  # waits for a trainer to claim it
         made.append(r.json()["id"])

@@ -100,6 +100,10 @@ def test_job_params_and_progress_text():
                  "train": {"preset": "tiny", "epochs": 5}}
     assert jobs.build_params("mine", "cpu", None, checkpoint_id=7) == {"preset": "cpu", "checkpoint_id": 7}
     assert jobs.build_params("train", "tiny", 3, mine_job_id=4) == {"preset": "tiny", "epochs": 3, "mine_job_id": 4}
+    # The dashboard's default sends no preset: the worker applies the one default rule.
+    assert jobs.PRESETS[0] == jobs.DEFAULT
+    assert jobs.build_params("pipeline", jobs.DEFAULT, None) == {"pretrain": {}, "mine": {}, "train": {}}
+    assert jobs.build_params("mine", jobs.DEFAULT, None, checkpoint_id=7) == {"checkpoint_id": 7}
     with pytest.raises(ValueError, match="JSON object"):
         jobs.parse_extra("[1, 2]")
     frac, text = jobs.progress_text({"status": "running", "progress": {

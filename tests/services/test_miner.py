@@ -104,6 +104,10 @@ def test_mine_job_through_the_api_matches_the_library(api_client, auth_headers, 
     assert plan["checkpoint_id"] == checkpoint_id and plan["params_key"] and plan["image_max_id"] > 0
     assert row["progress_done"] == row["progress_total"] > 0
     assert row["result"]["pairs"] == len(items)
+    # The resolved configuration (the checkpoint's model, the job's mining options), shown by GET.
+    job = api_client.get(f"{API}/jobs/{job_id}").json()
+    assert job["config"] == row["result"]["config"] and job["config"]["mine"] == plan["mine"]
+    assert job["config"]["model"] == get_preset("tiny").to_dict()["model"]
 
     # The correspondence.json artifact (official layout) holds the same pairs.
     corr = Correspondence.load(settings_env.artifacts_dir / "jobs" / str(job_id) / "correspondence.json")

@@ -83,6 +83,29 @@ def test_pretrain_job_reports_progress_and_records_its_checkpoint(env, dataset, 
     assert _artifact(row["result"]["backbone_id"]).kind == "backbone"
 
 
+def test_default_preset_is_decided_by_the_trainer_and_recorded(env, dataset, trainer):
+    """No preset: the trainer applies the one default rule on its device (cpu here), records the
+    resolved configuration in the job (GET /jobs/{id} shows it) and writes config.yaml."""
+    from fastapi.testclient import TestClient
+
+    from orl.config import CONFIG_FILE, apply_overrides, read_config_file
+    from services.api.main import create_app
+
+    params = {"epochs": 1, "max_steps": 1, "set": {"train": {"batch_size": 2, "num_workers": 0},
+                                                   "augment.image_size": 64, "mine.ss_max_side_px": None}}
+    job_id = procs.create_job("pretrain", dataset, params)
+    row = procs.wait_job(job_id, 120, [trainer])
+    assert row["status"] == "succeeded", row["error"]
+    expected = apply_overrides(get_preset("cpu"), {"train.epochs": 1, "train.batch_size": 2, "train.num_workers": 0,
+                                                   "augment.image_size": 64, "mine.ss_max_side_px": None})
+    with TestClient(create_app()) as client:
+        job = client.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["config"] == job["result"]["config"] == expected.to_dict()
+    assert job["result"]["preset_from"] == "default rule: cpu on cpu"
+    preset, over = read_config_file(env.artifacts_dir / job["result"]["out_dir"] / CONFIG_FILE)
+    assert apply_overrides(get_preset(preset), over) == expected
+
+
 def test_cancel_stops_training_at_the_next_step(env, dataset, trainer):
     job_id = procs.create_job("pretrain", dataset, {**TINY, "epochs": 100})
     procs.wait_job(job_id, 60, [trainer], pred=lambda r: (r["progress"] or {}).get("global_step", 0) >= 2)

@@ -8,16 +8,18 @@ to claim them, and a pipeline creates its stages one after the other (services.c
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from sqlalchemy import select
 
 from services.api import cursors, lookups
-from services.api.deps import SessionDep, WriteAccess
+from services.api.deps import SessionDep, SettingsDep, WriteAccess
 from services.api.schemas import JobCreate, JobKind, JobOut, Page, ReviewSummary
 from services.common import broker, jobs, reviews
-from services.common.models import Artifact, Dataset, Job, JobStatus, RoiPair
+from services.common import params as job_params
+from services.common.models import Dataset, Job, JobStatus, RoiPair
+from services.common.settings import Settings
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 
@@ -37,32 +39,19 @@ def _out(session, job: Job) -> JobOut:
     return JobOut.of(job, kids)
 
 
-def _checkpoint_ids(kind: str, params: dict[str, Any]) -> list[tuple[str, Any]]:
-    if kind == "pipeline":
-        return [(f"params.{stage}.checkpoint_id", p["checkpoint_id"]) for stage, p in params.items()
-                if "checkpoint_id" in p]
-    return [("params.checkpoint_id", params["checkpoint_id"])] if "checkpoint_id" in params else []
-
-
-def _validate(session, body: JobCreate) -> None:
+def _validate(session, body: JobCreate, settings: Settings) -> None:
+    """Everything checkable before a job row exists; a 422 naming the field otherwise."""
     if session.get(Dataset, body.dataset_id) is None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                             f"dataset_id {body.dataset_id} does not exist; register the folder with "
                             "POST /api/v1/datasets")
     if len(json.dumps(body.params)) > MAX_PARAMS_BYTES:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"params are larger than {MAX_PARAMS_BYTES} bytes")
-    mine_ref = body.params.get("mine_job_id") if body.kind == "train" else None
-    if mine_ref is not None:
-        ref = session.get(Job, mine_ref) if isinstance(mine_ref, int) and not isinstance(mine_ref, bool) else None
-        if ref is None or ref.kind != "mine":
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                                f"params.mine_job_id={mine_ref!r} is not a mine job; list them with "
-                                "GET /api/v1/jobs?kind=mine")
-    for where, cid in _checkpoint_ids(body.kind, body.params):
-        art = session.get(Artifact, cid) if isinstance(cid, int) and not isinstance(cid, bool) else None
-        if art is None or art.kind != "checkpoint":
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                                f"{where}={cid!r} is not a checkpoint id; list them with GET /api/v1/checkpoints")
+    try:
+        # The same reading of params as the trainer and the miner use when the job runs.
+        job_params.check_job(session, body.kind, body.params, settings.artifacts_path)
+    except job_params.ParamsError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"body field '{exc.field}': {exc.reason}") from None
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, dependencies=[WriteAccess],
@@ -72,11 +61,12 @@ def _validate(session, body: JobCreate) -> None:
 def submit_job(
     body: JobCreate,
     session: SessionDep,
+    settings: SettingsDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200, description=(
         "any unique string; retrying the POST with the same key returns the same job"))] = None,
 ) -> JobOut:
-    _validate(session, body)
+    _validate(session, body, settings)
     try:
         created = jobs.create_job(session, kind=body.kind, dataset_id=body.dataset_id, params=body.params,
                                   idempotency_key=idempotency_key or None)
