@@ -134,12 +134,17 @@ LABELSTUDIO_CONFIG = f"""<View>
 
 
 def percent_box(box: Box, width: int, height: int) -> dict[str, float]:
-    """xyxy pixels -> Label Studio's rectangle value: top-left corner and size in percent of the image."""
+    """xyxy pixels -> Label Studio's rectangle value: top-left corner and size in percent of the
+    image, clipped to it (Label Studio refuses a region outside its image, and a box on the edge
+    may cross it by a rounding error)."""
     if width <= 0 or height <= 0:
         raise ValueError(f"image size {width}x{height}: a box in percent needs the image's width and height")
-    x1, y1, x2, y2 = box
-    return {"x": 100.0 * x1 / width, "y": 100.0 * y1 / height,
-            "width": 100.0 * (x2 - x1) / width, "height": 100.0 * (y2 - y1) / height, "rotation": 0}
+
+    def pct(v: float, side: int) -> float:
+        return min(100.0, max(0.0, 100.0 * v / side))
+
+    x1, y1, x2, y2 = pct(box[0], width), pct(box[1], height), pct(box[2], width), pct(box[3], height)
+    return {"x": x1, "y": y1, "width": x2 - x1, "height": y2 - y1, "rotation": 0}
 
 
 def _ls_rect(region_id: str, control: str, image_name: str, img: PairImage, box: Box) -> dict[str, Any]:

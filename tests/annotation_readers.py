@@ -69,7 +69,7 @@ def coco_back_fiftyone(path: Path, images_dir: Path) -> tuple[dict[int, Back], i
                 x, y, bw, bh = det.bounding_box
                 by_ann[det["coco_id"]] = (sample[id_field], (x * w, y * h, (x + bw) * w, (y + bh) * h), det)
         out = {}
-        for ann_id, (img_id, box, det) in by_ann.items():
+        for img_id, box, det in by_ann.values():
             if det["role"] != "query":
                 continue
             n_img, n_box, n_det = by_ann[det["partner_annotation_id"]]

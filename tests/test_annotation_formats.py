@@ -69,6 +69,9 @@ def test_percent_box_round_trip_and_bounds():
         p = af.percent_box((x1, y1, x2, y2), w, h)
         assert 0 <= p["x"] and p["x"] + p["width"] <= 100 + 1e-9 and p["y"] + p["height"] <= 100 + 1e-9
         assert p["x"] * w / 100 == pytest.approx(x1) and (p["y"] + p["height"]) * h / 100 == pytest.approx(y2)
+    # a box past the edge (a rounding error) is clipped to the image
+    assert af.percent_box((-0.001, 0, 640.0000001, 480), 640, 480) == {"x": 0.0, "y": 0.0, "width": 100.0,
+                                                                        "height": 100.0, "rotation": 0}
     with pytest.raises(ValueError, match="image size 0x480"):
         af.percent_box((0, 0, 1, 1), 0, 480)
 
