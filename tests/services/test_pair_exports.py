@@ -104,7 +104,7 @@ def test_coco_export_reads_back_in_pycocotools(api_client, reviewed_job, tmp_pat
 
 
 def test_coco_export_loads_in_fiftyone(api_client, reviewed_job, tmp_path, settings_env):
-    pytest.importorskip("fiftyone", reason="fiftyone is not installed (too heavy for CI: see README)")
+    pytest.importorskip("fiftyone", reason="fiftyone is not installed (not pinned: see tests/annotation_readers.py)")
     path = tmp_path / "pairs.coco.json"
     path.write_bytes(_export(api_client, reviewed_job["job_id"], "coco").content)
     back, samples = readers.coco_back_fiftyone(path, settings_env.images_dir)
