@@ -14,6 +14,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from orl.config import (
     CONFIG_FILE,
@@ -297,6 +298,36 @@ def cmd_render_pairs(args: argparse.Namespace) -> dict[str, Any]:
     return {"rendered": [str(p) for p in paths]}
 
 
+def cmd_export_pairs(args: argparse.Namespace) -> dict[str, Any]:
+    from orl import annotation_formats as af
+    from orl.correspondence import Correspondence
+    from orl.fileio import atomic_path, atomic_write_text
+
+    if args.image_url_prefix is not None and args.format != "labelstudio":
+        raise CLIError(f"--image-url-prefix applies to --format labelstudio only (got --format {args.format})")
+    try:
+        corr = Correspondence.load(args.pairs)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from exc
+    out = Path(args.out)
+    written = {args.format: str(out)}
+    if args.format == "labelstudio":
+        prefix = args.image_url_prefix if args.image_url_prefix is not None else af.LABELSTUDIO_LOCAL_FILES
+        chunks = af.labelstudio_tasks_json(af.correspondence_records(corr), lambda img: prefix + quote(img.file),
+                                           "orl-mine")
+        config = out.with_name(out.stem + ".labelstudio.xml")
+        atomic_write_text(config, af.LABELSTUDIO_CONFIG)
+        written["labeling_config"] = str(config)
+    else:
+        chunks = af.coco_json(af.CocoSource(images=lambda: af.correspondence_images(corr),
+                                            records=lambda: af.correspondence_records(corr),
+                                            info={"description": "ORL mined pairs: two boxes per pair, linked in "
+                                                                 "'pairs'", **corr.info}))
+    with atomic_path(out) as tmp, open(tmp, "w") as f:  # streamed: a big job's file never sits in memory
+        f.writelines(chunks)
+    return {**written, "images": len(corr), "pairs": corr.num_pairs}
+
+
 def cmd_export_backbone(args: argparse.Namespace) -> dict[str, Any]:
     from orl.checkpoint import CheckpointError, ExportError, export_backbone
 
@@ -407,6 +438,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=16, help="how many pairs (default 16)")
     _add_common(s, preset=False)
     s.set_defaults(func=cmd_render_pairs)
+
+    s = sub.add_parser("export-pairs", help="write mined pairs for Label Studio (tasks json) or FiftyOne (COCO json)",
+                       description="labelstudio: one task per pair with both images and the two boxes as a "
+                                   "prediction linked by a relation; its labeling config is written beside --out "
+                                   "(NAME.labelstudio.xml). coco: the images, two box annotations per pair and a "
+                                   "'pairs' list linking them; FiftyOne's COCODetectionDataset and pycocotools "
+                                   "load it with the mined folder as the images' root.")
+    s.add_argument("--pairs", required=True, help="MINE_DIR or correspondence.json")
+    s.add_argument("--format", choices=["labelstudio", "coco"], required=True)
+    s.add_argument("--out", required=True, help="json file to write")
+    s.add_argument("--image-url-prefix", metavar="URL",
+                   help="labelstudio: image URL = this + the image's path under the mined folder (default "
+                        "'/data/local-files/?d=': Label Studio's local files with the mined folder as document root)")
+    _add_common(s, preset=False)
+    s.set_defaults(func=cmd_export_pairs)
 
     s = sub.add_parser("export-backbone", help="write the backbone: torchvision weights, TorchScript or ONNX",
                        description="Write a checkpoint's online backbone. torchvision (default): a state dict "

@@ -130,6 +130,7 @@ def test_bad_option_exits_nonzero():
 
 
 def test_every_command_has_help():
-    for cmd in ("pretrain", "mine", "train", "eval", "attention", "render-pairs", "export-backbone"):
+    for cmd in ("pretrain", "mine", "train", "eval", "attention", "render-pairs", "export-pairs",
+                "export-backbone"):
         r = run(cmd, "--help")
         assert r.returncode == 0 and "--" in r.stdout

@@ -2,18 +2,22 @@
 
 The miner exports it as correspondence.json when a job finishes (``mine_job_correspondence``), the
 API serves the same thing in the authors' json layout, and the trainer feeds it to stage 3: all
-three must see the same pairs.
+three must see the same pairs. The Label Studio and COCO exports read the same rows, pair by pair
+with their reviews (``job_images``, ``pair_records``), as ``orl.annotation_formats`` records.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import select, union
+from sqlalchemy.orm import Session, aliased
 
+from orl.annotation_formats import PairImage, PairRecord, Verdict
 from orl.correspondence import Correspondence, official_info
+from services.common import reviews
 from services.common.models import Image, Job, Neighbor, Proposal, RoiPair
 from services.common.plan import MinePlan
 
@@ -83,3 +87,34 @@ def mine_job_correspondence(session: Session, job: Job) -> Correspondence:
         info = official_info(plan.mine, {**where, "images_root": plan.dataset_path,
                                          "checkpoint_id": plan.checkpoint_id, "params_key": key})
     return correspondence_from_db(session, job.id, key, info)
+
+
+def job_images(session: Session, job_id: int) -> Iterator[PairImage]:
+    """Every image of the job's KNN (has or is a neighbour: the images of correspondence_from_db), by id."""
+    ids = union(select(Neighbor.image_id.label("id")).where(Neighbor.job_id == job_id),
+                select(Neighbor.neighbor_image_id.label("id")).where(Neighbor.job_id == job_id)).subquery()
+    stmt = (select(Image.id, Image.rel_path, Image.width, Image.height).join(ids, ids.c.id == Image.id)
+            .order_by(Image.id).execution_options(yield_per=5000))
+    for i, path, w, h in session.execute(stmt):
+        yield PairImage(int(i), path, int(w or 0), int(h or 0))
+
+
+def pair_records(session: Session, job_id: int, batch: int = 2000) -> Iterator[PairRecord]:
+    """The job's pairs in file order (image, neighbour rank, rank) with their reviews, streamed in
+    batches of ``batch`` rows (one reviews query per batch)."""
+    qi, ni = aliased(Image), aliased(Image)
+    stmt = (select(RoiPair, qi.rel_path, qi.width, qi.height, ni.rel_path, ni.width, ni.height)
+            .join(qi, qi.id == RoiPair.image_id).join(ni, ni.id == RoiPair.neighbor_image_id)
+            .where(RoiPair.job_id == job_id).order_by(RoiPair.image_id, RoiPair.neighbor_rank, RoiPair.rank)
+            .execution_options(yield_per=batch))
+    for rows in session.execute(stmt).partitions():
+        by_pair = reviews.reviews_of(session, [r[0].id for r in rows])
+        for p, qp, qw, qh, np_, nw, nh in rows:
+            got = tuple(Verdict(who, v, at.isoformat()) for who, v, at in by_pair.get(p.id, []))
+            yield PairRecord(
+                pair_id=p.id, job_id=p.job_id, score=float(p.score), neighbor_rank=p.neighbor_rank, rank=p.rank,
+                query=PairImage(p.image_id, qp, int(qw or 0), int(qh or 0)),
+                neighbor=PairImage(p.neighbor_image_id, np_, int(nw or 0), int(nh or 0)),
+                query_box=(p.qx1, p.qy1, p.qx2, p.qy2), neighbor_box=(p.nx1, p.ny1, p.nx2, p.ny2), reviews=got,
+                verdict=reviews.consensus(sum(v.verdict == "correct" for v in got),
+                                          sum(v.verdict == "wrong" for v in got)))

@@ -100,3 +100,22 @@ def verdicts_of(session: Session, pair_ids: list[int], reviewer: str) -> dict[in
     return {int(pid): v for pid, v in session.execute(
         select(PairReview.pair_id, PairReview.verdict)
         .where(PairReview.pair_id.in_(pair_ids), PairReview.reviewer == reviewer))}
+
+
+def consensus(correct: int, wrong: int) -> str | None:
+    """A pair's verdict from its reviewers' counts, by the rule of ``job_summary``: the majority,
+    ``disputed`` on a tie, None when nobody reviewed it."""
+    if correct == wrong:
+        return "disputed" if correct else None
+    return "correct" if correct > wrong else "wrong"
+
+
+def reviews_of(session: Session, pair_ids: list[int]) -> dict[int, list[tuple[str, str, datetime]]]:
+    """pair id -> [(reviewer, verdict, updated_at)], by reviewer name, for the given pairs (absent: not reviewed)."""
+    out: dict[int, list[tuple[str, str, datetime]]] = {}
+    if pair_ids:
+        for pid, who, verdict, at in session.execute(
+                select(PairReview.pair_id, PairReview.reviewer, PairReview.verdict, PairReview.updated_at)
+                .where(PairReview.pair_id.in_(pair_ids)).order_by(PairReview.pair_id, PairReview.reviewer)):
+            out.setdefault(int(pid), []).append((who, verdict, at))
+    return out

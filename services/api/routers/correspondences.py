@@ -15,19 +15,23 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import aliased
 
+from orl.annotation_formats import LABELSTUDIO_CONFIG, CocoSource, coco_json, labelstudio_tasks_json
 from services.api import cursors, lookups
 from services.api.deps import SessionDep, WriteAccess
+from services.api.imaging import MAX_RENDER_SIDE_PX
 from services.api.schemas import Histogram, Page, PairOut, ReviewCounts, ReviewIn, ReviewOut
 from services.common import reviews
-from services.common.correspondences import mine_job_correspondence
+from services.common.correspondences import job_images, job_params_key, mine_job_correspondence, pair_records
 from services.common.models import Dataset, Image, Job, PairReview, RoiPair
 from services.common.runtime import get_sessionmaker
 
@@ -223,10 +227,7 @@ CSV_COLUMNS = ["pair_id", "job_id", "image_id", "image_path", "image_width", "im
 
 
 def _csv_rows(mine_id: int) -> Iterator[str]:
-    # Its own session: the response body is produced after the endpoint (and its request-scoped
-    # session) returned.
-    with get_sessionmaker()() as session:
-        yield from _csv_lines(session, mine_id)
+    return _stream(lambda session: _csv_lines(session, mine_id))
 
 
 def _csv_lines(session, mine_id: int) -> Iterator[str]:
@@ -248,17 +249,73 @@ def _csv_lines(session, mine_id: int) -> Iterator[str]:
     yield buf.getvalue()
 
 
-@router.get("/export", summary="All pairs of a mining job: official ORL json layout, or flat CSV",
+EXPORT_FORMATS = ("orl-json", "csv", "labelstudio", "coco")
+ExportFormat = Literal["orl-json", "csv", "labelstudio", "coco"]
+
+
+def _stream(chunks_of) -> Iterator[str]:
+    """The chunks ``chunks_of(session)`` yields, with a session of its own: the response body is
+    produced after the endpoint (and its request-scoped session) returned."""
+    with get_sessionmaker()() as session:
+        yield from chunks_of(session)
+
+
+def _attachment(name: str) -> dict[str, str]:
+    return {"Content-Disposition": f'attachment; filename="{name}"'}
+
+
+def _image_url(base_url: str, prefix: str | None):
+    """Where a Label Studio user's browser finds an image: ``prefix`` + its path under the dataset
+    folder (e.g. Label Studio's local files), or else this API's largest thumbnail, by absolute URL."""
+    if prefix is not None:
+        return lambda img: prefix + quote(img.file)
+    return lambda img: f"{base_url}api/v1/images/{img.image_id}/thumbnail?size={MAX_RENDER_SIDE_PX}"
+
+
+@router.get("/export", summary="All pairs of a mining job: official ORL json, flat CSV, Label Studio tasks or COCO",
             responses={200: {"content": {"application/json": {}, "text/csv": {}}}})
 def export(
     session: SessionDep,
+    request: Request,
     job_id: Annotated[int, Query(description="a mine job, or a pipeline (its mine stage)")],
-    format: Literal["orl-json", "csv"] = "orl-json",
+    format: Annotated[ExportFormat, Query(description=(
+        "orl-json (the authors' layout), csv (one row per pair), labelstudio (one task per pair, both images; "
+        "labeling config: GET /api/v1/correspondences/labelstudio-config), coco (detections per image plus a "
+        "'pairs' list; FiftyOne's COCODetectionDataset loads it)"))] = "orl-json",
+    image_url_prefix: Annotated[str | None, Query(min_length=1, max_length=2000, description=(
+        "labelstudio only: image URL = this + the image's path under the dataset folder, e.g. "
+        "'/data/local-files/?d=' for Label Studio's local files; default: this API's thumbnails"))] = None,
 ):
+    if image_url_prefix is not None and format != "labelstudio":
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"query parameter 'image_url_prefix' applies to format=labelstudio only (got "
+                            f"format={format}); drop it")
     mine_id = lookups.mine_job_id(session, job_id)
+    job = session.get(Job, mine_id)
     if format == "csv":
         return StreamingResponse(_csv_rows(mine_id), media_type="text/csv",
-                                 headers={"Content-Disposition": f'attachment; filename="pairs_job{mine_id}.csv"'})
-    corr = mine_job_correspondence(session, session.get(Job, mine_id))  # = the miner's correspondence.json
-    return JSONResponse(corr.to_official(),
-                        headers={"Content-Disposition": f'attachment; filename="correspondence_job{mine_id}.json"'})
+                                 headers=_attachment(f"pairs_job{mine_id}.csv"))
+    if format == "labelstudio":
+        url = _image_url(str(request.base_url), image_url_prefix)
+        return StreamingResponse(
+            _stream(lambda s: labelstudio_tasks_json(pair_records(s, mine_id), url, f"orl-mine-job-{mine_id}")),
+            media_type="application/json", headers=_attachment(f"pairs_job{mine_id}.labelstudio.json"))
+    if format == "coco":
+        ds = session.get(Dataset, job.dataset_id)
+        info = {"description": f"ORL pairs mined by job {mine_id}: two boxes per pair, linked in 'pairs'",
+                "job_id": mine_id, "dataset_id": job.dataset_id, "images_root": ds.path if ds else None,
+                "params_key": job_params_key(job), "date_created": datetime.now(UTC).isoformat()}
+        return StreamingResponse(
+            _stream(lambda s: coco_json(CocoSource(images=lambda: job_images(s, mine_id),
+                                                   records=lambda: pair_records(s, mine_id), info=info))),
+            media_type="application/json", headers=_attachment(f"pairs_job{mine_id}.coco.json"))
+    corr = mine_job_correspondence(session, job)  # = the miner's correspondence.json
+    return JSONResponse(corr.to_official(), headers=_attachment(f"correspondence_job{mine_id}.json"))
+
+
+@router.get("/labelstudio-config", response_class=Response, summary="The Label Studio labeling config of "
+            "format=labelstudio exports (paste it into the project's Labeling Interface)",
+            responses={200: {"content": {"application/xml": {}}}})
+def labelstudio_config() -> Response:
+    return Response(LABELSTUDIO_CONFIG, media_type="application/xml",
+                    headers=_attachment("orl_pairs_labelstudio_config.xml"))
