@@ -1,0 +1,123 @@
+"""Fast pages and weights out, against the real app on real Postgres: thumbnails kept on the
+artifacts volume and served with cache headers, and backbone exports written as artifacts.
+
+The mining side (thumbnails rendered by the proposal shards of a real Celery worker) is checked
+in tests/services/test_miner.py, on the job that test already runs.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import uuid
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from services.common import thumbnails
+
+API = "/api/v1"
+
+
+@pytest.fixture(scope="module")
+def photos(api_client, auth_headers, settings_env):
+    """A dataset of 3 sample photos in a folder of its own; its image rows."""
+    folder = settings_env.data_root / f"fast-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    for f in sorted(settings_env.images_dir.rglob("*.jpg"))[:3]:
+        shutil.copy(f, folder / f.name)
+    r = api_client.post(f"{API}/datasets", json={"name": folder.name, "path": str(folder)}, headers=auth_headers)
+    assert r.status_code == 201, r.text
+    return api_client.get(f"{API}/datasets/{r.json()['id']}/images").json()["items"]
+
+
+def _source(settings_env, img: dict):
+    return next(settings_env.data_root.glob(f"fast-*/{img['rel_path']}"))
+
+
+def _file(settings_env, img: dict, size: int):
+    return thumbnails.thumbnail_file(settings_env.artifacts_dir, img["checksum"], size)
+
+
+def test_thumbnail_is_rendered_once_kept_and_revalidated(api_client, settings_env, photos):
+    img = photos[0]
+    kept = _file(settings_env, img, 256)
+    kept.unlink(missing_ok=True)
+    r = api_client.get(f"{API}/images/{img['id']}/thumbnail", params={"size": 256})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert r.headers["cache-control"] == "public, max-age=86400" and r.headers["etag"]
+    # The first request left the file on the artifacts volume; the next one sends that file.
+    assert kept.is_file() and kept.read_bytes() == r.content
+    stamp = kept.stat().st_mtime_ns
+    again = api_client.get(f"{API}/images/{img['id']}/thumbnail", params={"size": 256})
+    assert again.content == r.content and again.headers["etag"] == r.headers["etag"]
+    assert kept.stat().st_mtime_ns == stamp, "served from the file, not rendered again"
+    # The longer side is the size, and both axes shrink by one factor (boxes scale exactly).
+    th = PILImage.open(io.BytesIO(r.content))
+    s = 256 / max(img["width"], img["height"])
+    assert max(th.size) == 256
+    assert abs(th.width - img["width"] * s) <= 1 and abs(th.height - img["height"] * s) <= 1
+    # A client that has it asks with its ETag: 304, no body, the same cache headers.
+    r304 = api_client.get(f"{API}/images/{img['id']}/thumbnail", params={"size": 256},
+                          headers={"If-None-Match": f'"other", {r.headers["etag"]}'})
+    assert r304.status_code == 304 and r304.content == b""
+    assert r304.headers["etag"] == r.headers["etag"] and r304.headers["cache-control"] == "public, max-age=86400"
+    stale = api_client.get(f"{API}/images/{img['id']}/thumbnail", params={"size": 256},
+                           headers={"If-None-Match": '"not-this-one"'})
+    assert stale.status_code == 200 and stale.content == r.content
+    # Another size is another file and another ETag.
+    small = api_client.get(f"{API}/images/{img['id']}/thumbnail", params={"size": 100})
+    assert small.headers["etag"] != r.headers["etag"] and max(PILImage.open(io.BytesIO(small.content)).size) == 100
+    assert _file(settings_env, img, 100).read_bytes() == small.content
+
+
+def test_thumbnail_with_its_checksum_is_immutable(api_client, photos):
+    img = photos[1]
+    r = api_client.get(f"{API}/images/{img['id']}/thumbnail", params={"size": 256, "checksum": img["checksum"]})
+    assert r.status_code == 200 and r.headers["cache-control"] == "public, max-age=31536000, immutable"
+    r304 = api_client.get(f"{API}/images/{img['id']}/thumbnail", params={"size": 256, "checksum": img["checksum"]},
+                          headers={"If-None-Match": r.headers["etag"]})
+    assert r304.status_code == 304 and r304.headers["cache-control"].endswith("immutable")
+    # Another image's checksum: refused with the right one named.
+    wrong = photos[0]["checksum"]
+    r = api_client.get(f"{API}/images/{img['id']}/thumbnail", params={"size": 256, "checksum": wrong})
+    assert r.status_code == 409 and img["checksum"] in r.json()["detail"]
+    r = api_client.get(f"{API}/images/{img['id']}/thumbnail", params={"checksum": "abc"})
+    assert r.status_code == 422 and "checksum" in r.json()["detail"]
+
+
+def test_missing_thumbnail_is_rendered_again_and_a_changed_photo_refused(api_client, settings_env, photos):
+    img = photos[2]
+    first = api_client.get(f"{API}/images/{img['id']}/thumbnail", params={"size": 256}).content
+    kept = _file(settings_env, img, 256)
+    kept.unlink()  # an operator cleaned the volume, or another host's copy is incomplete
+    r = api_client.get(f"{API}/images/{img['id']}/thumbnail", params={"size": 256})
+    assert r.status_code == 200 and kept.is_file()
+    assert r.content == first, "one rendering per (content, size, version): the same bytes again"
+    # A photo edited in place no longer has the recorded checksum: never stored under the old one.
+    kept.unlink()
+    src = _source(settings_env, img)
+    original = src.read_bytes()
+    try:
+        PILImage.open(io.BytesIO(original)).rotate(90, expand=True).save(src, format="JPEG")
+        r = api_client.get(f"{API}/images/{img['id']}/thumbnail", params={"size": 256})
+        assert r.status_code == 409 and "changed since it was registered" in r.json()["detail"]
+        assert not kept.exists()
+    finally:
+        src.write_bytes(original)
+
+
+def test_crop_decodes_only_what_it_needs_and_matches_the_full_decode(api_client, settings_env, photos):
+    from services.api import imaging
+
+    img = photos[0]
+    src = _source(settings_env, img)
+    box = (40.0, 30.0, 440.0, 330.0)  # 400 x 300 px shown at 96: the decoder may reduce by 4
+    reduced = np.asarray(PILImage.open(io.BytesIO(imaging.crop_jpeg(src, box, 96, (img["width"], img["height"])))))
+    full = np.asarray(PILImage.open(io.BytesIO(imaging.crop_jpeg(src, box, 96))))
+    assert reduced.shape == full.shape == (72, 96, 3)
+    # The same region: the two renderings differ by resampling noise only.
+    assert np.abs(reduced.astype(int) - full.astype(int)).mean() < 6
+    r = api_client.get(f"{API}/images/{img['id']}/crop", params={"box": "40,30,440,330", "size": 96})
+    assert r.status_code == 200 and r.content == imaging.crop_jpeg(src, box, 96, (img["width"], img["height"]))
