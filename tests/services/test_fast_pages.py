@@ -121,3 +121,119 @@ def test_crop_decodes_only_what_it_needs_and_matches_the_full_decode(api_client,
     assert np.abs(reduced.astype(int) - full.astype(int)).mean() < 6
     r = api_client.get(f"{API}/images/{img['id']}/crop", params={"box": "40,30,440,330", "size": 96})
     assert r.status_code == 200 and r.content == imaging.crop_jpeg(src, box, 96, (img["width"], img["height"]))
+
+
+# -- weights out: backbone exports as artifacts --------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(settings_env, photos):
+    """A finished pretrain job with a real tiny checkpoint (one step on real photos) as its artifact."""
+    from services.common import jobs
+    from services.common.db import session_scope
+    from services.common.models import Artifact
+    from tests.services import procs
+
+    ckpt_id = procs.make_checkpoint(settings_env.images_dir, settings_env.artifacts_dir, photos[0]["dataset_id"])
+    with session_scope() as s:
+        job = jobs.create_job(s, kind="pretrain", dataset_id=photos[0]["dataset_id"]).job
+        jobs.start_job(s, job.id, "test")
+        jobs.finish_job(s, job.id, "succeeded", result={"summary": {"metrics": {"loss": 0.5, "lr": 0.05}}})
+        s.get(Artifact, ckpt_id).job_id = job.id
+        return {"checkpoint": ckpt_id, "job": job.id}
+
+
+def _reference(settings_env, checkpoint_id: int):
+    """The checkpoint's own backbone, loaded by the library: what every export must reproduce."""
+    from orl.checkpoint import load_model
+    from services.common.db import session_scope
+    from services.common.models import Artifact
+
+    with session_scope() as s:
+        path = settings_env.artifacts_dir / s.get(Artifact, checkpoint_id).path
+    model, cfg, _ = load_model(path)
+    return model.backbone.eval(), cfg
+
+
+def _inputs():
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(2, 3, 64, 64, generator=g), torch.randn(1, 3, 96, 80, generator=g)]
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "torchvision"])
+def test_export_is_an_artifact_that_downloads_and_loads_back(api_client, auth_headers, settings_env, trained, fmt,
+                                                              tmp_path):
+    import torch
+
+    ckpt, job = trained["checkpoint"], trained["job"]
+    url = f"{API}/artifacts/{ckpt}/export"
+    assert api_client.post(url, json={"format": fmt}).status_code == 401, "writes need the token"
+    r = api_client.post(url, json={"format": fmt}, headers=auth_headers)
+    assert r.status_code == 201, r.text
+    art = r.json()
+    assert r.headers["location"] == f"/api/v1/artifacts/{art['id']}"
+    assert art["kind"] == "export" and art["stage"] == "byol"
+    assert art["job"] == {"id": job, "kind": "pretrain", "status": "succeeded"}
+    assert art["meta"]["format"] == fmt and art["meta"]["source_artifact_id"] == ckpt
+    assert art["metrics"] == {"loss": 0.5, "lr": 0.05}, "the metrics of the training that made the checkpoint"
+    listed = api_client.get(f"{API}/artifacts", params={"kind": "export", "job_id": job}).json()["items"]
+    assert art["id"] in [a["id"] for a in listed]
+    # The same request again: the same artifact, not a second export.
+    again = api_client.post(url, json={"format": fmt}, headers=auth_headers)
+    assert again.status_code == 200 and again.json()["id"] == art["id"]
+
+    d = api_client.get(art["download_url"])
+    assert d.status_code == 200 and len(d.content) == art["size_bytes"] > 0
+    assert f'filename="export-{art["id"]}-{art["file_name"]}"' in d.headers["content-disposition"]
+    out = tmp_path / art["file_name"]
+    out.write_bytes(d.content)
+    net, cfg = _reference(settings_env, ckpt)
+    with torch.no_grad():
+        want = [net(x) for x in _inputs()]  # pooled res5 features (N, C)
+    if fmt == "torchscript":
+        loaded = torch.jit.load(str(out))
+        with torch.no_grad():
+            got = [loaded(x) for x in _inputs()]
+    elif fmt == "onnx":
+        onnx = pytest.importorskip("onnx")
+        from onnx.reference import ReferenceEvaluator
+
+        model = onnx.load(str(out))
+        onnx.checker.check_model(model)
+        runner = ReferenceEvaluator(model)  # onnx's own implementation of every operator
+        got = [torch.from_numpy(runner.run(None, {"images": x.numpy()})[0]) for x in _inputs()]
+    else:
+        import torchvision
+
+        resnet = getattr(torchvision.models, cfg.model.backbone)()
+        missing = resnet.load_state_dict(torch.load(out, weights_only=True), strict=False).missing_keys
+        assert sorted(missing) == ["fc.bias", "fc.weight"]
+        resnet.fc = torch.nn.Identity()
+        with torch.no_grad():
+            got = [resnet.eval()(x) for x in _inputs()]
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_export_refuses_what_it_cannot_export(api_client, auth_headers, trained, settings_env):
+    from services.common.db import session_scope
+    from services.common.models import Artifact
+
+    url = f"{API}/artifacts/{trained['checkpoint']}/export"
+    r = api_client.post(url, json={"format": "tflite"}, headers=auth_headers)
+    assert r.status_code == 422 and "format" in r.json()["detail"]
+    r = api_client.post(url, json={"format": "onnx", "input_size": 8}, headers=auth_headers)
+    assert r.status_code == 422 and "input_size" in r.json()["detail"]
+    assert api_client.post(f"{API}/artifacts/99999999/export", json={"format": "onnx"},
+                           headers=auth_headers).status_code == 404
+    with session_scope() as s:
+        corr = Artifact(kind="correspondence", path="nowhere.json", meta={})
+        gone = Artifact(kind="checkpoint", stage="orl", path="test-checkpoints/gone/last.pt", meta={})
+        s.add_all([corr, gone])
+        s.flush()
+        ids = corr.id, gone.id
+    r = api_client.post(f"{API}/artifacts/{ids[0]}/export", json={"format": "onnx"}, headers=auth_headers)
+    assert r.status_code == 422 and "not a checkpoint" in r.json()["detail"]
+    r = api_client.post(f"{API}/artifacts/{ids[1]}/export", json={"format": "onnx"}, headers=auth_headers)
+    assert r.status_code == 410 and "gone" in r.json()["detail"]
