@@ -8,8 +8,10 @@ the API's thumbnail and crop endpoints; boxes are drawn here onto the thumbnails
 
 A page's images (up to 4 per pair) are requested together before any row is drawn, in parallel
 and through the client's image cache (``Api.fetch_images``): one round trip's latency per page
-instead of one per image. The browser itself only ever talks to the dashboard; see
-docs/SERVICES.md ("Fast pages") for why it does not fetch from the API directly.
+instead of one per image. The drawn images (box on a thumbnail, frame around a crop) are cached
+as JPEG bytes, which ``st.image`` sends as they are, so a warm page costs no decoding or encoding.
+The browser itself only ever talks to the dashboard; see docs/SERVICES.md ("Fast pages") for why
+it does not fetch from the API directly.
 """
 
 from __future__ import annotations
@@ -130,12 +132,20 @@ def _image_requests(pair: dict) -> list[tuple[str, dict]]:
             common.Api.crop_request(pair["neighbor_image_id"], pair["neighbor_box"], CROP_PX)]
 
 
-def _boxed_thumbnail(data: bytes, box, size: tuple[int | None, int | None], colour):
+@st.cache_data(max_entries=4000, show_spinner=False)
+def _boxed_thumbnail(data: bytes, box: tuple[float, ...], size: tuple[int | None, int | None],
+                     colour: tuple[int, int, int]) -> bytes:
+    """JPEG of the thumbnail with the box drawn in ``colour``."""
     thumb = drawing.open_image(data)
     if size[0] and size[1]:
         # The box is in the recorded image's pixels; the thumbnail is that image scaled down.
-        return drawing.draw_box(thumb, drawing.scale_box(box, (size[0], size[1]), thumb.size), colour)
-    return thumb  # size unknown (not yet recorded): show the image without the box
+        thumb = drawing.draw_box(thumb, drawing.scale_box(box, (size[0], size[1]), thumb.size), colour)
+    return drawing.jpeg(thumb)  # size unknown (not yet recorded): the image without the box
+
+
+@st.cache_data(max_entries=4000, show_spinner=False)
+def _framed_crop(data: bytes, colour: tuple[int, int, int]) -> bytes:
+    return drawing.jpeg(drawing.framed(drawing.open_image(data), colour))
 
 
 def _pair_row(api: common.Api, pair: dict, images: list, colour, number: int, dataset_id: int,
@@ -147,11 +157,11 @@ def _pair_row(api: common.Api, pair: dict, images: list, colour, number: int, da
             st.warning(f"pair {pair['id']}: cannot load its images ({failed})")
             return
         q_thumb, n_thumb, q_box, n_box = (r.content for r in images)
-        q = _boxed_thumbnail(q_thumb, pair["query_box"], (pair.get("image_width"), pair.get("image_height")), colour)
-        n = _boxed_thumbnail(n_thumb, pair["neighbor_box"], (pair.get("neighbor_width"), pair.get("neighbor_height")),
+        q = _boxed_thumbnail(q_thumb, tuple(pair["query_box"]), (pair.get("image_width"), pair.get("image_height")),
                              colour)
-        qc = drawing.framed(drawing.open_image(q_box), colour)
-        nc = drawing.framed(drawing.open_image(n_box), colour)
+        n = _boxed_thumbnail(n_thumb, tuple(pair["neighbor_box"]),
+                             (pair.get("neighbor_width"), pair.get("neighbor_height")), colour)
+        qc, nc = _framed_crop(q_box, colour), _framed_crop(n_box, colour)
         # JPEG: these are photos, and PNG would send several times the bytes to the browser.
         q_img.image(q, caption=f"query · image {pair['image_id']} · {pair.get('image_path', '')}",
                     output_format="JPEG")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import io
 import shutil
+import time
 import uuid
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image as PILImage
@@ -237,3 +239,48 @@ def test_export_refuses_what_it_cannot_export(api_client, auth_headers, trained,
     assert r.status_code == 422 and "not a checkpoint" in r.json()["detail"]
     r = api_client.post(f"{API}/artifacts/{ids[1]}/export", json={"format": "onnx"}, headers=auth_headers)
     assert r.status_code == 410 and "gone" in r.json()["detail"]
+
+
+# -- the dashboard's image fetching, against a live uvicorn API ------------------------------------------
+from tests.services.test_dashboard import live_api  # noqa: E402,F401  (the module's uvicorn fixture)
+
+
+def test_dashboard_fetches_a_pages_images_in_parallel_and_keeps_them(live_api, photos):  # noqa: F811
+    from dashboard.api_client import ApiClient, ApiError
+
+    client = ApiClient(live_api)
+    try:
+        ids = [p["id"] for p in photos]
+        reqs = [(f"/images/{i}/thumbnail", {"size": 256}) for i in ids] + [
+            (f"/images/{ids[0]}/crop", {"box": "10,10,200,150", "size": 96}),
+            ("/images/99999999/thumbnail", {"size": 256}),  # no such image: its error, in its place
+            (f"/images/{ids[0]}/thumbnail", {"size": 256}),  # asked twice on one page: fetched once
+        ]
+        got = client.get_binaries(reqs)
+        assert [type(g).__name__ for g in got] == ["Binary"] * 4 + ["ApiError", "Binary"]
+        assert isinstance(got[4], ApiError) and got[4].status == 404
+        assert got[5] is got[0]
+        for g, i in zip(got[:3], ids, strict=True):
+            direct = httpx.get(f"{live_api}/api/v1/images/{i}/thumbnail", params={"size": 256})
+            assert g.content == direct.content and g.headers["etag"] == direct.headers["etag"]
+        # The next page (or the next run of this one) is answered from memory.
+        again = client.get_binaries(reqs[:4])
+        assert all(a is g for a, g in zip(again, got[:4], strict=True))
+    finally:
+        client.close()
+
+
+def test_image_cache_keeps_the_recent_within_its_budget():
+    from dashboard.api_client import Binary, BinaryCache
+
+    cache = BinaryCache(max_bytes=250)  # room for two of these
+    cache.put(("a",), Binary(b"x" * 100, {}))
+    cache.put(("b",), Binary(b"y" * 100, {}))
+    assert cache.get(("a",)).content == b"x" * 100  # a is now the most recently used
+    cache.put(("c",), Binary(b"z" * 100, {}))
+    assert cache.get(("b",)) is None, "the least recently used went out when the budget was passed"
+    assert cache.get(("a",)) is not None and cache.get(("c",)) is not None
+    expired = BinaryCache(ttl_s=0.0)
+    expired.put(("a",), Binary(b"x", {}))
+    time.sleep(0.01)
+    assert expired.get(("a",)) is None, "older than its TTL"
