@@ -30,6 +30,14 @@ def open_image(data: bytes) -> Image.Image:
     return img.convert("RGB")
 
 
+def jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    """JPEG bytes of a drawn image; ``st.image`` sends JPEG bytes as they are (quality 90 is
+    what it would encode a PIL image with)."""
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def scale_box(box: Sequence[float], original_size: tuple[int, int], shown_size: tuple[int, int]) -> list[float]:
     """A float xyxy box in original pixels -> the same box on a resized copy of that image.
 

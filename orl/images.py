@@ -35,14 +35,21 @@ def list_images(root: str | os.PathLike) -> list[str]:
     return sorted(out)
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image fully as 8-bit RGB, applying its EXIF orientation.
+def load_rgb(path: str | os.PathLike, draft_px: int | None = None) -> Image.Image:
+    """Decode an image as 8-bit RGB, applying its EXIF orientation.
 
     Grayscale, palette, 16-bit and RGBA inputs are converted. Raises ImageError with the
     reason for anything that cannot be decoded (truncated, not an image, zero size).
+
+    ``draft_px`` is for previews: a JPEG may then be decoded at 1/2, 1/4 or 1/8 of its size
+    (libjpeg scales while decoding, several times faster than decoding fully and resizing), as
+    long as both sides stay at least ``draft_px``. Other formats are decoded fully. The result
+    is smaller than the image's recorded size then; boxes must be scaled by the ratio.
     """
     try:
         with Image.open(path) as opened:
+            if draft_px is not None and opened.format == "JPEG":
+                opened.draft("RGB", (draft_px, draft_px))
             opened.load()
             im = ImageOps.exif_transpose(opened)
             if im.mode == "I;16" or im.mode == "I":

@@ -2,8 +2,11 @@
 
 Caching: the HTTP client is a ``st.cache_resource`` (one connection pool per API URL and
 token, shared by all sessions); queries are ``st.cache_data`` with a TTL that fits how fast the
-answer changes: job progress seconds, pair pages a minute, rendered images an hour (they are
-immutable for a given image and box). Write actions clear the short-lived caches.
+answer changes: job progress seconds, pair pages a minute. Write actions clear those caches.
+Rendered images (immutable for a given image, size and box) live in the client's own
+``BinaryCache`` instead, an hour each: ``Api.fetch_images`` then fetches a page's missing images in
+parallel, which ``st.cache_data`` cannot do (its functions are meant for the script thread, and
+it unpickles a copy of every value on every run).
 """
 
 from __future__ import annotations
@@ -40,11 +43,6 @@ def _get_live(base_url: str, token: str | None, path: str, items: tuple) -> Any:
 @st.cache_data(ttl=30, show_spinner=False, max_entries=500)
 def _get_fresh(base_url: str, token: str | None, path: str, items: tuple) -> Any:
     return get_client(base_url, token).get(path, **_params(items))
-
-
-@st.cache_data(ttl=3600, show_spinner=False, max_entries=2000)
-def _get_binary(base_url: str, token: str | None, path: str, items: tuple) -> Binary:
-    return get_client(base_url, token).get_binary(path, **_params(items))
 
 
 @st.cache_data(ttl=5, show_spinner=False)
@@ -92,17 +90,33 @@ class Api:
     def checkpoints(self, **params) -> list[dict]:
         return items_of(self._get(_get_fresh, "/checkpoints", **params))
 
+    # images: (path, params) requests, answered from the client's BinaryCache or the API
+    @staticmethod
+    def thumbnail_request(image_id: int, size: int) -> tuple[str, dict[str, Any]]:
+        return f"/images/{image_id}/thumbnail", {"size": size}
+
+    @staticmethod
+    def crop_request(image_id: int, box, size: int) -> tuple[str, dict[str, Any]]:
+        return f"/images/{image_id}/crop", {"box": ",".join(f"{v:.2f}" for v in box), "size": size}
+
+    def fetch_images(self, requests: list[tuple[str, dict[str, Any]]]) -> list[Binary | ApiError]:
+        """Several images at once (in parallel), in order; a failed one is its ApiError."""
+        return get_client(self.base_url, self.token).get_binaries(requests)
+
+    def _binary(self, request: tuple[str, dict[str, Any]]) -> Binary:
+        return get_client(self.base_url, self.token).get_binary(request[0], **request[1])
+
     def thumbnail(self, image_id: int, size: int) -> Binary:
-        return self._get(_get_binary, f"/images/{image_id}/thumbnail", size=size)
+        return self._binary(self.thumbnail_request(image_id, size))
 
     def crop(self, image_id: int, box, size: int) -> Binary:
-        return self._get(_get_binary, f"/images/{image_id}/crop", box=",".join(f"{v:.2f}" for v in box), size=size)
+        return self._binary(self.crop_request(image_id, box, size))
 
     def attention(self, image_id: int, checkpoint_id: int, size: int) -> Binary:
         # opacity 1: the bare heat map; the page blends it over the thumbnail itself, so moving
         # the opacity slider costs no request (and no model run) at all.
-        return self._get(_get_binary, f"/images/{image_id}/attention", checkpoint_id=checkpoint_id, opacity=1.0,
-                         size=size)
+        return self._binary((f"/images/{image_id}/attention", {"checkpoint_id": checkpoint_id, "opacity": 1.0,
+                                                                "size": size}))
 
     # writes (never cached; they make the live caches stale)
     def _write(self, path: str, body: Any = None, headers: dict[str, str] | None = None, method: str = "POST") -> Any:

@@ -5,6 +5,13 @@ then the two crops (framed in that colour), score and ranks, and ✓ / ✗ butto
 reviewer's verdict. Pairs come best first, worst first or as a seeded random sample (the one to
 review for an unbiased precision, shown per mining job on the Dataset page). Images come from
 the API's thumbnail and crop endpoints; boxes are drawn here onto the thumbnails.
+
+A page's images (up to 4 per pair) are requested together before any row is drawn, in parallel
+and through the client's image cache (``Api.fetch_images``): one round trip's latency per page
+instead of one per image. The drawn images (box on a thumbnail, frame around a crop) are cached
+as JPEG bytes, which ``st.image`` sends as they are, so a warm page costs no decoding or encoding.
+The browser itself only ever talks to the dashboard; see docs/SERVICES.md ("Fast pages") for why
+it does not fetch from the API directly.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from dashboard import drawing, urlstate
 from dashboard.api_client import ApiError
 from dashboard.views import common
 
-THUMB_PX = 320
+THUMB_PX = 256  # a size the mining jobs render ahead (PRERENDER_SIZES_PX of services.common.thumbnails)
 CROP_PX = 160
 REVIEWER = "reviewer_name"  # session key: who marks pairs on this browser session
 
@@ -110,34 +117,51 @@ def _page(api: common.Api, state: dict, reviewer: str | None) -> None:
     page_no = len(before) + 1
     how = ORDER_LABELS[state["order"]] + (f" (seed {state['seed']})" if state["order"] == "random" else "")
     st.caption(f"page {page_no} · {len(items)} pairs, {how}" if items else "no pairs match these filters")
+    fetched = api.fetch_images([r for pair in items for r in _image_requests(pair)])
     for i, pair in enumerate(items):
-        _pair_row(api, pair, drawing.pair_colour(i), (page_no - 1) * state["per_page"] + i + 1, state["dataset"],
-                  reviewer)
+        _pair_row(api, pair, fetched[4 * i:4 * i + 4], drawing.pair_colour(i),
+                  (page_no - 1) * state["per_page"] + i + 1, state["dataset"], reviewer)
     common.pager("pairs", state, page.get("next_cursor"), before, key="pairs")
 
 
-def _boxed_thumbnail(api: common.Api, image_id: int, box, size: tuple[int | None, int | None], colour):
-    thumb = drawing.open_image(api.thumbnail(image_id, THUMB_PX).content)
+def _image_requests(pair: dict) -> list[tuple[str, dict]]:
+    """The pair's four images: query and neighbour thumbnails, then their two crops."""
+    return [common.Api.thumbnail_request(pair["image_id"], THUMB_PX),
+            common.Api.thumbnail_request(pair["neighbor_image_id"], THUMB_PX),
+            common.Api.crop_request(pair["image_id"], pair["query_box"], CROP_PX),
+            common.Api.crop_request(pair["neighbor_image_id"], pair["neighbor_box"], CROP_PX)]
+
+
+@st.cache_data(max_entries=4000, show_spinner=False)
+def _boxed_thumbnail(data: bytes, box: tuple[float, ...], size: tuple[int | None, int | None],
+                     colour: tuple[int, int, int]) -> bytes:
+    """JPEG of the thumbnail with the box drawn in ``colour``."""
+    thumb = drawing.open_image(data)
     if size[0] and size[1]:
-        return drawing.draw_box(thumb, drawing.scale_box(box, (size[0], size[1]), thumb.size), colour)
-    return thumb  # size unknown (not yet recorded): show the image without the box
+        # The box is in the recorded image's pixels; the thumbnail is that image scaled down.
+        thumb = drawing.draw_box(thumb, drawing.scale_box(box, (size[0], size[1]), thumb.size), colour)
+    return drawing.jpeg(thumb)  # size unknown (not yet recorded): the image without the box
 
 
-def _pair_row(api: common.Api, pair: dict, colour, number: int, dataset_id: int, reviewer: str | None) -> None:
+@st.cache_data(max_entries=4000, show_spinner=False)
+def _framed_crop(data: bytes, colour: tuple[int, int, int]) -> bytes:
+    return drawing.jpeg(drawing.framed(drawing.open_image(data), colour))
+
+
+def _pair_row(api: common.Api, pair: dict, images: list, colour, number: int, dataset_id: int,
+              reviewer: str | None) -> None:
     with st.container(border=True):
         q_img, n_img, q_crop, n_crop, info = st.columns([3, 3, 1.6, 1.6, 1.6], vertical_alignment="center")
-        try:
-            q = _boxed_thumbnail(api, pair["image_id"], pair["query_box"],
-                                 (pair.get("image_width"), pair.get("image_height")), colour)
-            n = _boxed_thumbnail(api, pair["neighbor_image_id"], pair["neighbor_box"],
-                                 (pair.get("neighbor_width"), pair.get("neighbor_height")), colour)
-            qc = drawing.framed(drawing.open_image(api.crop(pair["image_id"], pair["query_box"], CROP_PX).content),
-                                colour)
-            nc = drawing.framed(drawing.open_image(
-                api.crop(pair["neighbor_image_id"], pair["neighbor_box"], CROP_PX).content), colour)
-        except ApiError as exc:
-            st.warning(f"pair {pair['id']}: cannot load its images ({exc})")
+        failed = next((r for r in images if isinstance(r, ApiError)), None)
+        if failed is not None:
+            st.warning(f"pair {pair['id']}: cannot load its images ({failed})")
             return
+        q_thumb, n_thumb, q_box, n_box = (r.content for r in images)
+        q = _boxed_thumbnail(q_thumb, tuple(pair["query_box"]), (pair.get("image_width"), pair.get("image_height")),
+                             colour)
+        n = _boxed_thumbnail(n_thumb, tuple(pair["neighbor_box"]),
+                             (pair.get("neighbor_width"), pair.get("neighbor_height")), colour)
+        qc, nc = _framed_crop(q_box, colour), _framed_crop(n_box, colour)
         # JPEG: these are photos, and PNG would send several times the bytes to the browser.
         q_img.image(q, caption=f"query · image {pair['image_id']} · {pair.get('image_path', '')}",
                     output_format="JPEG")

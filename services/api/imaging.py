@@ -1,4 +1,4 @@
-"""Server-side rendering of thumbnails, crops and attention overlays.
+"""Server-side rendering of crops and attention overlays (thumbnails: services.common.thumbnails).
 
 The browser never gets full-resolution scene photos for a page of pairs: it gets small JPEGs,
 cached by the client (the responses carry ETag and Cache-Control). Attention maps need a model;
@@ -33,13 +33,6 @@ def _png(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def thumbnail_jpeg(path: Path, max_side_px: int) -> bytes:
-    """The whole image, longer side at most ``max_side_px`` (never upscaled)."""
-    im = load_rgb(path)  # EXIF orientation applied: boxes are in these pixels
-    im.thumbnail((max_side_px, max_side_px), Image.Resampling.LANCZOS)
-    return _jpeg(im)
-
-
 def parse_box(text: str) -> tuple[float, float, float, float]:
     """'x1,y1,x2,y2' -> floats, or ValueError saying what is wrong."""
     parts = text.split(",")
@@ -56,14 +49,27 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     return x1, y1, x2, y2
 
 
-def crop_jpeg(path: Path, box: tuple[float, float, float, float], max_side_px: int) -> bytes:
-    """The box region (clipped to the image), scaled so its longer side is ``max_side_px``."""
-    im = load_rgb(path)
+def crop_jpeg(path: Path, box: tuple[float, float, float, float], max_side_px: int,
+              image_size_px: tuple[int | None, int | None] = (None, None)) -> bytes:
+    """The box region (clipped to the image), scaled so its longer side is ``max_side_px``.
+
+    ``image_size_px`` is the recorded (width, height) the box is measured in. With it, a JPEG is
+    decoded only as large as the crop needs (``load_rgb(draft_px=...)``): a 200 px box of a
+    4000 px photo shown at 160 px needs a quarter of the pixels, not all of them.
+    """
+    width, height = image_size_px
     x1, y1, x2, y2 = box
+    draft = None
+    if width and height:
+        scale = max_side_px / max(min(x2, width) - max(x1, 0.0), min(y2, height) - max(y1, 0.0), 1.0)
+        draft = math.ceil(max(width, height) * scale) if scale < 1 else None
+    im = load_rgb(path, draft_px=draft)
+    fx, fy = (im.width / width, im.height / height) if width and height else (1.0, 1.0)
+    x1, y1, x2, y2 = x1 * fx, y1 * fy, x2 * fx, y2 * fy
     x1, y1 = max(0.0, x1), max(0.0, y1)
     x2, y2 = min(float(im.width), x2), min(float(im.height), y2)
     if x2 - x1 < 1 or y2 - y1 < 1:
-        raise ValueError(f"box {box} lies outside the image ({im.width}x{im.height} pixels)")
+        raise ValueError(f"box {box} lies outside the image ({width or im.width}x{height or im.height} pixels)")
     crop = im.crop((int(math.floor(x1)), int(math.floor(y1)), int(math.ceil(x2)), int(math.ceil(y2))))
     s = max_side_px / max(crop.size)
     size = (max(1, round(crop.width * s)), max(1, round(crop.height * s)))
@@ -118,7 +124,7 @@ def attention_png(model, image_path: Path, method: str, opacity: float, max_side
 
     from orl.attention import compute_attention, overlay
 
-    im = load_rgb(image_path)
+    im = load_rgb(image_path, draft_px=max_side_px)  # decoded like the thumbnail of that size: same pixels
     im.thumbnail((max_side_px, max_side_px), Image.Resampling.LANCZOS)
     # Grad-CAM needs autograd; the other methods are one plain forward pass.
     with torch.no_grad() if method != "gradcam" else contextlib.nullcontext():

@@ -218,7 +218,17 @@ class CheckpointOut(BaseModel):
 
 
 # -- artifacts ----------------------------------------------------------------------------------
-ArtifactKind = Literal["checkpoint", "backbone", "correspondence", "metrics"]
+ArtifactKind = Literal["checkpoint", "backbone", "correspondence", "metrics", "export"]
+
+
+class ExportIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["torchscript", "onnx", "torchvision"] = Field(description=(
+        "torchscript / onnx: a self-contained model, normalised images (N, 3, H, W) -> pooled features (N, C); "
+        "torchvision: the ResNet state dict without fc"))
+    input_size: int | None = Field(None, ge=32, le=1024, description=(
+        "px of the example the model is traced at (default: the checkpoint's training size); "
+        "the exported model accepts other sizes too"))
 
 
 class JobRef(BaseModel):

@@ -53,7 +53,7 @@ class JobStatus(enum.StrEnum):
 
 TERMINAL_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 IMAGE_STATUSES = ("ok", "failed")
-ARTIFACT_KINDS = ("checkpoint", "backbone", "correspondence", "metrics")
+ARTIFACT_KINDS = ("checkpoint", "backbone", "correspondence", "metrics", "export")
 ARTIFACT_STAGES = ("byol", "orl")
 VERDICTS = ("correct", "wrong")
 

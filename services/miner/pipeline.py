@@ -54,7 +54,7 @@ from orl.device import resolve_device
 from orl.images import ImageError, load_rgb
 from orl.mining import embed_images, embed_rois, knn_search, select_pairs
 from orl.proposals import proposal_params, run_proposals
-from services.common import jobs
+from services.common import jobs, thumbnails
 from services.common.artifacts import artifact_file, checkpoint_config, upsert_artifact
 from services.common.correspondences import mine_job_correspondence
 from services.common.datasets import scan_dataset
@@ -306,8 +306,28 @@ def propose_shard(job_id: int, image_ids: Sequence[int], dispatcher: Dispatcher)
                     last_report = time.monotonic()
         finally:
             results.close()  # stops the selective-search subprocess when cancelled
+        _render_thumbnails(gate, root, paths, image_ids)
     _report_propose(job_id, plan)
     advance_to_embed(job_id, dispatcher)
+
+
+def _render_thumbnails(gate: _Gate, root: Path, paths: dict[int, str], image_ids: Sequence[int]) -> None:
+    """The shard's thumbnails (``thumbnails.PRERENDER_SIZES_PX``), those not on disk yet.
+
+    Here because the CPU workers already read every image of the job, in parallel: the pages
+    of pairs then never wait for a photo to be decoded. A failure costs that image's
+    thumbnails only (the API renders them on demand); the job goes on.
+    """
+    with session_scope() as s:
+        sums = records.image_checksums(s, [i for i in image_ids if i in paths])
+    artifacts = get_settings().artifacts_path
+    for n, (image_id, checksum) in enumerate(sums.items()):
+        try:
+            thumbnails.ensure(artifacts, root / paths[image_id], checksum, thumbnails.PRERENDER_SIZES_PX)
+        except (ImageError, thumbnails.ContentChanged, OSError) as exc:
+            log.warning("image %s: no thumbnail: %s", image_id, exc)
+        if n % 20 == 19:
+            gate.check()
 
 
 def _write_proposal(image_id: int, key: str, res) -> None:

@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 
 from orl.config import MineConfig, get_preset
 from orl.correspondence import Correspondence
+from services.common import thumbnails
 from services.common.db import session_scope
 from services.common.models import Image, ImageEmbedding, Neighbor, ProposalStatus, RoiPair
 from services.miner.params import MineParamsError, params_key, resolve_mine_config
@@ -90,9 +91,19 @@ def test_mine_job_through_the_api_matches_the_library(api_client, auth_headers, 
     """Pairs come back from /correspondences, and equal what ``orl mine`` finds on the same input."""
     folder = _folder(settings_env, 8)
     ds = _register(api_client, auth_headers, folder)
+    # No thumbnail of these photos on the volume yet (other tests may have shown the same photos).
+    images = api_client.get(f"{API}/datasets/{ds}/images").json()["items"]
+    thumbs = [thumbnails.thumbnail_file(settings_env.artifacts_dir, im["checksum"], size)
+              for im in images for size in thumbnails.PRERENDER_SIZES_PX]
+    for f in thumbs:
+        f.unlink(missing_ok=True)
     job_id = _submit(api_client, auth_headers, ds, {"checkpoint_id": checkpoint_id})
     row = procs.wait_job(job_id, 180, [miner])
     assert row["status"] == "succeeded", row["error"]
+    # The proposal shards rendered every image's thumbnails, so no page has to decode a photo.
+    assert len(thumbs) == 8 * len(thumbnails.PRERENDER_SIZES_PX) and all(f.is_file() for f in thumbs)
+    r = api_client.get(f"{API}/images/{images[0]['id']}/thumbnail", params={"size": 512})
+    assert r.status_code == 200 and r.content == thumbs[1].read_bytes()
 
     items = _all_pairs(api_client, job_id)
     assert items and all(len(p["query_box"]) == 4 and len(p["neighbor_box"]) == 4 for p in items)

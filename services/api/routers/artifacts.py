@@ -1,5 +1,6 @@
 """Artifacts: every file a job left on the artifacts volume (checkpoints, torchvision backbones,
-correspondence exports), listed with its job, stage and metrics, and downloaded as a stream.
+correspondence exports) and every backbone export made here, listed with its job, stage and
+metrics, and downloaded as a stream.
 
 Only files that resolve (symlinks followed) inside ORL_ARTIFACTS_DIR are ever served, whatever
 path a row holds.
@@ -11,14 +12,14 @@ import mimetypes
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, HTTPException, Query, Response, status
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 
 from services.api import cursors
-from services.api.deps import SessionDep, SettingsDep
+from services.api.deps import SessionDep, SettingsDep, WriteAccess
 from services.api.lookups import row_or_404
-from services.api.schemas import ArtifactKind, ArtifactOut, JobRef, Page
+from services.api.schemas import ArtifactKind, ArtifactOut, ExportIn, JobRef, Page
 from services.common.artifacts import artifact_file
 from services.common.models import Artifact, Job
 
@@ -113,3 +114,79 @@ def download(artifact_id: int, session: SessionDep, settings: SettingsDep) -> Fi
     media = mimetypes.guess_type(real.name)[0] or "application/octet-stream"
     # Every checkpoint is called last.pt: the download name says which one it is.
     return FileResponse(real, media_type=media, filename=f"{art.kind}-{art.id}-{real.name}")
+
+
+EXPORT_SUFFIX = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "torchvision": ".pth"}
+
+
+def _export_path(checkpoint: Artifact, fmt: str) -> str:
+    """Where the export of a checkpoint lives, relative to ORL_ARTIFACTS_DIR: one file per
+    (checkpoint, format), named so that a download says what it is."""
+    return f"exports/{checkpoint.id}/backbone-{checkpoint.stage or 'checkpoint'}{EXPORT_SUFFIX[fmt]}"
+
+
+@router.post("/{artifact_id}/export", response_model=ArtifactOut, status_code=status.HTTP_201_CREATED,
+             dependencies=[WriteAccess],
+             summary="Export a checkpoint's backbone (TorchScript, ONNX or torchvision) as a new artifact",
+             responses={200: {"description": "this checkpoint was exported to this format before: that artifact"},
+                        404: {"description": "no such artifact"},
+                        409: {"description": "the checkpoint's file is unreadable"},
+                        410: {"description": "the checkpoint's file is gone"},
+                        422: {"description": "not a checkpoint, or a bad format"}})
+def export(artifact_id: int, body: ExportIn, session: SessionDep, settings: SettingsDep,
+           response: Response) -> ArtifactOut:
+    # A plain def: FastAPI runs it in its thread pool, so the seconds of tracing do not block others.
+    ckpt = row_or_404(session, Artifact, artifact_id, "artifact", "/api/v1/artifacts")
+    if ckpt.kind != "checkpoint":
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"artifact {artifact_id} is a {ckpt.kind}, not a checkpoint; export one of "
+                            "GET /api/v1/artifacts?kind=checkpoint (its config rebuilds the backbone)")
+    root = settings.artifacts_path
+    src = _inside(artifact_file(ckpt.path, root), root)
+    if src is None:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"artifact {artifact_id}'s path leads outside ORL_ARTIFACTS_DIR")
+    if not src.is_file():
+        raise HTTPException(status.HTTP_410_GONE, f"checkpoint {artifact_id}'s file {ckpt.path} is gone")
+    # The checkpoint row's lock makes two exports of it one after another, so a repeated POST
+    # finds the first one's row instead of writing a second.
+    session.execute(select(Artifact.id).where(Artifact.id == ckpt.id).with_for_update())
+    rel = _export_path(ckpt, body.format)
+    done = session.execute(select(Artifact).where(Artifact.kind == "export", Artifact.path == rel)
+                           .order_by(Artifact.id).limit(1)).scalar_one_or_none()
+    job = session.get(Job, ckpt.job_id) if ckpt.job_id is not None else None
+    # Reused only when made from the checkpoint file as it is now (a running training rewrites
+    # last.pt) and at the same size; otherwise exported again under the same row.
+    stamp = src.stat().st_mtime_ns
+    prior = (done.meta or {}) if done is not None else {}
+    if done is not None and (prior.get("input_size"), prior.get("source_mtime_ns")) == (body.input_size, stamp) \
+            and (root / rel).is_file():
+        response.status_code = status.HTTP_200_OK
+        return _out(done, job, root)
+    info = _write_export(src, root / rel, body, artifact_id)
+    meta = {**info, "format": body.format, "input_size": body.input_size, "source_artifact_id": ckpt.id,
+            "source_mtime_ns": stamp, "metrics": _metrics(ckpt, job)}
+    if done is None:
+        done = Artifact(job_id=ckpt.job_id, dataset_id=ckpt.dataset_id, kind="export", stage=ckpt.stage, path=rel,
+                        meta=meta)
+        session.add(done)
+    else:  # the file was gone or stale, or another input size was asked for: the same row, a new file
+        done.meta = meta
+    session.commit()
+    response.headers["Location"] = f"/api/v1/artifacts/{done.id}"
+    return _out(done, job, root)
+
+
+def _write_export(src: Path, out: Path, body: ExportIn, artifact_id: int) -> dict[str, Any]:
+    from orl.checkpoint import CheckpointError, ExportError, export_backbone  # torch on first use only
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        info = export_backbone(src, out, body.format, input_size=body.input_size)
+    except CheckpointError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"checkpoint {artifact_id} cannot be loaded: {exc}") from None
+    except ExportError as exc:  # a missing optional package on the server (onnx)
+        raise HTTPException(status.HTTP_501_NOT_IMPLEMENTED, f"this API server cannot export {body.format}: {exc}") \
+            from None
+    info.pop("path", None)  # absolute on this host; the row stores the relative path
+    info.pop("format", None)
+    return info

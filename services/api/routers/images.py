@@ -13,6 +13,7 @@ from orl.images import ImageError
 from services.api import cursors, imaging, lookups
 from services.api.deps import SessionDep, SettingsDep
 from services.api.schemas import ImageOut, NeighborOut, NeighborPage
+from services.common import thumbnails
 from services.common.artifacts import artifact_file
 from services.common.datasets import PathRefused, image_file
 from services.common.models import Dataset, Image, Job, Neighbor, RoiPair
@@ -24,6 +25,9 @@ MAX_NEIGHBORS_PAGE = 200
 # Rendered bytes depend only on the file's content (checksum) and the request parameters, so a
 # client may keep them for a day; the ETag lets it revalidate cheaply after that.
 CACHE_CONTROL = "public, max-age=86400"
+# A thumbnail requested with the image's checksum names one content for good (the stored file is
+# keyed by it and checked against it when rendered): a client may keep it without ever asking again.
+IMMUTABLE = "public, max-age=31536000, immutable"
 IMAGE_RESPONSES = {304: {"description": "not modified (If-None-Match)"},
                    404: {"description": "no such image"}, 409: {"description": "the image is unreadable"}}
 
@@ -144,19 +148,34 @@ def neighbors(
 
 
 @router.get("/{image_id}/thumbnail", response_class=Response, responses=IMAGE_RESPONSES,
-            summary="The whole image as a small JPEG (longer side <= size)")
+            summary="The whole image as a small JPEG (longer side <= size), rendered once and kept")
 def thumbnail(image_id: int, session: SessionDep, settings: SettingsDep,
               size: Annotated[int, Query(ge=16, le=imaging.MAX_RENDER_SIDE_PX)] = 256,
+              checksum: Annotated[str | None, Query(
+                  min_length=40, max_length=40, pattern="^[0-9a-f]{40}$",
+                  description="the image's sha1 (GET /images/{id}): the answer is then cached as immutable")] = None,
               if_none_match: Annotated[str | None, Header()] = None) -> Response:
     img, path = _image_and_file(session, settings, image_id)
-    etag = _etag(img, "thumb", size)
+    if checksum is not None and checksum != img.checksum:
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            f"image {image_id} has checksum {img.checksum}, not {checksum}; take the current one "
+                            f"from GET /api/v1/images/{image_id}, or leave checksum out")
+    if not img.checksum:
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            f"image {image_id} has no recorded checksum; register its folder again as a new dataset")
+    etag = _etag(img, "thumb", size, thumbnails.RENDER_VERSION)
+    cache = IMMUTABLE if checksum is not None else CACHE_CONTROL
     if _not_modified(if_none_match, etag):
-        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": CACHE_CONTROL})
+        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": cache})
+    # The file rendered by mining (or by an earlier request); a missing one is rendered now.
     try:
-        body = imaging.thumbnail_jpeg(path, size)
+        files = thumbnails.ensure(settings.artifacts_path, path, img.checksum, [size])
     except ImageError as exc:
         raise _unreadable(img, exc) from None
-    return _send(body, "image/jpeg", etag)
+    except thumbnails.ContentChanged as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"image {image_id} ({img.rel_path}): {exc}") from None
+    return Response(files[size].read_bytes(), media_type="image/jpeg",
+                    headers={"Cache-Control": cache, "ETag": etag})
 
 
 @router.get("/{image_id}/crop", response_class=Response, responses={**IMAGE_RESPONSES, 422: {"description": "bad box"}},
@@ -174,7 +193,7 @@ def crop(image_id: int, session: SessionDep, settings: SettingsDep,
     if _not_modified(if_none_match, etag):
         return Response(status_code=304, headers={"ETag": etag, "Cache-Control": CACHE_CONTROL})
     try:
-        body = imaging.crop_jpeg(path, xyxy, size)
+        body = imaging.crop_jpeg(path, xyxy, size, (img.width, img.height))
     except ImageError as exc:
         raise _unreadable(img, exc) from None
     except ValueError as exc:
