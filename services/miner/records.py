@@ -71,6 +71,12 @@ def image_paths(session: Session, image_ids: Sequence[int], dataset_id: int | No
     return {int(i): p for i, p in session.execute(stmt)}
 
 
+def image_checksums(session: Session, image_ids: Sequence[int]) -> dict[int, str | None]:
+    """{image id: sha1 recorded at registration}: what the file must still hash to when mined."""
+    stmt = select(Image.id, Image.checksum).where(Image.id.in_(list(image_ids)))
+    return {int(i): c for i, c in session.execute(stmt)}
+
+
 def proposed_among(session: Session, image_ids: Sequence[int], params_key: str) -> set[int]:
     return set(session.execute(select(ProposalStatus.image_id).where(
         ProposalStatus.image_id.in_(list(image_ids)), ProposalStatus.params_key == params_key)).scalars())

@@ -59,6 +59,7 @@ class RunSpec:
     nproc: int = 1
     device: str = "auto"
     dataset_id: int | None = None
+    images_dataset_id: int | None = None  # whose images train: the job's dataset, or its mine job's
     info: dict[str, Any] = field(default_factory=dict)  # recorded in the job's result
 
 
@@ -116,7 +117,8 @@ def build_spec(session: Session, job: Job, artifacts_dir: Path, default_device: 
     if nproc < 1:
         raise SpecError(f"params.nproc must be at least 1, got {nproc}")
     spec = RunSpec(job.id, job.kind, stage, get_preset(DEFAULT_PRESET), ds.path, out_dir, max_steps=max_steps,
-                   nproc=nproc, device=str(params.get("device") or default_device), dataset_id=ds.id)
+                   nproc=nproc, device=str(params.get("device") or default_device), dataset_id=ds.id,
+                   images_dataset_id=ds.id)
     if stage == "byol":
         spec.cfg = build_config(params, get_preset(DEFAULT_PRESET))
         spec.files = list(session.execute(select(Image.rel_path).where(Image.dataset_id == ds.id, Image.status == "ok")
@@ -144,6 +146,7 @@ def build_spec(session: Session, job: Job, artifacts_dir: Path, default_device: 
     stage1 = _checkpoint(session, plan.checkpoint_id, artifacts_dir, "the mine job's checkpoint")
     spec.cfg = build_config(params, checkpoint_config(stage1[0], artifacts_dir))
     spec.images_root = mine_ds.path
+    spec.images_dataset_id = mine_ds.id
     spec.corr = correspondence_from_db(session, mine.id, plan.params_key)
     if len(spec.corr) < 2:
         raise SpecError(f"mine job {mine.id} found {len(spec.corr)} images with neighbours; stage 3 needs at least 2")
