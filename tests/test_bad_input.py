@@ -160,7 +160,7 @@ def test_a_selective_search_crash_on_an_extreme_aspect_image_is_recorded(cli_run
 
     orig, P._Worker = P._Worker, DiesOnWide
     try:
-        out = dict(run_proposals(paths, PARAMS, workers=1, timeout_s=30))
+        out = dict(run_proposals(paths, dict(PARAMS, max_side_px=320), workers=1, timeout_s=300))
     finally:
         P._Worker = orig
     assert not out[0].ok and "selective search worker crashed" in out[0].reason and not out[0].image_failed

@@ -36,9 +36,12 @@ def flow(settings_env, tmp_path_factory):
     with procs.isolated_env(settings_env, tmp_path_factory.mktemp("badinput-env")) as env:
         folder = env.data_root / f"badinput-{uuid.uuid4().hex[:8]}"
         facts = B.make_folder(folder, tmp_path_factory.mktemp("outside-the-root"))
-        miner = procs.start_miner(procs.service_env(env), logs, f"bad-miner-{uuid.uuid4().hex[:6]}")
-        trainer = procs.start_trainer(procs.service_env(env), logs, "bad-trainer")
         headers = {"Authorization": f"Bearer {env.token}"}
+        # Generous limits: on a loaded 2-core machine Celery's imports alone can take minutes, and
+        # a shard's selective search more than the 120 s that the fast test timeouts give a task.
+        miner = procs.start_miner(procs.service_env(env, ORL_VISIBILITY_TIMEOUT_S=900), logs,
+                                  f"bad-miner-{uuid.uuid4().hex[:6]}", start_timeout_s=300)
+        trainer = procs.start_trainer(procs.service_env(env), logs, "bad-trainer")
         try:
             with TestClient(create_app()) as client:
                 r = client.post(f"{API}/datasets", json={"name": folder.name, "path": str(folder)}, headers=headers)
@@ -51,7 +54,7 @@ def flow(settings_env, tmp_path_factory):
                 r = client.post(f"{API}/jobs", json={"kind": "pipeline", "dataset_id": ds, "params": params},
                                 headers=headers)
                 assert r.status_code == 202, r.text
-                row = procs.wait_job(r.json()["id"], 420, [miner, trainer])
+                row = procs.wait_job(r.json()["id"], 1500, [miner, trainer])  # minutes when loaded
                 assert row["status"] == "succeeded", row["error"]
                 children = client.get(f"{API}/jobs", params={"parent_id": row["id"]}).json()["items"]
                 kids = {j["kind"]: j for j in children}
