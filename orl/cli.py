@@ -132,26 +132,36 @@ def _images(root: str) -> list[str]:
     return files
 
 
-def _readable_images(root: str, out_dir: Path) -> list[str]:
-    """List and header-check images; unreadable ones are written to out_dir/image_status.csv."""
-    import csv
-
+def _scan(root: str) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """(usable files, {file: reason refused}, {file: conversion note}) from the headers."""
     from orl.images import scan_images
 
-    good, bad = scan_images(root, _images(root))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "image_status.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["file", "status", "reason"])
-        for f in good:
-            w.writerow([f, "ok", ""])
-        for f, reason in bad.items():
-            w.writerow([f, "failed", reason])
+    good, bad, notes = scan_images(root, _images(root))
     for f, reason in bad.items():
         log.warning("skipping %s: %s", f, reason)
     if not good:
-        raise CLIError(f"no readable images under {root} ({len(bad)} files failed; see {out_dir / 'image_status.csv'})")
-    return good
+        raise CLIError(f"no readable images under {root} ({len(bad)} files refused: "
+                       f"{'; '.join(f'{f}: {r}' for f, r in list(bad.items())[:3])})")
+    return good, bad, notes
+
+
+def _write_image_status(out_dir: Path, good: list[str], bad: dict[str, str], notes: dict[str, str],
+                        skipped: dict[str, str] | None = None) -> None:
+    """RUN_DIR/image_status.csv: every file ok (with the conversion applied) or failed (why)."""
+    import csv
+    import io
+
+    from orl.fileio import atomic_write_text
+
+    skipped = skipped or {}
+    rows = [["file", "status", "reason"]]
+    rows += [[f, "failed", f"skipped in training: {skipped[f]}"] if f in skipped else [f, "ok", notes.get(f, "")]
+             for f in good]
+    rows += [[f, "failed", reason] for f, reason in bad.items()]
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "image_status.csv", buf.getvalue())
 
 
 def _device(args: argparse.Namespace) -> str:
@@ -172,16 +182,21 @@ def _load_model(path: str, device: str) -> tuple[ORLModel, Config, dict[str, Any
 # -- commands -----------------------------------------------------------------------------
 
 def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    from orl.data import SkipLog
     from orl.train import train
 
     out = Path(args.out)
     cfg = _config(args)
-    files = _readable_images(args.images, out)
+    files, bad, notes = _scan(args.images)
+    _write_image_status(out, files, bad, notes)
     _save_config(cfg, out)
     log.info("stage 1 (BYOL): %d images, preset %s, %d epochs -> %s", len(files), cfg.preset, cfg.train.epochs, out)
     summary = train("byol", args.images, out, cfg, files=files, device=args.device, show_progress=not args.quiet,
                     max_steps=args.max_steps)
-    return summary
+    # Files that passed the header scan but failed to decode in training become failed rows.
+    _write_image_status(out, files, bad, notes, SkipLog(summary["skip_log"]).read())
+    return {**summary, "failed_images": len(bad) + summary["skipped_images"],
+            "image_status": str(out / "image_status.csv")}
 
 
 def _mine_config(args: argparse.Namespace, checkpoint_cfg: Config) -> Config:
@@ -197,13 +212,13 @@ def cmd_mine(args: argparse.Namespace) -> dict[str, Any]:
     model, ckcfg, ck, dev = _load_model(args.checkpoint, args.device)
     cfg = _mine_config(args, ckcfg)
     mc = cfg.mine
-    files = _images(args.images)
+    files, refused, _ = _scan(args.images)
     _save_config(cfg, args.out)
     log.info("stage 2: %d images, roi_mode %s, selective search max side %s -> %s", len(files), mc.roi_mode,
              mc.ss_max_side_px or "full resolution", args.out)
     progress = _Progress(not args.quiet)
     info = {"checkpoint": str(Path(args.checkpoint).resolve()), "images_root": str(Path(args.images).resolve())}
-    corr, stats = mine(model, args.images, files, args.out, mc, dev, progress=progress, info=info)
+    corr, stats = mine(model, args.images, files, args.out, mc, dev, progress=progress, info=info, refused=refused)
     progress.close()
     return {"correspondence": str(Path(args.out) / "correspondence.json"),
             "image_status": str(Path(args.out) / "image_status.csv"), "images": len(corr),
@@ -219,9 +234,12 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         corr = Correspondence.load(args.pairs)
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc)) from exc
-    missing = [f for f in corr.files[:20] if not (Path(args.images) / f).is_file()]
-    if missing:
-        raise CLIError(f"{len(missing)} of the first {min(20, len(corr))} images in {args.pairs} are not under "
+    # A wrong --images folder misses (nearly) all of them; a few missing files are skipped and
+    # recorded in RUN_DIR/skipped_images.csv like any image that fails mid-run.
+    sample = corr.files[:20]
+    missing = [f for f in sample if not (Path(args.images) / f).is_file()]
+    if len(missing) * 2 > len(sample):
+        raise CLIError(f"{len(missing)} of the first {len(sample)} images in {args.pairs} are not under "
                        f"{args.images} (e.g. {missing[0]}): pass the --images folder that was mined")
     cfg = _config(args, base=_mined_config(args.pairs))
     out = Path(args.out)

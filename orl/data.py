@@ -1,18 +1,23 @@
 """Training datasets for stage 1 (two global views) and stage 3 (global + intra + inter).
 
 A file that fails to decode mid-run is not fatal: the sample is replaced by the next
-readable one and the file is reported once through the logger (pre-run scans already drop
-files whose header cannot be read).
+readable one, and the file is recorded with its reason in the run's skip log
+(``RUN_DIR/skipped_images.csv``, see :class:`SkipLog`) and the logger. Pre-run scans already
+drop files whose header is refused. In stage 3 an image whose size is no longer the size it
+was mined at (replaced since) is skipped too: its boxes would not fit it.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from orl.augment import byol_pipeline, crop_patch
 from orl.boxes import jitter_box
@@ -27,10 +32,53 @@ log = logging.getLogger(__name__)
 Views = dict[str, tuple[torch.Tensor, torch.Tensor] | None]
 
 
+class SkipLog:
+    """Append-only CSV (file, reason) of images skipped while training; any process may append.
+
+    Data-loader workers are separate processes with their own copy of the dataset, so each
+    appends what it finds (one short line per write, with O_APPEND: lines do not interleave)
+    and readers de-duplicate. It survives a killed run, and a resumed run appends to it.
+    """
+
+    HEADER = "file,reason\n"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def create(self) -> None:
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(self.HEADER)
+
+    def add(self, file: str, reason: str) -> None:
+        import io
+
+        buf = io.StringIO()
+        csv.writer(buf).writerow([file, reason])
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, buf.getvalue().encode())
+        finally:
+            os.close(fd)
+
+    def read(self) -> dict[str, str]:
+        """{file: first reason recorded}, in the order first seen."""
+        if not self.path.exists():
+            return {}
+        out: dict[str, str] = {}
+        with self.path.open(newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row.get("file") and row["file"] not in out:
+                    out[row["file"]] = row.get("reason") or ""
+        return out
+
+
 class _Robust(torch.utils.data.Dataset):
-    def __init__(self, paths: list[str]):
+    def __init__(self, paths: list[str], files: list[str] | None = None):
         self.paths = paths
+        self.files = files if files is not None else paths  # names in the skip log
         self.bad: set[int] = set()
+        self.skip_log: SkipLog | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -45,6 +93,8 @@ class _Robust(torch.utils.data.Dataset):
             except ImageError as exc:
                 self.bad.add(j)
                 log.warning("skipping unreadable image %s: %s", self.paths[j], exc)
+                if self.skip_log is not None:
+                    self.skip_log.add(self.files[j], str(exc))
         raise RuntimeError("no readable image left in the dataset")
 
     def sample(self, i: int) -> Views:
@@ -54,8 +104,8 @@ class _Robust(torch.utils.data.Dataset):
 class BYOLDataset(_Robust):
     """Two augmented global views of each image: {"global": (v1, v2)}."""
 
-    def __init__(self, paths: list[str], aug: AugmentConfig):
-        super().__init__(paths)
+    def __init__(self, paths: list[str], aug: AugmentConfig, files: list[str] | None = None):
+        super().__init__(paths, files)
         self.t1 = byol_pipeline(1, aug.image_size, aug.min_scale)
         self.t2 = byol_pipeline(2, aug.image_size, aug.min_scale)
 
@@ -76,7 +126,7 @@ class ORLDataset(_Robust):
     """
 
     def __init__(self, root: str | Path, corr: Correspondence, aug: AugmentConfig, train: TrainConfig):
-        super().__init__([str(Path(root) / f) for f in corr.files])
+        super().__init__([str(Path(root) / f) for f in corr.files], list(corr.files))
         self.corr = corr
         self.aug = aug
         self.train_cfg = train
@@ -90,6 +140,7 @@ class ORLDataset(_Robust):
         # box choice and jitter are reproducible for a given run seed.
         rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
         img = load_rgb(self.paths[i])
+        self._check_size(i, img)
         out: Views = {"global": (self.t1(img), self.t2(img)), "intra": None, "inter": None}
         boxes = self.corr.boxes[i]
         if len(boxes):
@@ -104,11 +155,20 @@ class ORLDataset(_Robust):
             j = int(self.corr.knn[i, k])
             try:
                 other = load_rgb(self.paths[j])
+                self._check_size(j, other)
                 s = self.aug.patch_size
                 out["inter"] = (self.p1(crop_patch(img, pair[:4], s)), self.p2(crop_patch(other, pair[4:], s)))
             except ImageError as exc:  # a bad neighbour costs only this inter pair
                 log.warning("neighbour %s unreadable: %s", self.paths[j], exc)
         return out
+
+
+    def _check_size(self, i: int, img: Image.Image) -> None:
+        """Refuse an image whose size differs from the mined one (sizes of 0: not recorded)."""
+        w, h = (int(v) for v in self.corr.sizes[i]) if i < len(self.corr.sizes) else (0, 0)
+        if w > 0 and h > 0 and img.size != (w, h):
+            raise ImageError(f"image is {img.width} x {img.height} px now but was {w} x {h} when mined: the file "
+                             "changed since, so its boxes do not fit; mine the folder again")
 
 
 def collate_views(batch: list[Views]) -> Views:

@@ -42,15 +42,17 @@ def _noop(stage: str, done: int, total: int) -> None:
 
 
 class _EvalImages(torch.utils.data.Dataset):
-    def __init__(self, paths: list[str], tf: Callable[[Image.Image], torch.Tensor]):
-        self.paths, self.tf = paths, tf
+    def __init__(self, paths: list[str], tf: Callable[[Image.Image], torch.Tensor], root: str | Path | None = None,
+                 checksums: list[str | None] | None = None):
+        self.paths, self.tf, self.root = paths, tf, root
+        self.checksums = checksums if checksums is not None else [None] * len(paths)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            return i, self.tf(load_rgb(self.paths[i])), ""
+            return i, self.tf(load_rgb(self.paths[i], root=self.root, expected_sha1=self.checksums[i])), ""
         except ImageError as exc:
             return i, None, str(exc)
 
@@ -72,16 +74,19 @@ def embed_images(
     device: torch.device | str = "cpu",
     num_workers: int = 0,
     progress: ProgressFn = _noop,
+    root: str | Path | None = None,
+    checksums: list[str | None] | None = None,
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Image embeddings. Returns ((N, D) float32 L2-normalised, {index: failure reason}).
 
     D is the projector's output size, or the backbone's channels with
     ``cfg.knn_features == "backbone"``.
-    Rows of images that failed to decode are zero.
+    Rows of images that failed to decode are zero. ``root`` / ``checksums``: files outside
+    ``root``, or whose sha1 is no longer ``checksums[i]``, are refused (orl.images.decode_image).
     """
     model.eval()
     loader = torch.utils.data.DataLoader(
-        _EvalImages(paths, eval_transform(cfg.embed_resize, cfg.embed_crop)),
+        _EvalImages(paths, eval_transform(cfg.embed_resize, cfg.embed_crop), root, checksums),
         batch_size=cfg.batch_size, num_workers=num_workers, collate_fn=_collate)
     use_backbone = cfg.knn_features == "backbone"
     dim = model.backbone.out_channels if use_backbone else model.cfg.proj_out
@@ -215,6 +220,7 @@ def mine(
     progress: ProgressFn = _noop,
     info: dict | None = None,
     save_features: bool = False,
+    refused: dict[str, str] | None = None,
 ) -> tuple[Correspondence, dict]:
     """Run stage 2 over ``files`` (relative to images_root). Writes to out_dir:
 
@@ -222,7 +228,8 @@ def mine(
     failed with the reason), proposals.jsonl (a resumable cache of selective search),
     mine_stats.json (timings, forward counts, parameters). Returns (correspondence, stats).
     With ``save_features``, also roi_features.npz (see :func:`load_roi_features`), so other
-    pair rules can be tried on the same boxes without re-encoding them.
+    pair rules can be tried on the same boxes without re-encoding them. ``refused``: files a
+    pre-scan (orl.images.scan_images) left out, {file: reason}; they are listed as failed.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,12 +249,13 @@ def mine(
     props = _proposals_cached(paths, files, cfg, out / "proposals.jsonl", progress)
     stats["seconds"]["selective_search"] = time.perf_counter() - t0
     for i, r in props.items():
-        if not r.ok and i not in failed and r.reason.startswith("cannot decode"):
+        if not r.ok and i not in failed and r.image_failed:
             failed[i] = r.reason
+    refused = refused or {}
 
     keep = [i for i in range(len(files)) if i not in failed]
     if not keep:
-        _write_status(out / "image_status.csv", files, props, failed)
+        _write_status(out / "image_status.csv", files, props, failed, refused)
         raise ValueError(f"none of the {len(files)} images could be decoded; see {out / 'image_status.csv'}")
     t0 = time.perf_counter()
     knn_local, knn_sim = knn_search(emb[keep], cfg.knn_k, device)
@@ -259,11 +267,15 @@ def mine(
     n_fwd = 0
     for n, i in enumerate(keep):
         boxes = props[i].boxes if props[i].ok else np.zeros((0, 4))
+        f = np.zeros((0, model.backbone.out_channels), np.float32)
         if len(boxes):
-            f, c = embed_rois(model.backbone, load_rgb(paths[i]), boxes, cfg, device)
-            n_fwd += c
-        else:
-            f = np.zeros((0, model.backbone.out_channels), np.float32)
+            try:
+                f, c = embed_rois(model.backbone, load_rgb(paths[i]), boxes, cfg, device)
+                n_fwd += c
+            except ImageError as exc:  # gone or changed since it was proposed: no boxes, recorded
+                failed[i] = str(exc)
+                props[i] = ProposalResult(props[i].path, False, str(exc), props[i].width, props[i].height,
+                                          image_failed=True)
         feats.append(f)
         progress("embed_rois", n + 1, len(keep))
     stats["seconds"]["embed_rois"] = time.perf_counter() - t0
@@ -294,8 +306,8 @@ def mine(
         info=official_info(cfg, info),
     )
     corr.save(out / "correspondence.json")
-    _write_status(out / "image_status.csv", files, props, failed)
-    stats["failed_images"] = len(failed)
+    _write_status(out / "image_status.csv", files, props, failed, refused)
+    stats["failed_images"] = len(failed) + len(refused)
     stats["images_without_boxes"] = sum(1 for i in keep if not props[i].ok)
     stats["pairs"] = corr.num_pairs
     (out / "mine_stats.json").write_text(json.dumps(stats, indent=2))
@@ -353,13 +365,18 @@ def _proposals_cached(paths: list[str], files: list[str], cfg: MineConfig, cache
 
 def _from_record(rec: dict, path: str) -> ProposalResult:
     return ProposalResult(path, rec["ok"], rec["reason"], rec["width"], rec["height"], rec["n_raw"],
-                          np.asarray(rec["boxes"], dtype=np.float64).reshape(-1, 4), rec["seconds"])
+                          np.asarray(rec["boxes"], dtype=np.float64).reshape(-1, 4), rec["seconds"],
+                          # caches written before the field existed: their decode failures said so
+                          rec.get("image_failed", not rec["ok"] and rec["reason"].startswith("cannot decode")))
 
 
-def _write_status(path: Path, files: list[str], props: dict[int, ProposalResult], failed: dict[int, str]) -> None:
+def _write_status(path: Path, files: list[str], props: dict[int, ProposalResult], failed: dict[int, str],
+                  refused: dict[str, str]) -> None:
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["file", "status", "reason", "width", "height", "n_proposals", "n_boxes", "ss_seconds"])
+        for f, reason in refused.items():
+            w.writerow([f, "failed", reason, 0, 0, 0, 0, ""])
         for i, f in enumerate(files):
             if i in failed:
                 p = props.get(i)

@@ -16,7 +16,7 @@ import pickle
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import wait as mp_wait
 from typing import IO, Any
@@ -39,6 +39,9 @@ class ProposalResult:
     n_raw: int = 0
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
     seconds: float = 0.0
+    # The file itself is refused (orl.images.ImageError), not just selective search: callers
+    # drop the image from every later step.
+    image_failed: bool = False
 
     def to_record(self) -> dict:
         d = asdict(self)
@@ -106,15 +109,22 @@ def proposal_params(cfg: MineConfig) -> dict:
             "max_aspect": cfg.max_aspect, "max_iou": cfg.max_iou, "max_boxes": cfg.max_boxes}
 
 
-def propose_image(path: str, params: dict) -> ProposalResult:
-    """Decode, run selective search, apply the official filter. Never raises for a bad image."""
-    from orl.images import ImageError, load_rgb
+def propose_image(path: str, params: dict, root: str | None = None,
+                  expected_sha1: str | None = None) -> ProposalResult:
+    """Decode, run selective search, apply the official filter. Never raises for a bad image.
+
+    The image is decoded upright (EXIF applied) by orl.images and handed to OpenCV as an array:
+    OpenCV never reads the file, so its own EXIF handling cannot matter, and the boxes refer to
+    the upright image, like every other output. ``root`` / ``expected_sha1``: see orl.images.decode_image.
+    An ok result's reason lists the conversions applied and the filter fallback, if any.
+    """
+    from orl.images import ImageError, decode_image
 
     t0 = time.perf_counter()
     try:
-        img = load_rgb(path)
+        img, info = decode_image(path, root=root, expected_sha1=expected_sha1)
     except ImageError as exc:
-        return ProposalResult(path, False, str(exc), seconds=time.perf_counter() - t0)
+        return ProposalResult(path, False, str(exc), seconds=time.perf_counter() - t0, image_failed=True)
     w, h = img.size
     try:
         raw = selective_search(np.asarray(img), params.get("mode", "fast"), params.get("max_side_px"))
@@ -128,11 +138,11 @@ def propose_image(path: str, params: dict) -> ProposalResult:
                         params.get("max_iou", 0.5), params.get("max_boxes", 100))
     kw, kh = kept[0, 2] - kept[0, 0], kept[0, 3] - kept[0, 1]
     min_side = params.get("min_side_px", 96.0)
-    note = ""
+    notes = list(info.notes)
     aspect = max(kw / max(kh, 1e-9), kh / max(kw, 1e-9))
     if len(kept) == 1 and (min(kw, kh) < min_side or aspect > params.get("max_aspect", 3.0)):
-        note = "no region passed the box filter; kept the first raw region (the authors' fallback)"
-    return ProposalResult(path, True, note, w, h, len(raw), kept, time.perf_counter() - t0)
+        notes.append("no region passed the box filter; kept the first raw region (the authors' fallback)")
+    return ProposalResult(path, True, "; ".join(notes), w, h, len(raw), kept, time.perf_counter() - t0)
 
 
 def _read_msg(stream: IO[bytes]) -> Any:
@@ -150,7 +160,7 @@ def _write_msg(stream: IO[bytes], obj: Any) -> None:
 
 
 def worker_main() -> None:
-    """Body of ``python -m orl.proposals``: read (idx, path, params), write (idx, result)."""
+    """Body of ``python -m orl.proposals``: read (idx, path, params, checks), write (idx, result)."""
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # keep the protocol pipe clean of stray prints
     while True:
@@ -160,8 +170,8 @@ def worker_main() -> None:
             return
         if msg is None:
             return
-        idx, path, params = msg
-        _write_msg(out, (idx, propose_image(path, params)))
+        idx, path, params, checks = msg
+        _write_msg(out, (idx, propose_image(path, params, **checks)))
 
 
 class _Worker:
@@ -213,16 +223,25 @@ def run_proposals(
     params: dict,
     workers: int = 2,
     timeout_s: float = 60.0,
+    root: str | None = None,
+    checksums: Sequence[str | None] | None = None,
 ) -> Iterator[tuple[int, ProposalResult]]:
     """Propose every image; yields (index, result) as results arrive (not in order).
 
     ``workers=0`` runs in this process (no time limit, no crash isolation): for callers
     that are already sandboxed, e.g. daemonic Celery pool processes that cannot fork.
+    ``root``: refuse files that resolve outside it; ``checksums[i]``: the sha1 path i must still
+    have (see orl.images.decode_image).
     """
     items = list(enumerate(paths))
+    sums = list(checksums) if checksums is not None else [None] * len(items)
+
+    def checks(idx: int) -> dict[str, str | None]:
+        return {"root": root, "expected_sha1": sums[idx]}
+
     if workers <= 0:
         for idx, p in items:
-            yield idx, propose_image(p, params)
+            yield idx, propose_image(p, params, **checks(idx))
         return
     pool = [_Worker() for _ in range(min(workers, max(1, len(items))))]
     todo = list(reversed(items))
@@ -233,7 +252,7 @@ def run_proposals(
                     idx, p = todo.pop()
                     w.task, w.started = (idx, p), time.monotonic()
                     w.deadline = w.started + timeout_s
-                    w.send((idx, p, params))
+                    w.send((idx, p, params, checks(idx)))
             busy = [w for w in pool if w.task]
             wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
             ready = mp_wait([w.stdout.fileno() for w in busy], timeout=wait_s)

@@ -25,7 +25,7 @@ import torch
 from orl.checkpoint import export_backbone, load_checkpoint, save_checkpoint
 from orl.config import Config
 from orl.correspondence import Correspondence
-from orl.data import BYOLDataset, ORLDataset, ResumableSampler, collate_views
+from orl.data import BYOLDataset, ORLDataset, ResumableSampler, SkipLog, collate_views
 from orl.device import resolve_device
 from orl.ema import update_target
 from orl.models import ORLModel, build_model
@@ -41,6 +41,10 @@ METRICS_COLUMNS: dict[str, str] = {
     "epoch": "d", "step": "d", "global_step": "d", "lr": ".6g", "momentum": ".6f", "loss": ".5f",
     "loss_global": ".5f", "loss_intra": ".5f", "loss_inter": ".5f", "images_per_s": ".2f", "time": ".1f",
 }
+
+
+# Images skipped mid-run, with their reasons (orl.data.SkipLog), in the run folder.
+SKIP_LOG = "skipped_images.csv"
 
 
 class ConfigMismatch(ValueError):
@@ -126,8 +130,9 @@ def train(
     """Train stage "byol" on ``files`` or stage "orl" on ``corr``; returns a summary dict.
 
     Writes out_dir/last.pt (model, target, optimiser, schedule position, RNG, config),
-    out_dir/metrics.csv and, when finished, out_dir/backbone.pth (torchvision weights).
-    ``max_steps`` stops early (tests, and the kill/resume checks); ``should_stop`` is polled
+    out_dir/metrics.csv, out_dir/skipped_images.csv (images that failed to decode mid-run and
+    were replaced by the next one, with the reason) and, when finished, out_dir/backbone.pth
+    (torchvision weights). ``max_steps`` stops early (tests, and the kill/resume checks); ``should_stop`` is polled
     every step (service cancel); ``on_progress`` gets a dict after every step.
     """
     cfg.validate()
@@ -137,6 +142,9 @@ def train(
 
     # -- data -------------------------------------------------------------------------
     dataset = _dataset(stage, images_root, cfg, files, corr)
+    dataset.skip_log = SkipLog(out / SKIP_LOG)  # images that fail mid-run: skipped and recorded
+    if rank == 0:
+        dataset.skip_log.create()
     cfg = _fit_batch_size(cfg, len(dataset), world)
     tc = cfg.train
     sampler = ResumableSampler(len(dataset), tc.batch_size, tc.seed, rank, world, drop_last=tc.drop_last)
@@ -178,7 +186,8 @@ def train(
         export_backbone(run.checkpoint, out / "backbone.pth")
     return {"stage": stage, "finished": finished, "stopped": stopped, "epoch": pos.epoch,
             "global_step": pos.global_step, "total_steps": schedule.total_steps, "checkpoint": str(run.checkpoint),
-            "metrics": steps.last, "images": len(dataset), "batch_size": tc.batch_size, "device": str(dev)}
+            "metrics": steps.last, "images": len(dataset), "batch_size": tc.batch_size, "device": str(dev),
+            "skipped_images": len(dataset.skip_log.read()), "skip_log": str(dataset.skip_log.path)}
 
 
 def train_one_epoch(run: Run, pos: RunPosition, steps: StepLog, *, max_steps: int | None = None,
@@ -298,7 +307,7 @@ def _dataset(stage: str, images_root: str | Path, cfg: Config, files: list[str] 
     if stage == "byol":
         if not files:
             raise ValueError("stage byol needs a non-empty list of image files")
-        return BYOLDataset([str(Path(images_root) / f) for f in files], cfg.augment)
+        return BYOLDataset([str(Path(images_root) / f) for f in files], cfg.augment, files=list(files))
     if stage == "orl":
         if corr is None or len(corr) == 0:
             raise ValueError("stage orl needs a correspondence with at least one image")

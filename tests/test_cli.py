@@ -82,7 +82,8 @@ def test_mine_records_bad_images(tmp_path, eight_images, tiny_byol_checkpoint):
                str(tmp_path / "m"), "--quiet"])
     assert rc == 0
     rows = {r["file"]: r for r in csv.DictReader(open(tmp_path / "m" / "image_status.csv"))}
-    assert rows["broken.jpg"]["status"] == "failed" and "cannot decode" in rows["broken.jpg"]["reason"]
+    # refused from its header by the pre-scan, before anything is decoded
+    assert rows["broken.jpg"]["status"] == "failed" and "cannot read image header" in rows["broken.jpg"]["reason"]
     corr = json.loads((tmp_path / "m" / "correspondence.json").read_text())
     assert "broken.jpg" not in corr["images"]["file_name"] and len(corr["images"]["file_name"]) == 4
 

@@ -46,12 +46,13 @@ def test_bad_inputs_get_clear_records(tmp_path):
     results = {paths[i]: r for i, r in run_proposals(paths, PARAMS, workers=2, timeout_s=60)}
     assert set(results) == set(paths)
     corrupt = results[paths[0]]
-    assert not corrupt.ok and "cannot decode" in corrupt.reason
+    assert not corrupt.ok and corrupt.image_failed and "cannot read image header" in corrupt.reason
     gray = results[paths[1]]
     assert gray.ok and (gray.width, gray.height) == (400, 300) and len(gray.boxes) >= 1
-    for name in (paths[2], paths[3]):  # no region can pass a 96 px / aspect 3 filter
-        r = results[name]
-        assert r.ok and len(r.boxes) == 1 and "fallback" in r.reason
+    tiny = results[paths[2]]  # below 32 px a side: refused as an image, before selective search
+    assert not tiny.ok and tiny.image_failed and "image too small: 9 x 12 px" in tiny.reason
+    wide = results[paths[3]]  # no region can pass a 96 px / aspect 3 filter
+    assert wide.ok and len(wide.boxes) == 1 and "fallback" in wide.reason
 
 
 def test_timeout_is_recorded_and_run_goes_on(sample_images):

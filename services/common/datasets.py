@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from orl.images import ImageError, image_size, list_images
+from orl.images import ImageError, inspect_image, list_images
 from services.common.db import chunks, insert_ignore
 from services.common.models import Dataset, Image, Job, Proposal, RoiPair
 
@@ -97,26 +97,25 @@ def sha1_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
 def describe_image(base: Path, rel_path: str) -> dict:
     """One ``images`` row for a file: size, sha1, (width, height) from the header, status/reason.
 
-    Only the header is read to decide readability (cheap); a file that decodes badly later is
-    recorded by the miner's per-image status.
+    The directory entry and header decide (orl.images.inspect_image, no pixel decoded): a link
+    out of the dataset folder, a non-regular file (a FIFO would block the checksum read), an
+    empty or non-image file, too many pixels or too few are ``failed`` with the reason. An ok
+    row's reason names the conversion decoding applies (grayscale, CMYK, alpha, 16-bit, EXIF
+    rotation, first GIF frame), or is null. A file that decodes badly later (truncated) is
+    recorded by the miner or the trainer when they first decode it.
     """
     row = dict(rel_path=rel_path, width=None, height=None, size_bytes=None, checksum=None, status="ok", reason=None)
-    real = (base / rel_path).resolve()
-    if not real.is_relative_to(base):
-        return {**row, "status": "failed", "reason": f"symlink leads outside the dataset folder (to {real})"}
+    path = base / rel_path
     try:
-        row["size_bytes"] = real.stat().st_size
-        row["checksum"] = sha1_file(real)
+        info = inspect_image(path, root=base)
+    except ImageError as exc:
+        return {**row, "status": "failed", "reason": str(exc)}
+    try:
+        row["size_bytes"] = path.stat().st_size
+        row["checksum"] = sha1_file(path)
     except OSError as exc:
         return {**row, "status": "failed", "reason": f"cannot read file: {exc.strerror or exc}"}
-    try:
-        w, h = image_size(real)
-        if w < 1 or h < 1:
-            raise ImageError("image has zero size")
-        row["width"], row["height"] = int(w), int(h)
-    except ImageError as exc:
-        row["status"], row["reason"] = "failed", str(exc)
-    return row
+    return {**row, "width": info.width, "height": info.height, "reason": info.note or None}
 
 
 @dataclass
@@ -157,3 +156,14 @@ def dataset_counts(session: Session, dataset_id: int) -> dict[str, int]:
     n_jobs = session.execute(select(func.count()).select_from(Job).where(Job.dataset_id == dataset_id)).scalar_one()
     return {"images": int(img[0]), "failed_images": int(img[1]), "proposals": int(n_props),
             "pairs": int(n_pairs), "jobs": int(n_jobs)}
+
+
+def mark_images_failed(session: Session, dataset_id: int, reasons: dict[str, str]) -> int:
+    """Set status 'failed' with the reason on the dataset's images named by rel_path (those
+    skipped in training, for instance); returns how many rows changed. Does not commit."""
+    n = 0
+    for rel_path, reason in reasons.items():
+        res = session.execute(update(Image).where(Image.dataset_id == dataset_id, Image.rel_path == rel_path,
+                                                  Image.status == "ok").values(status="failed", reason=reason))
+        n += res.rowcount or 0
+    return n

@@ -69,8 +69,6 @@ from services.miner.roi_cache import RoiCache
 
 log = logging.getLogger(__name__)
 
-# Messages from orl.images.load_rgb: the file itself is unusable (not just selective search).
-_DECODE_FAILURES = ("cannot decode", "file not found", "image has zero size")
 _PROGRESS_EVERY_S = 2.0  # progress counts are queries; a few per second per shard is plenty
 
 
@@ -289,14 +287,16 @@ def propose_shard(job_id: int, image_ids: Sequence[int], dispatcher: Dispatcher)
     with session_scope() as s:
         paths = records.image_paths(s, image_ids, plan.dataset_id)
         done = records.proposed_among(s, image_ids, key)
+        sums = records.image_checksums(s, image_ids)
     todo = [i for i in image_ids if i in paths and i not in done]
     root = Path(plan.dataset_path)
     last_report = time.monotonic()
     with _heartbeat(job_id):
         # One isolated subprocess per shard: a time limit per image, and an OpenCV crash costs
         # one image, not the Celery pool process (parallelism comes from worker concurrency).
+        # Each file must still be inside the dataset folder and have its registered checksum.
         results = run_proposals([str(root / paths[i]) for i in todo], plan.proposal_params, workers=1,
-                                timeout_s=plan.mine.ss_timeout_s)
+                                timeout_s=plan.mine.ss_timeout_s, root=str(root), checksums=[sums.get(i) for i in todo])
         try:
             for k, res in results:
                 _write_proposal(todo[k], key, res)
@@ -319,7 +319,7 @@ def _render_thumbnails(gate: _Gate, root: Path, paths: dict[int, str], image_ids
     thumbnails only (the API renders them on demand); the job goes on.
     """
     with session_scope() as s:
-        sums = records.image_checksums(s, [i for i in image_ids if i in paths])
+        sums = records.ok_image_checksums(s, [i for i in image_ids if i in paths])
     artifacts = get_settings().artifacts_path
     for n, (image_id, checksum) in enumerate(sums.items()):
         try:
@@ -332,7 +332,7 @@ def _render_thumbnails(gate: _Gate, root: Path, paths: dict[int, str], image_ids
 
 def _write_proposal(image_id: int, key: str, res) -> None:
     with session_scope() as s:
-        if not res.ok and res.reason.startswith(_DECODE_FAILURES):
+        if not res.ok and res.image_failed:  # the file itself is refused, not only selective search
             records.mark_image_failed(s, image_id, res.reason)
         records.write_proposals(s, image_id, key, res.ok, res.reason, res.n_raw,
                                 res.boxes if res.ok else np.zeros((0, 4)), res.seconds)
@@ -390,8 +390,10 @@ def embed_knn(job_id: int, dispatcher: Dispatcher) -> None:
                 gate.check()
                 with session_scope() as s:
                     paths = records.image_paths(s, chunk, ds_id)
+                    sums = records.image_checksums(s, chunk)
                 ids = [i for i in chunk if i in paths]
-                emb, failed = embed_images(model, [str(root / paths[i]) for i in ids], mc, dev)
+                emb, failed = embed_images(model, [str(root / paths[i]) for i in ids], mc, dev, root=root,
+                                           checksums=[sums.get(i) for i in ids])
                 with session_scope() as s:
                     for k, reason in failed.items():
                         records.mark_image_failed(s, ids[k], reason)
@@ -437,6 +439,7 @@ class _RoiFeatures:
     plan: MinePlan
     boxes: dict[int, np.ndarray]
     paths: dict[int, str]
+    checksums: dict[int, str | None]
 
     def __post_init__(self):
         self.cache = RoiCache(get_settings().artifacts_path, self.plan.checkpoint_id, self.plan.params_key,
@@ -450,12 +453,15 @@ class _RoiFeatures:
         feats = self.cache.get(image_id, len(boxes)) if len(boxes) else np.zeros((0, 0), np.float32)
         if feats is None:
             model = get_model(artifact_path(self.plan.checkpoint_path))
+            root = Path(self.plan.dataset_path)
             try:
-                img = load_rgb(Path(self.plan.dataset_path) / self.paths[image_id])
+                img = load_rgb(root / self.paths[image_id], root=root, expected_sha1=self.checksums.get(image_id))
                 feats, _ = embed_rois(model.backbone, img, boxes, self.plan.mine, device())
                 self.cache.put(image_id, feats)
-            except ImageError as exc:  # readable when proposed, not now: no pairs with it
+            except ImageError as exc:  # readable when proposed, not now: no pairs with it, recorded
                 log.warning("image %s: %s", image_id, exc)
+                with session_scope() as s:
+                    records.mark_image_failed(s, image_id, str(exc))
                 feats = np.zeros((0, 0), np.float32)
         self.memo[image_id] = feats
         return feats
@@ -478,7 +484,8 @@ def pairs_shard(job_id: int, image_ids: Sequence[int], shard: int | None, dispat
         all_ids = set(qids) | {n for rows in nbrs.values() for _, n, _ in rows}
         boxes = records.boxes_of(s, all_ids, plan.params_key)
         paths = records.image_paths(s, list(all_ids), plan.dataset_id, only_ok=False)
-    feats = _RoiFeatures(plan, boxes, paths)
+        sums = records.image_checksums(s, list(all_ids))
+    feats = _RoiFeatures(plan, boxes, paths, sums)
     with _heartbeat(job_id):
         for q in qids:
             gate.check()

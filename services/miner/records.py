@@ -71,7 +71,13 @@ def image_paths(session: Session, image_ids: Sequence[int], dataset_id: int | No
     return {int(i): p for i, p in session.execute(stmt)}
 
 
-def image_checksums(session: Session, image_ids: Sequence[int]) -> dict[int, str]:
+def image_checksums(session: Session, image_ids: Sequence[int]) -> dict[int, str | None]:
+    """{image id: sha1 recorded at registration}: what the file must still hash to when mined."""
+    stmt = select(Image.id, Image.checksum).where(Image.id.in_(list(image_ids)))
+    return {int(i): c for i, c in session.execute(stmt)}
+
+
+def ok_image_checksums(session: Session, image_ids: Sequence[int]) -> dict[int, str]:
     """{image id: sha1} of the readable ones among ``image_ids`` (the thumbnail cache key)."""
     return {int(i): c for i, c in session.execute(select(Image.id, Image.checksum).where(
         Image.id.in_(list(image_ids)), Image.status == "ok", Image.checksum.is_not(None)))}

@@ -33,6 +33,7 @@ from typing import Any
 from orl.config import save_config
 from services.common import broker, jobs
 from services.common.artifacts import upsert_artifact
+from services.common.datasets import mark_images_failed
 from services.common.db import session_scope
 from services.common.heartbeat import Heartbeat
 from services.common.models import JobStatus
@@ -130,8 +131,10 @@ class Trainer:
                 if lease.lost.is_set():
                     return "lost"
                 log.exception("job %s failed", job_id)
+                self._record_skipped(spec)
                 return self._finish(job_id, JobStatus.FAILED, error=f"training failed: {type(exc).__name__}: {exc}")
             lease.flush()
+        self._record_skipped(spec)
         if lease.lost.is_set():
             # Requeued while we were silent: another trainer owns it now; write nothing more.
             log.warning("job %s was taken over by another worker; stopping", job_id)
@@ -208,6 +211,22 @@ class Trainer:
             return Path(path).relative_to(self.settings.artifacts_path).as_posix()
         except ValueError:
             return str(path)
+
+    def _record_skipped(self, spec: RunSpec) -> None:
+        """Images that failed to decode mid-run (orl.data.SkipLog) become failed image rows, so the
+        next job leaves them out and the API lists them with the reason."""
+        from orl.data import SkipLog
+        from orl.train import SKIP_LOG
+
+        skipped = SkipLog(spec.out_dir / SKIP_LOG).read()
+        if not skipped or spec.images_dataset_id is None:
+            return
+        stage = "stage 1" if spec.stage == "byol" else "stage 3"
+        with session_scope() as s:
+            n = mark_images_failed(s, spec.images_dataset_id, {f: f"skipped in {stage} training: {r}"
+                                                               for f, r in skipped.items()})
+        if n:
+            log.warning("job %s: %d image(s) skipped in training, marked failed", spec.job_id, n)
 
     def _record_artifacts(self, spec: RunSpec, summary: dict[str, Any]) -> dict[str, int]:
         """One checkpoint (and backbone, when finished) artifact row per job; idempotent."""

@@ -60,6 +60,7 @@ class RunSpec:
     nproc: int = 1
     device: str = "auto"
     dataset_id: int | None = None
+    images_dataset_id: int | None = None  # whose images train: the job's dataset, or its mine job's
     info: dict[str, Any] = field(default_factory=dict)  # recorded in the job's result
 
 
@@ -108,7 +109,7 @@ def build_spec(session: Session, job: Job, artifacts_dir: Path, default_device: 
     except RuntimeError as exc:
         raise SpecError(f"params.device {device!r}: {exc}") from None
     spec = RunSpec(job.id, job.kind, stage, job_params.default_base(resolved_device), ds.path, out_dir,
-                   max_steps=max_steps, nproc=nproc, device=device, dataset_id=ds.id)
+                   max_steps=max_steps, nproc=nproc, device=device, dataset_id=ds.id, images_dataset_id=ds.id)
     if stage == "byol":
         spec.cfg = build_config(params, spec.cfg, "pretrain")
         spec.files = list(session.execute(select(Image.rel_path).where(Image.dataset_id == ds.id, Image.status == "ok")
@@ -137,6 +138,7 @@ def build_spec(session: Session, job: Job, artifacts_dir: Path, default_device: 
     stage1 = _checkpoint(session, plan.checkpoint_id, artifacts_dir, "the mine job's checkpoint")
     spec.cfg = build_config(params, checkpoint_config(stage1[0], artifacts_dir))
     spec.images_root = mine_ds.path
+    spec.images_dataset_id = mine_ds.id
     spec.corr = correspondence_from_db(session, mine.id, plan.params_key)
     if len(spec.corr) < 2:
         raise SpecError(f"mine job {mine.id} found {len(spec.corr)} images with neighbours; stage 3 needs at least 2")
