@@ -1,8 +1,9 @@
 """Jobs: submit (202 + Location, Idempotency-Key), list, read, cancel.
 
-Job state lives in the database; the broker only transports "start mining job N". Mine jobs are
-sent to the miner's gpu queue by task name, pretrain/train jobs wait in the table for a trainer
-to claim them, and a pipeline creates its stages one after the other (services.common.jobs).
+Job state lives in the database; the broker only transports "start mining job N". Mine and
+embedding_map jobs are sent to the miner's gpu queue by task name, pretrain/train jobs wait in the
+table for a trainer to claim them, and a pipeline creates its stages one after the other
+(services.common.jobs).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from sqlalchemy import select
 
 from services.api import cursors, lookups
-from services.api.deps import SessionDep, WriteAccess
+from services.api.deps import SessionDep, SettingsDep, WriteAccess
 from services.api.schemas import JobCreate, JobKind, JobOut, Page, ReviewSummary
-from services.common import broker, jobs, reviews
+from services.common import broker, embedding_maps, jobs, reviews
 from services.common.models import Artifact, Dataset, Job, JobStatus, RoiPair
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
@@ -44,7 +45,7 @@ def _checkpoint_ids(kind: str, params: dict[str, Any]) -> list[tuple[str, Any]]:
     return [("params.checkpoint_id", params["checkpoint_id"])] if "checkpoint_id" in params else []
 
 
-def _validate(session, body: JobCreate) -> None:
+def _validate(session, settings, body: JobCreate) -> None:
     if session.get(Dataset, body.dataset_id) is None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                             f"dataset_id {body.dataset_id} does not exist; register the folder with "
@@ -63,20 +64,29 @@ def _validate(session, body: JobCreate) -> None:
         if art is None or art.kind != "checkpoint":
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                                 f"{where}={cid!r} is not a checkpoint id; list them with GET /api/v1/checkpoints")
+    if body.kind == embedding_maps.KIND:
+        # The worker checks again (it records the resolved values), but a typo is cheaper here.
+        try:
+            params = embedding_maps.parse_params(body.params)
+            if params.labels is not None:
+                embedding_maps.labels_file(params.labels, settings.data_root_paths)
+        except embedding_maps.MapParamsError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, dependencies=[WriteAccess],
-             summary="Submit a job (pretrain, mine, train or a whole pipeline)",
+             summary="Submit a job (pretrain, mine, train, a whole pipeline, or an embedding map)",
              responses={409: {"description": "Idempotency-Key reused with a different request"},
                         503: {"description": "the broker is unreachable"}})
 def submit_job(
     body: JobCreate,
     session: SessionDep,
+    settings: SettingsDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200, description=(
         "any unique string; retrying the POST with the same key returns the same job"))] = None,
 ) -> JobOut:
-    _validate(session, body)
+    _validate(session, settings, body)
     try:
         created = jobs.create_job(session, kind=body.kind, dataset_id=body.dataset_id, params=body.params,
                                   idempotency_key=idempotency_key or None)
