@@ -96,6 +96,15 @@ def test_pca_map_with_csv_labels_is_stored_served_and_rerun(api_client, auth_hea
     assert (page["job_id"], page["dataset_id"], page["method"], page["method_requested"]) == (job_id, ds, "pca", "pca")
     ids, emb = _stored_embeddings(ds, checkpoint_id)
     assert [p["image_id"] for p in points] == ids and emb.shape[0] == 6
+    # They are the embeddings mining computes (orl.mining.embed_images, the checkpoint's options),
+    # so a later mining job reuses them.
+    from orl.checkpoint import load_model
+    from orl.mining import embed_images
+
+    model, cfg, _ = load_model(settings_env.artifacts_dir / res["map"]["checkpoint_path"])
+    lib, failed = embed_images(model, [str(folder / p["rel_path"]) for p in points], cfg.mine)
+    assert not failed
+    np.testing.assert_allclose(emb, lib, atol=1e-5)
     # The map is the PCA of the stored embeddings.
     xy = np.array([[p["x"], p["y"]] for p in points])
     np.testing.assert_allclose(xy, pca_2d(emb), atol=1e-5)
@@ -123,28 +132,19 @@ def test_pca_map_with_csv_labels_is_stored_served_and_rerun(api_client, auth_hea
 
 @pytest.mark.slow
 @pytest.mark.skipif(not umap_available(), reason="umap-learn is not installed")
-def test_auto_map_uses_umap_on_a_mined_dataset(api_client, auth_headers, settings_env, miner, checkpoint_id):
-    ds, _ = _dataset(api_client, auth_headers, settings_env, 8)
-    r = api_client.post(f"{API}/jobs", json={"kind": "mine", "dataset_id": ds,
-                                             "params": {"checkpoint_id": checkpoint_id, "knn_k": 3}},
-                        headers=auth_headers)
-    mine = procs.wait_job(r.json()["id"], 240, [miner])
-    assert mine["status"] == "succeeded", mine["error"]
-    before = _stored_embeddings(ds, checkpoint_id)
+def test_auto_map_uses_umap_when_installed(api_client, auth_headers, settings_env, miner, checkpoint_id):
+    ds, _ = _dataset(api_client, auth_headers, settings_env, 6, offset=2)
     job_id = _submit(api_client, auth_headers, ds, {"checkpoint_id": checkpoint_id, "seed": 3,
                                                    "n_neighbors": 4}).json()["id"]
     row = procs.wait_job(job_id, 300, [miner])  # the worker's first UMAP compiles numba code (tens of s)
     assert row["status"] == "succeeded", row["error"]
     res = row["result"]
-    # Mining had embedded every image: the map reuses its rows.
-    assert res["embeddings_missing"] == 0 and res["method"] == "umap" and res["method_reason"] == ""
-    assert res["umap_learn"] == metadata.version("umap-learn") and res["labels"] is None
-    after = _stored_embeddings(ds, checkpoint_id)
-    assert after[0] == before[0] and np.array_equal(after[1], before[1])
+    assert res["method"] == "umap" and res["method_reason"] == "" and res["labels"] is None
+    assert res["umap_learn"] == metadata.version("umap-learn")
     page, points = _all_points(api_client, checkpoint_id, 100, dataset_id=ds)
-    assert page["method"] == "umap" and page["method_requested"] == "auto" and page["total"] == 8
+    assert page["method"] == "umap" and page["method_requested"] == "auto" and page["total"] == 6
     xy = np.array([[p["x"], p["y"]] for p in points])
-    assert np.isfinite(xy).all() and len({tuple(v) for v in xy.round(6)}) == 8
+    assert np.isfinite(xy).all() and len({tuple(v) for v in xy.round(6)}) == 6
     assert all(p["label"] is None for p in points)
 
 
