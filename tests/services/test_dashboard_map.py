@@ -20,7 +20,7 @@ app = dash.app
 
 
 @pytest.fixture(scope="module")
-def seeded_map(seeded, settings_env):
+def seeded_map(seeded, settings_env, live_api):
     """A succeeded embedding_map job of the byol checkpoint, its points labelled by a CSV."""
     from services.common.db import session_scope
     from services.common.models import EmbeddingMapPoint, Job
@@ -40,7 +40,7 @@ def seeded_map(seeded, settings_env):
         s.add_all([EmbeddingMapPoint(job_id=job.id, image_id=i, x=float(k), y=float(k % 3), label=labels.get(i))
                    for k, i in enumerate(images)])
         s.flush()
-        return {"job": job.id, "labels": labels}
+        return {"job": job.id, "labels": labels, "api": live_api}
 
 
 def _chart_spec(at) -> tuple[dict, list[dict]]:
@@ -110,3 +110,59 @@ def test_map_url_state_and_params():
                                                                  "n_neighbors": 10, "min_dist": 0.25,
                                                                  "labels": "lab.csv"}
     assert build_params(5, "pca", 0, 10, 0.25, "") == {"checkpoint_id": 5, "method": "pca", "seed": 0}
+
+
+# -- a person's view: hover and click in headless Chromium ------------------------------------------
+live_dashboard = dash.live_dashboard
+MAP_SCREENSHOT = dash.SCREENSHOT.parent / "map_page.png"
+
+# The leftmost coloured pixel of the chart's canvas is the dot with the smallest x (the legend is
+# on the right); returns its centre in CSS pixels of the page, or null before the chart is drawn.
+LEFTMOST_DOT_JS = """
+const c = [...document.querySelectorAll('[data-testid="stVegaLiteChart"] canvas')][0];
+if (!c || !c.width) return null;
+const ctx = c.getContext('2d'), d = ctx.getImageData(0, 0, c.width, c.height).data;
+let best = null;
+for (let x = 0; x < c.width && !best; x++) for (let y = 0; y < c.height; y++) {
+  const i = 4 * (y * c.width + x);
+  if (d[i + 3] > 200 && Math.max(d[i], d[i + 1], d[i + 2]) - Math.min(d[i], d[i + 1], d[i + 2]) > 60) {
+    best = [x, y]; break; }
+}
+if (!best) return null;
+const r = c.getBoundingClientRect(), s = r.width / c.width;
+return [r.left + (best[0] + 4 * (c.width / r.width)) * s, r.top + best[1] * s];
+"""
+
+
+def _mouse(kind: str, x: float, y: float) -> str:
+    return (f"const c = document.querySelector('[data-testid=\"stVegaLiteChart\"] canvas');"
+            f"c.dispatchEvent(new MouseEvent('{kind}', {{clientX: {x}, clientY: {y}, bubbles: true}}));")
+
+
+@pytest.mark.skipif(not (dash.CHROMIUM and dash.CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
+def test_chromium_map_hover_shows_the_thumbnail_and_click_opens_the_image(live_dashboard, seeded, seeded_map,
+                                                                          tmp_path):
+    browser = dash.WebDriver(tmp_path / "profile")
+    try:
+        browser.get(f"{live_dashboard}/?page=map&dataset={seeded['dataset']}&checkpoint={seeded['byol']}")
+        x, y = browser.wait_for(lambda: browser.script(LEFTMOST_DOT_JS), 90, "the map's dots")
+        # Vega shows its tooltip on mouse move; its `image` field becomes an <img> the browser loads.
+        loaded = "return [...document.querySelectorAll('#vg-tooltip-element img')].filter(i => i.naturalWidth > 0)" \
+                 ".map(i => i.src)"
+
+        def tooltip_image():
+            browser.script(_mouse("mousemove", x, y))
+            return browser.script(loaded)
+
+        srcs = browser.wait_for(tooltip_image, 60, "a thumbnail in the tooltip")
+        first = seeded["images"][0]  # x = 0: the leftmost dot
+        assert srcs == [f"{seeded_map['api']}/api/v1/images/{first}/thumbnail?size=160"], srcs
+        png = browser.screenshot_png()
+        MAP_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        MAP_SCREENSHOT.write_bytes(png)
+        # A click follows the dot's link to the Image page of that photo.
+        browser.script(_mouse("click", x, y))
+        browser.wait_for(lambda: "page=image" in browser.current_url(), 30, "the Image page")
+        assert f"image={first}" in browser.current_url()
+    finally:
+        browser.quit()
