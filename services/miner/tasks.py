@@ -62,8 +62,9 @@ def _run(task: Task, job_id: int, step: Callable[..., None], *args) -> dict:
     except (pipeline.MineError, embedding_map.MapError) as exc:
         pipeline.finish(job_id, JobStatus.FAILED, error=str(exc), dispatcher=DISPATCHER)
     except SoftTimeLimitExceeded:
+        smaller = "use method pca" if task.name.startswith("miner.map_") else "lower ORL_SHARD_SIZE"
         pipeline.finish(job_id, JobStatus.FAILED, dispatcher=DISPATCHER, error=(
-            f"{task.name} exceeded its time limit ({task.app.conf.task_soft_time_limit} s): lower ORL_SHARD_SIZE "
+            f"{task.name} exceeded its time limit ({task.app.conf.task_soft_time_limit} s): {smaller} "
             "or raise ORL_VISIBILITY_TIMEOUT_S (the limits follow it)"))
     except _TRANSIENT as exc:
         if task.request.retries < MAX_RETRIES:

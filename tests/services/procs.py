@@ -83,12 +83,13 @@ class Proc:
         self._log.close()
 
 
-def start_miner(env: dict[str, str], log_dir: Path, name: str, queues: str = "cpu,gpu") -> Proc:
+def start_miner(env: dict[str, str], log_dir: Path, name: str, queues: str = "cpu,gpu",
+                start_timeout_s: float = 90) -> Proc:
     cmd = [sys.executable, "-m", "celery", "-A", "services.miner.celery_app", "worker", "-Q", queues,
            "--concurrency", "1", "--prefetch-multiplier", "1", "-n", f"{name}@%h", "--loglevel", "INFO",
            "--without-gossip", "--without-mingle", "--without-heartbeat"]
     proc = Proc(name, cmd, env, log_dir / f"{name}.log")
-    wait_for(lambda: " ready." in proc.log() or not proc.alive(), 90, f"miner {name} to start")
+    wait_for(lambda: " ready." in proc.log() or not proc.alive(), start_timeout_s, f"miner {name} to start")
     assert proc.alive(), f"miner {name} died at start:\n{proc.log()[-3000:]}"
     return proc
 

@@ -24,7 +24,12 @@ API = "/api/v1"
 @pytest.fixture(scope="module")
 def miner(settings_env, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("map-miner-logs")
-    proc = procs.start_miner(procs.service_env(settings_env), log_dir, f"map-miner-{uuid.uuid4().hex[:6]}")
+    # On a shared 2-core machine importing torch at nice 15 alone can take a minute or more, and the
+    # worker's first UMAP compiles numba code for minutes: task time limits of minutes (they follow
+    # the visibility timeout) and a lease of a minute, as in production (a starved heartbeat thread
+    # must not get the job reaped; no test here kills a worker), and patience at start.
+    env = procs.service_env(settings_env, ORL_VISIBILITY_TIMEOUT_S=900, ORL_LEASE_S=60, ORL_HEARTBEAT_S=2)
+    proc = procs.start_miner(env, log_dir, f"map-miner-{uuid.uuid4().hex[:6]}", start_timeout_s=300)
     yield proc
     proc.stop()
 
@@ -130,24 +135,6 @@ def test_pca_map_with_csv_labels_is_stored_served_and_rerun(api_client, auth_hea
     assert _all_points(api_client, checkpoint_id, 100, job_id=job_id)[0]["job_id"] == job_id
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not umap_available(), reason="umap-learn is not installed")
-def test_auto_map_uses_umap_when_installed(api_client, auth_headers, settings_env, miner, checkpoint_id):
-    ds, _ = _dataset(api_client, auth_headers, settings_env, 6, offset=2)
-    job_id = _submit(api_client, auth_headers, ds, {"checkpoint_id": checkpoint_id, "seed": 3,
-                                                   "n_neighbors": 4}).json()["id"]
-    row = procs.wait_job(job_id, 300, [miner])  # the worker's first UMAP compiles numba code (tens of s)
-    assert row["status"] == "succeeded", row["error"]
-    res = row["result"]
-    assert res["method"] == "umap" and res["method_reason"] == "" and res["labels"] is None
-    assert res["umap_learn"] == metadata.version("umap-learn")
-    page, points = _all_points(api_client, checkpoint_id, 100, dataset_id=ds)
-    assert page["method"] == "umap" and page["method_requested"] == "auto" and page["total"] == 6
-    xy = np.array([[p["x"], p["y"]] for p in points])
-    assert np.isfinite(xy).all() and len({tuple(v) for v in xy.round(6)}) == 6
-    assert all(p["label"] is None for p in points)
-
-
 def test_bad_requests_say_what_to_change(api_client, auth_headers, settings_env, miner, checkpoint_id):
     ds, folder = _dataset(api_client, auth_headers, settings_env, 3, offset=4)
     outside = Path("/etc/hostname")
@@ -192,3 +179,21 @@ def test_waiting_map_jobs_are_kept_alive(settings_env):
     with session_scope() as s:
         assert jobs.keep_alive(s, [job_id]) == 1
         jobs.cancel_job(s, job_id)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not umap_available(), reason="umap-learn is not installed")
+def test_auto_map_uses_umap_when_installed(api_client, auth_headers, settings_env, miner, checkpoint_id):
+    ds, _ = _dataset(api_client, auth_headers, settings_env, 6, offset=2)
+    job_id = _submit(api_client, auth_headers, ds, {"checkpoint_id": checkpoint_id, "seed": 3,
+                                                   "n_neighbors": 4}).json()["id"]
+    row = procs.wait_job(job_id, 900, [miner])  # the worker's first UMAP compiles numba code (tens of s)
+    assert row["status"] == "succeeded", row["error"]
+    res = row["result"]
+    assert res["method"] == "umap" and res["method_reason"] == "" and res["labels"] is None
+    assert res["umap_learn"] == metadata.version("umap-learn")
+    page, points = _all_points(api_client, checkpoint_id, 100, dataset_id=ds)
+    assert page["method"] == "umap" and page["method_requested"] == "auto" and page["total"] == 6
+    xy = np.array([[p["x"], p["y"]] for p in points])
+    assert np.isfinite(xy).all() and len({tuple(v) for v in xy.round(6)}) == 6
+    assert all(p["label"] is None for p in points)
