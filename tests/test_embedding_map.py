@@ -83,6 +83,7 @@ def test_auto_uses_pca_for_too_few_points():
             layout_2d(emb, "umap")
 
 
+@pytest.mark.slow  # umap-learn compiles its numba code on first use: about a minute on 2 shared cores
 @pytest.mark.skipif(not umap_available(), reason="umap-learn is not installed")
 def test_umap_keeps_clusters_apart_and_repeats_with_a_seed():
     rng = np.random.default_rng(3)
