@@ -1,6 +1,6 @@
 """ORL dashboard: ``streamlit run dashboard/app.py``.
 
-Pages (``?page=`` in the URL): Jobs, Pairs, Image, Attention, Dataset. The page and its filters live
+Pages (``?page=`` in the URL): Jobs, Pairs, Image, Embedding map, Attention, Dataset. The page and its filters live
 in the query string, so any view can be shared as a link. Everything comes from the REST API
 at ORL_API_URL (default http://127.0.0.1:8000); write actions (submit, cancel, register) send
 ORL_API_TOKEN, or the token typed into the sidebar.
@@ -20,11 +20,12 @@ if _ROOT not in sys.path:
 import streamlit as st  # noqa: E402
 
 from dashboard import urlstate  # noqa: E402
-from dashboard.views import attention, common, dataset, image, jobs, pairs  # noqa: E402
+from dashboard.views import attention, common, dataset, embedding_map, image, jobs, pairs  # noqa: E402
 
-TITLES = {"jobs": "Jobs", "pairs": "Pairs", "image": "Image", "attention": "Attention", "dataset": "Dataset"}
-VIEWS = {"jobs": jobs.render, "pairs": pairs.render, "image": image.render, "attention": attention.render,
-         "dataset": dataset.render}
+TITLES = {"jobs": "Jobs", "pairs": "Pairs", "image": "Image", "map": "Embedding map", "attention": "Attention",
+          "dataset": "Dataset"}
+VIEWS = {"jobs": jobs.render, "pairs": pairs.render, "image": image.render, "map": embedding_map.render,
+         "attention": attention.render, "dataset": dataset.render}
 
 
 def main() -> None:

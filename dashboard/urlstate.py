@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-PAGES = ("jobs", "pairs", "image", "attention", "dataset")
+PAGES = ("jobs", "pairs", "image", "map", "attention", "dataset")
 DEFAULT_PAGE = "jobs"
 PAGE_SIZES = (10, 20, 50)
 ORDERS = ("score_desc", "score_asc", "random")  # the API's ?order=
@@ -126,6 +126,10 @@ PARAMS: dict[str, dict[str, Param]] = {
         "opacity": Param(_opacity, 0.5),
     },
     "dataset": {"dataset": Param(_positive_int)},
+    "map": {
+        "dataset": Param(_positive_int),
+        "checkpoint": Param(_positive_int),  # whose embeddings; none: the dataset's newest checkpoint
+    },
 }
 # Changing any of these starts the pair list again from its first page.
 PAIR_FILTERS = ("dataset", "job", "image", "min_score", "max_score", "min_area", "max_area", "order", "seed", "todo",

@@ -106,6 +106,9 @@ class Api:
     def _binary(self, request: tuple[str, dict[str, Any]]) -> Binary:
         return get_client(self.base_url, self.token).get_binary(request[0], **request[1])
 
+    def embedding_map(self, checkpoint_id: int, **params) -> dict:
+        return self._get(_get_fresh, f"/checkpoints/{checkpoint_id}/embedding-map", **params)
+
     def thumbnail(self, image_id: int, size: int) -> Binary:
         return self._binary(self.thumbnail_request(image_id, size))
 
@@ -138,6 +141,12 @@ class Api:
     def review_pair(self, pair_id: int, verdict: str, reviewer: str) -> dict:
         return self._write(f"/correspondences/{pair_id}/review", {"verdict": verdict, "reviewer": reviewer},
                            method="PUT")
+
+
+def public_api_url(api: Api) -> str:
+    """The API as a browser reaches it, for URLs the page hands to the browser (thumbnails in
+    chart tooltips): ORL_API_PUBLIC_URL, else the URL the dashboard itself uses."""
+    return (os.environ.get("ORL_API_PUBLIC_URL") or api.base_url).rstrip("/")
 
 
 # -- URL state ----------------------------------------------------------------------------------

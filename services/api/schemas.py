@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from services.common.models import Job, JobStatus
 
-JobKind = Literal["pretrain", "mine", "train", "pipeline"]
+JobKind = Literal["pretrain", "mine", "train", "pipeline", "embedding_map"]
 
 
 T = TypeVar("T")
@@ -215,6 +215,29 @@ class CheckpointOut(BaseModel):
     path: str
     meta: dict[str, Any]
     created_at: datetime
+
+
+# -- embedding maps -----------------------------------------------------------------------------
+class MapPoint(BaseModel):
+    image_id: int
+    rel_path: str = Field(description="the image file, relative to the dataset folder")
+    x: float
+    y: float
+    label: str | None = Field(description="the image's label from the job's label source; null without one, "
+                                          "or when the source does not cover the image")
+
+
+class EmbeddingMapPage(Page[MapPoint]):
+    job_id: int = Field(description="the embedding_map job that computed the map (GET /api/v1/jobs/{id})")
+    checkpoint_id: int
+    dataset_id: int
+    method: Literal["umap", "pca"] = Field(description="what laid the map out")
+    method_requested: Literal["auto", "umap", "pca"]
+    method_reason: str = Field(description="why auto chose PCA (e.g. umap-learn not installed); empty otherwise")
+    params: dict[str, Any] = Field(description="the job's resolved parameters (seed, n_neighbors, min_dist, labels)")
+    labels: dict[str, Any] | None = Field(description="the label source: path, format (csv, coco, yolo), how many "
+                                                      "images it labelled, how many classes; null without one")
+    finished_at: datetime | None
 
 
 # -- artifacts ----------------------------------------------------------------------------------

@@ -15,6 +15,10 @@ from services.common.runtime import get_celery
 
 MINE_TASK = "miner.start_mine"
 MINE_QUEUE = "gpu"
+# An embedding_map job starts on gpu (it embeds images that lack an embedding under the
+# checkpoint) and lays out the map on cpu (services/miner/embedding_map.py).
+MAP_TASK = "miner.map_embed"
+MAP_QUEUE = "gpu"
 
 
 def check_broker(timeout_s: float = 2.0) -> None:
@@ -32,16 +36,23 @@ def send_mine(job_id: int, app: Celery | None = None) -> None:
     (app or get_celery()).send_task(MINE_TASK, args=[int(job_id)], queue=MINE_QUEUE)
 
 
+def send_map(job_id: int, app: Celery | None = None) -> None:
+    """Start an embedding_map job (its first task sends the layout task)."""
+    (app or get_celery()).send_task(MAP_TASK, args=[int(job_id)], queue=MAP_QUEUE)
+
+
 def dispatch(job_id: int, kind: str, app: Celery | None = None) -> None:
     """Hand a queued job to whoever runs it.
 
-    mine -> a Celery task on the gpu queue. pretrain/train -> nothing: a trainer process claims
+    mine, embedding_map -> a Celery task on the gpu queue. pretrain/train -> nothing: a trainer process claims
     queued rows itself (``jobs.claim_job``). pipeline -> nothing: its children are dispatched.
     Call it AFTER the transaction that created or requeued the job committed, so the worker finds
     the row.
     """
     if kind == "mine":
         send_mine(job_id, app)
+    elif kind == "embedding_map":
+        send_map(job_id, app)
 
 
 def dispatch_all(pairs: Iterable[tuple[int, str]], app: Celery | None = None) -> None:

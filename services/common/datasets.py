@@ -40,10 +40,20 @@ def resolve_dataset_path(raw: str, roots: list[Path]) -> Path:
     a client or proxy may decode it later), anything that resolves outside every data root
     (a symlink pointing out included), and non-folders.
     """
+    real = resolve_under_roots(raw, roots, "folder")
+    if not real.is_dir():
+        raise PathRefused(f"{raw!r} is a file, not a folder; give the folder that contains the images")
+    return real
+
+
+def resolve_under_roots(raw: str, roots: list[Path], noun: str = "file or folder") -> Path:
+    """The real path of an existing file or folder under a data root (a label file, a dataset
+    folder), with the checks of ``resolve_dataset_path`` except the folder test; ``noun`` names
+    what is asked for in the messages."""
     if not roots:
         raise PathRefused("no data roots are configured; set ORL_DATA_ROOTS to the folders datasets may live in")
     if not raw or not raw.strip():
-        raise PathRefused("path is empty; give a folder under one of the data roots")
+        raise PathRefused(f"path is empty; give a {noun} under one of the data roots")
     if len(raw) > MAX_PATH_CHARS or "\x00" in raw:
         raise PathRefused("path is too long or contains a NUL byte")
     decoded, prev = raw, None
@@ -52,20 +62,18 @@ def resolve_dataset_path(raw: str, roots: list[Path]) -> Path:
     if "\x00" in decoded:
         raise PathRefused("path contains an encoded NUL byte")
     if _has_dotdot(raw) or _has_dotdot(decoded):
-        raise PathRefused("path must not contain '..' (plain or percent-encoded); give the folder's full path "
+        raise PathRefused(f"path must not contain '..' (plain or percent-encoded); give the {noun}'s full path "
                           f"or its path relative to a data root ({_roots_text(roots)})")
     p = Path(raw).expanduser()
     candidates = [p] if p.is_absolute() else [r / p for r in roots]
     target = next((c for c in candidates if c.exists()), None)
     if target is None:
-        raise PathRefused(f"folder not found: {raw!r}; give an existing folder under {_roots_text(roots)}")
+        raise PathRefused(f"{noun} not found: {raw!r}; give an existing {noun} under {_roots_text(roots)}")
     real = target.resolve(strict=True)
     if not any(real.is_relative_to(r) for r in roots):
         hint = " (it is a symlink that leads there)" if real != target.absolute() else ""
         raise PathRefused(f"{raw!r} resolves to {real}{hint}, which is outside the data roots; "
-                          f"put the images under {_roots_text(roots)} or add their folder to ORL_DATA_ROOTS")
-    if not real.is_dir():
-        raise PathRefused(f"{raw!r} is a file, not a folder; give the folder that contains the images")
+                          f"put it under {_roots_text(roots)} or add its folder to ORL_DATA_ROOTS")
     return real
 
 

@@ -16,11 +16,12 @@ Who calls what:
   ``heartbeat`` between batches (it answers CANCEL when a cancel was requested, LOST when the lease
   went to someone else), ``finish_job`` + ``broker.dispatch_all``, ``release_job`` on shutdown,
   and ``reap_and_dispatch`` in its poll loop.
-- Miner: ``start_job`` in ``miner.start_mine`` (idempotent on redelivery), ``get_job(lock=True)`` +
-  ``update_job`` for the plan and each phase change, ``heartbeat`` / ``set_progress(phase=...)``
-  per shard, ``finish_job`` from the last shard. A mining job spans many tasks, so something must
-  renew its heartbeat at least every ORL_LEASE_S while shards wait in the queue (``keep_alive``),
-  or ``reap_stale`` requeues it.
+- Miner: ``start_job`` in ``miner.start_mine`` and ``miner.map_embed`` (idempotent on redelivery),
+  ``get_job(lock=True)`` + ``update_job`` for the plan and each phase change, ``heartbeat`` /
+  ``set_progress(phase=...)`` per shard, ``finish_job`` from the last shard. A mining job spans
+  many tasks, so something must renew its heartbeat at least every ORL_LEASE_S while shards wait
+  in the queue (``keep_alive``; an embedding_map job's layout task too), or ``reap_stale``
+  requeues it.
 
 Pipelines: a ``pipeline`` job is a coordinator with no worker. Its children run pretrain -> mine
 -> train; each child is created (queued) when the previous one succeeds, with these links added
@@ -49,6 +50,8 @@ from services.common.db import session_scope
 from services.common.models import JOB_KINDS, TERMINAL_STATUSES, Job, JobStatus
 
 PIPELINE_STAGES = ("pretrain", "mine", "train")
+# Jobs run as Celery tasks by the miner workers (dispatched by broker.dispatch).
+MINER_KINDS = ("mine", "embedding_map")
 # A worker holds the job (its heartbeat counts).
 ACTIVE_STATUSES = (JobStatus.RUNNING, JobStatus.CANCELLING)
 
@@ -328,13 +331,14 @@ def set_progress(session: Session, job_id: int, *, done: int | None = None, tota
 
 
 def keep_alive(session: Session, job_ids: Iterable[int]) -> int:
-    """Renew the heartbeat of those of ``job_ids`` that are running mine jobs: their next tasks wait
-    in the broker, where nobody heartbeats them (services/miner/keepalive.py). Returns how many."""
+    """Renew the heartbeat of those of ``job_ids`` that are running miner jobs (mine, embedding_map):
+    their next tasks wait in the broker, where nobody heartbeats them (services/miner/keepalive.py).
+    Returns how many."""
     ids = sorted(set(job_ids))
     if not ids:
         return 0
-    res = session.execute(update(Job).where(Job.id.in_(ids), Job.kind == "mine", Job.status == JobStatus.RUNNING)
-                          .values(heartbeat_at=func.now()))
+    res = session.execute(update(Job).where(Job.id.in_(ids), Job.kind.in_(MINER_KINDS),
+                                            Job.status == JobStatus.RUNNING).values(heartbeat_at=func.now()))
     return res.rowcount or 0
 
 

@@ -36,7 +36,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-JOB_KINDS = ("pretrain", "mine", "train", "pipeline")
+# embedding_map: a 2-D layout of a checkpoint's image embeddings (services/miner/embedding_map.py).
+JOB_KINDS = ("pretrain", "mine", "train", "pipeline", "embedding_map")
 
 
 class JobStatus(enum.StrEnum):
@@ -268,6 +269,20 @@ class PairReview(Base):
     verdict: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _created_at()
+
+
+class EmbeddingMapPoint(Base):
+    """One image's place on the 2-D map of an embedding_map job (the job's result["map"] says which
+    checkpoint, method and parameters), and its label when the job was given a label file."""
+
+    __tablename__ = "embedding_map_points"
+    __table_args__ = (Index("ix_embedding_map_points_image_id", "image_id"),)
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    x: Mapped[float]
+    y: Mapped[float]
+    label: Mapped[str | None] = mapped_column(Text)
 
 
 # Keyset pagination of /correspondences orders by (score DESC, id ASC): per job, per query image,

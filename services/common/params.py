@@ -41,6 +41,7 @@ from orl.config import (
     get_preset,
     section_fields,
 )
+from services.common import embedding_maps
 from services.common.artifacts import artifact_file, checkpoint_config
 from services.common.models import JOB_KINDS, Artifact, Job
 
@@ -196,6 +197,14 @@ def check_job(session: Session, kind: str, params: Mapping[str, Any], artifacts_
         raise ParamsError("kind", f"unknown job kind {kind!r}; valid kinds: {', '.join(JOB_KINDS)}")
     if not isinstance(params, Mapping):
         raise ParamsError("params", "params must be an object")
+    if kind == "embedding_map":
+        # Its params are no config fields: embedding_maps reads them (the worker does again).
+        try:
+            mp = embedding_maps.parse_params(dict(params))
+        except embedding_maps.MapParamsError as exc:
+            raise ParamsError("params", str(exc)) from None
+        usable_checkpoint(session, mp.checkpoint_id, "params.checkpoint_id", artifacts_dir)
+        return
     if kind != "pipeline":
         _check_stage(session, kind, params, artifacts_dir, "params", None)
         return

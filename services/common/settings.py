@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     artifacts_dir: Path = Path("./.state/artifacts")
     api_token: str | None = None
     api_url: str = "http://127.0.0.1:8000"
+    # The API as a browser reaches it, when that differs from api_url (compose: http://api:8000
+    # inside, the published port outside). The dashboard reads it for URLs it hands the browser.
+    api_public_url: str | None = None
     visibility_timeout_s: int = Field(3600, gt=0)
     heartbeat_s: float = Field(10.0, gt=0)
     lease_s: float = Field(60.0, gt=0)

@@ -29,7 +29,7 @@ Why every step is safe to run twice, or concurrently with a copy of itself:
   The stale-job reaper (``services.common.jobs.reap_stale``) re-sends it when a job stops
   heartbeating, which recovers from any lost message.
 
-Cancel is checked between images / batches (``_Gate``); progress is done/total of the current
+Cancel is checked between images / batches (``Gate``); progress is done/total of the current
 phase; a bad image gets ``images.status='failed'`` with the reason (or a failed
 ``proposal_status`` row when only selective search failed) and the job goes on.
 """
@@ -50,6 +50,7 @@ import torch
 from sqlalchemy.orm import Session
 
 from orl.checkpoint import load_model
+from orl.config import MineConfig
 from orl.device import resolve_device
 from orl.images import ImageError, load_rgb
 from orl.mining import embed_images, embed_rois, knn_search, select_pairs
@@ -102,7 +103,7 @@ def device() -> torch.device:
 
 
 # -- job gate and heartbeat ---------------------------------------------------------------------
-class _Gate:
+class Gate:
     """Between batches: is the job still ours to work on? Cancels it when asked to."""
 
     def __init__(self, job_id: int):
@@ -136,7 +137,7 @@ def _locked(s: Session, job_id: int) -> Job:
 
 def _heartbeat(job_id: int) -> Heartbeat:
     """Renews the job's lease while a task works on it (services.common.heartbeat); cancel is
-    checked by ``_Gate`` between images, so the answer is not needed here."""
+    checked by ``Gate`` between images, so the answer is not needed here."""
     return Heartbeat(job_id, get_settings().heartbeat_s)
 
 
@@ -247,7 +248,7 @@ def make_plan(job_id: int) -> MinePlan:
 
 def reconcile(job_id: int, dispatcher: Dispatcher) -> None:
     """Send whatever the job's phase still needs (all of it is idempotent to receive twice)."""
-    result = _Gate(job_id).check()
+    result = Gate(job_id).check()
     plan, phase = MinePlan.from_dict(result["plan"]), result.get("phase")
     if phase == "propose":
         with session_scope() as s:
@@ -278,7 +279,7 @@ def reconcile(job_id: int, dispatcher: Dispatcher) -> None:
 # -- propose ------------------------------------------------------------------------------------------
 def propose_shard(job_id: int, image_ids: Sequence[int], dispatcher: Dispatcher) -> None:
     """Selective search + box filter for a shard of images (cpu queue)."""
-    gate = _Gate(job_id)
+    gate = Gate(job_id)
     result = gate.check()
     if result.get("phase") != "propose":
         return  # a late duplicate: the job has moved on, so these proposals exist
@@ -311,7 +312,7 @@ def propose_shard(job_id: int, image_ids: Sequence[int], dispatcher: Dispatcher)
     advance_to_embed(job_id, dispatcher)
 
 
-def _render_thumbnails(gate: _Gate, root: Path, paths: dict[int, str], image_ids: Sequence[int]) -> None:
+def _render_thumbnails(gate: Gate, root: Path, paths: dict[int, str], image_ids: Sequence[int]) -> None:
     """The shard's thumbnails (``thumbnails.PRERENDER_SIZES_PX``), those not on disk yet.
 
     Here because the CPU workers already read every image of the job, in parallel: the pages
@@ -363,7 +364,7 @@ def advance_to_embed(job_id: int, dispatcher: Dispatcher) -> None:
 # -- embeddings + KNN ------------------------------------------------------------------------------------
 def embed_knn(job_id: int, dispatcher: Dispatcher) -> None:
     """Embed the set's images that have no embedding under this checkpoint; KNN; fan out pairs."""
-    gate = _Gate(job_id)
+    gate = Gate(job_id)
     gate.check()
     with session_scope() as s:
         job = _locked(s, job_id)  # waits for the sender's commit (module docstring)
@@ -379,29 +380,7 @@ def embed_knn(job_id: int, dispatcher: Dispatcher) -> None:
     dev = device()
     ds_id, max_id, ck_id = plan.dataset_id, plan.image_max_id, plan.checkpoint_id
     with _heartbeat(job_id):
-        with session_scope() as s:
-            need = records.ids_lacking_embedding(s, ds_id, max_id, ck_id)
-            total = records.count_set(s, ds_id, max_id)
-            jobs.set_progress(s, job_id, done=total - len(need), total=total, phase="embed")
-        if need:
-            model = get_model(artifact_path(plan.checkpoint_path))
-            root = Path(plan.dataset_path)
-            for chunk in chunks(need, 4 * mc.batch_size):
-                gate.check()
-                with session_scope() as s:
-                    paths = records.image_paths(s, chunk, ds_id)
-                    sums = records.image_checksums(s, chunk)
-                ids = [i for i in chunk if i in paths]
-                emb, failed = embed_images(model, [str(root / paths[i]) for i in ids], mc, dev, root=root,
-                                           checksums=[sums.get(i) for i in ids])
-                with session_scope() as s:
-                    for k, reason in failed.items():
-                        records.mark_image_failed(s, ids[k], reason)
-                    ok = [k for k in range(len(ids)) if k not in failed]
-                    records.write_embeddings(s, ck_id, [ids[k] for k in ok], emb[ok])
-                    left = len(records.ids_lacking_embedding(s, ds_id, max_id, ck_id))
-                    total = records.count_set(s, ds_id, max_id)
-                    jobs.set_progress(s, job_id, done=total - left, total=total, phase="embed")
+        embed_missing(job_id, gate, ImageSet(ds_id, plan.dataset_path, max_id), ck_id, plan.checkpoint_path, mc)
         gate.check()
         with session_scope() as s:
             ids, emb = records.load_embeddings(s, ds_id, max_id, ck_id)
@@ -410,6 +389,53 @@ def embed_knn(job_id: int, dispatcher: Dispatcher) -> None:
         with session_scope() as s:  # all neighbours in one transaction: a kill leaves none or all
             records.write_neighbors(s, job_id, ids, knn, sims)
     fan_out_pairs(job_id, dispatcher)
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """A job's images: the dataset's ok images with id <= image_max_id (records' snapshot)."""
+
+    dataset_id: int
+    dataset_path: str
+    image_max_id: int
+
+
+def embed_missing(job_id: int, gate: Gate, images: ImageSet, checkpoint_id: int, checkpoint_path: str,
+                  mc: MineConfig) -> int:
+    """Embed the set's images that have no embedding under the checkpoint (``image_embeddings``),
+    in batches with a cancel check between them; undecodable images are marked failed. Progress
+    goes to the job's ``embed`` phase. Mining and embedding maps both call this, so an image has
+    one embedding per checkpoint whichever job computed it. Returns how many were computed."""
+    ds_id, max_id = images.dataset_id, images.image_max_id
+    with session_scope() as s:
+        need = records.ids_lacking_embedding(s, ds_id, max_id, checkpoint_id)
+        total = records.count_set(s, ds_id, max_id)
+        jobs.set_progress(s, job_id, done=total - len(need), total=total, phase="embed")
+    if not need:
+        return 0
+    dev = device()
+    model = get_model(artifact_path(checkpoint_path))
+    root = Path(images.dataset_path)
+    computed = 0
+    for chunk in chunks(need, 4 * mc.batch_size):
+        gate.check()
+        with session_scope() as s:
+            paths = records.image_paths(s, chunk, ds_id)
+            sums = records.image_checksums(s, chunk)
+        ids = [i for i in chunk if i in paths]
+        # Decoded from the bytes hashed against the registered checksum, inside the dataset root.
+        emb, failed = embed_images(model, [str(root / paths[i]) for i in ids], mc, dev, root=root,
+                                   checksums=[sums.get(i) for i in ids])
+        with session_scope() as s:
+            for k, reason in failed.items():
+                records.mark_image_failed(s, ids[k], reason)
+            ok = [k for k in range(len(ids)) if k not in failed]
+            records.write_embeddings(s, checkpoint_id, [ids[k] for k in ok], emb[ok])
+            left = len(records.ids_lacking_embedding(s, ds_id, max_id, checkpoint_id))
+            total = records.count_set(s, ds_id, max_id)
+            jobs.set_progress(s, job_id, done=total - left, total=total, phase="embed")
+        computed += len(ok)
+    return computed
 
 
 def fan_out_pairs(job_id: int, dispatcher: Dispatcher) -> None:
@@ -469,7 +495,7 @@ class _RoiFeatures:
 
 def pairs_shard(job_id: int, image_ids: Sequence[int], shard: int | None, dispatcher: Dispatcher) -> None:
     """RoI pairs of a shard of query images with each of their neighbours (gpu queue)."""
-    gate = _Gate(job_id)
+    gate = Gate(job_id)
     gate.check()
     with session_scope() as s:
         job = _locked(s, job_id)  # waits for fan_out_pairs' commit
@@ -530,7 +556,7 @@ def _shard_done(job_id: int, shard: int, dispatcher: Dispatcher) -> None:
 # -- the end --------------------------------------------------------------------------------------------
 def finalize(job_id: int, dispatcher: Dispatcher) -> None:
     """Export correspondence.json, record it as an artifact, mark the job succeeded."""
-    plan = MinePlan.from_dict(_Gate(job_id).check()["plan"])
+    plan = MinePlan.from_dict(Gate(job_id).check()["plan"])
     rel = Path("jobs") / str(job_id) / "correspondence.json"
     out = get_settings().artifacts_path / rel
     with session_scope() as s:

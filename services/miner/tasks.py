@@ -2,8 +2,9 @@
 
 Task names and queues (``celery_app.ROUTES``): ``miner.start_mine(job_id)`` on gpu,
 ``miner.propose_shard(job_id, image_ids)`` on cpu, ``miner.embed_knn(job_id)`` on gpu,
-``miner.pairs_shard(job_id, image_ids, shard=None)`` on gpu. All are safe to redeliver
-(acks late + reject on worker lost): see the pipeline module for why.
+``miner.pairs_shard(job_id, image_ids, shard=None)`` on gpu; for embedding_map jobs
+``miner.map_embed(job_id)`` on gpu and ``miner.map_layout(job_id)`` on cpu. All are safe to
+redeliver (acks late + reject on worker lost): see the pipeline and embedding_map modules for why.
 
 Errors: a transient database or broker error is retried a few times with backoff; anything else
 fails the job with a message saying which step failed and why (the job row is what users see;
@@ -20,9 +21,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import OperationalError as DatabaseError
 
-from services.common.broker import MINE_TASK
+from services.common.broker import MAP_TASK, MINE_TASK
 from services.common.models import JobStatus
-from services.miner import pipeline
+from services.miner import embedding_map, pipeline
 from services.miner.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ class CeleryDispatcher:
     def pairs(self, job_id: int, image_ids: list[int], shard: int) -> None:
         pairs_shard.apply_async(args=[int(job_id), [int(i) for i in image_ids]], kwargs={"shard": int(shard)})
 
+    def layout(self, job_id: int) -> None:
+        map_layout.apply_async(args=[int(job_id)])
+
 
 DISPATCHER = CeleryDispatcher()
 
@@ -55,11 +59,12 @@ def _run(task: Task, job_id: int, step: Callable[..., None], *args) -> dict:
         step(job_id, *args, DISPATCHER)
     except pipeline.Stop as exc:
         log.info("%s: %s", task.name, exc)
-    except pipeline.MineError as exc:
+    except (pipeline.MineError, embedding_map.MapError) as exc:
         pipeline.finish(job_id, JobStatus.FAILED, error=str(exc), dispatcher=DISPATCHER)
     except SoftTimeLimitExceeded:
+        smaller = "use method pca" if task.name.startswith("miner.map_") else "lower ORL_SHARD_SIZE"
         pipeline.finish(job_id, JobStatus.FAILED, dispatcher=DISPATCHER, error=(
-            f"{task.name} exceeded its time limit ({task.app.conf.task_soft_time_limit} s): lower ORL_SHARD_SIZE "
+            f"{task.name} exceeded its time limit ({task.app.conf.task_soft_time_limit} s): {smaller} "
             "or raise ORL_VISIBILITY_TIMEOUT_S (the limits follow it)"))
     except _TRANSIENT as exc:
         if task.request.retries < MAX_RETRIES:
@@ -96,3 +101,15 @@ def embed_knn(self: Task, job_id: int) -> dict:
 def pairs_shard(self: Task, job_id: int, image_ids: list[int], shard: int | None = None) -> dict:
     """RoI features (cached per image) and the top pairs of each (image, neighbour)."""
     return _run(self, int(job_id), pipeline.pairs_shard, [int(i) for i in image_ids], shard)
+
+
+@app.task(name=MAP_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def map_embed(self: Task, job_id: int) -> dict:
+    """An embedding_map job: plan, embed the images that lack an embedding, send map_layout."""
+    return _run(self, int(job_id), embedding_map.start_map)
+
+
+@app.task(name="miner.map_layout", bind=True, acks_late=True, reject_on_worker_lost=True)
+def map_layout(self: Task, job_id: int) -> dict:
+    """UMAP (or PCA) of the checkpoint's image embeddings; the points stored, the job finished."""
+    return _run(self, int(job_id), embedding_map.layout_map)

@@ -1,8 +1,9 @@
 """Jobs: submit (202 + Location, Idempotency-Key), list, read, cancel.
 
-Job state lives in the database; the broker only transports "start mining job N". Mine jobs are
-sent to the miner's gpu queue by task name, pretrain/train jobs wait in the table for a trainer
-to claim them, and a pipeline creates its stages one after the other (services.common.jobs).
+Job state lives in the database; the broker only transports "start mining job N". Mine and
+embedding_map jobs are sent to the miner's gpu queue by task name, pretrain/train jobs wait in the
+table for a trainer to claim them, and a pipeline creates its stages one after the other
+(services.common.jobs).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from sqlalchemy import select
 from services.api import cursors, lookups
 from services.api.deps import SessionDep, SettingsDep, WriteAccess
 from services.api.schemas import JobCreate, JobKind, JobOut, Page, ReviewSummary
-from services.common import broker, jobs, reviews
+from services.common import broker, embedding_maps, jobs, reviews
 from services.common import params as job_params
 from services.common.models import Dataset, Job, JobStatus, RoiPair
 from services.common.settings import Settings
@@ -52,10 +53,18 @@ def _validate(session, body: JobCreate, settings: Settings) -> None:
         job_params.check_job(session, body.kind, body.params, settings.artifacts_path)
     except job_params.ParamsError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"body field '{exc.field}': {exc.reason}") from None
+    if body.kind == embedding_maps.KIND:
+        # The label source needs the data roots, which only the API and the worker know.
+        try:
+            labels = embedding_maps.parse_params(body.params).labels
+            if labels is not None:
+                embedding_maps.labels_file(labels, settings.data_root_paths)
+        except embedding_maps.MapParamsError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, dependencies=[WriteAccess],
-             summary="Submit a job (pretrain, mine, train or a whole pipeline)",
+             summary="Submit a job (pretrain, mine, train, a whole pipeline, or an embedding map)",
              responses={409: {"description": "Idempotency-Key reused with a different request"},
                         503: {"description": "the broker is unreachable"}})
 def submit_job(
