@@ -19,7 +19,9 @@ The work folder does not survive a new checkout, and every run after stage 1 nee
 stage-1 checkpoint and its pairs (about 95 minutes to recompute on 2 cores). Those two are kept
 in git (``benchmarks/results/study_<mode>_keep/``): the model weights in float16 (48 MB for the
 long mode's ResNet-18, online + target; no optimizer state, which stage 3's init does not read)
-and the pairs file. A getter that finds its file missing restores it from there first.
+and the pairs file. A getter that finds its file missing restores it from there first. A run
+after stage 1 whose session ended between its training and its evaluation may be kept the same
+way (``<run>.pt``), by hand: ``units.keep_checkpoint(work/s0/<run>/last.pt, keep/s0/<run>.pt)``.
 """
 
 from __future__ import annotations
@@ -244,7 +246,11 @@ class Study:
             return {"kind": "train", "run": name, "seed": seed, **train_record(out, summary),
                     "inputs_restored_from_keep": sorted(self.restored)}
 
-        ok = self.unit(unit_key("train", seed, name), run, final.exists())
+        key = unit_key("train", seed, name)
+        # A run trained in a session that ended before its evaluation or mining may have been
+        # kept too (same float16 form as stage 1's); it is read instead of training again.
+        self.restore_kept(key, self.keep_path(seed, f"{name}.pt"), final, restore_checkpoint)
+        ok = self.unit(key, run, final.exists())
         return final if ok and final.exists() else None
 
     # -- stage 2 -----------------------------------------------------------------------------------
