@@ -157,7 +157,9 @@ def _toy_corr(files):
             row.append(np.array([[0, 0, 200, 200, 100, 100, 300, 300.0]]) if has else np.zeros((0, 8)))
         pairs.append(row)
         scores.append([np.ones(len(r)) for r in row])
-    return Correspondence(files, np.full((n, 2), 400), boxes, knn, np.ones((n, 2)), pairs, scores)
+    # Sizes 0 x 0: not recorded, so stage 3 does not check the photos against them (the toy boxes
+    # were not mined from these photos).
+    return Correspondence(files, np.zeros((n, 2)), boxes, knn, np.ones((n, 2)), pairs, scores)
 
 
 def test_orl_trains_all_branches_and_images_without_pairs(tmp_path, eight_images):
