@@ -142,7 +142,7 @@ def test_bad_requests_say_what_to_change(api_client, auth_headers, settings_env,
         ({"checkpoint_id": checkpoint_id, "method": "tsne"}, "params.method must be one of auto, umap, pca"),
         ({"checkpoint_id": checkpoint_id, "k": 3}, "unknown embedding_map parameter(s) k; valid: checkpoint_id"),
         ({"method": "pca"}, "needs params.checkpoint_id"),
-        ({"checkpoint_id": 10**9}, "is not a checkpoint id"),
+        ({"checkpoint_id": 10**9}, "is not a checkpoint artifact"),
         ({"checkpoint_id": checkpoint_id, "n_neighbors": 1}, "params.n_neighbors must be an integer from 2"),
         ({"checkpoint_id": checkpoint_id, "labels": str(outside)}, "outside the data roots"),
         ({"checkpoint_id": checkpoint_id, "labels": "no/such.csv"}, "label file or folder not found"),
@@ -155,16 +155,17 @@ def test_bad_requests_say_what_to_change(api_client, auth_headers, settings_env,
     # the map endpoint says so.
     empty = settings_env.data_root / f"{folder.name}-empty.csv"
     empty.write_text("image,label\n")
-    job_id = _submit(api_client, auth_headers, ds, {"checkpoint_id": checkpoint_id, "method": "pca",
-                                                   "labels": str(empty)}).json()["id"]
+    r = _submit(api_client, auth_headers, ds, {"checkpoint_id": checkpoint_id, "method": "pca", "labels": str(empty)})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
     row = procs.wait_job(job_id, 180, [miner])
     assert row["status"] == "failed" and "holds no 'image,label' rows" in row["error"], row
     r = api_client.get(f"{API}/checkpoints/{checkpoint_id}/embedding-map", params={"dataset_id": ds})
     assert r.status_code == 404 and f"newest job {job_id} failed" in r.json()["detail"], r.text
     r = api_client.get(f"{API}/checkpoints/{checkpoint_id}/embedding-map", params={"job_id": job_id})
     assert r.status_code == 409 and "holds no" in r.json()["detail"]
-    mine = api_client.post(f"{API}/jobs", json={"kind": "mine", "dataset_id": ds, "params": {}},
-                           headers=auth_headers).json()["id"]
+    # A mine job's row (the API now refuses one without a checkpoint at submission).
+    mine = procs.create_job("mine", ds, {"checkpoint_id": checkpoint_id})
     r = api_client.get(f"{API}/checkpoints/{checkpoint_id}/embedding-map", params={"job_id": mine})
     assert r.status_code == 422 and "not an embedding_map job" in r.json()["detail"]
 
