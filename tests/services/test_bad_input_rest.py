@@ -148,8 +148,20 @@ def test_exif_rotated_boxes_pairs_and_thumbnails_are_upright(flow):
     # Thumbnails and crops come from the upright pixels: equal to those of the upright copy.
     t_rot = client.get(f"{API}/images/{rot['id']}/thumbnail", params={"size": 128})
     t_ref = client.get(f"{API}/images/{ref['id']}/thumbnail", params={"size": 128})
-    assert t_rot.status_code == 200 and t_rot.content == t_ref.content
+    # Previews decode JPEGs at reduced DCT scale (draft mode), which is not exactly the same on
+    # a rotated file and its upright copy: same size, pixels within a few levels.
+    assert t_rot.status_code == 200 and _close_jpegs(t_rot.content, t_ref.content)
     box = ",".join(str(int(v)) for v in boxes[0])
     c_rot = client.get(f"{API}/images/{rot['id']}/crop", params={"box": box, "size": 64})
     c_ref = client.get(f"{API}/images/{ref['id']}/crop", params={"box": box, "size": 64})
-    assert c_rot.status_code == 200 and c_rot.content == c_ref.content
+    assert c_rot.status_code == 200 and _close_jpegs(c_rot.content, c_ref.content)
+
+
+def _close_jpegs(a: bytes, b: bytes, tol: float = 4.0) -> bool:
+    """Two JPEGs of one picture: same size and a mean absolute difference below ``tol`` levels."""
+    import io
+
+    from PIL import Image
+
+    x, y = (np.asarray(Image.open(io.BytesIO(v)).convert("RGB"), dtype=np.float64) for v in (a, b))
+    return x.shape == y.shape and float(np.abs(x - y).mean()) < tol
