@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -177,9 +178,10 @@ def seeded(live_api, settings_env, tiny_byol_checkpoint):
     from services.common.db import session_scope
     from services.common.models import Artifact, Image, Job, Neighbor, RoiPair
 
-    folder = settings_env.data_root / f"dashboard_{os.getpid()}"
+    # Other modules (test_dashboard_map) reuse this module-scoped fixture, so each use needs its own
+    # folder (and dataset name) within the session's data root.
+    folder = Path(tempfile.mkdtemp(prefix=f"dashboard_{os.getpid()}_", dir=settings_env.data_root))
     photos = sorted(SAMPLE.rglob("*.jpg"))[:N_PHOTOS]
-    folder.mkdir()
     for f in photos:
         shutil.copy(f, folder / f.name)
     (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
