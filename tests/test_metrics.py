@@ -120,6 +120,7 @@ from orl.metrics import (  # noqa: E402
     bootstrap_ci_stat,
     bootstrap_ratio_cis,
     pair_ranking_auc,
+    paired_auc_difference,
     roc_auc,
 )
 
@@ -261,6 +262,41 @@ def test_pair_ranking_auc_perfect_random_and_tied_features():
     mixed = [unit(np.hstack([0.4 * p[:, :3], n])) for p, n in zip(perfect, noise, strict=True)]
     r = pair_ranking_auc(corr, mixed, gt)
     assert 0.55 < r["auc"] < 1.0 and r["ci95"][0] > 0.5
+
+
+def test_paired_auc_difference_sees_a_small_gain_that_two_intervals_miss():
+    corr, gt, box_cls = _quadrant_world(n_img=80)
+    rng = np.random.default_rng(3)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    onehot = [np.eye(3)[np.maximum(c, 0)] * (c >= 0)[:, None] for c in box_cls]
+    noise = [rng.standard_normal((len(c), 64)) for c in box_cls]
+    weak = [unit(np.hstack([0.30 * o, n])) for o, n in zip(onehot, noise, strict=True)]
+    weaker = [unit(np.hstack([0.25 * o, n])) for o, n in zip(onehot, noise, strict=True)]
+    ra = pair_ranking_auc(corr, weak, gt, keep_per_pair=True)
+    rb = pair_ranking_auc(corr, weaker, gt, keep_per_pair=True)
+    pp = ra["per_pair"]
+    assert len(pp["query"]) == len(pp["neighbour"]) == len(pp["auc"]) == ra["image_pairs"]
+    assert np.mean(pp["auc"]) == pytest.approx(ra["auc"])
+    assert "per_pair" not in pair_ranking_auc(corr, weak, gt)  # only when asked: it is large
+    d = paired_auc_difference(ra["per_pair"], rb["per_pair"])
+    assert d["auc"]["pairs"] == ra["image_pairs"]
+    assert d["auc"]["diff"] == pytest.approx(ra["auc"] - rb["auc"])
+    # the same noise in both: the paired interval excludes 0 although the two overlap
+    assert d["auc"]["ci95"][0] > 0 and d["auc"]["a_higher"] > 0.5
+    assert ra["ci95"][0] < rb["ci95"][1]
+    assert d["auc_area_matched"]["diff"] > 0
+    # identical features: exactly no difference; swapped: the sign flips
+    same = paired_auc_difference(ra["per_pair"], ra["per_pair"])["auc"]
+    assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0] and same["a_higher"] == 0.0
+    assert paired_auc_difference(rb["per_pair"], ra["per_pair"])["auc"]["diff"] == pytest.approx(-d["auc"]["diff"])
+    # only the image pairs both have are compared
+    half = {k: v[: len(v) // 2] for k, v in rb["per_pair"].items()}
+    assert paired_auc_difference(ra["per_pair"], half)["auc"]["pairs"] == len(half["auc"])
+    empty = {"query": [], "neighbour": [], "auc": [], "auc_area_matched": []}
+    assert paired_auc_difference(ra["per_pair"], empty)["auc"]["diff"] is None
 
 
 def test_pair_ranking_auc_area_matched_ignores_box_size():

@@ -317,6 +317,8 @@ def headline(results: dict, seed: int) -> list[str]:
         L += [f"Pair AUC here comes from RoIAlign RoI features (one forward per image; the runs are mined that way "
               f"because it costs a fourteenth of crops at this scale); the end of stage 1 scored the same way: "
               f"{auc_cell(s1, 'pair_auc_fixed')}.", ""]
+        L += paired_lines([(r, "byol_cont") for r in runs if r != "byol_cont"] + [("byol_cont", f"e{N}")],
+                          g, results)
         if losses:
             by_run: dict[str, list[str]] = {}
             for r, lab in losses:
@@ -325,6 +327,39 @@ def headline(results: dict, seed: int) -> list[str]:
                 f"{ckpt_label(r, results)}: {', '.join(labs)}" for r, labs in by_run.items())
                 + ". One seed; see the three-seed section for the spread.", ""]
     return L
+
+
+def paired_lines(comparisons: list[tuple[str, str]], g: Callable[[str, str], dict | None],
+                 results: dict) -> list[str]:
+    """Paired differences of pair AUC (fixed pairs, IoA) between runs mined with RoIAlign: the
+    same image pairs and the same boxes, so the difference is read per image pair
+    (orl.metrics.paired_auc_difference). Only units scored with per-pair values have one."""
+    from orl.metrics import paired_auc_difference
+
+    rows = []
+    for a, b in comparisons:
+        pa, pb = (dig(g("mine", f"{x}+{RUN_MINING}"), "pair_auc_fixed", "ioa", "per_pair") for x in (a, b))
+        if not pa or not pb:
+            continue
+        d = paired_auc_difference(pa, pb)
+        cells = []
+        for field in ("auc", "auc_area_matched"):
+            x = d[field]
+            if x["diff"] is None:
+                cells.append("n/a")
+                continue
+            lo, hi = x["ci95"]
+            sign = "above 0" if lo > 0 else ("below 0" if hi < 0 else "includes 0")
+            cells.append(f"{x['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] ({sign}); higher on {100 * x['a_higher']:.0f}% "
+                         f"of {x['pairs']} image pairs")
+        rows.append(f"| {ckpt_label(a, results)} | {ckpt_label(b, results)} | {cells[0]} | {cells[1]} |")
+    if not rows:
+        return []
+    return ["Paired differences (A minus B) of pair AUC on the fixed pairs, per image pair: both networks score "
+            "the same image pairs and the same boxes, so what the two share (how hard a pair is) cancels. "
+            "95% interval resampling query images; it covers the sampling of image pairs, not of training "
+            "(one seed).", "",
+            "| A | B | AUC difference | area-matched difference |", "|---|---|---|---|", *rows, ""]
 
 
 def apart_text(rec: dict, base: dict, field: str, ok_text: str) -> str:
