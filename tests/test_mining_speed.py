@@ -57,6 +57,30 @@ def photo_boxes(photos) -> list[np.ndarray]:
     return [propose_image(p, params).boxes for p in photos]
 
 
+# -- decoding waves --------------------------------------------------------------------------------
+@pytest.mark.parametrize("overlap", [False, True])
+def test_decode_waves_keep_order_and_take_turns_on_a_cpu(overlap):
+    import threading
+
+    from orl.mining import decode_waves
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def fn(x: int) -> int:
+        with lock:
+            started.append(x)
+        return x * x
+
+    waves = [[0, 1, 2], [3, 4], [5]]
+    seen = []
+    for k, results in enumerate(decode_waves(waves, fn, threads=3, overlap=overlap)):
+        seen.append(results)
+        if not overlap:  # no image of the next wave is decoded while the caller computes
+            assert sorted(started) == sorted(x for w in waves[: k + 1] for x in w)
+    assert seen == [[0, 1, 4], [9, 16], [25]]
+
+
 # -- image embeddings ------------------------------------------------------------------------------
 def test_parallel_decoding_gives_the_serial_embeddings(tiny_model, photos):
     from orl.augment import eval_transform
