@@ -59,6 +59,10 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast + channels_last, CUDA only
 
 
+# Region proposers (orl.proposals.selective_search).
+SS_MODES = ("fast", "quality", "single", "felzenszwalb")
+
+
 @dataclass(frozen=True)
 class MineConfig:
     knn_k: int = 10
@@ -70,10 +74,15 @@ class MineConfig:
     knn_features: str = "projector"
     # Selective search. max_side_px=None is the faithful full-resolution path; the default
     # downscale is chosen by benchmarks/ss_scale.py (speed against pair quality).
+    # ss_mode: "fast" (faithful: OpenCV's fast selective search), "quality", "single" (one
+    # segmentation and one strategy), "felzenszwalb" (the segments' boxes, no grouping);
+    # benchmarks/mining_benchmark.py measures their GT recall, time and pair quality.
     ss_mode: str = "fast"
     ss_max_side_px: int | None = 500
     ss_timeout_s: float = 60.0
-    ss_workers: int = 2
+    # Selective-search processes; None: one per core given (orl.device.plan_threads). A
+    # resource of the machine that runs it, so `orl mine` does not take it from a checkpoint.
+    ss_workers: int | None = None
     # Official box filter (original pixels).
     min_side_px: float = 96.0
     max_aspect: float = 3.0
@@ -83,6 +92,14 @@ class MineConfig:
     roi_mode: str = "crop"
     roi_size: int = 224
     roi_align_max_side_px: int = 640  # image size for the single backbone pass in roi_align mode
+    roi_align_batch_images: int = 8  # images of one size per backbone pass in roi_align mode
+    # How RoI features are kept between encoding and pair selection: memory-mapped shards on
+    # disk, "float16" (half the bytes; cosine ranks change only among near-ties, see
+    # tests/test_mining_speed.py) or "float32" (the exact features).
+    roi_dtype: str = "float16"
+    # Decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when the image embedding or
+    # the roi_align pass needs no more pixels. Changes pixel values slightly, so off by default.
+    decode_draft: bool = False
     pair_ratio: float = 0.1  # top max(1, int(0.1 * B_query)) of the flattened matrix
     batch_size: int = 64
 
@@ -158,9 +175,10 @@ class Config:
         for name in ("w_intra", "w_inter"):
             at_least(f"train.{name}", getattr(t, name), 0)
         choice("mine.knn_features", n.knn_features, ("projector", "backbone"))
-        choice("mine.ss_mode", n.ss_mode, ("fast", "quality", "single"))
+        choice("mine.ss_mode", n.ss_mode, SS_MODES)
         choice("mine.roi_mode", n.roi_mode, ("crop", "roi_align"))
-        for name in ("knn_k", "max_boxes", "batch_size"):
+        choice("mine.roi_dtype", n.roi_dtype, ("float16", "float32"))
+        for name in ("knn_k", "max_boxes", "batch_size", "roi_align_batch_images"):
             at_least(f"mine.{name}", getattr(n, name), 1)
         for name in ("embed_resize", "embed_crop", "roi_size", "roi_align_max_side_px", "ss_max_side_px"):
             at_least(f"mine.{name}", getattr(n, name), 32)

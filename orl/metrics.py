@@ -245,6 +245,40 @@ def _resolve(corr: Correspondence, gt: GroundTruth) -> dict[int, str]:
     return keys
 
 
+def box_recall(corr: Correspondence, gt: GroundTruth, iou_threshold: float = 0.5, min_side_px: float = 0.0,
+               n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """How many ground-truth objects the proposals frame: the share of labelled objects with a
+    box of ``corr.boxes`` at IoU >= ``iou_threshold`` (the mined boxes, after the box filter).
+
+    ``reachable_recall`` counts only objects with both sides >= ``min_side_px``: the filter
+    (``mine.min_side_px``) keeps no smaller box, so smaller objects are missed by every
+    proposer alike. Intervals: cluster bootstrap over labelled images.
+    """
+    keys = _resolve(corr, gt)
+    if not keys:
+        raise ValueError("no image of the correspondence file has ground-truth labels; check "
+                         "that the labels belong to the images that were mined")
+    hit, n, hit_r, n_r = [], [], [], []
+    for i, key in keys.items():
+        obj = gt[key]
+        boxes = np.asarray(corr.boxes[i], dtype=np.float64).reshape(-1, 4)
+        found = np.zeros(len(obj), dtype=bool)
+        if len(boxes) and len(obj):
+            found = np.asarray((iou_matrix(boxes, obj.boxes) >= iou_threshold).any(axis=0))
+        side = np.minimum(obj.boxes[:, 2] - obj.boxes[:, 0], obj.boxes[:, 3] - obj.boxes[:, 1])
+        reach = side >= min_side_px
+        hit.append(int(found.sum()))
+        n.append(len(obj))
+        hit_r.append(int(found[reach].sum()))
+        n_r.append(int(reach.sum()))
+    cis = bootstrap_ratio_cis({"recall": (np.array(hit), np.array(n)), "reachable": (np.array(hit_r), np.array(n_r))},
+                              n_boot, seed)
+    return {"recall": _ratio(sum(hit), sum(n)), "ci95": list(cis["recall"]), "objects": sum(n),
+            "reachable_recall": _ratio(sum(hit_r), sum(n_r)), "reachable_ci95": list(cis["reachable"]),
+            "reachable_objects": sum(n_r), "images": len(keys), "iou_threshold": float(iou_threshold),
+            "min_side_px": float(min_side_px)}
+
+
 def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 

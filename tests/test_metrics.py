@@ -409,3 +409,20 @@ def test_wilson_interval_known_values():
             wilson_interval(*bad)
     with pytest.raises(ValueError, match="level"):
         wilson_interval(1, 2, level=1.0)
+
+
+def test_box_recall_known_answer():
+    from orl.metrics import box_recall
+
+    # a: the cat framed (IoU 1), the car only half (IoU 0.5 with [50, 50, 100, 75]: 0.5); b: the
+    # dog framed, the cat missed; c has no objects; d is unlabeled.
+    boxes = [[CAT_A, [50, 50, 100, 75]], [DOG_B, NOTHING], [NOTHING], [CAT_A]]
+    corr = _corr(["a.jpg", "b.jpg", "c.jpg", "d.jpg"], boxes, [[1], [0], [0], [0]],
+                 [[np.zeros((0, 8))]] * 4)
+    r = box_recall(corr, _gt(), 0.5, n_boot=200)
+    assert (r["objects"], r["images"], r["recall"]) == (4, 3, 3 / 4)
+    assert box_recall(corr, _gt(), 0.6, n_boot=10)["recall"] == 2 / 4
+    # only objects at least 45 px a side can be reached (the cat of b is 40 x 40)
+    r = box_recall(corr, _gt(), 0.5, min_side_px=45, n_boot=200)
+    assert (r["reachable_objects"], r["reachable_recall"]) == (2, 1.0)
+    assert r["ci95"][0] <= r["recall"] <= r["ci95"][1]

@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1)
     shard_size: int = Field(200, ge=1)
     device: Literal["cpu", "cuda", "auto"] = "auto"
+    # How a miner worker spends its cores (services/miner/threads.py, orl.device.plan_threads):
+    # the cores it may use (None: its CPU affinity), the cpu worker's pool processes (None:
+    # min(2, cores)) and the selective-search processes of each shard (None: cores / processes).
+    worker_cores: int | None = Field(None, ge=1)
+    cpu_concurrency: int | None = Field(None, ge=1)
+    ss_processes: int | None = Field(None, ge=1)
 
     @field_validator("database_url")
     @classmethod
@@ -51,6 +57,12 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_token_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    @field_validator("worker_cores", "cpu_concurrency", "ss_processes", mode="before")
+    @classmethod
+    def _empty_count_is_none(cls, v: object) -> object:
+        # docker-compose passes an unset host variable through as "" (`${ORL_SS_PROCESSES:-}`).
+        return None if isinstance(v, str) and not v.strip() else v
 
     @property
     def data_root_paths(self) -> list[Path]:

@@ -3,13 +3,15 @@
 
 Start workers with (docs/SERVICES.md, "Commands")::
 
-    celery -A services.miner.celery_app worker -Q cpu --concurrency 2 --prefetch-multiplier 1 -n cpu@%h
+    celery -A services.miner.celery_app worker -Q cpu --prefetch-multiplier 1 -n cpu@%h
     celery -A services.miner.celery_app worker -Q gpu --pool solo -n gpu@%h
 
 (or one worker on both queues, ``-Q cpu,gpu``, on a small machine). Configuration comes from
 ``ORL_*`` settings, read when the worker first needs it, not at import time: the shared options
 of ``services.common.runtime.celery_config`` (acks late, reject on worker lost, prefetch 1, the
-broker visibility timeout) plus the queues, routes and time limits below.
+broker visibility timeout) plus the queues, routes and time limits below, and the pool size
+(``ORL_CPU_CONCURRENCY``; threads.py decides it with the per-process threads and
+selective-search processes, from ``ORL_WORKER_CORES``).
 
 Every worker also runs, in a thread of its main process, the stale-job reaper
 (``services.common.jobs.reap_stale``), so a job whose worker vanished is requeued (and its mining
@@ -29,6 +31,7 @@ from kombu import Queue
 from services.common.broker import MAP_QUEUE, MAP_TASK, MINE_QUEUE, MINE_TASK
 from services.common.runtime import celery_config
 from services.common.settings import Settings, get_settings
+from services.miner import threads
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,8 @@ def worker_config(settings: Settings) -> dict[str, Any]:
         # cancelling it avoids two copies running at once.
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_send_task_events=False,
+        # The prefork pool's size (a command-line --concurrency overrides it); the solo pool ignores it.
+        worker_concurrency=threads.worker_plan(settings).processes,
     )
     return conf
 
@@ -120,6 +125,17 @@ def _reap_forever(stop: threading.Event) -> None:
 
 
 _reaper_stop = threading.Event()
+
+
+@signals.worker_init.connect
+def _record_worker(sender: Any = None, **_: Any) -> None:
+    threads.record_worker(getattr(sender, "concurrency", None))
+
+
+@signals.worker_process_init.connect
+def _configure_threads(**_: Any) -> None:
+    # Every process that runs tasks: prefork children, or the main process of the solo pool.
+    threads.configure_process()
 
 
 @signals.worker_ready.connect

@@ -32,7 +32,7 @@ def service_env(settings_env, **extra: Any) -> dict[str, str]:
         "ORL_DATABASE_URL": settings_env.database_url, "ORL_BROKER_URL": settings_env.broker_url,
         "ORL_DATA_ROOTS": str(settings_env.data_root), "ORL_ARTIFACTS_DIR": str(settings_env.artifacts_dir),
         "ORL_API_TOKEN": settings_env.token, "ORL_DEVICE": "cpu", "ORL_SHARD_SIZE": "3",
-        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ORL_WORKER_CORES": "1", "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
         **FAST_TIMEOUTS,
     })
