@@ -203,3 +203,33 @@ def test_zero_weight_branch_is_not_run(tmp_path, eight_images):
     m = s["metrics"]
     assert "loss_inter" not in m and "loss_intra" in m
     assert m["loss"] == pytest.approx(m["loss_global"] + m["loss_intra"], rel=1e-5)
+
+
+def test_tensor_backend_trains_both_stages_from_one_store_and_skips_a_bad_photo(tmp_path, eight_images):
+    import shutil
+
+    from orl.imagestore import INDEX
+
+    root = tmp_path / "photos"
+    shutil.copytree(eight_images / "images", root)
+    good = sorted(root.rglob("*.jpg"))[0]
+    (root / "truncated.jpg").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    files = list_images(root)
+    store = tmp_path / "store"
+    cfg = _cfg(epochs=1, batch=4).override(**{"augment.backend": "tensor"})
+    s = train("byol", root, tmp_path / "byol", cfg, files=files, show_progress=False, image_store=store)
+    # 9 files, one unreadable: found when the store is filled, recorded, replaced by the next photo.
+    assert s["finished"] and s["skipped_images"] == 1 and s["global_step"] == 3
+    skipped = list(csv.DictReader(open(tmp_path / "byol" / "skipped_images.csv")))
+    assert [r["file"] for r in skipped] == ["truncated.jpg"] and "cannot decode image" in skipped[0]["reason"]
+    assert np.isfinite(s["metrics"]["loss"])
+    # Stage 3 on the same photos decodes nothing again.
+    index = (store / INDEX).read_text()
+    good_files = [f for f in files if f != "truncated.jpg"]
+    s = train("orl", root, tmp_path / "orl", _cfg(epochs=1, batch=8).override(**{"augment.backend": "tensor"}),
+              corr=_toy_corr(good_files), show_progress=False, image_store=store)
+    assert (store / INDEX).read_text() == index
+    m = s["metrics"]
+    assert s["finished"] and {"loss_global", "loss_intra", "loss_inter"} <= set(m)
+    assert m["loss"] == pytest.approx(m["loss_global"] + m["loss_intra"] + m["loss_inter"], rel=1e-5)
+    assert load_checkpoint(tmp_path / "orl" / "last.pt")["config"]["augment"]["backend"] == "tensor"
