@@ -82,15 +82,26 @@ class _HostPixels:
 
     def __init__(self, store: ImageStore, entries: Sequence[StoredImage | None], device: torch.device):
         self.store, self.entries, self.device = store, entries, device
+        self._cpu_buffer = torch.empty(0)
 
     def canvas(self, ids: list[int]) -> torch.Tensor:
         ents = [self.entries[i] for i in ids]
         hc = max(e.height for e in ents if e) + 1
         wc = max(e.width for e in ents if e) + 1
         cpu = self.device.type == "cpu"
-        # On the CPU straight into float (one pass over the pixels); for CUDA a pinned uint8
-        # canvas, a quarter of the bytes to copy, made float on the device.
-        buf = torch.empty((len(ids), 3, hc, wc), dtype=torch.float32 if cpu else torch.uint8, pin_memory=not cpu)
+        shape = (len(ids), 3, hc, wc)
+        if cpu:
+            # Straight into float (one pass over the pixels), in a buffer kept from batch to batch:
+            # a fresh one of this size would cost its page faults every step. The canvas is used
+            # only until render() returns, so the next batch may overwrite it.
+            need = shape[0] * shape[1] * shape[2] * shape[3]
+            if self._cpu_buffer.numel() < need:
+                self._cpu_buffer = torch.empty(need, dtype=torch.float32)
+            buf = self._cpu_buffer[:need].view(shape)
+        else:
+            # A pinned uint8 canvas (a quarter of the bytes of float to copy), made float on the
+            # device. torch's caching host allocator reuses pinned blocks only once their copy is done.
+            buf = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
         arr = buf.numpy()
         for k, e in enumerate(ents):
             assert e is not None

@@ -261,7 +261,11 @@ class ImageStore:
     @staticmethod
     def array(entry: StoredImage) -> np.ndarray:
         """The (3, H, W) uint8 pixels of an entry, memory-mapped (read-only)."""
-        arr = np.load(entry.path, mmap_mode="r")
+        try:
+            arr = np.load(entry.path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise ImageError(f"image store entry {entry.path} is damaged ({exc}); delete it to decode the photo "
+                             "again") from None
         if arr.shape != (3, entry.height, entry.width) or arr.dtype != np.uint8:
             raise ImageError(f"image store entry {entry.path} is damaged (shape {arr.shape}); delete it to decode "
                              "the photo again")
