@@ -123,7 +123,7 @@ class _DevicePixels:
         self.flat = torch.empty(int(self.offsets[-1]), dtype=torch.uint8, device=device)
         for i, e in enumerate(entries):
             if e is not None:
-                src = torch.from_numpy(np.ascontiguousarray(store.array(e))).reshape(-1)
+                src = torch.from_numpy(np.array(store.array(e))).reshape(-1)  # a writable copy
                 self.flat[int(self.offsets[i]) : int(self.offsets[i + 1])].copy_(src.pin_memory(), non_blocking=True)
         torch.cuda.synchronize(device)
 

@@ -77,6 +77,13 @@ class TrainConfig:
     # torch.compile the networks (nn.Module.compile, so checkpoints keep their keys). Off by
     # default: the first steps pay the compilation, and the gain is per machine (benchmark).
     compile: bool = False
+    # Label-free signals (orl.monitor: view retrieval top-1, effective rank) of the backbone on
+    # monitor_images fixed photos of the run, every monitor_every_epochs epochs, in
+    # RUN_DIR/monitor.csv; 0: off. keep_snapshots: last.pt copied to epoch_NNNN.pt at each
+    # epoch end, the newest that many kept (0: none), so checkpoints can be compared over training.
+    monitor_every_epochs: int = 0
+    monitor_images: int = 64
+    keep_snapshots: int = 0
 
 
 @dataclass(frozen=True)
@@ -166,8 +173,10 @@ class Config:
         at_least("augment.store_size", a.store_size, 32)
         for name in ("epochs", "batch_size", "jitter_tries"):
             at_least(f"train.{name}", getattr(t, name), 1)
-        for name in ("weight_decay", "warmup_epochs", "num_workers", "seed", "checkpoint_every_steps"):
+        for name in ("weight_decay", "warmup_epochs", "num_workers", "seed", "checkpoint_every_steps",
+                     "monitor_every_epochs", "keep_snapshots"):
             at_least(f"train.{name}", getattr(t, name), 0)
+        at_least("train.monitor_images", t.monitor_images, 2)
         if not t.base_lr > 0:
             raise ConfigError("train.base_lr", f"train.base_lr must be > 0, got {t.base_lr}")
         within("train.momentum", t.momentum, 0, 1, high_open=True)

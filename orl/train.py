@@ -46,6 +46,10 @@ METRICS_COLUMNS: dict[str, str] = {
 
 # Images skipped mid-run, with their reasons (orl.data.SkipLog), in the run folder.
 SKIP_LOG = "skipped_images.csv"
+# Label-free signals per monitored epoch (train.monitor_every_epochs), in the run folder.
+MONITOR_FILE = "monitor.csv"
+MONITOR_COLUMNS = ("epoch", "global_step", "view_top1", "view_top1_chance", "effective_rank", "effective_rank_max",
+                   "images", "seconds")
 
 
 class ConfigMismatch(ValueError):
@@ -164,9 +168,8 @@ def train(
     model, net, amp = _networks(cfg, stage, dev, world, init_from=None if resuming else init_from)
 
     # -- optimiser: weight decay on every parameter, plain SGD, as the authors' configs ----
-    # On CUDA the fused kernel (one launch for every parameter); on the CPU torch's default.
     optimizer = torch.optim.SGD(list(model.trainable_parameters()), lr=0.0, momentum=tc.momentum,
-                                weight_decay=tc.weight_decay, fused=True if dev.type == "cuda" else None)
+                                weight_decay=tc.weight_decay, fused=_fused_sgd(dev))
 
     # -- schedules ----------------------------------------------------------------------
     steps_per_epoch = sampler.steps_per_epoch()
@@ -190,6 +193,7 @@ def train(
                 pos.epoch += 1
                 pos.step_in_epoch = 0
                 save_run(run, pos, steps.last)
+                end_of_epoch(run, pos)
     finished = pos.epoch >= tc.epochs
     save_run(run, pos, steps.last, finished=finished)
     if finished and rank == 0:
@@ -336,6 +340,39 @@ def save_run(run: Run, pos: RunPosition, metrics: dict[str, Any], finished: bool
     }, run.checkpoint)
 
 
+def end_of_epoch(run: Run, pos: RunPosition) -> None:
+    """After epoch ``pos.epoch`` (counted from 1) is saved, rank 0: the epoch snapshot
+    (train.keep_snapshots) and the label-free signals (train.monitor_every_epochs).
+
+    Neither draws from the training RNG (the monitor's views come from a forked, fixed-seed
+    RNG) nor changes the network (eval mode, no gradients), so a run trains the same with them."""
+    tc = run.cfg.train
+    if run.rank != 0:
+        return
+    if tc.keep_snapshots:
+        import shutil
+
+        shutil.copyfile(run.checkpoint, run.out / f"epoch_{pos.epoch:04d}.pt")
+        for old in sorted(run.out.glob("epoch_*.pt"))[: -tc.keep_snapshots]:
+            old.unlink()
+    if tc.monitor_every_epochs and pos.epoch % tc.monitor_every_epochs == 0:
+        from orl.monitor import label_free_signals
+
+        t = time.perf_counter()
+        sig = label_free_signals(run.model.backbone, run.dataset.paths, run.cfg.augment.image_size, seed=0,
+                                 n_images=tc.monitor_images, device=run.device)
+        row = {**sig, "epoch": pos.epoch, "global_step": pos.global_step, "seconds": time.perf_counter() - t}
+        path = run.out / MONITOR_FILE
+        new = not path.exists()
+        with path.open("a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(MONITOR_COLUMNS), extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        log.info("epoch %d: view top-1 %.3f (chance %.3f), effective rank %.1f of %d", pos.epoch, sig["view_top1"],
+                 sig["view_top1_chance"], sig["effective_rank"], sig["effective_rank_max"])
+
+
 def _dataset(stage: str, images_root: str | Path, cfg: Config, files: list[str] | None,
              corr: Correspondence | None, image_store: str | Path | None) -> BYOLDataset | ORLDataset | StoreData:
     tensor = cfg.augment.backend == "tensor"
@@ -401,12 +438,22 @@ def _resume(run: Run) -> RunPosition:
     _check_compatible(ck, run.stage, run.cfg)
     run.model.load_state_dict(ck["model"])
     run.optimizer.load_state_dict(ck["optimizer"])
+    for group in run.optimizer.param_groups:
+        # load_state_dict brings the saved run's implementation flags too; a run resumed on
+        # another kind of device keeps its own (a fused CUDA kernel cannot step CPU tensors).
+        group["fused"], group["foreach"] = _fused_sgd(run.device), None
     p = ck["position"]
     pos = RunPosition(epoch=p["epoch"], step_in_epoch=p["step_in_epoch"], global_step=p["global_step"])
     _set_rng(ck["rng"])
     log.info("resumed %s at epoch %d step %d (global %d)", run.checkpoint, pos.epoch, pos.step_in_epoch,
              pos.global_step)
     return pos
+
+
+def _fused_sgd(dev: torch.device) -> bool | None:
+    """SGD's implementation: on CUDA the fused kernel (one launch for every parameter); on the
+    CPU torch's default (None), as before."""
+    return True if dev.type == "cuda" else None
 
 
 def _autocast(amp: bool) -> AbstractContextManager[Any]:
