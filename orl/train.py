@@ -261,12 +261,13 @@ def epoch_batches(run: Run, pos: RunPosition) -> Iterator[Views]:
     run, its workers seeded once).
     """
     tc = run.cfg.train
-    run.sampler.set_position(pos.epoch, pos.step_in_epoch)
+    # Read once, here: the caller advances pos while this generator is suspended.
+    epoch, start = pos.epoch, pos.step_in_epoch
+    run.sampler.set_position(epoch, start)
     if isinstance(run.dataset, StoreData):
         indices, b = list(run.sampler), tc.batch_size
         for k, s in enumerate(range(0, len(indices), b)):
-            seed = batch_seed(tc.seed, run.rank, pos.epoch, pos.step_in_epoch + k)
-            yield run.dataset.batch(indices[s : s + b], seed)
+            yield run.dataset.batch(indices[s : s + b], batch_seed(tc.seed, run.rank, epoch, start + k))
         return
     persistent = tc.persistent_workers and tc.num_workers > 0
     loader = run.loaders.get("pil") if persistent else None
@@ -276,7 +277,7 @@ def epoch_batches(run: Run, pos: RunPosition) -> Iterator[Views]:
             # The sampler decides the last batch (kept unless of size 1, or train.drop_last).
             collate_fn=collate_views, drop_last=False, pin_memory=run.device.type == "cuda",
             persistent_workers=persistent,
-            generator=torch.Generator().manual_seed(tc.seed * 7919 + pos.epoch * 31 + pos.step_in_epoch + run.rank),
+            generator=torch.Generator().manual_seed(tc.seed * 7919 + epoch * 31 + start + run.rank),
         )
         if persistent:
             run.loaders["pil"] = loader
