@@ -27,6 +27,19 @@ class AugmentConfig:
     image_size: int = 224  # global views
     patch_size: int = 96  # RoI patches in stage 3
     min_scale: float = 0.08  # RandomResizedCrop scale lower bound
+    # Where views are made. "pil": the authors' pipeline, photo by photo in data-loader workers
+    # (each sample decodes its full-resolution photo). "tensor": photos decoded once into the
+    # image store (orl.imagestore), views cut and augmented per batch on the training device
+    # (orl.tensor_augment): the same parameter distributions, images equal within a stated
+    # tolerance (tests/test_tensor_augment.py).
+    backend: str = "pil"
+    # Shorter side of the photos in the image store ("tensor" backend), never enlarged.
+    # None: 2 x image_size, so a view cut from a crop of the smallest scale is upsampled little.
+    store_size: int | None = None
+
+    def working_size(self) -> int:
+        """The image store's shorter side: ``store_size``, or 2 x ``image_size`` when it is None."""
+        return int(self.store_size) if self.store_size is not None else 2 * int(self.image_size)
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,20 @@ class TrainConfig:
     drop_last: bool = False
     checkpoint_every_steps: int = 50  # mid-epoch checkpoints, so a killed run loses little
     amp: bool = True  # bf16 autocast + channels_last, CUDA only
+    # Data-loader workers kept across epochs ("pil" backend with num_workers > 0): no worker
+    # start-up at the first step of each epoch. Off by default: workers are then seeded per
+    # epoch from the run seed, as before.
+    persistent_workers: bool = False
+    # torch.compile the networks (nn.Module.compile, so checkpoints keep their keys). Off by
+    # default: the first steps pay the compilation, and the gain is per machine (benchmark).
+    compile: bool = False
+    # Label-free signals (orl.monitor: view retrieval top-1, effective rank) of the backbone on
+    # monitor_images fixed photos of the run, every monitor_every_epochs epochs, in
+    # RUN_DIR/monitor.csv; 0: off. keep_snapshots: last.pt copied to epoch_NNNN.pt at each
+    # epoch end, the newest that many kept (0: none), so checkpoints can be compared over training.
+    monitor_every_epochs: int = 0
+    monitor_images: int = 64
+    keep_snapshots: int = 0
 
 
 # Region proposers (orl.proposals.selective_search).
@@ -159,10 +186,14 @@ class Config:
         for name in ("image_size", "patch_size"):
             at_least(f"augment.{name}", getattr(a, name), 32)
         within("augment.min_scale", a.min_scale, 0, 1, low_open=True)
+        choice("augment.backend", a.backend, ("pil", "tensor"))
+        at_least("augment.store_size", a.store_size, 32)
         for name in ("epochs", "batch_size", "jitter_tries"):
             at_least(f"train.{name}", getattr(t, name), 1)
-        for name in ("weight_decay", "warmup_epochs", "num_workers", "seed", "checkpoint_every_steps"):
+        for name in ("weight_decay", "warmup_epochs", "num_workers", "seed", "checkpoint_every_steps",
+                     "monitor_every_epochs", "keep_snapshots"):
             at_least(f"train.{name}", getattr(t, name), 0)
+        at_least("train.monitor_images", t.monitor_images, 2)
         if not t.base_lr > 0:
             raise ConfigError("train.base_lr", f"train.base_lr must be > 0, got {t.base_lr}")
         within("train.momentum", t.momentum, 0, 1, high_open=True)
