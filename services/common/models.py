@@ -37,7 +37,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # embedding_map: a 2-D layout of a checkpoint's image embeddings (services/miner/embedding_map.py).
-JOB_KINDS = ("pretrain", "mine", "train", "pipeline", "embedding_map")
+# register: recording a dataset folder's files (POST /datasets, /rescan; services/miner/registration.py).
+JOB_KINDS = ("pretrain", "mine", "train", "pipeline", "embedding_map", "register")
 
 
 class JobStatus(enum.StrEnum):
