@@ -8,7 +8,9 @@ ORL_TEST_BROKER_URL (default: redis://127.0.0.1:6379/<random db 1..15>, so the `
 a test session does not feed the Celery workers of another session on the same machine).
 
 Reuse from other test files: ``pg_url``, ``settings_env`` (a ``ServiceEnv``), ``api_client``,
-``auth_headers``, ``db_session``.
+``auth_headers``, ``db_session``, ``registrar`` (a real miner worker on the cpu queue, for modules
+that register datasets through the API without a miner of their own: POST /datasets answers at
+once and a register job scans the folder; ``procs.registered`` waits for it).
 """
 
 from __future__ import annotations
@@ -139,3 +141,19 @@ def db_session(settings_env):
     finally:
         s.rollback()
         s.close()
+
+
+@pytest.fixture(scope="module")
+def registrar(settings_env, tmp_path_factory):
+    """A Celery miner worker on the cpu queue alone, for the module: it runs the register jobs of
+    POST /datasets (and any other cpu task the module sends; nothing of the gpu queue).
+
+    A long lease: its stale-job reaper must leave alone the job rows tests write by hand (a
+    "running" job with no worker); a long visibility timeout: a slow scan is not redelivered."""
+    from tests.services import procs
+
+    env = procs.service_env(settings_env, ORL_LEASE_S=3600, ORL_HEARTBEAT_S=2, ORL_VISIBILITY_TIMEOUT_S=900)
+    proc = procs.start_miner(env, tmp_path_factory.mktemp("registrar"), f"registrar-{uuid.uuid4().hex[:6]}",
+                             queues="cpu", start_timeout_s=300)
+    yield proc
+    proc.stop()
