@@ -707,10 +707,13 @@ def test_pairs_worst_first_random_sample_and_ranges(api_client, mined):
     assert len(worst) == 96 == len({p["id"] for p in worst})
     assert [(p["score"], -p["id"]) for p in worst] == sorted((p["score"], -p["id"]) for p in worst)
     assert [p["id"] for p in worst] == [p["id"] for p in reversed(best)]
-    # a seeded shuffle: every pair once, the same order for the same seed, another for another seed
+    # a seeded shuffle: every pair once (pages cross from the seed's segment of the key circle into
+    # the other), the same order for the same seed, others for other seeds (two seeds whose starting
+    # points fall between the same two of the 96 keys share an order: about 1 in 97, so three tries)
     sample = ids_of(order="random", seed=7, limit=10)
     assert len(sample) == 96 and set(sample) == {p["id"] for p in best}
-    assert ids_of(order="random", seed=7, limit=10) == sample and ids_of(order="random", seed=8, limit=96) != sample
+    assert ids_of(order="random", seed=7, limit=10) == sample
+    assert any(ids_of(order="random", seed=s, limit=96) != sample for s in (8, 9, 10))
     assert sample[:10] != [p["id"] for p in best[:10]] and ids_of(order="random", limit=30) == ids_of(
         order="random", seed=0, limit=30)
     # score and box-area ranges (both boxes: query areas (49.5 - rank) x 58, neighbour area 67 x 76.25)
