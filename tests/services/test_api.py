@@ -736,6 +736,16 @@ def test_pairs_worst_first_random_sample_and_ranges(api_client, mined):
                                                         "limit": 5}).json()["next_cursor"]
     r = api_client.get(f"{API}/correspondences", params={"job_id": job, "order": "random", "seed": 8, "cursor": c})
     assert r.status_code == 400 and "other filters" in r.json()["detail"]
+    # a forged random cursor (its filters right, its key beyond 64 bits or its segment unknown): 400, not 500
+    from services.api import cursors
+
+    fkey = {"dataset_id": None, "job_id": job, "image_id": None, "min_score": None, "side": "query",
+            "other_image_id": None, "max_score": None, "min_area": None, "max_area": None, "order": "random",
+            "seed": 7, "reviewed": None, "reviewer": None}
+    for key in ([0, 2**70, 1], [2, 5, 1], [0, 0.5, 1]):
+        r = api_client.get(f"{API}/correspondences", params={"job_id": job, "order": "random", "seed": 7,
+                                                            "cursor": cursors.encode(key, fkey)})
+        assert r.status_code == 400 and "cursor is not valid" in r.json()["detail"], (key, r.text)
 
 
 def test_review_pairs_and_the_reviewed_precision(api_client, auth_headers, mined, dataset):

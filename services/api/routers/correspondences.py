@@ -140,6 +140,13 @@ def _random_page(where: list, seed: int, limit: int, last: list[Any] | None):
     return union_all(*(select(p.c.id, p.c.k, p.c.seg) for p in parts)).subquery("sample")
 
 
+def _with_images(stmt):
+    """``stmt`` (columns of the pair and of both images) from roi_pairs joined to both images. The
+    left side is named: with columns of three tables the select would otherwise have to guess it."""
+    return (stmt.select_from(RoiPair).join(QI, QI.id == RoiPair.image_id)
+            .join(NI, NI.id == RoiPair.neighbor_image_id))
+
+
 def _after(keys: list[tuple[Any, bool]], last: list[Any]):
     """Rows after ``last`` in the order of ``keys`` (keyset pagination)."""
     (k1, up1), (k2, up2) = keys
@@ -185,16 +192,21 @@ def list_pairs(
     cols = (RoiPair, QI.width, QI.height, QI.rel_path, NI.width, NI.height, NI.rel_path)
     if order == "random":
         # cursor: (segment, key, id) of the last pair sent
-        sample = _random_page(where, seed or 0, limit, cursors.decode(cursor, fkey, 3) if cursor else None)
-        stmt = (select(*cols, sample.c.seg, sample.c.k).join(sample, sample.c.id == RoiPair.id)
+        last = cursors.decode(cursor, fkey, 3) if cursor else None
+        if last is not None and (last[0] not in (0, 1) or not all(isinstance(v, int) and abs(v) < 2**63
+                                                                   for v in last)):
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, "cursor is not valid; pass the next_cursor of the "
+                                                             "previous page unchanged, or omit it")
+        sample = _random_page(where, seed or 0, limit, last)
+        stmt = (_with_images(select(*cols, sample.c.seg, sample.c.k)).join(sample, sample.c.id == RoiPair.id)
                 .order_by(sample.c.seg, sample.c.k, RoiPair.id))
     else:
         keys = _sort_keys(order)  # cursor: (score, id) of the last pair sent
         if cursor:
             where.append(_after(keys, cursors.decode(cursor, fkey, 2)))
-        stmt = select(*cols, keys[0][0]).where(*where).order_by(*(k.asc() if up else k.desc() for k, up in keys))
-    stmt = (stmt.join(QI, QI.id == RoiPair.image_id).join(NI, NI.id == RoiPair.neighbor_image_id)
-            .limit(limit + 1))
+        stmt = (_with_images(select(*cols, keys[0][0])).where(*where)
+                .order_by(*(k.asc() if up else k.desc() for k, up in keys)))
+    stmt = stmt.limit(limit + 1)
     rows = session.execute(stmt).all()
     page = rows[:limit]
     ids = [r[0].id for r in page]
