@@ -123,8 +123,8 @@ def render(api: common.Api) -> None:
 def _register_form(api: common.Api) -> None:
     with st.expander("Register a folder of images", expanded=False):
         with st.form("register_dataset", clear_on_submit=False, border=False):
-            name = st.text_input("Name", value="sample")
-            path = st.text_input("Folder", value="sample/images",
+            name = st.text_input("Name", value="sample", key="register_name")
+            path = st.text_input("Folder", value="sample/images", key="register_path",
                                  help="absolute, or relative to a data root (ORL_DATA_ROOTS)")
             if st.form_submit_button("Register", disabled=not api.token):
                 try:

@@ -364,6 +364,28 @@ def test_jobs_page_lists_submits_and_cancels(app, seeded):
     assert httpx.get(f"{os.environ['ORL_API_URL']}/api/v1/jobs/{job_id}").json()["status"] == "cancelled"
 
 
+def test_jobs_page_registers_a_folder_and_shows_the_registration(app, seeded, settings_env, registrar):
+    """The form's POST answers at once (202); the registration job then lists and checksums the
+    folder on the registrar worker, and the Dataset page shows the dataset's status."""
+    folder = Path(tempfile.mkdtemp(prefix="dash_register_", dir=settings_env.data_root))
+    for f in sorted(SAMPLE.rglob("*.jpg"))[:3]:
+        shutil.copy(f, folder / f.name)
+    at = open_page(app, page="jobs", dataset=seeded["dataset"])
+    at.text_input(key="register_name").set_value(folder.name)
+    at.text_input(key="register_path").set_value(str(folder))
+    at.button[[b.label for b in at.button].index("Register")].click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    msg = [m.value for m in at.success]
+    assert msg and "registration job #" in msg[0], msg
+    job_id = int(msg[0].split("registration job #")[1].split()[0])
+    row = procs.wait_job(job_id, 600, [registrar])
+    assert row["status"] == "succeeded" and row["result"]["added"] == 3
+    ds_id = next(d["id"] for d in httpx.get(f"{os.environ['ORL_API_URL']}/api/v1/datasets?limit=500").json()["items"]
+                 if d["name"] == folder.name)
+    at = open_page(app, page="dataset", dataset=ds_id)
+    assert f"{folder.name} · {folder} · ready" in texts(at)
+
+
 def test_jobs_page_shows_api_errors_without_token(live_api, seeded, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
