@@ -13,7 +13,9 @@
      queries (GET /api/v1/correspondences, 50 pairs a page): best first, worst first, a score
      range, a box-area range, a seeded random sample, one query image, an image on either side
      (the Image page), and the pairs a reviewer has not reviewed; each first page, then
-     ``--pages - 1`` more through ``next_cursor``;
+     ``--pages - 1`` more through ``next_cursor``, pausing ``--think-ms`` between requests (a
+     person looks at a page for seconds; with no pause the readers only measure how long the
+     queue in front of one API process grows);
    - the writer: a running mining job's pairs, written the miner's way (``records.write_pairs``,
      one image's 50 pairs and the job's progress per transaction) at ``--write-rate`` pairs/s.
 4. EXPLAIN (ANALYZE) of the SQL the API runs for each query type (captured from the router's own
@@ -274,7 +276,7 @@ def query_params(kind: str, rnd: random.Random, info: dict) -> dict:
 
 
 def run_readers(base: str, info: dict, clients: int, seconds: float, warmup: float, pages: int,
-                out_path: Path) -> None:
+                think_s: float, out_path: Path) -> None:
     """Each thread: a query kind at random, its first page, then pages - 1 more by cursor; latencies.
 
     Each thread has a keep-alive HTTP client, as the dashboard's API client has (httpx)."""
@@ -282,6 +284,7 @@ def run_readers(base: str, info: dict, clients: int, seconds: float, warmup: flo
 
     samples: dict[str, list[float]] = defaultdict(list)
     errors: dict[str, list[str]] = defaultdict(list)
+    sent = [0]
     lock = threading.Lock()
     t_start = time.monotonic()
     t_measure, t_end = t_start + warmup, t_start + warmup + seconds
@@ -302,11 +305,14 @@ def run_readers(base: str, info: dict, clients: int, seconds: float, warmup: flo
                     body, err = None, f"{type(exc).__name__}: {exc}"
                 dt = time.monotonic() - t0
                 name = kind if page == 0 else f"{kind}+cursor"
+                with lock:
+                    sent[0] += 1
                 if t0 >= t_measure and t0 < t_end:
                     with lock:
                         samples[name].append(dt)
                         if err:
                             errors[name].append(err)
+                time.sleep(rnd.expovariate(1 / think_s) if think_s > 0 else 0)
                 if err or not body or not body.get("next_cursor"):
                     break
                 params = {**params, "cursor": body["next_cursor"]}
@@ -317,7 +323,7 @@ def run_readers(base: str, info: dict, clients: int, seconds: float, warmup: flo
         t.start()
     for t in threads:
         t.join(seconds + warmup + 60)
-    out_path.write_text(json.dumps({"samples": samples, "errors": errors, "seconds": seconds,
+    out_path.write_text(json.dumps({"samples": samples, "errors": errors, "seconds": seconds, "sent": sent[0],
                                     "cpu_s": _own_cpu_s(t_start)}))
 
 
@@ -562,13 +568,16 @@ processes that used more than 10% of a core during the run:
 **Set-up.** One uvicorn process (`uvicorn services.api.main:app`, {res['api_workers']} worker) on a database of
 {res['seed']['pairs']:,} pairs of one mining job over {res['seed']['images']:,} images ({res['seed']['reviews']:,}
 reviews). {res['clients']} reader threads in another process, each a dashboard user: a query kind at random, its
-first page of {PAGE} pairs, then up to {res['pages'] - 1} more by cursor. Meanwhile a writer process wrote a running
+first page of {PAGE} pairs, then up to {res['pages'] - 1} more by cursor, pausing {res['think_ms']:.0f} ms on
+average between requests. Meanwhile a writer process wrote a running
 mining job's pairs the miner's way: {w['pairs_written']:,} pairs in {w['transactions']:,} transactions
 ({w['pairs_per_s']:.0f} pairs/s, asked {res['write_rate']:.0f}; transaction p50 {w['tx_p50_ms']} ms, p99
 {w['tx_p99_ms']} ms). Measured for {res['seconds']:.0f} s after a {res['warmup']:.0f} s warm-up.
 
 **Totals:** {t['requests']:,} requests, {t['rps']} requests/s, {t['errors']} errors, p50 {t['p50_ms']} ms,
-p99 {t['p99_ms']} ms. Target: no errors and p99 under {TARGET_P99_MS:.0f} ms for a page of {PAGE} pairs.
+p99 {t['p99_ms']} ms; the API spent about {res['api_cpu_ms_per_request']} ms of CPU per request (its CPU time
+over every request sent, warm-up included). Target: no errors and p99 under {TARGET_P99_MS:.0f} ms for a page of
+{PAGE} pairs.
 
 | query (`+cursor`: a next page) | requests | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | meets target |
 |---|---|---|---|---|---|---|---|---|
@@ -591,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--clients", type=int, default=8, help="concurrent reader threads")
     p.add_argument("--pages", type=int, default=3, help="pages per query: the first, then by cursor")
+    p.add_argument("--think-ms", type=float, default=200.0, help="each reader's mean pause between requests")
     p.add_argument("--write-rate", type=float, default=2000.0, help="pairs/s the writer aims at (0: no writer)")
     p.add_argument("--api-workers", type=int, default=1, help="uvicorn processes (production: 1)")
     p.add_argument("--out", type=Path, default=RESULTS / "api_load")
@@ -604,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     url = db_url(name)
     if args.role == "readers":
         run_readers(args.base, json.loads(args.info), args.clients, args.seconds, args.warmup, args.pages,
-                    args.result)
+                    args.think_ms / 1000, args.result)
         return 0
     if args.role == "writer":
         run_writer(url, json.loads(args.info), args.write_rate, args.seconds, args.warmup, args.result)
@@ -659,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "--result", str(tmp / "writer.json"), *common], cwd=REPO)
             readers = subprocess.Popen([*me, "--role", "readers", "--base", f"http://127.0.0.1:{port}",
                                         "--clients", str(args.clients), "--pages", str(args.pages),
+                                        "--think-ms", str(args.think_ms),
                                         "--result", str(tmp / "readers.json"), *common], cwd=REPO)
             deadline = args.seconds + args.warmup + 300
             readers.wait(deadline)
@@ -697,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
         not_clean.append(f"ran at niceness {os.nice(0)}")
     res = {
         "command": command, "seed": info, "database": name, "api_workers": args.api_workers,
-        "clients": args.clients, "pages": args.pages, "seconds": args.seconds, "warmup": args.warmup,
+        "clients": args.clients, "pages": args.pages, "think_ms": args.think_ms, "seconds": args.seconds,
+        "warmup": args.warmup,
         "write_rate": args.write_rate, "page_size": PAGE, "target_p99_ms": TARGET_P99_MS,
         "totals": {"requests": len(all_s), "rps": round(len(all_s) / args.seconds, 1), "errors": n_err,
                    "p50_ms": round(1000 * statistics.median(all_s), 1) if all_s else None,
@@ -709,7 +721,9 @@ def main(argv: list[str] | None = None) -> int:
                    "tx_p99_ms": _pct_ms(tx, 0.99)},
         "explain": plans, "api_errors_logged": api_errors,
         "load_average_before": load_before, "load_average_after": load_after, "cpus": os.cpu_count(),
-        "niceness": os.nice(0), "cores_used": ours_cpu, "other_busy_processes": others, "clean": not not_clean,
+        "niceness": os.nice(0), "cores_used": ours_cpu,
+        "api_cpu_ms_per_request": round(1000 * ours_cpu["api"] * elapsed / max(1, rd["sent"]), 1),
+        "other_busy_processes": others, "clean": not not_clean,
         "not_clean_because": not_clean,
         "machine": f"{platform.node()} ({platform.machine()}, Python {platform.python_version()})",
         "date": time.strftime("%Y-%m-%d %H:%M"),
