@@ -41,7 +41,7 @@ _ACCEPTED = {202: {"description": "registration job queued (or already under way
 
 def _out(session, ds: Dataset, reg: Registration, counts: bool = True) -> DatasetOut:
     out = DatasetOut.model_validate(ds)
-    out.status = reg.status  # type: ignore[assignment]
+    out.status = reg.status
     if (j := reg.job) is not None:
         out.registration = RegistrationOut(
             job_id=j.id, status=j.status, progress={**(j.progress or {}), "done": j.progress_done,
