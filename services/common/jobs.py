@@ -16,7 +16,8 @@ Who calls what:
   ``heartbeat`` between batches (it answers CANCEL when a cancel was requested, LOST when the lease
   went to someone else), ``finish_job`` + ``broker.dispatch_all``, ``release_job`` on shutdown,
   and ``reap_and_dispatch`` in its poll loop.
-- Miner: ``start_job`` in ``miner.start_mine`` and ``miner.map_embed`` (idempotent on redelivery),
+- Miner: ``start_job`` in ``miner.start_mine``, ``miner.map_embed`` and ``miner.register_dataset``
+  (idempotent on redelivery),
   ``get_job(lock=True)`` + ``update_job`` for the plan and each phase change, ``heartbeat`` /
   ``set_progress(phase=...)`` per shard, ``finish_job`` from the last shard. A mining job spans
   many tasks, so something must renew its heartbeat at least every ORL_LEASE_S while shards wait
@@ -51,7 +52,7 @@ from services.common.models import JOB_KINDS, TERMINAL_STATUSES, Job, JobStatus
 
 PIPELINE_STAGES = ("pretrain", "mine", "train")
 # Jobs run as Celery tasks by the miner workers (dispatched by broker.dispatch).
-MINER_KINDS = ("mine", "embedding_map")
+MINER_KINDS = ("mine", "embedding_map", "register")
 # A worker holds the job (its heartbeat counts).
 ACTIVE_STATUSES = (JobStatus.RUNNING, JobStatus.CANCELLING)
 
@@ -331,7 +332,7 @@ def set_progress(session: Session, job_id: int, *, done: int | None = None, tota
 
 
 def keep_alive(session: Session, job_ids: Iterable[int]) -> int:
-    """Renew the heartbeat of those of ``job_ids`` that are running miner jobs (mine, embedding_map):
+    """Renew the heartbeat of those of ``job_ids`` that are running miner jobs (mine, embedding_map, register):
     their next tasks wait in the broker, where nobody heartbeats them (services/miner/keepalive.py).
     Returns how many."""
     ids = sorted(set(job_ids))

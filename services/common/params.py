@@ -193,8 +193,11 @@ def check_job(session: Session, kind: str, params: Mapping[str, Any], artifacts_
     run with), and references: a mine job's checkpoint must be a usable checkpoint, a train job's
     mine_job_id a mine job.
     """
+    if kind == "register":
+        raise ParamsError("kind", "register jobs are made by POST /api/v1/datasets (or /datasets/{id}/rescan)")
     if kind not in JOB_KINDS:
-        raise ParamsError("kind", f"unknown job kind {kind!r}; valid kinds: {', '.join(JOB_KINDS)}")
+        valid = ", ".join(k for k in JOB_KINDS if k != "register")
+        raise ParamsError("kind", f"unknown job kind {kind!r}; valid kinds: {valid}")
     if not isinstance(params, Mapping):
         raise ParamsError("params", "params must be an object")
     if kind == "embedding_map":

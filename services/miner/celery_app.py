@@ -1,5 +1,5 @@
-"""The miner's Celery worker app: queues ``cpu`` (selective search, embedding-map layouts) and
-``gpu`` (embeddings, KNN, RoI features, pairs).
+"""The miner's Celery worker app: queues ``cpu`` (selective search, embedding-map layouts, dataset
+registration) and ``gpu`` (embeddings, KNN, RoI features, pairs).
 
 Start workers with (docs/SERVICES.md, "Commands")::
 
@@ -28,7 +28,7 @@ from typing import Any
 from celery import Celery, signals
 from kombu import Queue
 
-from services.common.broker import MAP_QUEUE, MAP_TASK, MINE_QUEUE, MINE_TASK
+from services.common.broker import MAP_QUEUE, MAP_TASK, MINE_QUEUE, MINE_TASK, REGISTER_QUEUE, REGISTER_TASK
 from services.common.runtime import celery_config
 from services.common.settings import Settings, get_settings
 from services.miner import threads
@@ -43,6 +43,7 @@ ROUTES = {
     "miner.pairs_shard": "gpu",
     MAP_TASK: MAP_QUEUE,  # embedding_map: embeddings the checkpoint lacks (services/miner/embedding_map.py)
     "miner.map_layout": "cpu",  # then UMAP / PCA, which needs no accelerator
+    REGISTER_TASK: REGISTER_QUEUE,  # a dataset folder's listing and checksums (services/miner/registration.py)
 }
 
 

@@ -144,6 +144,23 @@ def register_dataset(folder: Path, name: str | None = None) -> int:
         return int(ds.id)
 
 
+def registered(client: Any, response: Any, timeout_s: float = 600, procs: list[Proc] = (),
+               base: str = "/api/v1") -> dict:
+    """The dataset of a POST /datasets (or /rescan) ``response`` once its register job succeeded.
+
+    POST /datasets answers 202 before the folder is scanned; a miner worker on the cpu queue runs
+    the job (the module's own miner, or the ``registrar`` fixture). ``client`` is anything with
+    ``.get(url)``: a TestClient with ``base="/api/v1"``, or the httpx module with the full base URL.
+    """
+    assert response.status_code == 202, response.text
+    ds = response.json()
+    row = wait_job(ds["registration"]["job_id"], timeout_s, procs)
+    assert row["status"] == "succeeded", f"registration of {ds['path']}: {row['status']}: {row['error']}"
+    r = client.get(f"{base}/datasets/{ds['id']}")
+    assert r.status_code == 200 and r.json()["status"] == "ready", r.text
+    return r.json()
+
+
 def make_checkpoint(images_dir: Path, artifacts_dir: Path, dataset_id: int | None = None) -> int:
     """Train a tiny BYOL checkpoint (one step on real photos) and register it as an artifact."""
     import uuid

@@ -46,9 +46,9 @@ def _folder(settings_env, n: int, offset: int = 0) -> Path:
 
 
 def _register(api_client, auth_headers, folder: Path) -> int:
+    """Through the API; the module's miner (on cpu and gpu) runs the register job."""
     r = api_client.post(f"{API}/datasets", json={"name": folder.name, "path": str(folder)}, headers=auth_headers)
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
+    return procs.registered(api_client, r)["id"]
 
 
 def _submit(api_client, auth_headers, dataset_id: int, params: dict) -> int:
