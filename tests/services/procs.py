@@ -279,12 +279,16 @@ def _claim_redis_db(broker_url: str, owner: str):
 
 
 @contextmanager
-def isolated_env(settings_env, tmp_dir: Path) -> Iterator[Any]:
+def isolated_env(settings_env, tmp_dir: Path, broker_url: str | None = None) -> Iterator[Any]:
     """A fresh migrated database and an empty Redis db for one test module.
 
     Workers that poll the job table (trainers) would otherwise claim jobs other test modules left
     queued in the session database; the test process is pointed at the same database and broker
     (ORL_* variables, settings reset) for the module, and everything is dropped afterwards.
+    ``broker_url``: a broker of the module's own (servers.private_redis) instead of a db of the
+    shared Redis. A claimed db is empty when claimed, but another test session on the machine
+    picks its db number at random (conftest.settings_env) and may pick the same one: then its
+    workers take this module's tasks, and the other way round.
     """
     import dataclasses
     import uuid
@@ -298,7 +302,9 @@ def isolated_env(settings_env, tmp_dir: Path) -> Iterator[Any]:
     tag = uuid.uuid4().hex[:10]
     url = make_url(settings_env.database_url).set(database=f"orl_workers_{tag}").render_as_string(hide_password=False)
     upgrade(url)
-    broker_url, client = _claim_redis_db(settings_env.broker_url, tag)
+    client = None
+    if broker_url is None:
+        broker_url, client = _claim_redis_db(settings_env.broker_url, tag)
     artifacts = tmp_dir / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     env = dataclasses.replace(settings_env, database_url=url, broker_url=broker_url, artifacts_dir=artifacts)
@@ -312,5 +318,6 @@ def isolated_env(settings_env, tmp_dir: Path) -> Iterator[Any]:
     finally:
         reset()
         drop_database(url)
-        client.flushdb()
-        client.close()
+        if client is not None:
+            client.flushdb()
+            client.close()

@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 
@@ -235,3 +235,19 @@ def private_redis() -> Iterator[PrivateRedis]:
         if rd is not None:
             rd.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def private_broker_env(settings_env, tmp_dir: Path) -> Iterator:
+    """``procs.isolated_env`` on a private redis-server: no other test session on the machine can
+    take this module's tasks. Skips the module where no redis-server binary exists."""
+    import pytest
+
+    from tests.services import procs
+
+    with ExitStack() as stack:
+        try:
+            rd = stack.enter_context(private_redis())
+        except ServerUnavailable as exc:
+            pytest.skip(str(exc))
+        yield stack.enter_context(procs.isolated_env(settings_env, tmp_dir, broker_url=rd.url(0)))
