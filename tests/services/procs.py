@@ -23,7 +23,7 @@ SAMPLE_IMAGES = REPO / "data" / "sample" / "images"
 
 # Every wait of these tests is multiplied by this (default 1): on a machine shared with long
 # jobs at a higher priority, a worker may need minutes just to import torch. It stretches the
-# waits for things to happen, and the wall-clock cancel bounds of test_faults_cancel.py (which
+# waits for things to happen, and the wall-clock bounds of the fault tests (the cancel tests
 # also bound the CPU time spent after a cancel, which load does not stretch).
 TIMEOUT_SCALE = float(os.environ.get("ORL_TEST_TIMEOUT_SCALE", "1"))
 
