@@ -272,6 +272,8 @@ def run_proposals(
     timeout_s: float = 60.0,
     root: str | None = None,
     checksums: Sequence[str | None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    poll_s: float = 0.5,
 ) -> Iterator[tuple[int, ProposalResult]]:
     """Propose every image; yields (index, result) as results arrive (not in order).
 
@@ -279,6 +281,10 @@ def run_proposals(
     that are already sandboxed, e.g. daemonic Celery pool processes that cannot fork.
     ``root``: refuse files that resolve outside it; ``checksums[i]``: the sha1 path i must still
     have (see orl.images.decode_image).
+    ``should_stop`` (a service's cancel check) is polled every ``poll_s`` while an image is in
+    work: when it says so, the selective-search subprocesses are killed at once and the
+    iteration ends. Without it a cancel waited for the image in hand, up to ``timeout_s``
+    (a large photo at full resolution takes tens of seconds).
     """
     items = list(enumerate(paths))
     sums = list(checksums) if checksums is not None else [None] * len(items)
@@ -292,8 +298,12 @@ def run_proposals(
         return
     pool = [_Worker() for _ in range(min(workers, max(1, len(items))))]
     todo = list(reversed(items))
+    stopped = False
     try:
         while todo or any(w.task for w in pool):
+            if should_stop is not None and should_stop():
+                stopped = True
+                return
             for w in pool:
                 if w.task is None and todo:
                     idx, p = todo.pop()
@@ -302,6 +312,8 @@ def run_proposals(
                     w.send((idx, p, params, checks(idx)))
             busy = [w for w in pool if w.task]
             wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+            if should_stop is not None:
+                wait_s = min(wait_s, poll_s)
             ready = mp_wait([w.stdout.fileno() for w in busy], timeout=wait_s)
             for i, w in enumerate(pool):
                 if w.task is None:
@@ -325,7 +337,10 @@ def run_proposals(
                     yield idx, ProposalResult(p, False, reason, seconds=time.monotonic() - w.started)
     finally:
         for w in pool:
-            w.close()
+            if stopped:
+                w.kill()  # mid-image: it would not read the end message before finishing
+            else:
+                w.close()
 
 
 if __name__ == "__main__":

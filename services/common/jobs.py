@@ -7,8 +7,8 @@ States::
       └──cancel──> cancelled  └──lease expired──> queued (attempts < max) | failed
 
 Functions take a ``Session`` and do not commit (the caller's transaction decides), except
-``reap_and_dispatch``, which commits and then hands requeued jobs to the broker: a worker must
-never receive a job id whose row is not committed yet.
+``reap_and_dispatch``, which hands requeued jobs to the broker and then commits (a worker that
+receives the job id first waits for the commit on the row lock; a send that fails rolls back).
 
 Who calls what:
 - API: ``create_job`` (+ ``broker.dispatch`` after commit), ``cancel_job``.
@@ -485,8 +485,18 @@ def reap_stale(session: Session, lease_s: float, max_attempts: int = 3) -> list[
     worker resumes it (trainers from their last checkpoint, mine tasks idempotently), unless it
     already had ``max_attempts`` attempts: then it fails with an error saying so. A stale job that
     was cancelling is simply cancelled. Returns the requeued (job id, kind) pairs: dispatch them
-    after commit (mine jobs need a new task; pretrain/train are claimed from the table).
+    before the commit (``reap_and_dispatch``; mine jobs need a new task, pretrain/train are
+    claimed from the table). Nothing is reaped within ``lease_s`` of the database's start.
     """
+    # Heartbeats cannot be written while the database is down, so right after its server
+    # (re)starts every running job looks stale, its worker alive or not. Reaping then requeued
+    # live jobs (a trainer lost its job and resumed it from last.pt; a mining job's shards were
+    # re-sent while still running) and spent one of ORL_MAX_ATTEMPTS per database restart. So
+    # nothing is reaped within one lease of the server's start: live workers renew in that
+    # time, and a worker that died is reaped one lease later.
+    up_s = session.execute(select(func.extract("epoch", func.now() - func.pg_postmaster_start_time()))).scalar_one()
+    if float(up_s) < lease_s:
+        return []
     stale = list(session.execute(
         select(Job)
         .where(Job.status.in_(ACTIVE_STATUSES), Job.kind != "pipeline",
@@ -517,8 +527,15 @@ def reap_stale(session: Session, lease_s: float, max_attempts: int = 3) -> list[
 
 # -- committing helpers -------------------------------------------------------------------------
 def reap_and_dispatch(lease_s: float, max_attempts: int = 3) -> list[tuple[int, str]]:
-    """``reap_stale`` in its own transaction, then re-send requeued mine jobs."""
+    """``reap_stale`` and the re-sending of requeued mine jobs, in one transaction.
+
+    The tasks are sent BEFORE the commit, as the miner's phase changes are: when the broker is
+    down the send raises, the transaction rolls back, and the jobs stay running and stale for
+    the next round. Sent after the commit, a failed send left a mine job queued with no task,
+    which nothing ever re-sends (queued forever). A worker that gets the task before the commit
+    waits for it on the row lock (``start_job``).
+    """
     with session_scope() as s:
         requeued = reap_stale(s, lease_s, max_attempts)
-    broker.dispatch_all(requeued)
+        broker.dispatch_all(requeued)
     return requeued

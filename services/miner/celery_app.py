@@ -100,9 +100,12 @@ def reap_once(engine) -> list[tuple[int, str]]:
         jobs.keep_alive(s, waiting)
     with Session(engine) as s, s.begin():
         requeued = jobs.reap_stale(s, settings.lease_s, settings.max_attempts)
+        # Sent before the commit, as jobs.reap_and_dispatch does (with this worker's connection):
+        # a broker that is down rolls the requeue back instead of leaving a job queued that no
+        # task will ever start.
+        broker.dispatch_all(requeued, app)
     for job_id, kind in requeued:
         log.warning("job %s (%s) had a stale heartbeat: requeued", job_id, kind)
-    broker.dispatch_all(requeued, app)  # as the trainers' reaper does, with this worker's connection
     return requeued
 
 

@@ -127,6 +127,12 @@ class Gate:
             raise Stop(f"job {self.job_id} was cancelled")
         return result
 
+    def stop_requested(self) -> bool:
+        """Cheap poll (no lock) while a long computation runs: cancelled, finished or gone."""
+        with session_scope() as s:
+            st = records.job_status(s, self.job_id)
+        return st is None or st[0] in TERMINAL_STATUSES or bool(st[1]) or st[0] == JobStatus.CANCELLING
+
 
 def _locked(s: Session, job_id: int) -> Job:
     """The job row, locked until the transaction ends (this waits for a sender's commit)."""
@@ -298,18 +304,27 @@ def propose_shard(job_id: int, image_ids: Sequence[int], dispatcher: Dispatcher)
         # the Celery pool process. How many: this process's share of the worker's cores
         # (ORL_SS_PROCESSES, threads.py), never the job's mine.ss_workers (another machine's).
         # Each file must still be inside the dataset folder and have its registered checksum.
+        # A cancel is also looked for while an image is in work (every 0.5 s): the subprocess is
+        # killed then, rather than finishing an image that may take tens of seconds.
         results = run_proposals([str(root / paths[i]) for i in todo], plan.proposal_params,
                                 workers=max(1, threads.current().ss_processes), timeout_s=plan.mine.ss_timeout_s,
-                                root=str(root), checksums=[sums.get(i) for i in todo])
+                                root=str(root), checksums=[sums.get(i) for i in todo],
+                                should_stop=gate.stop_requested)
+        written = []
         try:
             for k, res in results:
                 _write_proposal(todo[k], key, res)
+                written.append(todo[k])
                 gate.check()
                 if time.monotonic() - last_report > _PROGRESS_EVERY_S:
                     _report_propose(job_id, plan)
                     last_report = time.monotonic()
         finally:
             results.close()  # stops the selective-search subprocess when cancelled
+            # Which images this task computed (a redelivered shard lists only those still
+            # missing): for operators, and how the fault tests check each image is done once.
+            log.info("job %s: selective search on images %s", job_id, written)
+        gate.check()  # stopped early by a cancel: finish the job as cancelled
         _render_thumbnails(gate, root, paths, image_ids)
     _report_propose(job_id, plan)
     advance_to_embed(job_id, dispatcher)
@@ -437,6 +452,7 @@ def embed_missing(job_id: int, gate: Gate, images: ImageSet, checkpoint_id: int,
             left = len(records.ids_lacking_embedding(s, ds_id, max_id, checkpoint_id))
             total = records.count_set(s, ds_id, max_id)
             jobs.set_progress(s, job_id, done=total - left, total=total, phase="embed")
+        log.info("job %s: embedded images %s", job_id, [ids[k] for k in ok])
         computed += len(ok)
     return computed
 
@@ -545,6 +561,7 @@ def pairs_shard(job_id: int, image_ids: Sequence[int], shard: int | None, dispat
                 continue
             rows = []
             for k, n, _ in nbrs.get(q, []):
+                gate.check()  # each neighbour may need its RoI features computed: seconds on a CPU
                 fq, fk = feats(q), feats(n)
                 if not len(fq) or not len(fk):
                     continue
@@ -557,6 +574,7 @@ def pairs_shard(job_id: int, image_ids: Sequence[int], shard: int | None, dispat
                          for r in range(len(ij))]
             with session_scope() as s:  # one image's pairs in one transaction
                 records.write_pairs(s, rows)
+    log.info("job %s: pairs of query images %s", job_id, [q for q in qids if q not in done])
     if shard is not None:
         _shard_done(job_id, int(shard), dispatcher)
 
