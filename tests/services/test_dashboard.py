@@ -382,7 +382,10 @@ def test_jobs_page_registers_a_folder_and_shows_the_registration(app, seeded, se
     assert row["status"] == "succeeded" and row["result"]["added"] == 3
     ds_id = next(d["id"] for d in httpx.get(f"{os.environ['ORL_API_URL']}/api/v1/datasets?limit=500").json()["items"]
                  if d["name"] == folder.name)
-    at = open_page(app, page="dataset", dataset=ds_id)
+    from streamlit.testing.v1 import AppTest
+
+    at = open_page(AppTest.from_file(str(REPO / "dashboard" / "app.py"), default_timeout=60), page="dataset",
+                   dataset=ds_id)  # a new session: the one above keeps the Jobs page in its state
     assert f"{folder.name} · {folder} · ready" in texts(at)
 
 
