@@ -80,6 +80,24 @@ def framed(image: Image.Image, colour: tuple[int, int, int], width_px: int = 4) 
     return out
 
 
+def side_by_side(images: Sequence[Image.Image], gap_px: int = 12,
+                 background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """The images in one row, left to right, each centred vertically, ``gap_px`` apart.
+
+    The Pairs page shows a pair's four pictures as one image: the browser's cost of a page grows
+    with its elements far more than with its pixels (benchmarks/page_benchmark.py)."""
+    if not images:
+        raise ValueError("side_by_side needs at least one image")
+    width = sum(im.width for im in images) + gap_px * (len(images) - 1)
+    height = max(im.height for im in images)
+    out = Image.new("RGB", (width, height), background)
+    x = 0
+    for im in images:
+        out.paste(im.convert("RGB"), (x, (height - im.height) // 2))
+        x += im.width + gap_px
+    return out
+
+
 def blend(base: Image.Image, heat: Image.Image, opacity: float) -> Image.Image:
     """(1 - opacity) * base + opacity * heat; ``heat`` is resized to ``base`` if needed."""
     if not 0.0 <= opacity <= 1.0:

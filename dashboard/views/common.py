@@ -268,7 +268,9 @@ def registration_text(ds: dict) -> str | None:
 
 def checkpoint_label(c: dict) -> str:
     stage = {"byol": "stage 1 BYOL", "orl": "stage 3 ORL"}.get(c.get("stage") or "", c.get("stage") or "checkpoint")
-    return f"#{c['id']} · {stage} · job {c.get('job_id')}"
+    step = (c.get("meta") or {}).get("global_step")
+    # The step tells apart the snapshots of one stage (e.g. a study's), which share the rest.
+    return f"#{c['id']} · {stage} · job {c.get('job_id')}" + (f" · step {step:,}" if isinstance(step, int) else "")
 
 
 def goto(page: str, values: dict[str, Any]) -> None:

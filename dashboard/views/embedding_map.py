@@ -44,8 +44,9 @@ def map_chart(frame: pd.DataFrame, coloured: bool) -> alt.Chart:
                alt.Tooltip("image_id:Q", title="id")]
     if coloured:
         tooltip.append(alt.Tooltip("label:N", title="label"))
-    color = (alt.Color("label:N", title="label", legend=alt.Legend(orient="right", symbolLimit=40)) if coloured
-             else alt.value("#4c78a8"))
+    # tableau20: 20 distinguishable hues (the theme's own palette repeats after a few classes).
+    color = (alt.Color("label:N", title="label", scale=alt.Scale(scheme="tableau20"),
+                       legend=alt.Legend(orient="right", symbolLimit=40)) if coloured else alt.value("#4c78a8"))
     return (alt.Chart(frame).mark_circle(size=70, opacity=0.8)
             .encode(x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None), color=color, tooltip=tooltip,
                     href=alt.Href("open:N"))

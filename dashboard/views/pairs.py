@@ -1,15 +1,19 @@
 """Pairs: mined RoI pairs side by side, with filters, cursor pages and review buttons.
 
-Each row: the query image and its neighbour as thumbnails with the two boxes in one colour,
-then the two crops (framed in that colour), score and ranks, and ✓ / ✗ buttons that record the
-reviewer's verdict. Pairs come best first, worst first or as a seeded random sample (the one to
+Each row: one picture of the query image and its neighbour as thumbnails with the two boxes in
+one colour, then the two crops (framed in that colour); beside it score, ranks, reviews and ✓ / ✗
+buttons that record the reviewer's verdict. Pairs come best first, worst first or as a seeded random sample (the one to
 review for an unbiased precision, shown per mining job on the Dataset page). Images come from
 the API's thumbnail and crop endpoints; boxes are drawn here onto the thumbnails.
 
 A page's images (up to 4 per pair) are requested together before any row is drawn, in parallel
 and through the client's image cache (``Api.fetch_images``): one round trip's latency per page
-instead of one per image. The drawn images (box on a thumbnail, frame around a crop) are cached
-as JPEG bytes, which ``st.image`` sends as they are, so a warm page costs no decoding or encoding.
+instead of one per image. A pair's four images are drawn (boxes on the thumbnails, frames around
+the crops) and put side by side into one picture, cached as JPEG bytes, which ``st.image`` sends as
+they are: a warm page costs no decoding or encoding, and the browser lays out one image and one
+caption per pair instead of four of each. Most of a page's cost is the browser's, and it grows with
+the number of elements Streamlit renders (benchmarks/results/page_benchmark.md), so a row also
+keeps its text in one markdown block.
 The browser itself only ever talks to the dashboard; see docs/SERVICES.md ("Fast pages") for why
 it does not fetch from the API directly.
 """
@@ -18,8 +22,10 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 
 import streamlit as st
+from PIL import Image
 
 from dashboard import drawing, urlstate
 from dashboard.api_client import ApiError
@@ -132,46 +138,49 @@ def _image_requests(pair: dict) -> list[tuple[str, dict]]:
             common.Api.crop_request(pair["neighbor_image_id"], pair["neighbor_box"], CROP_PX)]
 
 
-@st.cache_data(max_entries=4000, show_spinner=False)
-def _boxed_thumbnail(data: bytes, box: tuple[float, ...], size: tuple[int | None, int | None],
-                     colour: tuple[int, int, int]) -> bytes:
-    """JPEG of the thumbnail with the box drawn in ``colour``."""
+def _boxed(data: bytes, box: Sequence[float], size: tuple[int | None, int | None],
+           colour: tuple[int, int, int]) -> Image.Image:
+    """The thumbnail with the box drawn in ``colour`` (without it while the size is unknown)."""
     thumb = drawing.open_image(data)
     if size[0] and size[1]:
         # The box is in the recorded image's pixels; the thumbnail is that image scaled down.
         thumb = drawing.draw_box(thumb, drawing.scale_box(box, (size[0], size[1]), thumb.size), colour)
-    return drawing.jpeg(thumb)  # size unknown (not yet recorded): the image without the box
+    return thumb
 
 
-@st.cache_data(max_entries=4000, show_spinner=False)
-def _framed_crop(data: bytes, colour: tuple[int, int, int]) -> bytes:
-    return drawing.jpeg(drawing.framed(drawing.open_image(data), colour))
+@st.cache_data(max_entries=2000, show_spinner=False)
+def _pair_picture(images: tuple[bytes, bytes, bytes, bytes], boxes: tuple[tuple[float, ...], tuple[float, ...]],
+                  sizes: tuple[tuple[int | None, int | None], tuple[int | None, int | None]],
+                  colour: tuple[int, int, int]) -> bytes:
+    """JPEG of the query and neighbour thumbnails with their boxes, then the two crops framed."""
+    q_thumb, n_thumb, q_crop, n_crop = images
+    return drawing.jpeg(drawing.side_by_side([
+        _boxed(q_thumb, boxes[0], sizes[0], colour), _boxed(n_thumb, boxes[1], sizes[1], colour),
+        drawing.framed(drawing.open_image(q_crop), colour), drawing.framed(drawing.open_image(n_crop), colour)]))
 
 
 def _pair_row(api: common.Api, pair: dict, images: list, colour, number: int, dataset_id: int,
               reviewer: str | None) -> None:
     with st.container(border=True):
-        q_img, n_img, q_crop, n_crop, info = st.columns([3, 3, 1.6, 1.6, 1.6], vertical_alignment="center")
+        picture, info = st.columns([9.2, 1.6], vertical_alignment="center")
         failed = next((r for r in images if isinstance(r, ApiError)), None)
         if failed is not None:
             st.warning(f"pair {pair['id']}: cannot load its images ({failed})")
             return
-        q_thumb, n_thumb, q_box, n_box = (r.content for r in images)
-        q = _boxed_thumbnail(q_thumb, tuple(pair["query_box"]), (pair.get("image_width"), pair.get("image_height")),
-                             colour)
-        n = _boxed_thumbnail(n_thumb, tuple(pair["neighbor_box"]),
-                             (pair.get("neighbor_width"), pair.get("neighbor_height")), colour)
-        qc, nc = _framed_crop(q_box, colour), _framed_crop(n_box, colour)
+        data = _pair_picture(tuple(r.content for r in images), (tuple(pair["query_box"]), tuple(pair["neighbor_box"])),
+                             ((pair.get("image_width"), pair.get("image_height")),
+                              (pair.get("neighbor_width"), pair.get("neighbor_height"))), colour)
         # JPEG: these are photos, and PNG would send several times the bytes to the browser.
-        q_img.image(q, caption=f"query · image {pair['image_id']} · {pair.get('image_path', '')}",
-                    output_format="JPEG")
-        n_img.image(n, caption=f"neighbour {pair['neighbor_rank'] + 1} · image {pair['neighbor_image_id']}"
-                               f" · {pair.get('neighbor_path', '')}", output_format="JPEG")
-        q_crop.image(qc, caption="query box", output_format="JPEG")
-        n_crop.image(nc, caption="neighbour box", output_format="JPEG")
+        picture.image(data, output_format="JPEG", caption=(
+            f"query · image {pair['image_id']} · {pair.get('image_path', '')} → neighbour {pair['neighbor_rank'] + 1}"
+            f" · image {pair['neighbor_image_id']} · {pair.get('neighbor_path', '')} · then the query box and the "
+            "neighbour box"))
+        counts, mine = pair.get("reviews") or {}, pair.get("verdict")
         info.markdown(f"**#{number}**  \nscore **{pair['score']:.3f}**  \npair rank {pair['rank'] + 1} "
                       f"for these two images  \nneighbour rank {pair['neighbor_rank'] + 1}  \n"
-                      f"<small>pair id {pair['id']} · job {pair['job_id']}</small>", unsafe_allow_html=True)
+                      f"<small>pair id {pair['id']} · job {pair['job_id']}</small>  \n"
+                      f"reviews ✓ {counts.get('correct', 0)} · ✗ {counts.get('wrong', 0)}"
+                      + (f"  \nyou: {VERDICT_MARKS[mine]}" if mine in VERDICT_MARKS else ""), unsafe_allow_html=True)
         _review_buttons(api, info, pair, reviewer)
         info.button("Only this image", key=f"only_{pair['id']}", on_click=_only_image, args=(pair["image_id"],))
         info.button("Image page", key=f"imagepage_{pair['id']}", on_click=common.goto, args=(
@@ -182,10 +191,7 @@ VERDICT_MARKS = {"correct": ":green[✓ correct]", "wrong": ":red[✗ wrong]"}
 
 
 def _review_buttons(api: common.Api, col, pair: dict, reviewer: str | None) -> None:
-    counts = pair.get("reviews") or {}
     mine = pair.get("verdict")
-    col.markdown(f"reviews ✓ {counts.get('correct', 0)} · ✗ {counts.get('wrong', 0)}"
-                 + (f"  \nyou: {VERDICT_MARKS[mine]}" if mine in VERDICT_MARKS else ""))
     why = "needs the API token (sidebar)" if not api.token else "type your name as Reviewer above" if not reviewer \
         else None
     yes, no = col.columns(2)

@@ -1,5 +1,6 @@
-"""The Embedding map page in Streamlit's AppTest against a live API (uvicorn on the test
-database), with the rows an embedding_map job writes seeded next to test_dashboard's data."""
+"""The Embedding map page against a live API (uvicorn on the test database), with the rows an
+embedding_map job writes seeded next to test_dashboard's data: in Streamlit's AppTest, and in
+headless Chromium (hovering a dot shows its photo, clicking it opens the Image page)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 live_api = dash.live_api
 seeded = dash.seeded
 app = dash.app
+live_dashboard = dash.live_dashboard
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +113,31 @@ def test_map_url_state_and_params():
                                                                  "labels": "lab.csv"}
     assert build_params(5, "pca", 0, 10, 0.25, "") == {"checkpoint_id": 5, "method": "pca", "seed": 0}
 
+
+
+@pytest.mark.skipif(not (dash.CHROMIUM and dash.CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
+def test_chromium_map_hover_shows_the_photo_and_a_click_opens_the_image_page(live_dashboard, seeded, seeded_map,
+                                                                              tmp_path):
+    target = seeded["images"][2]
+    name = httpx.get(f"{seeded_map['api']}/api/v1/images/{target}").json()["rel_path"]
+    browser = dash.WebDriver(tmp_path / "profile", width=1400, height=1100)
+    try:
+        browser.get(f"{live_dashboard}/?page=map&dataset={seeded['dataset']}&checkpoint={seeded['byol']}")
+        xy = browser.wait_for(lambda: browser.script(dash.MAP_POINT_JS, target), 90, f"the dot of image {target}")
+        assert browser.script(dash.TOOLTIP_IMAGE_JS) is None, "no tooltip before the mouse is on a dot"
+        browser.move_to(*xy)
+        # The tooltip shows the photo, loaded by the browser from the API's thumbnail endpoint.
+        src = browser.wait_for(lambda: browser.script(dash.TOOLTIP_IMAGE_JS), 60, "the tooltip's decoded thumbnail")
+        assert src == f"{seeded_map['api']}/api/v1/images/{target}/thumbnail?size=160"
+        tip = browser.script("return document.getElementById('vg-tooltip-element').innerText")
+        assert name in tip and str(target) in tip, tip
+        # A click follows the dot's link: this dashboard's Image page of that photo, in the same tab.
+        browser.click()
+        browser.wait_for(lambda: "page=image" in browser.current_url(), 60, "the Image page's URL")
+        assert f"image={target}" in browser.current_url() and f"dataset={seeded['dataset']}" in browser.current_url()
+        browser.wait_for(lambda: f"Image {target} · {name}" in browser.script("return document.body.innerText"), 90,
+                         "the Image page's heading")
+        photos = browser.wait_for(lambda: browser.script(dash.LOADED_IMAGES_JS), 90, "the photo, decoded")
+        assert photos and all("/media/" in s for s in photos), photos[:3]
+    finally:
+        browser.quit()
