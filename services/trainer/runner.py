@@ -27,8 +27,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import OperationalError as DatabaseError
 
 from orl.config import save_config
 from services.common import broker, jobs
@@ -43,6 +46,8 @@ from services.trainer.spec import RunSpec, SpecError, build_spec
 log = logging.getLogger(__name__)
 
 KINDS = ("pretrain", "train")
+DB_RETRY_S = 300.0  # how long the end of a job is retried while the database is unreachable
+T = TypeVar("T")
 _PROGRESS_KEYS = ("stage", "epoch", "step", "global_step", "total_steps", "loss", "lr", "images_per_s", "eta_s")
 
 
@@ -142,17 +147,17 @@ class Trainer:
                 self._record_skipped(spec)
                 return self._finish(job_id, JobStatus.FAILED, error=f"training failed: {type(exc).__name__}: {exc}")
             lease.flush()
-        self._record_skipped(spec)
+        self._retry_db("record skipped images", lambda: self._record_skipped(spec))
         if lease.lost.is_set():
             # Requeued while we were silent: another trainer owns it now; write nothing more.
             log.warning("job %s was taken over by another worker; stopping", job_id)
             return "lost"
         reached = summary["finished"] or (spec.max_steps is not None and summary["global_step"] >= spec.max_steps)
         if reached:
-            ids = self._record_artifacts(spec, summary)
+            ids = self._retry_db("record artifacts", lambda: self._record_artifacts(spec, summary))
             return self._finish(job_id, JobStatus.SUCCEEDED, result={**ids, "summary": _jsonable(summary)})
         if lease.cancel.is_set():
-            ids = self._record_artifacts(spec, summary)
+            ids = self._retry_db("record artifacts", lambda: self._record_artifacts(spec, summary))
             return self._finish(job_id, JobStatus.CANCELLED, result={**ids, "summary": _jsonable(summary)})
         if self.shutdown.is_set():
             self._release(job_id)
@@ -250,13 +255,36 @@ class Trainer:
                                                         stage=spec.stage, path=self._rel(path), meta=meta)
         return out
 
+    def _retry_db(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()``, retried every second for up to DB_RETRY_S while the database is unreachable.
+
+        For the end of a job, whose training is done: given up at once, the job was left running
+        with no heartbeat, requeued by a reaper, and claimed again only to find last.pt finished
+        and record it, one of ORL_MAX_ATTEMPTS spent on a database restart. No reaper acts
+        within a lease of the database's start (jobs.reap_stale), so the retry records it first.
+        """
+        deadline = time.monotonic() + DB_RETRY_S
+        while True:
+            try:
+                return fn()
+            except DatabaseError as exc:
+                if time.monotonic() > deadline or self.shutdown.is_set():
+                    raise
+                log.warning("cannot %s: the database is unreachable; retrying (%s)", what,
+                            str(exc.orig or exc).splitlines()[0])
+                self.shutdown.wait(1.0)
+
     def _finish(self, job_id: int, status: str, *, error: str | None = None, result: dict | None = None) -> str:
-        try:
+        def record() -> list[tuple[int, str]]:
+            nonlocal result
             with session_scope() as s:
                 job = jobs.get_job(s, job_id)
                 if result is not None:
                     result = {**(job.result or {}), **result}
-                nxt = jobs.finish_job(s, job_id, status, error=error, result=result, worker=self.worker)
+                return jobs.finish_job(s, job_id, status, error=error, result=result, worker=self.worker)
+
+        try:
+            nxt = self._retry_db(f"record the end of job {job_id}", record)
         except jobs.InvalidTransition as exc:
             log.warning("job %s: %s", job_id, exc)
             return "lost"
@@ -281,11 +309,15 @@ class Trainer:
                     log.warning("cannot reach the broker to start job(s) %s; retrying: %s", [j for j, _ in nxt], exc)
                     self.shutdown.wait(2.0)
                     continue
-                with session_scope() as s:
-                    for next_id, _ in nxt:
-                        jobs.finish_job(s, next_id, JobStatus.FAILED, error=(
-                            f"could not reach the broker to start the job for {wait_s:g} s: {type(exc).__name__}: "
-                            f"{exc}; check ORL_BROKER_URL / Redis, then submit the pipeline again"))
+                for next_id, _ in nxt:
+                    try:
+                        with session_scope() as s:
+                            jobs.finish_job(s, next_id, JobStatus.FAILED, error=(
+                                f"could not reach the broker to start the job for {wait_s:g} s: "
+                                f"{type(exc).__name__}: {exc}; check ORL_BROKER_URL / Redis, then submit the "
+                                "pipeline again"))
+                    except jobs.InvalidTransition:  # cancelled meanwhile
+                        pass
                 log.error("job(s) %s failed: the broker is unreachable", [j for j, _ in nxt])
                 return
 
