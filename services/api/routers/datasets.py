@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from services.api import cursors
-from services.api.deps import SessionDep, SettingsDep, WriteAccess
+from services.api.deps import DatasetId, SessionDep, SettingsDep, WriteAccess
 from services.api.lookups import dataset_or_404
 from services.api.schemas import Counts, DatasetCreate, DatasetOut, ImageOut, Page, ScanOut
 from services.common.datasets import PathRefused, dataset_counts, resolve_dataset_path, scan_dataset
@@ -34,9 +34,9 @@ def _out(session, ds: Dataset, scan=None) -> DatasetOut:
                         400: {"description": "path refused"}, 409: {"description": "name taken by another folder"}})
 def register_dataset(body: DatasetCreate, session: SessionDep, settings: SettingsDep, response: Response) -> DatasetOut:
     try:
-        real = resolve_dataset_path(body.path, settings.data_root_paths)
+        real = resolve_dataset_path(body.path, settings.data_root_paths, field="path")
     except PathRefused as exc:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"body field '{exc.field}': {exc.reason}") from None
     ds = session.execute(select(Dataset).where(Dataset.name == body.name)).scalar_one_or_none()
     if ds is not None and ds.path != str(real):
         raise HTTPException(status.HTTP_409_CONFLICT,
@@ -69,16 +69,21 @@ def list_datasets(
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="A dataset and its counts")
-def get_dataset(dataset_id: int, session: SessionDep) -> DatasetOut:
+def get_dataset(dataset_id: DatasetId, session: SessionDep) -> DatasetOut:
     return _out(session, dataset_or_404(session, dataset_id))
 
 
 @router.post("/{dataset_id}/rescan", response_model=DatasetOut, dependencies=[WriteAccess],
-             summary="Record images added to the folder since the last scan")
-def rescan_dataset(dataset_id: int, session: SessionDep) -> DatasetOut:
+             summary="Record images added to the folder since the last scan",
+             responses={403: {"description": "the folder now leads outside the data roots; it is not read"},
+                        409: {"description": "the folder is gone"}})
+def rescan_dataset(dataset_id: DatasetId, session: SessionDep, settings: SettingsDep) -> DatasetOut:
     ds = dataset_or_404(session, dataset_id)
     try:
-        scan = scan_dataset(session, ds)
+        # The folder is checked against today's data roots before anything in it is listed.
+        scan = scan_dataset(session, ds, roots=settings.data_root_paths)
+    except PathRefused as exc:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"dataset {dataset_id}: {exc}") from None
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, f"the dataset folder is gone: {exc}") from None
     session.commit()
@@ -94,7 +99,7 @@ def _like_pattern(text: str) -> str:
             summary="A dataset's images, by id; ?name= finds them by file name, ?status=failed lists the "
                     "unreadable ones with reasons")
 def list_images(
-    dataset_id: int,
+    dataset_id: DatasetId,
     session: SessionDep,
     status_: Annotated[Literal["ok", "failed"] | None, Query(alias="status")] = None,
     name: Annotated[str | None, Query(min_length=1, max_length=200, description=(
