@@ -3,15 +3,22 @@
 
 One run, one stage-1 checkpoint, one machine:
 1. Our miner over the whole folder (default ../shared/data/coco128, 256 photos), once per
-   selective-search scale (max side 320, 500, full resolution) and once with roi_align:
-   wall time and images/s of every stage-2 step, CNN forwards, pairs, pair precision
-   against the ground truth (labels are read only here, to score).
+   proposer (``--proposals``: selective search fast at max side 320, 500 and full resolution,
+   single-strategy selective search, Felzenszwalb segments) and once with roi_align: wall
+   time and images/s of every stage-2 step, CNN forwards, pairs, and against the ground truth
+   (labels are read only here, to score): the proposals' recall of labelled objects (IoU 0.5),
+   the pair ranking AUC (orl.metrics.pair_ranking_auc) and pair precision. Every proposer is
+   also run on the extra labelled sets (``--extra-sets``, default ../shared/data/coco-mini with
+   its COCO json), for recall, time and pair quality on photos the checkpoint never saw.
 2. The reference path, as the authors' code does it, on a subset of query images:
    full-resolution selective search, and for every query its own boxes plus each of its
    K neighbours' boxes re-cropped and re-encoded, one process. Our per-image cost on the
    same images is measured in the same process (downscaled selective search, each image's
    boxes encoded once). Both are repeated --repeats times, interleaved; medians reported.
 Writes benchmarks/results/mining_<dataset>_<device>.json and a .md summary beside it.
+``--threads N`` gives the cores (orl.device.plan_threads: torch, BLAS, decoding and
+selective-search processes); ``--limit N`` mines only the first N images of each set (a quick
+check of the script, not a result).
 
 Usage: python benchmarks/mining_benchmark.py [--images DIR --labels DIR] [--checkpoint CKPT]
 """
@@ -36,15 +43,17 @@ sys.path.insert(0, str(REPO))
 from orl.checkpoint import load_model  # noqa: E402
 from orl.config import get_preset  # noqa: E402
 from orl.correspondence import Correspondence  # noqa: E402
-from orl.device import resolve_device  # noqa: E402
+from orl.device import ThreadPlan, apply_threads, plan_threads, resolve_device  # noqa: E402
 from orl.images import list_images, load_rgb  # noqa: E402
-from orl.labels import load_labels  # noqa: E402
-from orl.metrics import correspondence_precision  # noqa: E402
-from orl.mining import embed_images, embed_rois, knn_search, mine, select_pairs  # noqa: E402
-from orl.proposals import propose_image  # noqa: E402
+from orl.labels import GroundTruth, load_labels  # noqa: E402
+from orl.metrics import box_recall, correspondence_precision, pair_ranking_auc  # noqa: E402
+from orl.mining import embed_images, embed_rois, knn_search, load_roi_features, mine, select_pairs  # noqa: E402
+from orl.proposals import proposal_params, propose_image  # noqa: E402
 from orl.train import train  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "coco128"
+COCO_MINI = REPO.parent / "shared" / "data" / "coco-mini"
+PROPOSALS = "fast@320,fast@500,fast@full,single@500,felzenszwalb@500"
 
 
 def parse_args():
@@ -54,9 +63,15 @@ def parse_args():
     p.add_argument("--checkpoint", help="stage-1 checkpoint; default: train one (--preset, --epochs)")
     p.add_argument("--preset", default="cpu")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--scales", default="320,500,full", help="selective-search max sides to compare")
+    p.add_argument("--proposals", default=PROPOSALS,
+                   help="proposers to compare, MODE@MAX_SIDE (mine.ss_mode @ mine.ss_max_side_px, 'full' for "
+                        "full resolution), comma-separated")
+    p.add_argument("--extra-sets", default=f"coco-mini={COCO_MINI}:{COCO_MINI / 'annotations'}",
+                   help="more labelled sets for the proposers, NAME=IMAGES:LABELS, comma-separated ('' for none)")
+    p.add_argument("--limit", type=int, help="only the first N images of each set (a check of the script)")
     p.add_argument("--ref-queries", type=int, default=6, help="query images for the reference path")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, help="cores to use (default: all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--work", default=str(REPO / "benchmarks" / "work"))
     p.add_argument("--out", help="results json (default benchmarks/results/mining_<dataset>_<device>.json)")
@@ -77,8 +92,59 @@ def restrict(corr: Correspondence, keep: set[int]) -> Correspondence:
 
 
 def ss_params(mc, max_side):
-    return {"mode": mc.ss_mode, "max_side_px": max_side, "min_side_px": mc.min_side_px,
-            "max_aspect": mc.max_aspect, "max_iou": mc.max_iou, "max_boxes": mc.max_boxes}
+    return proposal_params(dataclasses.replace(mc, ss_max_side_px=max_side))
+
+
+def parse_proposers(spec: str) -> list[tuple[str, int | None]]:
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        mode, _, side = item.partition("@")
+        out.append((mode, None if side in ("", "full") else int(side)))
+    return out
+
+
+def parse_sets(spec: str) -> list[tuple[str, Path, Path]]:
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, _, paths = item.partition("=")
+        images, _, labels = paths.partition(":")
+        out.append((name, Path(images), Path(labels)))
+    return out
+
+
+def mine_variant(model, images: Path, files: list[str], gt: GroundTruth, out: Path, mc, dev,
+                 threads: ThreadPlan) -> dict:
+    """One mining run from scratch, timed, scored against the labels."""
+    if (out / "proposals.jsonl").exists():
+        (out / "proposals.jsonl").unlink()  # time selective search afresh
+    t0 = time.perf_counter()
+    corr, stats = mine(model, images, files, out, mc, dev, threads=threads, save_features=True)
+    wall = time.perf_counter() - t0
+    feats = load_roi_features(out / "roi_features.npz")[1]
+    n = len(files)
+    prec = correspondence_precision(corr, gt)
+    part = correspondence_precision(corr, gt, rule="ioa")
+    auc = pair_ranking_auc(corr, feats, gt, rule="ioa")
+    recall = box_recall(corr, gt, 0.5, mc.min_side_px)
+    ss_times = [json.loads(line)["seconds"] for line in (out / "proposals.jsonl").read_text().splitlines()[1:]]
+    return {
+        "ss_mode": mc.ss_mode, "ss_max_side_px": mc.ss_max_side_px, "roi_mode": mc.roi_mode, "images": n,
+        "wall_seconds": wall, "wall_seconds_per_image": wall / max(1, n),
+        "images_per_s": {k: n / v if v > 0 else None for k, v in stats["seconds"].items()},
+        "seconds": stats["seconds"], "cnn_forwards": stats["cnn_forwards"], "threads": stats["threads"],
+        "pairs": stats["pairs"], "failed_images": stats["failed_images"],
+        "precision": prec["precision"], "top1_precision": prec["top1_precision"],
+        "random_precision": prec["random"]["precision"],
+        "ioa_precision": part["precision"], "ioa_random_precision": part["random"]["precision"],
+        "pair_auc": auc["auc"], "pair_auc_ci95": auc["ci95"], "pair_auc_area_matched": auc["auc_area_matched"],
+        "pair_auc_image_pairs": auc["image_pairs"],
+        "recall": recall["recall"], "recall_ci95": recall["ci95"], "reachable_recall": recall["reachable_recall"],
+        "gt_objects": recall["objects"], "reachable_objects": recall["reachable_objects"],
+        "ss_seconds_per_image_median": statistics.median(ss_times) if ss_times else None,
+        "boxes_per_image_mean": float(np.mean([len(b) for b in corr.boxes])),
+        "knn_share_same_class": prec["knn"],
+        "knn_random_share": prec["knn_random"],
+    }
 
 
 def reference_query(model, mc, paths, q, nbrs, boxes_full, dev):
@@ -100,14 +166,17 @@ def main():
     args = parse_args()
     torch.manual_seed(0)
     dev = resolve_device(args.device)
+    threads = plan_threads(args.threads)
+    apply_threads(threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    files = list_images(args.images)
+    files = list_images(args.images)[: args.limit]
     gt = load_labels(args.images, args.labels)
     dname = device_name(dev)
     results = {"dataset": str(args.images), "images": len(files), "device": dname,
                "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-               "threads": torch.get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+               "threads": threads.to_dict(), "command": " ".join(sys.argv), "limit": args.limit,
+               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     # -- checkpoint -------------------------------------------------------------------
     ckpt = args.checkpoint
@@ -123,47 +192,33 @@ def main():
     results["checkpoint"] = {"path": str(ckpt), "preset": cfg.preset, "backbone": cfg.model.backbone,
                              "stage": ck["stage"], "epochs": ck["position"]["epoch"],
                              "images": ck.get("images"), "last_loss": ck.get("metrics", {}).get("loss")}
-    base = cfg.mine
+    base = dataclasses.replace(cfg.mine, ss_workers=None)  # this machine's cores, not the checkpoint's
 
-    # -- 1. our miner over the whole folder, per selective-search scale and RoI mode ----
-    runs = {}
-    scales = args.scales.split(",")
-    default_scale = str(base.ss_max_side_px or "full")
-    if default_scale not in scales:  # the reference comparison needs the default run
-        scales.append(default_scale)
-    variants = [(s, "crop") for s in scales] + [(default_scale, "roi_align")]
-    for scale, roi_mode in variants:
-        max_side = None if scale == "full" else int(scale)
-        mc = dataclasses.replace(base, ss_max_side_px=max_side, roi_mode=roi_mode)
-        name = f"ss{scale}_{roi_mode}"
-        out = work / f"mine_{name}"
-        if (out / "proposals.jsonl").exists():
-            (out / "proposals.jsonl").unlink()  # time selective search afresh
-        t0 = time.perf_counter()
-        corr, stats = mine(model, args.images, files, out, mc, dev)
-        wall = time.perf_counter() - t0
-        n = len(files)
-        prec = correspondence_precision(corr, gt)
-        part = correspondence_precision(corr, gt, rule="ioa")
-        ss_times = [json.loads(l)["seconds"] for l in (out / "proposals.jsonl").read_text().splitlines()[1:]]
-        runs[name] = {
-            "ss_max_side_px": max_side, "roi_mode": roi_mode, "wall_seconds": wall,
-            "images_per_s": {k: n / v if v > 0 else None for k, v in stats["seconds"].items()},
-            "seconds": stats["seconds"], "cnn_forwards": stats["cnn_forwards"],
-            "pairs": stats["pairs"], "failed_images": stats["failed_images"],
-            "precision": prec["precision"], "top1_precision": prec["top1_precision"],
-            "random_precision": prec["random"]["precision"],
-            "ioa_precision": part["precision"], "ioa_random_precision": part["random"]["precision"],
-            "ss_seconds_per_image_median": statistics.median(ss_times),
-            "boxes_per_image_mean": float(np.mean([len(b) for b in corr.boxes])),
-            "knn_share_same_class": prec["knn"],
-            "knn_random_share": prec["knn_random"],
-        }
-        print(f"{name}: {wall:.1f} s, {stats['pairs']} pairs, precision {prec['precision']}", flush=True)
+    # -- 1. our miner over each whole folder, per proposer, and with roi_align -------------
+    proposers = parse_proposers(args.proposals)
+    default = (base.ss_mode, base.ss_max_side_px)
+    if default not in proposers:  # the reference comparison needs the default run
+        proposers.append(default)
+    sets = [("main", Path(args.images), files, gt)]
+    for name, images, labels in parse_sets(args.extra_sets):
+        sets.append((name, images, list_images(images)[: args.limit], load_labels(images, labels)))
+    runs: dict[str, dict] = {}
+    for set_name, images, set_files, set_gt in sets:
+        variants = [(m, side, "crop") for m, side in proposers]
+        if set_name == "main":
+            variants.append((*default, "roi_align"))
+        for mode, side, roi_mode in variants:
+            mc = dataclasses.replace(base, ss_mode=mode, ss_max_side_px=side, roi_mode=roi_mode)
+            name = f"{set_name}/{mode}{side or 'full'}_{roi_mode}"
+            r = mine_variant(model, images, set_files, set_gt, work / f"mine_{name.replace('/', '_')}", mc, dev,
+                             threads)
+            runs[name] = {"set": set_name, "images_root": str(images), **r}
+            print(f"{name}: {r['wall_seconds']:.1f} s, {r['pairs']} pairs, recall {_f(r['recall'])}, "
+                  f"pair AUC {_f(r['pair_auc'])}", flush=True)
     results["miner"] = runs
 
     # -- 2. reference path vs ours, per query image, same process -----------------------
-    default_name = f"ss{default_scale}_crop"
+    default_name = f"main_{default[0]}{default[1] or 'full'}_crop"
     ours = Correspondence.load(work / f"mine_{default_name}")
     paths = [str(Path(args.images) / f) for f in ours.files]
     emb, _ = embed_images(model, paths, base, dev)
@@ -255,18 +310,40 @@ def summary_md(r: dict) -> str:
              f"Checkpoint: stage {r['checkpoint']['stage']}, {r['checkpoint']['preset']} preset, "
              f"{r['checkpoint']['backbone']}, {r['checkpoint']['epochs']} epochs on "
              f"{r['checkpoint']['images']} images. "
-             f"Generated by `benchmarks/mining_benchmark.py` on {r['finished']}.", "",
-             "## Our miner over the whole folder", "",
-             "Precision: both boxes match a ground-truth object of one class; IoU >= 0.5 (strict) or "
-             "intersection over the box's own area >= 0.5 (IoA: object parts count). 'random' draws the "
-             "same number of box pairs from the same neighbour images. KNN: share of neighbour images "
-             "sharing a class with the query, against random images.", "",
-             "| variant | wall s | SS s/img (median) | boxes/img | SS img/s | RoI img/s | RoI forwards | pairs | "
-             "IoU prec. | random | IoA prec. | random | KNN same-class | random img |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Generated by `benchmarks/mining_benchmark.py` on {r['finished']}: `{r.get('command', '')}`. "
+             f"Cores: {r['threads']}." + (f" **Only the first {r['limit']} images of each set: a check of the "
+                                          "script, not a result.**" if r.get("limit") else ""), "",
+             "## Proposers: ground-truth recall, time and pair quality", "",
+             "Recall: share of labelled objects framed by a mined box (after the box filter) at IoU >= 0.5; "
+             "'reachable': objects at least the filter's min side on both sides (no proposer can keep a "
+             "smaller box). Pair AUC: pair ranking AUC of RoI cosine similarity over all candidate box pairs "
+             "of each KNN image pair, positive when both boxes lie on objects of one class (IoA >= 0.5; chance "
+             "0.5), and its area-matched form. s/img: median selective-search seconds per image in a "
+             "worker; wall/img: the whole `mine` run per image.", "",
+             "| set | proposer | max side | s/img | wall/img | boxes/img | recall [95% CI] | reachable | "
+             "pair AUC [95% CI] | area-matched AUC | IoA prec. | random |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for v in r["miner"].values():
+        if v["roi_mode"] != "crop":
+            continue
+        ci, aci = v["recall_ci95"], v["pair_auc_ci95"]
+        lines.append(f"| {v['set']} | {v['ss_mode']} | {v['ss_max_side_px'] or 'full'} | "
+                     f"{_f(v['ss_seconds_per_image_median'], 2)} | {v['wall_seconds_per_image']:.2f} | "
+                     f"{v['boxes_per_image_mean']:.1f} | {_f(v['recall'])} [{_f(ci[0])}, {_f(ci[1])}] | "
+                     f"{_f(v['reachable_recall'])} | {_f(v['pair_auc'])} [{_f(aci[0])}, {_f(aci[1])}] | "
+                     f"{_f(v['pair_auc_area_matched'])} | {_f(v['ioa_precision'])} | "
+                     f"{_f(v['ioa_random_precision'])} |")
+    lines += ["", "## Our miner over the whole folder", "",
+              "Precision: both boxes match a ground-truth object of one class; IoU >= 0.5 (strict) or "
+              "intersection over the box's own area >= 0.5 (IoA: object parts count). 'random' draws the "
+              "same number of box pairs from the same neighbour images. KNN: share of neighbour images "
+              "sharing a class with the query, against random images.", "",
+              "| variant | wall s | SS s/img (median) | boxes/img | SS img/s | RoI img/s | RoI forwards | pairs | "
+              "IoU prec. | random | IoA prec. | random | KNN same-class | random img |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in r["miner"].items():
         ips = v["images_per_s"]
-        lines.append(f"| {name} | {v['wall_seconds']:.1f} | {v['ss_seconds_per_image_median']:.2f} | "
+        lines.append(f"| {name} | {v['wall_seconds']:.1f} | {_f(v['ss_seconds_per_image_median'], 2)} | "
                      f"{v['boxes_per_image_mean']:.1f} | {_f(ips.get('selective_search'), 2)} | "
                      f"{_f(ips.get('embed_rois'), 2)} | {v['cnn_forwards']['embed_rois']} | "
                      f"{v['pairs']} | {_f(v['precision'])} | {_f(v['random_precision'])} | "

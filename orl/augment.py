@@ -22,6 +22,17 @@ from torchvision import transforms as T
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# The authors' BYOL recipe, shared by both backends (orl.tensor_augment draws from the same).
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's aspect range (torchvision's default)
+FLIP_P = 0.5
+JITTER = (0.4, 0.4, 0.2, 0.1)  # ColorJitter brightness, contrast, saturation, hue
+JITTER_P = 0.8
+GRAY_P = 0.2
+BLUR_SIGMA = (0.1, 2.0)
+SOLARIZE_THRESHOLD = 128
+# Per view: (blur probability, solarise probability).
+VIEW_PROBS = {1: (1.0, 0.0), 2: (0.1, 0.2)}
+
 
 class RandomGaussianBlur:
     """PIL's ``ImageFilter.GaussianBlur(radius=sigma)`` with sigma ~ U(sigma_min, sigma_max).
@@ -47,22 +58,23 @@ class RandomGaussianBlur:
 
 def byol_pipeline(view: int, size: int, min_scale: float = 0.08, random_crop: bool = True) -> T.Compose:
     """PIL image -> normalised (3, size, size) tensor for BYOL view 1 or 2."""
-    if view not in (1, 2):
+    if view not in VIEW_PROBS:
         raise ValueError("view must be 1 or 2")
-    blur_p, solarize_p = (1.0, 0.0) if view == 1 else (0.1, 0.2)
+    blur_p, solarize_p = VIEW_PROBS[view]
     first = (
-        [T.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BILINEAR)]
+        [T.RandomResizedCrop(size, scale=(min_scale, 1.0), ratio=CROP_RATIO,
+                             interpolation=T.InterpolationMode.BILINEAR)]
         if random_crop
         else [T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR)]
     )
     return T.Compose(
         first
         + [
-            T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.RandomApply([RandomGaussianBlur((0.1, 2.0))], p=blur_p),
-            T.RandomSolarize(128, p=solarize_p),
+            T.RandomHorizontalFlip(p=FLIP_P),
+            T.RandomApply([T.ColorJitter(*JITTER)], p=JITTER_P),
+            T.RandomGrayscale(p=GRAY_P),
+            T.RandomApply([RandomGaussianBlur(BLUR_SIGMA)], p=blur_p),
+            T.RandomSolarize(SOLARIZE_THRESHOLD, p=solarize_p),
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
@@ -92,16 +104,22 @@ def squash_transform(size: int) -> T.Compose:
     )
 
 
-def crop_patch(image: Image.Image, box: np.ndarray, size: int) -> Image.Image:
-    """Cut an xyxy box from the original image and warp it to size x size.
+def clip_patch_box(box: np.ndarray | tuple[float, ...], width: int, height: int) -> tuple[float, float, float, float]:
+    """An xyxy box clipped to a width x height image and given at least one pixel each way.
 
-    Boxes are clipped to the image and given at least one pixel, so a degenerate box still
-    yields a valid patch rather than an exception deep inside a DataLoader worker.
+    So a degenerate box still yields a valid patch rather than an exception deep inside a
+    DataLoader worker. Both backends cut patches from boxes clipped this way.
     """
     x1, y1, x2, y2 = [float(v) for v in box]
-    x1, y1 = max(0.0, min(x1, image.width - 1)), max(0.0, min(y1, image.height - 1))
-    x2, y2 = max(x1 + 1, min(x2, image.width)), max(y1 + 1, min(y2, image.height))
-    return image.resize((size, size), Image.Resampling.BILINEAR, box=(x1, y1, x2, y2))
+    x1, y1 = max(0.0, min(x1, width - 1)), max(0.0, min(y1, height - 1))
+    x2, y2 = max(x1 + 1, min(x2, width)), max(y1 + 1, min(y2, height))
+    return x1, y1, x2, y2
+
+
+def crop_patch(image: Image.Image, box: np.ndarray, size: int) -> Image.Image:
+    """Cut an xyxy box (clipped: :func:`clip_patch_box`) from the original image and warp it
+    to size x size."""
+    return image.resize((size, size), Image.Resampling.BILINEAR, box=clip_patch_box(box, image.width, image.height))
 
 
 def to_tensor_batch(images: list[Image.Image], tf: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,61 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write atomically (temp file + rename), so a kill mid-write never corrupts last.pt."""
+    """Write atomically (temp file + rename), so a kill mid-write never corrupts last.pt.
+
+    A failed write (full disk, file size limit, I/O error) raises OSError naming the file and
+    the cause, and leaves the previous ``path`` as it was, so a resume loads the last complete
+    checkpoint.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+    save_torch({"format": FORMAT, **state}, path)
+
+
+class _Sink:
+    """A file for ``torch.save`` that remembers the OSError of a failed write: torch replaces
+    it by ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos ...``, which
+    says nothing about a full disk."""
+
+    def __init__(self, fh: Any):
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` atomically and durably (fsync before the rename: after a crash
+    of the machine the file is the old one or the complete new one); a failed write is an
+    OSError with its errno (ENOSPC, EFBIG, EIO, EROFS ...) and a message naming the file."""
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            sink = _Sink(fh)
+            try:
+                torch.save(obj, sink)  # type: ignore[arg-type]  # any object with write() and flush()
+            except RuntimeError as exc:
+                if sink.error is None:
+                    raise
+                raise sink.error from exc
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        free = ""
+        try:
+            free = f"; {shutil.disk_usage(path.parent).free / 1e6:.1f} MB free there"
+        except OSError:
+            pass
+        kept = "; the previous file is unchanged" if path.exists() else ""
+        msg = f"cannot write {path}: {exc.strerror or exc}{free}{kept}"
+        raise (OSError(exc.errno, msg) if exc.errno else OSError(msg)) from exc
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -84,8 +135,7 @@ def export_backbone(path: str | os.PathLike, out: str | os.PathLike, fmt: str = 
         ckpt = load_checkpoint(path)
         prefix = "backbone.net."
         sd = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-        with atomic_path(out) as tmp:
-            torch.save(sd, tmp)
+        save_torch(sd, out)
         return {"format": fmt, "path": str(out), "tensors": len(sd)}
     if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
         raise ExportError("ONNX export needs the onnx package: pip install onnx (or export --format torchscript)")

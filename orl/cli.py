@@ -20,6 +20,7 @@ from orl.config import (
     CONFIG_FILE,
     PRESETS,
     SECTIONS,
+    SS_MODES,
     Config,
     ConfigError,
     apply_overrides,
@@ -28,7 +29,7 @@ from orl.config import (
     read_config_file,
     save_config,
 )
-from orl.device import resolve_device, set_threads
+from orl.device import plan_threads, resolve_device, set_threads
 
 if TYPE_CHECKING:
     import torch
@@ -200,10 +201,17 @@ def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _mine_config(args: argparse.Namespace, checkpoint_cfg: Config) -> Config:
-    """Stage 2's configuration: the checkpoint's, with the mining options of the command line."""
+    """Stage 2's configuration: the checkpoint's, with the mining options of the command line.
+
+    The selective-search process count is a resource of this machine, not of the checkpoint:
+    it comes from this command (``--ss-workers``, ``--set``, ``--config``) or from the cores
+    given (orl.device.plan_threads), never from the machine that trained the checkpoint.
+    """
     named = {f"mine.{k}": v for k, v in (("roi_mode", args.roi_mode), ("ss_max_side_px", args.ss_max_side),
-                                         ("ss_workers", args.ss_workers)) if v is not None}
-    return _config(args, base=checkpoint_cfg, named=named, mine_only=True)
+                                         ("ss_mode", args.ss_mode), ("ss_workers", args.ss_workers))
+             if v is not None}
+    base = replace(checkpoint_cfg, mine=replace(checkpoint_cfg.mine, ss_workers=None))
+    return _config(args, base=base, named=named, mine_only=True)
 
 
 def cmd_mine(args: argparse.Namespace) -> dict[str, Any]:
@@ -214,11 +222,15 @@ def cmd_mine(args: argparse.Namespace) -> dict[str, Any]:
     mc = cfg.mine
     files, refused, _ = _scan(args.images)
     _save_config(cfg, args.out)
-    log.info("stage 2: %d images, roi_mode %s, selective search max side %s -> %s", len(files), mc.roi_mode,
-             mc.ss_max_side_px or "full resolution", args.out)
+    # --threads (else every core) decides torch, BLAS, decoding and selective-search counts.
+    threads = plan_threads(args.threads, ss_processes=mc.ss_workers)
+    log.info("stage 2: %d images, roi_mode %s, selective search %s at max side %s, %d process(es), %d thread(s) "
+             "-> %s", len(files), mc.roi_mode, mc.ss_mode, mc.ss_max_side_px or "full resolution",
+             threads.ss_processes, threads.threads, args.out)
     progress = _Progress(not args.quiet)
     info = {"checkpoint": str(Path(args.checkpoint).resolve()), "images_root": str(Path(args.images).resolve())}
-    corr, stats = mine(model, args.images, files, args.out, mc, dev, progress=progress, info=info, refused=refused)
+    corr, stats = mine(model, args.images, files, args.out, mc, dev, threads=threads, progress=progress, info=info,
+                       refused=refused)
     progress.close()
     return {"correspondence": str(Path(args.out) / "correspondence.json"),
             "image_status": str(Path(args.out) / "image_status.csv"), "images": len(corr),
@@ -410,7 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "and encoded) or roi_align (one backbone pass per image)")
     s.add_argument("--ss-max-side", help="downscale images to this longer side (px) before selective search; "
                    "'full' for the authors' full-resolution path")
-    s.add_argument("--ss-workers", type=int, help="selective-search worker processes")
+    s.add_argument("--ss-mode", choices=list(SS_MODES),
+                   help="region proposals: fast (the authors' selective search), quality, single (one "
+                        "segmentation and strategy), felzenszwalb (graph segments' boxes, no grouping)")
+    s.add_argument("--ss-workers", type=int, help="selective-search worker processes (default: one per core "
+                   "given by --threads, else per core of the machine)")
     _add_common(s)
     s.set_defaults(func=cmd_mine)
 

@@ -27,6 +27,19 @@ class AugmentConfig:
     image_size: int = 224  # global views
     patch_size: int = 96  # RoI patches in stage 3
     min_scale: float = 0.08  # RandomResizedCrop scale lower bound
+    # Where views are made. "pil": the authors' pipeline, photo by photo in data-loader workers
+    # (each sample decodes its full-resolution photo). "tensor": photos decoded once into the
+    # image store (orl.imagestore), views cut and augmented per batch on the training device
+    # (orl.tensor_augment): the same parameter distributions, images equal within a stated
+    # tolerance (tests/test_tensor_augment.py).
+    backend: str = "pil"
+    # Shorter side of the photos in the image store ("tensor" backend), never enlarged.
+    # None: 2 x image_size, so a view cut from a crop of the smallest scale is upsampled little.
+    store_size: int | None = None
+
+    def working_size(self) -> int:
+        """The image store's shorter side: ``store_size``, or 2 x ``image_size`` when it is None."""
+        return int(self.store_size) if self.store_size is not None else 2 * int(self.image_size)
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,24 @@ class TrainConfig:
     drop_last: bool = False
     checkpoint_every_steps: int = 50  # mid-epoch checkpoints, so a killed run loses little
     amp: bool = True  # bf16 autocast + channels_last, CUDA only
+    # Data-loader workers kept across epochs ("pil" backend with num_workers > 0): no worker
+    # start-up at the first step of each epoch. Off by default: workers are then seeded per
+    # epoch from the run seed, as before.
+    persistent_workers: bool = False
+    # torch.compile the networks (nn.Module.compile, so checkpoints keep their keys). Off by
+    # default: the first steps pay the compilation, and the gain is per machine (benchmark).
+    compile: bool = False
+    # Label-free signals (orl.monitor: view retrieval top-1, effective rank) of the backbone on
+    # monitor_images fixed photos of the run, every monitor_every_epochs epochs, in
+    # RUN_DIR/monitor.csv; 0: off. keep_snapshots: last.pt copied to epoch_NNNN.pt at each
+    # epoch end, the newest that many kept (0: none), so checkpoints can be compared over training.
+    monitor_every_epochs: int = 0
+    monitor_images: int = 64
+    keep_snapshots: int = 0
+
+
+# Region proposers (orl.proposals.selective_search).
+SS_MODES = ("fast", "quality", "single", "felzenszwalb")
 
 
 @dataclass(frozen=True)
@@ -70,10 +101,15 @@ class MineConfig:
     knn_features: str = "projector"
     # Selective search. max_side_px=None is the faithful full-resolution path; the default
     # downscale is chosen by benchmarks/ss_scale.py (speed against pair quality).
+    # ss_mode: "fast" (faithful: OpenCV's fast selective search), "quality", "single" (one
+    # segmentation and one strategy), "felzenszwalb" (the segments' boxes, no grouping);
+    # benchmarks/mining_benchmark.py measures their GT recall, time and pair quality.
     ss_mode: str = "fast"
     ss_max_side_px: int | None = 500
     ss_timeout_s: float = 60.0
-    ss_workers: int = 2
+    # Selective-search processes; None: one per core given (orl.device.plan_threads). A
+    # resource of the machine that runs it, so `orl mine` does not take it from a checkpoint.
+    ss_workers: int | None = None
     # Official box filter (original pixels).
     min_side_px: float = 96.0
     max_aspect: float = 3.0
@@ -83,6 +119,14 @@ class MineConfig:
     roi_mode: str = "crop"
     roi_size: int = 224
     roi_align_max_side_px: int = 640  # image size for the single backbone pass in roi_align mode
+    roi_align_batch_images: int = 8  # images of one size per backbone pass in roi_align mode
+    # How RoI features are kept between encoding and pair selection: memory-mapped shards on
+    # disk, "float16" (half the bytes; cosine ranks change only among near-ties, see
+    # tests/test_mining_speed.py) or "float32" (the exact features).
+    roi_dtype: str = "float16"
+    # Decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when the image embedding or
+    # the roi_align pass needs no more pixels. Changes pixel values slightly, so off by default.
+    decode_draft: bool = False
     pair_ratio: float = 0.1  # top max(1, int(0.1 * B_query)) of the flattened matrix
     batch_size: int = 64
 
@@ -142,10 +186,14 @@ class Config:
         for name in ("image_size", "patch_size"):
             at_least(f"augment.{name}", getattr(a, name), 32)
         within("augment.min_scale", a.min_scale, 0, 1, low_open=True)
+        choice("augment.backend", a.backend, ("pil", "tensor"))
+        at_least("augment.store_size", a.store_size, 32)
         for name in ("epochs", "batch_size", "jitter_tries"):
             at_least(f"train.{name}", getattr(t, name), 1)
-        for name in ("weight_decay", "warmup_epochs", "num_workers", "seed", "checkpoint_every_steps"):
+        for name in ("weight_decay", "warmup_epochs", "num_workers", "seed", "checkpoint_every_steps",
+                     "monitor_every_epochs", "keep_snapshots"):
             at_least(f"train.{name}", getattr(t, name), 0)
+        at_least("train.monitor_images", t.monitor_images, 2)
         if not t.base_lr > 0:
             raise ConfigError("train.base_lr", f"train.base_lr must be > 0, got {t.base_lr}")
         within("train.momentum", t.momentum, 0, 1, high_open=True)
@@ -158,9 +206,10 @@ class Config:
         for name in ("w_intra", "w_inter"):
             at_least(f"train.{name}", getattr(t, name), 0)
         choice("mine.knn_features", n.knn_features, ("projector", "backbone"))
-        choice("mine.ss_mode", n.ss_mode, ("fast", "quality", "single"))
+        choice("mine.ss_mode", n.ss_mode, SS_MODES)
         choice("mine.roi_mode", n.roi_mode, ("crop", "roi_align"))
-        for name in ("knn_k", "max_boxes", "batch_size"):
+        choice("mine.roi_dtype", n.roi_dtype, ("float16", "float32"))
+        for name in ("knn_k", "max_boxes", "batch_size", "roi_align_batch_images"):
             at_least(f"mine.{name}", getattr(n, name), 1)
         for name in ("embed_resize", "embed_crop", "roi_size", "roi_align_max_side_px", "ss_max_side_px"):
             at_least(f"mine.{name}", getattr(n, name), 32)

@@ -17,6 +17,7 @@ import io
 import os
 import stat
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -66,24 +67,33 @@ def max_image_pixels() -> int:
     return value
 
 
-def list_images(root: str | os.PathLike) -> list[str]:
-    """Relative paths (posix) of every image under ``root``, recursively, sorted.
+def iter_images(root: str | os.PathLike) -> Iterator[str]:
+    """Relative paths (posix) of the images under ``root``, recursively, in walk order (unsorted).
 
-    Raises FileNotFoundError / NotADirectoryError for a bad folder; an empty list is
-    returned for a folder with no image files (callers decide whether that is an error).
+    The one definition of which files count as images (extension, no hidden files or folders;
+    links followed). A generator, so a caller walking a folder of a million files can report
+    how far it got (the services' registration job does). Raises FileNotFoundError /
+    NotADirectoryError for a bad folder before yielding anything.
     """
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"image folder not found: {root}")
     if not root.is_dir():
         raise NotADirectoryError(f"not a folder: {root}")
-    out = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in filenames:
             if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
-                out.append(Path(dirpath, f).relative_to(root).as_posix())
-    return sorted(out)
+                yield Path(dirpath, f).relative_to(root).as_posix()
+
+
+def list_images(root: str | os.PathLike) -> list[str]:
+    """Relative paths (posix) of every image under ``root``, recursively, sorted.
+
+    Raises FileNotFoundError / NotADirectoryError for a bad folder; an empty list is
+    returned for a folder with no image files (callers decide whether that is an error).
+    """
+    return sorted(iter_images(root))
 
 
 def _check_entry(path: Path, root: str | os.PathLike | None) -> None:

@@ -245,6 +245,40 @@ def _resolve(corr: Correspondence, gt: GroundTruth) -> dict[int, str]:
     return keys
 
 
+def box_recall(corr: Correspondence, gt: GroundTruth, iou_threshold: float = 0.5, min_side_px: float = 0.0,
+               n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """How many ground-truth objects the proposals frame: the share of labelled objects with a
+    box of ``corr.boxes`` at IoU >= ``iou_threshold`` (the mined boxes, after the box filter).
+
+    ``reachable_recall`` counts only objects with both sides >= ``min_side_px``: the filter
+    (``mine.min_side_px``) keeps no smaller box, so smaller objects are missed by every
+    proposer alike. Intervals: cluster bootstrap over labelled images.
+    """
+    keys = _resolve(corr, gt)
+    if not keys:
+        raise ValueError("no image of the correspondence file has ground-truth labels; check "
+                         "that the labels belong to the images that were mined")
+    hit, n, hit_r, n_r = [], [], [], []
+    for i, key in keys.items():
+        obj = gt[key]
+        boxes = np.asarray(corr.boxes[i], dtype=np.float64).reshape(-1, 4)
+        found = np.zeros(len(obj), dtype=bool)
+        if len(boxes) and len(obj):
+            found = np.asarray((iou_matrix(boxes, obj.boxes) >= iou_threshold).any(axis=0))
+        side = np.minimum(obj.boxes[:, 2] - obj.boxes[:, 0], obj.boxes[:, 3] - obj.boxes[:, 1])
+        reach = side >= min_side_px
+        hit.append(int(found.sum()))
+        n.append(len(obj))
+        hit_r.append(int(found[reach].sum()))
+        n_r.append(int(reach.sum()))
+    cis = bootstrap_ratio_cis({"recall": (np.array(hit), np.array(n)), "reachable": (np.array(hit_r), np.array(n_r))},
+                              n_boot, seed)
+    return {"recall": _ratio(sum(hit), sum(n)), "ci95": list(cis["recall"]), "objects": sum(n),
+            "reachable_recall": _ratio(sum(hit_r), sum(n_r)), "reachable_ci95": list(cis["reachable"]),
+            "reachable_objects": sum(n_r), "images": len(keys), "iou_threshold": float(iou_threshold),
+            "min_side_px": float(min_side_px)}
+
+
 def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 
@@ -536,7 +570,7 @@ def _single_thread_blas() -> Iterator[None]:
 def pair_ranking_auc(
     corr: Correspondence, feats: list[np.ndarray], gt: GroundTruth, rule: str = "ioa",
     threshold: float = 0.5, n_boot: int = 1000, seed: int = 0, knn: np.ndarray | None = None,
-    area_bins: int = 5,
+    area_bins: int = 5, keep_per_pair: bool = False,
 ) -> dict[str, Any]:
     """How well RoI similarity ranks same-class box pairs above the rest: ROC-AUC, chance 0.5.
 
@@ -573,6 +607,11 @@ def pair_ranking_auc(
     lies on an object more often under IoA) and the similarity (large boxes share scene
     context), so a network can score off 0.5 on size alone; this one cannot.
 
+    ``keep_per_pair`` adds ``per_pair``: {"query", "neighbour", "auc", "auc_area_matched"},
+    one entry per kept image pair (area-matched None where no area cell holds both a positive
+    and a negative), for :func:`paired_auc_difference`: two networks scored on the same image
+    pairs and the same boxes differ by much less noise than their two intervals suggest.
+
     Raises ValueError when no correspondence image is labelled or ``feats`` is not aligned
     with ``corr.boxes``.
     """
@@ -601,6 +640,8 @@ def pair_ranking_auc(
     bins = {i: area_bin(np.asarray(corr.boxes[i], dtype=np.float64).reshape(-1, 4), edges) for i in labelled}
     n_cells = len(edges) + 1
     aucs, queries, all_s, all_y, area_aucs = [], [], [], [], []
+    neighbours: list[int] = []
+    area_per_pair: list[float | None] = []
     n_labelled = n_cand_kept = n_pos_kept = 0
     with _single_thread_blas():
         for i in labelled:
@@ -619,9 +660,11 @@ def pair_ranking_auc(
                 if auc is not None:
                     aucs.append(auc)
                     queries.append(i)
+                    neighbours.append(j)
                     n_cand_kept += pos.size
                     n_pos_kept += int(pos.sum())
                     a = _stratified_auc(s, pos, bins[i][:, None] * n_cells + bins[j][None, :])
+                    area_per_pair.append(a)
                     if a is not None:
                         area_aucs.append(a)
     s_all = np.concatenate(all_s) if all_s else np.zeros(0)
@@ -632,6 +675,10 @@ def pair_ranking_auc(
     q_cnt = np.bincount(q_inv).astype(np.float64) if len(aucs) else np.zeros(0)
     by_query = bootstrap_ratio_cis({"auc": (q_sum, q_cnt)}, n_boot, seed)["auc"]
     n_pos = int(y_all.sum())
+    extra: dict[str, Any] = {}
+    if keep_per_pair:
+        extra["per_pair"] = {"query": queries, "neighbour": neighbours, "auc": [float(a) for a in aucs],
+                             "auc_area_matched": area_per_pair}
     return {
         "rule": rule,
         "threshold": float(threshold),
@@ -653,7 +700,46 @@ def pair_ranking_auc(
         "area_bins": int(area_bins),
         "n_boot": n_boot,
         "seed": seed,
+        **extra,
     }
+
+
+def paired_auc_difference(a: dict[str, Any], b: dict[str, Any], n_boot: int = 1000, seed: int = 0
+                          ) -> dict[str, Any]:
+    """Network A minus network B on the image pairs both scored: the paired comparison.
+
+    ``a`` and ``b`` are ``per_pair`` dicts of :func:`pair_ranking_auc` computed on the same
+    image pairs and the same boxes (fixed image pairs, one selective search), so each image
+    pair's difference removes what the two share (how hard that pair is) and leaves what the
+    features change. Returns, for ``auc`` and ``auc_area_matched``: ``diff`` the mean
+    difference over the image pairs both have (area-matched: both defined), ``ci95`` its
+    percentile bootstrap interval resampling query images with all their image pairs (the K
+    pairs of one query are not independent: the honest interval), ``ci95_by_pair``
+    resampling image pairs, ``pairs``, and ``a_higher`` the share of pairs where A scores
+    higher. A ``diff`` whose ``ci95`` excludes 0 is a difference beyond the sampling noise of
+    the image pairs (not of training: one seed says nothing about another).
+    """
+    def index(p: dict[str, Any], field: str) -> dict[tuple[int, int], float]:
+        return {(int(q), int(k)): float(v) for q, k, v in zip(p["query"], p["neighbour"], p[field], strict=True)
+                if v is not None}
+
+    out: dict[str, Any] = {}
+    for field in ("auc", "auc_area_matched"):
+        ia, ib = index(a, field), index(b, field)
+        keys = sorted(set(ia) & set(ib))
+        d = np.asarray([ia[k] - ib[k] for k in keys], dtype=np.float64)
+        q = np.asarray([k[0] for k in keys], dtype=np.int64)
+        if len(d) == 0:
+            out[field] = {"diff": None, "ci95": [None, None], "ci95_by_pair": [None, None], "pairs": 0,
+                          "a_higher": None}
+            continue
+        _, q_inv = np.unique(q, return_inverse=True)
+        per_query = (np.bincount(q_inv, weights=d), np.bincount(q_inv).astype(np.float64))
+        by_query = bootstrap_ratio_cis({"d": per_query}, n_boot, seed)["d"]
+        out[field] = {"diff": float(d.mean()), "ci95": list(by_query),
+                      "ci95_by_pair": list(bootstrap_ci(d, n_boot, seed)), "pairs": len(d),
+                      "a_higher": float(np.mean(d > 0))}
+    return out
 
 
 def _stratified_auc(scores: np.ndarray, labels: np.ndarray, cells: np.ndarray) -> float | None:

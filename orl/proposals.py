@@ -1,5 +1,12 @@
 """Selective-search region proposals: the only place that touches cv2.ximgproc.
 
+Proposers (``mine.ss_mode``): OpenCV's selective search in its ``fast`` (the authors'),
+``quality`` and ``single`` (one segmentation, one grouping strategy) settings, and
+``felzenszwalb``: the bounding boxes of Felzenszwalb-Huttenlocher graph segments at a few
+scales, without selective search's hierarchical grouping (several times faster, fewer large
+boxes). None is assumed better: benchmarks/mining_benchmark.py reports each one's ground-truth
+recall, time and pair quality.
+
 OpenCV's selective search is fragile: it can assert on unusual aspect ratios and takes
 minutes on very large images. So each image is proposed in a worker process with a time
 limit; a timeout, an exception or a crash becomes a per-image failure record with its reason,
@@ -11,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import pickle
 import subprocess
 import sys
@@ -24,7 +30,13 @@ from typing import IO, Any
 import numpy as np
 
 from orl.boxes import filter_boxes
-from orl.config import MineConfig
+from orl.config import SS_MODES, MineConfig
+from orl.device import single_thread_env
+
+# Felzenszwalb segmentation scales (OpenCV's k: larger k, larger segments), coarse first, with
+# sigma 0.8 as selective search uses; each segment smaller than k / 2 pixels is merged away.
+FELZENSZWALB_K = (1000, 500, 200)
+FELZENSZWALB_SIGMA = 0.8
 
 
 @dataclass
@@ -68,17 +80,18 @@ _LIBC: ctypes.CDLL | None = None
 
 
 def selective_search(rgb: np.ndarray, mode: str = "fast", max_side_px: int | None = None, seed: int = 0) -> np.ndarray:
-    """Raw selective-search boxes in OpenCV's order. (H, W, 3) uint8 RGB -> (N, 4) float xyxy.
+    """Raw region proposals in the proposer's order. (H, W, 3) uint8 RGB -> (N, 4) float xyxy.
 
-    With ``max_side_px`` the image is downscaled (INTER_AREA) so its longer side is at most
-    that, and the boxes are scaled back to original pixels. ``seed`` fixes OpenCV's
-    pseudo-random region ranking, so the result depends on the image alone.
+    ``mode``: one of ``orl.config.SS_MODES`` (module docstring). With ``max_side_px`` the image
+    is downscaled (INTER_AREA) so its longer side is at most that, and the boxes are scaled
+    back to original pixels. ``seed`` fixes OpenCV's pseudo-random region ranking, so the
+    result depends on the image alone.
     """
     import cv2
 
     cv2.setNumThreads(1)  # parallelism comes from the worker processes, not OpenCV threads
-    if mode not in ("fast", "quality", "single"):
-        raise ValueError(f"unknown selective search mode {mode!r}; valid: fast, quality, single")
+    if mode not in SS_MODES:
+        raise ValueError(f"unknown selective search mode {mode!r}; valid: {', '.join(SS_MODES)}")
     h, w = rgb.shape[:2]
     scale = 1.0
     img = rgb
@@ -86,18 +99,51 @@ def selective_search(rgb: np.ndarray, mode: str = "fast", max_side_px: int | Non
         scale = max_side_px / max(h, w)
         img = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     bgr = np.ascontiguousarray(img[:, :, ::-1])
-    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
-    ss.setBaseImage(bgr)
-    strategy: dict[str, Callable[[], None]] = {"fast": ss.switchToSelectiveSearchFast,
-                                               "quality": ss.switchToSelectiveSearchQuality,
-                                               "single": ss.switchToSingleStrategy}
-    strategy[mode]()
-    _seed_c_rand(seed)
-    rects = np.asarray(ss.process(), dtype=np.float64).reshape(-1, 4)  # x, y, w, h
+    if mode == "felzenszwalb":
+        rects = felzenszwalb_rects(bgr)
+    else:
+        ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+        ss.setBaseImage(bgr)
+        strategy: dict[str, Callable[[], None]] = {"fast": ss.switchToSelectiveSearchFast,
+                                                   "quality": ss.switchToSelectiveSearchQuality,
+                                                   "single": ss.switchToSingleStrategy}
+        strategy[mode]()
+        _seed_c_rand(seed)
+        rects = np.asarray(ss.process(), dtype=np.float64).reshape(-1, 4)  # x, y, w, h
     boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1) / scale
     boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, w)
     boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, h)
     return boxes
+
+
+def felzenszwalb_rects(bgr: np.ndarray) -> np.ndarray:
+    """Bounding boxes of graph segments, (N, 4) float x, y, w, h in the image's pixels.
+
+    One segmentation per ``FELZENSZWALB_K``, coarse first; within one, larger segments first,
+    so the box filter's first-``max_boxes`` cut keeps the object-sized ones. Deterministic.
+    """
+    import cv2
+
+    out = []
+    h, w = bgr.shape[:2]
+    ys, xs = np.divmod(np.arange(h * w), w)
+    for k in FELZENSZWALB_K:
+        seg = cv2.ximgproc.segmentation.createGraphSegmentation(FELZENSZWALB_SIGMA, float(k), max(1, k // 2))
+        labels = np.asarray(seg.processImage(bgr), dtype=np.int64).reshape(-1)
+        n = int(labels.max()) + 1
+        x1 = np.full(n, w, np.int64)
+        y1 = np.full(n, h, np.int64)
+        x2 = np.full(n, -1, np.int64)
+        y2 = np.full(n, -1, np.int64)
+        np.minimum.at(x1, labels, xs)
+        np.minimum.at(y1, labels, ys)
+        np.maximum.at(x2, labels, xs)
+        np.maximum.at(y2, labels, ys)
+        area = np.bincount(labels, minlength=n)
+        order = np.argsort(-area, kind="stable")
+        order = order[area[order] > 0]
+        out.append(np.stack([x1[order], y1[order], x2[order] - x1[order] + 1, y2[order] - y1[order] + 1], axis=1))
+    return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 4))
 
 
 def proposal_params(cfg: MineConfig) -> dict:
@@ -183,7 +229,8 @@ class _Worker:
     """
 
     def __init__(self) -> None:
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        # One thread each: the parallelism is the number of workers (orl.device.plan_threads).
+        env = dict(single_thread_env(), PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen([sys.executable, "-m", "orl.proposals"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env)
         assert self.proc.stdin is not None and self.proc.stdout is not None  # both are pipes
@@ -225,6 +272,8 @@ def run_proposals(
     timeout_s: float = 60.0,
     root: str | None = None,
     checksums: Sequence[str | None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    poll_s: float = 0.5,
 ) -> Iterator[tuple[int, ProposalResult]]:
     """Propose every image; yields (index, result) as results arrive (not in order).
 
@@ -232,6 +281,10 @@ def run_proposals(
     that are already sandboxed, e.g. daemonic Celery pool processes that cannot fork.
     ``root``: refuse files that resolve outside it; ``checksums[i]``: the sha1 path i must still
     have (see orl.images.decode_image).
+    ``should_stop`` (a service's cancel check) is polled every ``poll_s`` while an image is in
+    work: when it says so, the selective-search subprocesses are killed at once and the
+    iteration ends. Without it a cancel waited for the image in hand, up to ``timeout_s``
+    (a large photo at full resolution takes tens of seconds).
     """
     items = list(enumerate(paths))
     sums = list(checksums) if checksums is not None else [None] * len(items)
@@ -245,8 +298,12 @@ def run_proposals(
         return
     pool = [_Worker() for _ in range(min(workers, max(1, len(items))))]
     todo = list(reversed(items))
+    stopped = False
     try:
         while todo or any(w.task for w in pool):
+            if should_stop is not None and should_stop():
+                stopped = True
+                return
             for w in pool:
                 if w.task is None and todo:
                     idx, p = todo.pop()
@@ -255,6 +312,8 @@ def run_proposals(
                     w.send((idx, p, params, checks(idx)))
             busy = [w for w in pool if w.task]
             wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+            if should_stop is not None:
+                wait_s = min(wait_s, poll_s)
             ready = mp_wait([w.stdout.fileno() for w in busy], timeout=wait_s)
             for i, w in enumerate(pool):
                 if w.task is None:
@@ -278,7 +337,10 @@ def run_proposals(
                     yield idx, ProposalResult(p, False, reason, seconds=time.monotonic() - w.started)
     finally:
         for w in pool:
-            w.close()
+            if stopped:
+                w.kill()  # mid-image: it would not read the end message before finishing
+            else:
+                w.close()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +22,11 @@ from typing import IO, Any, cast
 import numpy as np
 import torch
 
+from orl.batch_data import StoreData, batch_seed, store_data
 from orl.checkpoint import export_backbone, load_checkpoint, save_checkpoint
 from orl.config import Config
 from orl.correspondence import Correspondence
-from orl.data import BYOLDataset, ORLDataset, ResumableSampler, SkipLog, collate_views
+from orl.data import BYOLDataset, ORLDataset, ResumableSampler, SkipLog, Views, collate_views
 from orl.device import resolve_device
 from orl.ema import update_target
 from orl.models import ORLModel, build_model
@@ -45,6 +46,10 @@ METRICS_COLUMNS: dict[str, str] = {
 
 # Images skipped mid-run, with their reasons (orl.data.SkipLog), in the run folder.
 SKIP_LOG = "skipped_images.csv"
+# Label-free signals per monitored epoch (train.monitor_every_epochs), in the run folder.
+MONITOR_FILE = "monitor.csv"
+MONITOR_COLUMNS = ("epoch", "global_step", "view_top1", "view_top1_chance", "effective_rank", "effective_rank_max",
+                   "images", "seconds")
 
 
 class ConfigMismatch(ValueError):
@@ -92,7 +97,7 @@ class Run:
 
     stage: str
     cfg: Config  # with train.batch_size as used (at most the images per process)
-    dataset: BYOLDataset | ORLDataset
+    dataset: BYOLDataset | ORLDataset | StoreData  # StoreData: augment.backend=tensor
     sampler: ResumableSampler
     model: ORLModel  # the bare model: checkpoints and the EMA update
     net: torch.nn.Module  # what the forward pass goes through: the model or its DDP wrapper
@@ -104,6 +109,8 @@ class Run:
     out: Path
     rank: int = 0
     world: int = 1
+    # The DataLoader kept across epochs (train.persistent_workers), made at the first epoch.
+    loaders: dict[str, torch.utils.data.DataLoader[Views]] = dataclasses.field(default_factory=dict)
 
     @property
     def checkpoint(self) -> Path:
@@ -126,6 +133,7 @@ def train(
     max_steps: int | None = None,
     rank: int = 0,
     world: int = 1,
+    image_store: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train stage "byol" on ``files`` or stage "orl" on ``corr``; returns a summary dict.
 
@@ -134,6 +142,8 @@ def train(
     were replaced by the next one, with the reason) and, when finished, out_dir/backbone.pth
     (torchvision weights). ``max_steps`` stops early (tests, and the kill/resume checks); ``should_stop`` is polled
     every step (service cancel); ``on_progress`` gets a dict after every step.
+    ``image_store``: the decoded-image store of ``augment.backend=tensor`` (default:
+    :func:`orl.imagestore.default_store_root`).
     """
     cfg.validate()
     out = Path(out_dir)
@@ -141,10 +151,13 @@ def train(
     dev = resolve_device(device)
 
     # -- data -------------------------------------------------------------------------
-    dataset = _dataset(stage, images_root, cfg, files, corr)
+    dataset = _dataset(stage, images_root, cfg, files, corr, image_store)
     dataset.skip_log = SkipLog(out / SKIP_LOG)  # images that fail mid-run: skipped and recorded
     if rank == 0:
         dataset.skip_log.create()
+    if isinstance(dataset, StoreData):
+        # Photos decoded once into the store (new ones only), in num_workers processes.
+        dataset.prepare(dev, workers=cfg.train.num_workers)
     cfg = _fit_batch_size(cfg, len(dataset), world)
     tc = cfg.train
     sampler = ResumableSampler(len(dataset), tc.batch_size, tc.seed, rank, world, drop_last=tc.drop_last)
@@ -156,7 +169,7 @@ def train(
 
     # -- optimiser: weight decay on every parameter, plain SGD, as the authors' configs ----
     optimizer = torch.optim.SGD(list(model.trainable_parameters()), lr=0.0, momentum=tc.momentum,
-                                weight_decay=tc.weight_decay)
+                                weight_decay=tc.weight_decay, fused=_fused_sgd(dev))
 
     # -- schedules ----------------------------------------------------------------------
     steps_per_epoch = sampler.steps_per_epoch()
@@ -180,6 +193,7 @@ def train(
                 pos.epoch += 1
                 pos.step_in_epoch = 0
                 save_run(run, pos, steps.last)
+                end_of_epoch(run, pos)
     finished = pos.epoch >= tc.epochs
     save_run(run, pos, steps.last, finished=finished)
     if finished and rank == 0:
@@ -199,17 +213,9 @@ def train_one_epoch(run: Run, pos: RunPosition, steps: StepLog, *, max_steps: in
     every step) said so.
     """
     tc = run.cfg.train
-    run.sampler.set_position(pos.epoch, pos.step_in_epoch)
-    loader = torch.utils.data.DataLoader(
-        run.dataset, batch_size=tc.batch_size, sampler=run.sampler, num_workers=tc.num_workers,
-        # The sampler decides the last batch (kept unless of size 1, or train.drop_last).
-        collate_fn=collate_views, drop_last=False, pin_memory=run.device.type == "cuda",
-        persistent_workers=False,
-        generator=torch.Generator().manual_seed(tc.seed * 7919 + pos.epoch * 31 + pos.step_in_epoch + run.rank),
-    )
     run.net.train()
     t_last = time.perf_counter()
-    for views in loader:
+    for views in epoch_batches(run, pos):
         lr = run.schedule.lr(pos)
         for g in run.optimizer.param_groups:
             g["lr"] = lr
@@ -231,7 +237,8 @@ def train_one_epoch(run: Run, pos: RunPosition, steps: StepLog, *, max_steps: in
         pos.global_step += 1
         pos.step_in_epoch += 1
         now = time.perf_counter()
-        ips = len(views["global"][0]) * run.world / max(1e-9, now - t_last)  # last batch may be smaller
+        images = len(cast(tuple[torch.Tensor, torch.Tensor], views["global"])[0])  # the last batch may be smaller
+        ips = images * run.world / max(1e-9, now - t_last)
         t_last = now
         steps.record({
             "epoch": pos.epoch, "step": pos.step_in_epoch, "global_step": pos.global_step,
@@ -243,6 +250,38 @@ def train_one_epoch(run: Run, pos: RunPosition, steps: StepLog, *, max_steps: in
         if (max_steps is not None and pos.global_step >= max_steps) or (should_stop and should_stop()):
             return True
     return False
+
+
+def epoch_batches(run: Run, pos: RunPosition) -> Iterator[Views]:
+    """The batches of epoch ``pos.epoch`` from step ``pos.step_in_epoch`` on.
+
+    ``tensor`` backend: views made a batch at a time on the device, no DataLoader, each
+    batch's draws seeded by its position. ``pil``: a DataLoader over the dataset, its workers
+    seeded from the position (or, with ``train.persistent_workers``, one loader kept for the
+    run, its workers seeded once).
+    """
+    tc = run.cfg.train
+    # Read once, here: the caller advances pos while this generator is suspended.
+    epoch, start = pos.epoch, pos.step_in_epoch
+    run.sampler.set_position(epoch, start)
+    if isinstance(run.dataset, StoreData):
+        indices, b = list(run.sampler), tc.batch_size
+        for k, s in enumerate(range(0, len(indices), b)):
+            yield run.dataset.batch(indices[s : s + b], batch_seed(tc.seed, run.rank, epoch, start + k))
+        return
+    persistent = tc.persistent_workers and tc.num_workers > 0
+    loader = run.loaders.get("pil") if persistent else None
+    if loader is None:
+        loader = torch.utils.data.DataLoader(
+            run.dataset, batch_size=tc.batch_size, sampler=run.sampler, num_workers=tc.num_workers,
+            # The sampler decides the last batch (kept unless of size 1, or train.drop_last).
+            collate_fn=collate_views, drop_last=False, pin_memory=run.device.type == "cuda",
+            persistent_workers=persistent,
+            generator=torch.Generator().manual_seed(tc.seed * 7919 + epoch * 31 + start + run.rank),
+        )
+        if persistent:
+            run.loaders["pil"] = loader
+    yield from loader
 
 
 class StepLog(AbstractContextManager["StepLog"]):
@@ -302,15 +341,53 @@ def save_run(run: Run, pos: RunPosition, metrics: dict[str, Any], finished: bool
     }, run.checkpoint)
 
 
+def end_of_epoch(run: Run, pos: RunPosition) -> None:
+    """After epoch ``pos.epoch`` (counted from 1) is saved, rank 0: the epoch snapshot
+    (train.keep_snapshots) and the label-free signals (train.monitor_every_epochs).
+
+    Neither draws from the training RNG (the monitor's views come from a forked, fixed-seed
+    RNG) nor changes the network (eval mode, no gradients), so a run trains the same with them."""
+    tc = run.cfg.train
+    if run.rank != 0:
+        return
+    if tc.keep_snapshots:
+        import shutil
+
+        shutil.copyfile(run.checkpoint, run.out / f"epoch_{pos.epoch:04d}.pt")
+        for old in sorted(run.out.glob("epoch_*.pt"))[: -tc.keep_snapshots]:
+            old.unlink()
+    if tc.monitor_every_epochs and pos.epoch % tc.monitor_every_epochs == 0:
+        from orl.monitor import label_free_signals
+
+        t = time.perf_counter()
+        sig = label_free_signals(run.model.backbone, run.dataset.paths, run.cfg.augment.image_size, seed=0,
+                                 n_images=tc.monitor_images, device=run.device)
+        row = {**sig, "epoch": pos.epoch, "global_step": pos.global_step, "seconds": time.perf_counter() - t}
+        path = run.out / MONITOR_FILE
+        new = not path.exists()
+        with path.open("a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(MONITOR_COLUMNS), extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        log.info("epoch %d: view top-1 %.3f (chance %.3f), effective rank %.1f of %d", pos.epoch, sig["view_top1"],
+                 sig["view_top1_chance"], sig["effective_rank"], sig["effective_rank_max"])
+
+
 def _dataset(stage: str, images_root: str | Path, cfg: Config, files: list[str] | None,
-             corr: Correspondence | None) -> BYOLDataset | ORLDataset:
+             corr: Correspondence | None, image_store: str | Path | None) -> BYOLDataset | ORLDataset | StoreData:
+    tensor = cfg.augment.backend == "tensor"
     if stage == "byol":
         if not files:
             raise ValueError("stage byol needs a non-empty list of image files")
+        if tensor:
+            return store_data(stage, images_root, cfg.augment, cfg.train, files=files, store_root=image_store)
         return BYOLDataset([str(Path(images_root) / f) for f in files], cfg.augment, files=list(files))
     if stage == "orl":
         if corr is None or len(corr) == 0:
             raise ValueError("stage orl needs a correspondence with at least one image")
+        if tensor:
+            return store_data(stage, images_root, cfg.augment, cfg.train, corr=corr, store_root=image_store)
         return ORLDataset(images_root, corr, cfg.augment, cfg.train)
     raise ValueError(f"unknown stage {stage!r}; valid: byol, orl")
 
@@ -337,6 +414,12 @@ def _networks(cfg: Config, stage: str, dev: torch.device, world: int,
     amp = cfg.train.amp and dev.type == "cuda"
     if amp:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        # In place (nn.Module.compile), so parameter names and checkpoints stay as they are.
+        # Each network part on its own: the branches' inputs differ in size and presence.
+        for part in (model.backbone, model.projector, model.target_backbone, model.target_projector,
+                     *model.predictors.values()):
+            part.compile()
     net: torch.nn.Module = model
     if world > 1:
         # SyncBN as the authors train; torch implements it for CUDA only, so CPU ranks (gloo,
@@ -356,12 +439,22 @@ def _resume(run: Run) -> RunPosition:
     _check_compatible(ck, run.stage, run.cfg)
     run.model.load_state_dict(ck["model"])
     run.optimizer.load_state_dict(ck["optimizer"])
+    for group in run.optimizer.param_groups:
+        # load_state_dict brings the saved run's implementation flags too; a run resumed on
+        # another kind of device keeps its own (a fused CUDA kernel cannot step CPU tensors).
+        group["fused"], group["foreach"] = _fused_sgd(run.device), None
     p = ck["position"]
     pos = RunPosition(epoch=p["epoch"], step_in_epoch=p["step_in_epoch"], global_step=p["global_step"])
     _set_rng(ck["rng"])
     log.info("resumed %s at epoch %d step %d (global %d)", run.checkpoint, pos.epoch, pos.step_in_epoch,
              pos.global_step)
     return pos
+
+
+def _fused_sgd(dev: torch.device) -> bool | None:
+    """SGD's implementation: on CUDA the fused kernel (one launch for every parameter); on the
+    CPU torch's default (None), as before."""
+    return True if dev.type == "cuda" else None
 
 
 def _autocast(amp: bool) -> AbstractContextManager[Any]:

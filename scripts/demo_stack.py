@@ -3,7 +3,8 @@
     python scripts/demo_stack.py [--preset tiny] [--epochs 5] [--timeout 1800]
 
 1. starts the stack (scripts/stack.py up: Postgres, Redis, API, miners, trainer, dashboard);
-2. registers data/sample/images as dataset "sample" (POST /api/v1/datasets);
+2. registers data/sample/images as dataset "sample" (POST /api/v1/datasets answers at once; a
+   registration job on a miner CPU worker scans the folder, and the demo waits for it);
 3. submits a pipeline job, pretrain -> mine -> train (POST /api/v1/jobs);
 4. prints its progress until it succeeds or fails;
 5. prints the number of mined pairs and the dashboard URL that shows them.
@@ -69,6 +70,23 @@ def describe(job: dict) -> str:
     return ", ".join(parts)
 
 
+def wait_registered(api: Api, ds: dict, timeout_s: float) -> dict:
+    """The dataset once its registration job finished (POST /datasets answers before the scan)."""
+    deadline = time.monotonic() + timeout_s
+    job_id = (ds.get("registration") or {}).get("job_id")
+    while job_id is not None:
+        job = api.call("GET", f"/api/v1/jobs/{job_id}")
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            if job["status"] != "succeeded":
+                raise SystemExit(f"registering {ds['path']} {job['status']}: {job.get('error') or 'no error message'}")
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the registration (job {job_id}) did not finish in {timeout_s:.0f} s; is a miner "
+                             "CPU worker running?")
+        time.sleep(0.5)
+    return api.call("GET", f"/api/v1/datasets/{ds['id']}")
+
+
 def follow(api: Api, job_id: int, timeout_s: float) -> dict:
     """Print the pipeline's progress (each stage's own line when it changes) until it finishes."""
     deadline = time.monotonic() + timeout_s
@@ -107,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     api = Api(state.config["urls"]["api"], state.token())
 
     # 2. the dataset (registering again rescans: idempotent)
-    ds = api.call("POST", "/api/v1/datasets", {"name": "sample", "path": str(SAMPLE)})
+    ds = wait_registered(api, api.call("POST", "/api/v1/datasets", {"name": "sample", "path": str(SAMPLE)}),
+                         args.timeout)
     counts = ds.get("counts") or {}
     print(f"\ndataset {ds['id']} 'sample': {counts.get('images')} images ({counts.get('failed_images')} unreadable)")
 

@@ -68,7 +68,9 @@ def service_command(name: str, ports: dict[str, int], bind_host: str | None = No
     commands = {
         "migrate": ["python", "-m", "services.common.migrate"],
         "api": ["uvicorn", "services.api.main:app", "--host", api_host, "--port", str(ports["api"])],
-        "miner-cpu": ["celery", "-A", "services.miner.celery_app", "worker", "-Q", "cpu", "--concurrency", "2",
+        # Pool size, threads and selective-search processes: ORL_CPU_CONCURRENCY, ORL_WORKER_CORES,
+        # ORL_SS_PROCESSES (services/miner/threads.py), passed through from this environment.
+        "miner-cpu": ["celery", "-A", "services.miner.celery_app", "worker", "-Q", "cpu",
                       "--prefetch-multiplier", "1", "-n", "cpu@%h"],
         "miner-gpu": ["celery", "-A", "services.miner.celery_app", "worker", "-Q", "gpu", "--pool", "solo",
                       "-n", "gpu@%h"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,21 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _image_store(tmp_path_factory):
+    """The decoded-image store of the tensor backend in a session folder, never ~/.cache
+    (child processes, e.g. the CLI or the trainer service, inherit it)."""
+    from orl.imagestore import STORE_ENV
+
+    old = os.environ.get(STORE_ENV)
+    os.environ[STORE_ENV] = str(tmp_path_factory.mktemp("image_store"))
+    yield
+    if old is None:
+        os.environ.pop(STORE_ENV, None)
+    else:
+        os.environ[STORE_ENV] = old
 
 
 @pytest.fixture(scope="session")

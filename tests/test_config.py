@@ -119,12 +119,22 @@ def test_dotted_and_nested_overrides_are_one_reading():
     ({"mine.knn_k": True}, "mine.knn_k", "must be an integer"),
     ({"mine.ss_max_side_px": "big"}, "mine.ss_max_side_px", "an integer or null"),
     ({"model.backbone": "vgg"}, "model.backbone", "valid backbones: resnet18"),
+    ({"augment.backend": "gpu"}, "augment.backend", "must be one of pil, tensor; got 'gpu'"),
+    ({"augment.store_size": 16}, "augment.store_size", "at least 32, got 16"),
     ({"preset": "tiny"}, "preset", "unknown config section 'preset'"),
 ])
 def test_bad_overrides_name_the_field(overrides, field, fragment):
     with pytest.raises(ConfigError) as err:
         apply_overrides(get_preset("tiny"), overrides)
     assert err.value.field == field and fragment in str(err.value), str(err.value)
+
+
+def test_the_store_working_size_defaults_to_twice_the_view():
+    cfg = get_preset("cpu")
+    assert cfg.augment.backend == "pil"  # the PIL pipeline stays the default
+    assert cfg.augment.working_size() == 2 * cfg.augment.image_size == 224
+    assert apply_overrides(cfg, {"augment.store_size": "300"}).augment.working_size() == 300
+    assert apply_overrides(cfg, {"augment.store_size": "none"}).augment.store_size is None
 
 
 def test_config_override_keeps_its_contract_for_scripts():

@@ -32,3 +32,34 @@ def test_unique_temporaries_keep_the_suffix_for_np_save(tmp_path):
         np.save(a, np.ones(3, np.float32))
         np.save(b, np.zeros(3, np.float32))
     assert np.array_equal(np.load(target), np.ones(3)) and [p.name for p in tmp_path.iterdir()] == ["7.npy"]
+
+
+def test_a_checkpoint_that_does_not_fit_is_a_clear_error_and_keeps_the_old_one(tmp_path):
+    """A full disk (here: the file size limit, EFBIG) mid-checkpoint: torch.save alone reports
+    "[enforce fail at inline_container.cc] unexpected pos"; save_checkpoint names the file and
+    the cause, and last.pt stays the previous, loadable checkpoint. In a subprocess, because the
+    limit applies to every file the process writes."""
+    import subprocess
+    import sys
+
+    script = f"""
+import errno, resource, torch
+from orl.checkpoint import load_checkpoint, save_checkpoint
+path = {str(tmp_path / "last.pt")!r}
+save_checkpoint({{"w": torch.zeros(1000)}}, path)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+try:
+    save_checkpoint({{"w": torch.ones(1_000_000)}}, path)  # 4 MB
+except OSError as exc:
+    assert exc.errno == errno.EFBIG, exc
+    print(exc)
+else:
+    raise SystemExit("the write did not fail")
+assert float(load_checkpoint(path)["w"].sum()) == 0.0
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    message = out.stdout.strip()
+    assert message.startswith(f"[Errno 27] cannot write {tmp_path / 'last.pt'}: File too large"), message
+    assert message.endswith("the previous file is unchanged"), message
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

@@ -120,6 +120,7 @@ from orl.metrics import (  # noqa: E402
     bootstrap_ci_stat,
     bootstrap_ratio_cis,
     pair_ranking_auc,
+    paired_auc_difference,
     roc_auc,
 )
 
@@ -263,6 +264,41 @@ def test_pair_ranking_auc_perfect_random_and_tied_features():
     assert 0.55 < r["auc"] < 1.0 and r["ci95"][0] > 0.5
 
 
+def test_paired_auc_difference_sees_a_small_gain_that_two_intervals_miss():
+    corr, gt, box_cls = _quadrant_world(n_img=80)
+    rng = np.random.default_rng(3)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    onehot = [np.eye(3)[np.maximum(c, 0)] * (c >= 0)[:, None] for c in box_cls]
+    noise = [rng.standard_normal((len(c), 64)) for c in box_cls]
+    weak = [unit(np.hstack([0.30 * o, n])) for o, n in zip(onehot, noise, strict=True)]
+    weaker = [unit(np.hstack([0.25 * o, n])) for o, n in zip(onehot, noise, strict=True)]
+    ra = pair_ranking_auc(corr, weak, gt, keep_per_pair=True)
+    rb = pair_ranking_auc(corr, weaker, gt, keep_per_pair=True)
+    pp = ra["per_pair"]
+    assert len(pp["query"]) == len(pp["neighbour"]) == len(pp["auc"]) == ra["image_pairs"]
+    assert np.mean(pp["auc"]) == pytest.approx(ra["auc"])
+    assert "per_pair" not in pair_ranking_auc(corr, weak, gt)  # only when asked: it is large
+    d = paired_auc_difference(ra["per_pair"], rb["per_pair"])
+    assert d["auc"]["pairs"] == ra["image_pairs"]
+    assert d["auc"]["diff"] == pytest.approx(ra["auc"] - rb["auc"])
+    # the same noise in both: the paired interval excludes 0 although the two overlap
+    assert d["auc"]["ci95"][0] > 0 and d["auc"]["a_higher"] > 0.5
+    assert ra["ci95"][0] < rb["ci95"][1]
+    assert d["auc_area_matched"]["diff"] > 0
+    # identical features: exactly no difference; swapped: the sign flips
+    same = paired_auc_difference(ra["per_pair"], ra["per_pair"])["auc"]
+    assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0] and same["a_higher"] == 0.0
+    assert paired_auc_difference(rb["per_pair"], ra["per_pair"])["auc"]["diff"] == pytest.approx(-d["auc"]["diff"])
+    # only the image pairs both have are compared
+    half = {k: v[: len(v) // 2] for k, v in rb["per_pair"].items()}
+    assert paired_auc_difference(ra["per_pair"], half)["auc"]["pairs"] == len(half["auc"])
+    empty = {"query": [], "neighbour": [], "auc": [], "auc_area_matched": []}
+    assert paired_auc_difference(ra["per_pair"], empty)["auc"]["diff"] is None
+
+
 def test_pair_ranking_auc_area_matched_ignores_box_size():
     from orl.metrics import _stratified_auc
 
@@ -373,3 +409,20 @@ def test_wilson_interval_known_values():
             wilson_interval(*bad)
     with pytest.raises(ValueError, match="level"):
         wilson_interval(1, 2, level=1.0)
+
+
+def test_box_recall_known_answer():
+    from orl.metrics import box_recall
+
+    # a: the cat framed (IoU 1), the car only half (IoU 0.5 with [50, 50, 100, 75]: 0.5); b: the
+    # dog framed, the cat missed; c has no objects; d is unlabeled.
+    boxes = [[CAT_A, [50, 50, 100, 75]], [DOG_B, NOTHING], [NOTHING], [CAT_A]]
+    corr = _corr(["a.jpg", "b.jpg", "c.jpg", "d.jpg"], boxes, [[1], [0], [0], [0]],
+                 [[np.zeros((0, 8))]] * 4)
+    r = box_recall(corr, _gt(), 0.5, n_boot=200)
+    assert (r["objects"], r["images"], r["recall"]) == (4, 3, 3 / 4)
+    assert box_recall(corr, _gt(), 0.6, n_boot=10)["recall"] == 2 / 4
+    # only objects at least 45 px a side can be reached (the cat of b is 40 x 40)
+    r = box_recall(corr, _gt(), 0.5, min_side_px=45, n_boot=200)
+    assert (r["reachable_objects"], r["reachable_recall"]) == (2, 1.0)
+    assert r["ci95"][0] <= r["recall"] <= r["ci95"][1]

@@ -10,12 +10,12 @@ from orl.correspondence import Correspondence
 from orl.mining import (
     _drop_self,
     _knn_torch,
-    _save_roi_features,
     embed_rois,
     knn_search,
     load_roi_features,
     select_pairs,
 )
+from orl.roi_features import write_npz
 
 
 def _unit(n, d, seed=0):
@@ -106,7 +106,7 @@ def _toy_corr():
 
 def test_roi_features_round_trip_keeps_images_without_boxes(tmp_path):
     feats = [_unit(3, 8), np.zeros((0, 8), np.float32), _unit(2, 8, seed=1)]
-    _save_roi_features(tmp_path / "f.npz", ["a.jpg", "b.jpg", "c.jpg"], feats)
+    write_npz(tmp_path / "f.npz", ["a.jpg", "b.jpg", "c.jpg"], feats)
     files, back = load_roi_features(tmp_path / "f.npz")
     assert files == ["a.jpg", "b.jpg", "c.jpg"]
     assert [f.shape for f in back] == [(3, 8), (0, 8), (2, 8)]

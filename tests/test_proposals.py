@@ -97,3 +97,20 @@ def test_proposals_are_reproducible_across_processes(sample_images):
     for i in range(3):
         assert np.array_equal(in_process[i], again[i])
         assert np.array_equal(in_process[i], workers[i].boxes)
+
+
+def test_faster_proposers_give_valid_reproducible_boxes(sample_images):
+    """single and felzenszwalb (mine.ss_mode): boxes in original pixels that pass the same
+    filter, the same in a worker process as here (a named option, measured by the benchmark)."""
+    path = str(sorted(sample_images.glob("train2017/*.jpg"))[1])
+    for mode in ("single", "felzenszwalb"):
+        params = dict(PARAMS, mode=mode)
+        r = propose_image(path, params)
+        assert r.ok and r.n_raw > len(r.boxes) >= 1, (mode, r.reason)
+        b = r.boxes
+        assert (b >= 0).all() and (b[:, 2] <= r.width).all() and (b[:, 3] <= r.height).all()
+        assert ((b[:, 2] - b[:, 0]) >= 96).all() and ((b[:, 3] - b[:, 1]) >= 96).all()
+        (_, w), = run_proposals([path], params, workers=1, timeout_s=60)
+        assert np.array_equal(w.boxes, b)
+    fz = selective_search(np.zeros((100, 200, 3), np.uint8), "felzenszwalb")
+    assert len(fz) >= 1 and np.array_equal(fz[0], [0, 0, 200, 100])  # one flat segment: the whole image

@@ -115,6 +115,22 @@ def test_store_skips_done_units_records_errors_and_recomputation(tmp_path):
     assert again.skipped == ["train/s0/c"]
 
 
+def test_store_redo_marks_done_units_until_they_run_again(tmp_path):
+    path = tmp_path / "study_quick.json"
+    s = store.ResultsStore(path, "quick", plan.MODES["quick"].settings())
+    s.run_unit("train/s0/a", lambda: {"loss": [1.0]}, log=lambda m: None)
+    s.record("train/s0/b", {"status": "error", "error": "x"})
+    assert s.mark_redo(["train/s0/a", "train/s0/b", "train/s0/none"]) == ["train/s0/a"]  # only done units
+    again = store.ResultsStore(path, "quick", plan.MODES["quick"].settings())  # the mark is kept
+    assert not again.done("train/s0/a")
+    assert again.run_unit("train/s0/a", lambda: {"loss": [2.0]}, log=lambda m: None)
+    rec = again.units["train/s0/a"]
+    assert rec["loss"] == [2.0] and rec["previous"]["loss"] == [1.0] and rec["recomputed"] == 1
+    assert "redo" not in rec and again.done("train/s0/a")
+    calls = []
+    assert again.run_unit("train/s0/a", lambda: calls.append(1) or {}, log=lambda m: None) and not calls
+
+
 def test_store_refuses_other_settings_but_accepts_more_runs(tmp_path):
     path = tmp_path / "r.json"
     m = dataclasses.replace(plan.MODES["long"], runs=("byol_cont",))
@@ -217,6 +233,22 @@ def test_report_from_hand_made_results(results):
     assert "+1.0 ± 2.8 (1/2)" in row
     assert "`train/s1/orl`: MissingInput: the stage-1 pairs are missing" in md
     assert "**Partial:**" in md  # variants and mining of runs are missing from the hand-made file
+
+
+def test_report_paired_differences_need_per_pair_values(results):
+    assert "Paired differences" not in report.render_report({"quick": results}, {})
+    u = results["units"]
+    pp = {"query": [0, 0, 1, 2], "neighbour": [1, 2, 0, 0], "auc": [0.5, 0.6, 0.7, 0.5],
+          "auc_area_matched": [0.5, None, 0.6, 0.5]}
+    u["mine/s0/byol_cont+roi_align"]["pair_auc_fixed"]["ioa"]["per_pair"] = pp
+    u["mine/s0/orl_init+roi_align"]["pair_auc_fixed"]["ioa"]["per_pair"] = {
+        **pp, "auc": [0.6, 0.7, 0.8, 0.6], "auc_area_matched": [0.6, 0.7, None, 0.5]}
+    lines = report.render_report({"quick": results}, {}).splitlines()
+    row = next(line for line in lines if line.startswith("| BYOL 2 ep. + ORL 1 ep., init from stage 1 | BYOL 2 ep. "
+                                                         "+ BYOL 1 ep."))
+    # every image pair +0.1; area-matched: two pairs defined in both, +0.1 and 0.0
+    assert "+0.1000 [+0.1000, +0.1000] (above 0); higher on 100% of 4 image pairs" in row
+    assert "+0.0500" in row and "of 2 image pairs" in row
 
 
 def test_plots_and_write_report(results, tmp_path):

@@ -203,3 +203,71 @@ def test_zero_weight_branch_is_not_run(tmp_path, eight_images):
     m = s["metrics"]
     assert "loss_inter" not in m and "loss_intra" in m
     assert m["loss"] == pytest.approx(m["loss_global"] + m["loss_intra"], rel=1e-5)
+
+
+def test_tensor_backend_trains_both_stages_from_one_store_and_skips_a_bad_photo(tmp_path, eight_images):
+    import shutil
+
+    from orl.imagestore import INDEX
+
+    root = tmp_path / "photos"
+    shutil.copytree(eight_images / "images", root)
+    good = sorted(root.rglob("*.jpg"))[0]
+    (root / "truncated.jpg").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    files = list_images(root)
+    store = tmp_path / "store"
+    cfg = _cfg(epochs=1, batch=4).override(**{"augment.backend": "tensor"})
+    s = train("byol", root, tmp_path / "byol", cfg, files=files, show_progress=False, image_store=store)
+    # 9 files, one unreadable: found when the store is filled, recorded, replaced by the next photo.
+    # Batches of 4, 4 (and a last one of 1, dropped: BatchNorm needs 2).
+    assert s["finished"] and s["skipped_images"] == 1 and s["global_step"] == 2
+    skipped = list(csv.DictReader(open(tmp_path / "byol" / "skipped_images.csv")))
+    assert [r["file"] for r in skipped] == ["truncated.jpg"] and "cannot decode image" in skipped[0]["reason"]
+    assert np.isfinite(s["metrics"]["loss"])
+    # Stage 3 on the same photos decodes nothing again.
+    index = (store / INDEX).read_text()
+    good_files = [f for f in files if f != "truncated.jpg"]
+    s = train("orl", root, tmp_path / "orl", _cfg(epochs=1, batch=8).override(**{"augment.backend": "tensor"}),
+              corr=_toy_corr(good_files), show_progress=False, image_store=store)
+    assert (store / INDEX).read_text() == index
+    m = s["metrics"]
+    assert s["finished"] and {"loss_global", "loss_intra", "loss_inter"} <= set(m)
+    assert m["loss"] == pytest.approx(m["loss_global"] + m["loss_intra"] + m["loss_inter"], rel=1e-5)
+    assert load_checkpoint(tmp_path / "orl" / "last.pt")["config"]["augment"]["backend"] == "tensor"
+
+
+def test_label_free_monitor_and_epoch_snapshots_leave_training_unchanged(tmp_path, eight_images):
+    root = eight_images / "images"
+    files = list_images(root)
+    cfg = _cfg(epochs=2, batch=4).override(**{"train.checkpoint_every_steps": 0})
+    plain = train("byol", root, tmp_path / "plain", cfg, files=files, show_progress=False)
+    watched_cfg = cfg.override(**{"train.monitor_every_epochs": 1, "train.monitor_images": 8,
+                                  "train.keep_snapshots": 1})
+    watched = train("byol", root, tmp_path / "watched", watched_cfg, files=files, show_progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "watched" / "monitor.csv")))
+    assert [(int(r["epoch"]), int(r["global_step"])) for r in rows] == [(1, 2), (2, 4)]
+    for r in rows:
+        assert float(r["view_top1_chance"]) == pytest.approx(1 / 8) and int(r["images"]) == 8
+        assert 0 <= float(r["view_top1"]) <= 1 and 0 < float(r["effective_rank"]) <= int(r["effective_rank_max"]) == 7
+    assert sorted(p.name for p in (tmp_path / "watched").glob("epoch_*.pt")) == ["epoch_0002.pt"]
+    assert load_checkpoint(tmp_path / "watched" / "epoch_0002.pt")["position"]["epoch"] == 2
+    # The monitor draws from its own RNG and does not train: the same losses and weights as without it.
+    assert plain["metrics"]["loss"] == watched["metrics"]["loss"]
+    a, b = load_checkpoint(tmp_path / "plain" / "last.pt"), load_checkpoint(tmp_path / "watched" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_resumed_run_keeps_its_own_sgd_implementation(tmp_path, eight_images):
+    # A checkpoint written on CUDA carries fused=True in its optimizer groups; resumed on the
+    # CPU, the run steps with the CPU's implementation, not the saved flag.
+    root = eight_images / "images"
+    files = list_images(root)
+    cfg = _cfg(epochs=1, batch=4)
+    train("byol", root, tmp_path, cfg, files=files, show_progress=False, max_steps=1)
+    ck = torch.load(tmp_path / "last.pt", weights_only=False)
+    for group in ck["optimizer"]["param_groups"]:
+        group["fused"] = True
+    torch.save(ck, tmp_path / "last.pt")
+    s = train("byol", root, tmp_path, cfg, files=files, show_progress=False)
+    assert s["finished"] and s["global_step"] == 2
+    assert all(g["fused"] is None for g in load_checkpoint(tmp_path / "last.pt")["optimizer"]["param_groups"])

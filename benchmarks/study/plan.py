@@ -53,7 +53,9 @@ VARIANTS = {v.name: v for v in [
 ]}
 
 # The study's default mining: the faithful crop features, the library's 500 px selective search.
-DEFAULT_MINE = {"ss_max_side_px": 500, "roi_mode": "crop"}
+# RoI features kept in float32 (the library streams float16 by default): the pair metrics read
+# them, and every unit already recorded was scored from float32 features.
+DEFAULT_MINE = {"ss_max_side_px": 500, "roi_mode": "crop", "roi_dtype": "float32"}
 
 # How the runs after stage 1 are mined: with RoIAlign features (one forward per image). At the
 # long mode's scale that took 95 s against 1,373 s for crops (e188), and the runs are scored

@@ -188,11 +188,41 @@ def section(results: dict, plots: dict[str, str]) -> list[str]:
     errors = [(k, r.get("error")) for k, r in units.items() if r.get("status") == "error"]
     if errors:
         L += ["Units that failed (the rest still ran):", ""] + [f"- `{k}`: {e}" for k, e in errors] + [""]
-    recomputed = [k for k, r in units.items() if r.get("recomputed")]
-    if recomputed:
-        L += ["Units computed more than once because their files were gone (a new machine); their records "
-              "hold the latest run: " + ", ".join(f"`{k}`" for k in recomputed) + ".", ""]
+    L += reproducibility(units)
     return L
+
+
+def reproducibility(units: dict) -> list[str]:
+    """Units computed more than once (their files were gone on a new machine, or ``--redo``):
+    what the first computation found beside the latest, which the tables show. A training run
+    on CPU that does not reproduce to the last digit shows here how far apart two runs of the
+    same unit land: a floor under any difference between two networks."""
+    rows = []
+    for k, r in units.items():
+        prev = r.get("previous")
+        if not r.get("recomputed") or not prev:
+            continue
+        kind = k.split("/", 1)[0]
+        if kind == "train" and prev.get("loss") and r.get("loss"):
+            a, b = prev["loss"].get("total") or [], r["loss"].get("total") or []
+            n = min(len(a), len(b))
+            same = sum(x == y for x, y in zip(a[:n], b[:n], strict=True))
+            diff = max((abs(x - y) for x, y in zip(a[:n], b[:n], strict=True)), default=0.0)
+            last = f"{a[n - 1]:.4f} / {b[n - 1]:.4f}" if n else "n/a"
+            rows.append(f"| `{k}` | per-epoch mean loss: {same} of {n} epochs identical, largest difference "
+                        f"{diff:.4f}; last epoch {last} |")
+        elif kind == "mine":
+            a, b = dig(prev, "pair_auc_fixed", "ioa", "auc"), dig(r, "pair_auc_fixed", "ioa", "auc")
+            rows.append(f"| `{k}` | pairs {prev.get('pairs', 'n/a')} / {r.get('pairs', 'n/a')}; pair AUC (fixed) "
+                        f"{num(a, 4)} / {num(b, 4)} |")
+        else:
+            rows.append(f"| `{k}` | computed {r['recomputed'] + 1} times |")
+    if not rows:
+        return []
+    return ["**Units computed more than once** (files gone on a new machine, or `--redo`): first / latest "
+            "computation; the tables hold the latest. Where a training run does not reproduce to the last "
+            "digit, its two computations also show how far two runs of one unit land.", "",
+            "| unit | first / latest |", "|---|---|", *rows, ""]
 
 
 def expected_units(results: dict) -> list[str]:
@@ -317,6 +347,8 @@ def headline(results: dict, seed: int) -> list[str]:
         L += [f"Pair AUC here comes from RoIAlign RoI features (one forward per image; the runs are mined that way "
               f"because it costs a fourteenth of crops at this scale); the end of stage 1 scored the same way: "
               f"{auc_cell(s1, 'pair_auc_fixed')}.", ""]
+        L += paired_lines([(r, "byol_cont") for r in runs if r != "byol_cont"] + [(r, f"e{N}") for r in runs],
+                          g, results)
         if losses:
             by_run: dict[str, list[str]] = {}
             for r, lab in losses:
@@ -325,6 +357,39 @@ def headline(results: dict, seed: int) -> list[str]:
                 f"{ckpt_label(r, results)}: {', '.join(labs)}" for r, labs in by_run.items())
                 + ". One seed; see the three-seed section for the spread.", ""]
     return L
+
+
+def paired_lines(comparisons: list[tuple[str, str]], g: Callable[[str, str], dict | None],
+                 results: dict) -> list[str]:
+    """Paired differences of pair AUC (fixed pairs, IoA) between runs mined with RoIAlign: the
+    same image pairs and the same boxes, so the difference is read per image pair
+    (orl.metrics.paired_auc_difference). Only units scored with per-pair values have one."""
+    from orl.metrics import paired_auc_difference
+
+    rows = []
+    for a, b in comparisons:
+        pa, pb = (dig(g("mine", f"{x}+{RUN_MINING}"), "pair_auc_fixed", "ioa", "per_pair") for x in (a, b))
+        if not pa or not pb:
+            continue
+        d = paired_auc_difference(pa, pb)
+        cells = []
+        for field in ("auc", "auc_area_matched"):
+            x = d[field]
+            if x["diff"] is None:
+                cells.append("n/a")
+                continue
+            lo, hi = x["ci95"]
+            sign = "above 0" if lo > 0 else ("below 0" if hi < 0 else "includes 0")
+            cells.append(f"{x['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] ({sign}); higher on {100 * x['a_higher']:.0f}% "
+                         f"of {x['pairs']} image pairs")
+        rows.append(f"| {ckpt_label(a, results)} | {ckpt_label(b, results)} | {cells[0]} | {cells[1]} |")
+    if not rows:
+        return []
+    return ["Paired differences (A minus B) of pair AUC on the fixed pairs, per image pair: both networks score "
+            "the same image pairs and the same boxes, so what the two share (how hard a pair is) cancels. "
+            "95% interval resampling query images; it covers the sampling of image pairs, not of training "
+            "(one seed).", "",
+            "| A | B | AUC difference | area-matched difference |", "|---|---|---|---|", *rows, ""]
 
 
 def apart_text(rec: dict, base: dict, field: str, ok_text: str) -> str:

@@ -82,6 +82,10 @@ def parse_args(argv=None):
     p.add_argument("--rescore", action="store_true",
                    help="recompute the pair metrics of every done mining unit from its saved files (after a "
                         "change to the metrics), then regenerate the report; runs no other unit")
+    p.add_argument("--redo", help="comma-separated runs after stage 1 to train, evaluate and mine again (e.g. to "
+                                  "check that a run reproduces, or to score it with a newer metric), or mining "
+                                  "units (<checkpoint>+<variant>) to mine again; the first values stay under "
+                                  "'previous'. Give it once: the mark is kept in the results file")
     p.add_argument("--commit", action="store_true",
                    help="git-commit the results file and the report after every unit (a long study that a "
                         "session may cut short keeps everything finished)")
@@ -130,6 +134,15 @@ def main(argv=None) -> int:
         print(exc, file=sys.stderr)
         return 2
 
+    redo = tuple(x.strip() for x in (args.redo or "").split(",") if x.strip())
+    unknown = [x for x in redo if x.partition("+")[0] not in RUNS and "+" not in x]
+    if unknown:
+        print(f"unknown runs in --redo: {', '.join(unknown)}; choose from {', '.join(RUNS)}, or name a mining "
+              "unit such as e188+roi_align", file=sys.stderr)
+        return 2
+    if redo:
+        mode = dataclasses.replace(mode, runs=tuple(dict.fromkeys([*mode.runs, *(x for x in redo if x in RUNS)])))
+
     from .units import Study
 
     study = Study(mode, work, store, Path(args.data), args.device, keep=results_dir / f"study_{name}_keep")
@@ -145,6 +158,9 @@ def main(argv=None) -> int:
            "threads": d["machine"]["torch_threads"]}
     d["invocations"].append(inv)
     store.save()
+    if redo:
+        marked = study.mark_redo(redo)
+        print(f"marked for redo: {', '.join(marked) or 'nothing done yet'}", flush=True)
     if args.rescore:
         n = study.rescore()
         store.save()

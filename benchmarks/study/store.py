@@ -70,7 +70,19 @@ class ResultsStore:
         return self.data["units"]
 
     def done(self, key: str) -> bool:
-        return self.units.get(key, {}).get("status") == "done"
+        rec = self.units.get(key, {})
+        return rec.get("status") == "done" and not rec.get("redo")
+
+    def mark_redo(self, keys: list[str]) -> list[str]:
+        """Mark done units to be computed again (``--redo``); each keeps its values as
+        ``previous`` when it is recorded anew. Persistent: a study interrupted during the redo
+        resumes it without the flag. Returns the keys marked."""
+        marked = [k for k in keys if self.units.get(k, {}).get("status") == "done"]
+        for k in marked:
+            self.units[k]["redo"] = True
+        if marked:
+            self.save()
+        return marked
 
     def record(self, key: str, rec: dict[str, Any]) -> None:
         self.units[key] = {**rec, "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -86,7 +98,7 @@ class ResultsStore:
         notes ``recomputed`` so the report can say which results were produced twice.
         """
         prev = self.units.get(key, {})
-        if prev.get("status") == "done" and outputs_exist:
+        if self.done(key) and outputs_exist:
             return True
         if out_of_time:
             self.skipped.append(key)

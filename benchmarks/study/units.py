@@ -335,6 +335,26 @@ class Study:
             n += 1
         return n
 
+    def mark_redo(self, runs: tuple[str, ...]) -> list[str]:
+        """Mark the train, eval and mining units of ``runs`` (every seed of the mode), or the
+        mining units named "<checkpoint>+<variant>", to be computed again, and remove their
+        files so that training starts over, not resumes."""
+        keys = []
+        for seed in self.mode.seeds:
+            for r in runs:
+                if "+" in r:  # one mining unit
+                    keys.append(unit_key("mine", seed, r))
+                    continue
+                keys += [unit_key("train", seed, r), unit_key("eval", seed, r)]
+                keys += [k for k in self.store.units if k.startswith(unit_key("mine", seed, f"{r}+"))]
+        marked = self.store.mark_redo(keys)
+        for key in marked:
+            kind, s, name = key.split("/", 2)
+            folder = self.seed_dir(int(s[1:])) / (name if kind == "train" else f"mine_{name}")
+            if kind != "eval" and folder.exists():
+                shutil.rmtree(folder)
+        return marked
+
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self, seed: int, name: str, svm: bool) -> None:
         def run():
@@ -499,7 +519,14 @@ def score_pairs(corr, feats: list[np.ndarray], gt, seed: int) -> dict[str, Any]:
 
     fixed = class_sharing_pairs(corr.files, gt, k=corr.knn.shape[1] if corr.knn.ndim == 2 else 10, seed=0)
     auc = {rule: pair_ranking_auc(corr, feats, gt, rule=rule, seed=seed) for rule in ("ioa", "iou")}
-    auc_fixed = {rule: pair_ranking_auc(corr, feats, gt, rule=rule, knn=fixed, seed=seed) for rule in ("ioa", "iou")}
+    # Per-image-pair values on the fixed pairs (the same image pairs and boxes for every network
+    # mined at one scale): the report's paired differences read them. IoA only, rounded: size.
+    auc_fixed = {rule: pair_ranking_auc(corr, feats, gt, rule=rule, knn=fixed, seed=seed, keep_per_pair=rule == "ioa")
+                 for rule in ("ioa", "iou")}
+    pp = auc_fixed["ioa"].get("per_pair")
+    if pp:
+        for f in ("auc", "auc_area_matched"):
+            pp[f] = [None if v is None else round(v, 6) for v in pp[f]]
     prec = {rule: correspondence_precision(corr, gt, seed=seed, rule=rule) for rule in ("ioa", "iou")}
     return {"pair_auc": auc, "pair_auc_fixed": auc_fixed, "precision": prec}
 

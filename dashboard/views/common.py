@@ -267,9 +267,30 @@ def dataset_picker(api: Api, current: int | None, key: str) -> int | None:
         st.info("No dataset registered yet. Register a folder of images on the Jobs page.")
         return None
     ids = [d["id"] for d in datasets]
-    names = {d["id"]: f"{d['name']} (#{d['id']})" for d in datasets}
+    names = {d["id"]: f"{d['name']} (#{d['id']}" + ("" if d.get("status", "ready") == "ready" else f", {d['status']}")
+             + ")" for d in datasets}
     index = ids.index(current) if current in ids else len(ids) - 1  # newest by default
     return st.selectbox("Dataset", ids, index=index, format_func=names.get, key=key)
+
+
+def registration_text(ds: dict) -> str | None:
+    """A line on the dataset's registration while it is not ready, or a rescan runs; else None."""
+    reg = ds.get("registration") or {}
+    if not reg or (ds.get("status") == "ready" and reg.get("status") not in ("queued", "running", "cancelling")):
+        return None
+    p = reg.get("progress") or {}
+    done, total = p.get("done") or 0, p.get("total") or 0
+    what = "rescan" if ds.get("status") == "ready" else "registration"
+    parts = [f"{what} job #{reg['job_id']} {reg['status']}"]
+    if p.get("scanned") is not None:
+        parts.append(f"{p['scanned']:,} files found")
+    if total:
+        parts.append(f"{done:,} / {total:,} new files checksummed")
+    if p.get("failed"):
+        parts.append(f"{p['failed']:,} unreadable")
+    if reg.get("error"):
+        parts.append(reg["error"])
+    return " · ".join(parts)
 
 
 def checkpoint_label(c: dict) -> str:

@@ -36,7 +36,9 @@ def render(api: common.Api) -> None:
     except ApiError as exc:
         common.show_error(exc, f"cannot load dataset {dataset_id}")
         return
-    st.caption(f"{ds['name']} · {ds['path']}")
+    st.caption(f"{ds['name']} · {ds['path']} · {ds.get('status', 'ready')}")
+    if (reg := common.registration_text(ds)) is not None:
+        (st.warning if ds.get("status") == "incomplete" else st.info)(reg)
     counts = ds.get("counts") or {}
     cols = st.columns(5)
     tiles = [("images", "Images"), ("failed_images", "Unreadable"), ("proposals", "Proposals (boxes)"),

@@ -75,6 +75,10 @@ def progress_text(job: dict) -> tuple[float | None, str]:
         parts.append(f"stage {p['stage']}")
     if total:
         parts.append(f"{done}/{total}")
+    if p.get("scanned") is not None:  # a register job: files listed, and of the checksummed, unreadable
+        parts.append(f"{p['scanned']} files found")
+    if p.get("failed"):
+        parts.append(f"{p['failed']} unreadable")
     if p.get("epoch") is not None:
         parts.append(f"epoch {p['epoch']}")
     if p.get("step") is not None:
@@ -119,8 +123,8 @@ def render(api: common.Api) -> None:
 def _register_form(api: common.Api) -> None:
     with st.expander("Register a folder of images", expanded=False):
         with st.form("register_dataset", clear_on_submit=False, border=False):
-            name = st.text_input("Name", value="sample")
-            path = st.text_input("Folder", value="sample/images",
+            name = st.text_input("Name", value="sample", key="register_name")
+            path = st.text_input("Folder", value="sample/images", key="register_path",
                                  help="absolute, or relative to a data root (ORL_DATA_ROOTS)")
             if st.form_submit_button("Register", disabled=not api.token):
                 try:
@@ -128,9 +132,13 @@ def _register_form(api: common.Api) -> None:
                 except ApiError as exc:
                     common.show_error(exc, "registration refused")
                 else:
+                    # The API answers at once; a registration job scans the folder (its progress is in
+                    # the job list on the right, which refreshes itself while it runs).
+                    reg = ds.get("registration") or {}
                     counts = ds.get("counts") or {}
-                    st.success(f"dataset #{ds['id']} {ds['name']}: {counts.get('images', '?')} images, "
-                               f"{counts.get('failed_images', 0)} unreadable")
+                    st.success(f"dataset #{ds['id']} {ds['name']} ({ds.get('status', 'ready')}): registration job "
+                               f"#{reg.get('job_id', '?')} {reg.get('status', '')}, {counts.get('images', 0)} images "
+                               "recorded so far")
                     st.session_state["jobs_dataset"] = ds["id"]
         if not api.token:
             st.caption("Registering needs the API token (sidebar).")

@@ -6,11 +6,14 @@ dependencies, so importing this module (uvicorn, tests, OpenAPI generation) has 
 
 from __future__ import annotations
 
+import json
+
 from fastapi import APIRouter, FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.api import limits
 from services.api.deps import ReadAccess
@@ -34,13 +37,29 @@ def _where(loc: tuple) -> str:
     return f"{kind.get(head, head)} '{'.'.join(rest)}'" if rest else kind.get(head, str(head))
 
 
+class ErrorResponse(JSONResponse):
+    """The body of every error answer, ASCII-escaped: an error may quote the request, and a request
+    may hold text UTF-8 cannot encode (a lone surrogate from a JSON escape such as "\\udb09"),
+    which the plain JSONResponse turned into a 500 (found by the fuzzer)."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
     # One sentence per problem that names the field and what it must be, e.g.
     # "query parameter 'limit': Input should be less than or equal to 500".
     errors = exc.errors()
     detail = "; ".join(f"{_where(tuple(e.get('loc', ())))}: {e.get('msg', 'invalid')}" for e in errors)
-    return JSONResponse({"detail": detail, "errors": jsonable_encoder(errors)},
-                        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+    return ErrorResponse({"detail": detail, "errors": jsonable_encoder(errors)},
+                         status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code in (204, 304):  # answers without a body
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return ErrorResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 # Answers any /api/v1 route can give, whatever it does: the token checks, the body limit and the
@@ -95,6 +114,7 @@ def _document_errors(router: APIRouter) -> None:
 def create_app() -> FastAPI:
     app = FastAPI(title="ORL API", version="1.0", description=DESCRIPTION, docs_url="/docs")
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
 
     # Read per request (the settings are cached): create_app() itself reads no settings.
     limits.install(app, lambda: get_settings().max_body_bytes)

@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from services.common.models import MAX_ID, Job, JobStatus
 
-JobKind = Literal["pretrain", "mine", "train", "pipeline", "embedding_map"]
+JobKind = Literal["pretrain", "mine", "train", "pipeline", "embedding_map", "register"]
+# What POST /jobs takes: register jobs are made by POST /datasets and /datasets/{id}/rescan.
+SubmitKind = Literal["pretrain", "mine", "train", "pipeline", "embedding_map"]
 
 
 T = TypeVar("T")
@@ -57,14 +59,33 @@ class ScanOut(BaseModel):
     added_failed: int = Field(description="of the new images, how many are unreadable")
 
 
+class RegistrationOut(BaseModel):
+    """The dataset's newest register job (GET /api/v1/jobs/{job_id} has all of it)."""
+
+    job_id: int
+    status: JobStatus
+    progress: dict[str, Any] = Field(description=(
+        "done / total: new files checksummed / to checksum; stage (scan, then checksum), scanned (files listed "
+        "so far), known (already recorded), checksummed, failed (of those, unreadable: see ?status=failed)"))
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
 class DatasetOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     id: int
     name: str
     path: str
     created_at: datetime
+    status: Literal["registering", "ready", "incomplete"] = Field("ready", description=(
+        "registering: its first registration job is queued or running (jobs on it are refused until it is "
+        "ready); ready: registered (a rescan may be running); incomplete: the first registration failed or "
+        "was cancelled: POST /datasets/{id}/rescan to go on"))
+    registration: RegistrationOut | None = Field(None, description=(
+        "the newest register job (POST /datasets and /rescan make one); null for a dataset registered without one"))
     counts: Counts | None = None
-    scan: ScanOut | None = None
+    scan: ScanOut | None = Field(None, description="what the newest registration found, once it succeeded")
 
 
 class ImageOut(BaseModel):
@@ -102,7 +123,7 @@ class NeighborPage(Page[NeighborOut]):
 
 # -- jobs ---------------------------------------------------------------------------------------
 class JobCreate(BaseModel):
-    kind: JobKind
+    kind: SubmitKind
     dataset_id: int = Field(gt=0, le=MAX_ID)
     params: dict[str, Any] = Field(default_factory=dict, description=(
         "stage parameters (docs/SERVICES.md, 'Job parameters'); for a pipeline, one object per stage: "

@@ -19,6 +19,10 @@ MINE_QUEUE = "gpu"
 # checkpoint) and lays out the map on cpu (services/miner/embedding_map.py).
 MAP_TASK = "miner.map_embed"
 MAP_QUEUE = "gpu"
+# A register job (POST /datasets, /rescan) lists the folder and checksums new files: disk and
+# CPU work, on the cpu queue (services/miner/registration.py).
+REGISTER_TASK = "miner.register_dataset"
+REGISTER_QUEUE = "cpu"
 
 
 def check_broker(timeout_s: float = 2.0) -> None:
@@ -41,10 +45,16 @@ def send_map(job_id: int, app: Celery | None = None) -> None:
     (app or get_celery()).send_task(MAP_TASK, args=[int(job_id)], queue=MAP_QUEUE)
 
 
+def send_register(job_id: int, app: Celery | None = None) -> None:
+    """Start a register job (it re-sends itself to continue a very large folder)."""
+    (app or get_celery()).send_task(REGISTER_TASK, args=[int(job_id)], queue=REGISTER_QUEUE)
+
+
 def dispatch(job_id: int, kind: str, app: Celery | None = None) -> None:
     """Hand a queued job to whoever runs it.
 
-    mine, embedding_map -> a Celery task on the gpu queue. pretrain/train -> nothing: a trainer process claims
+    mine, embedding_map -> a Celery task on the gpu queue; register -> one on the cpu queue.
+    pretrain/train -> nothing: a trainer process claims
     queued rows itself (``jobs.claim_job``). pipeline -> nothing: its children are dispatched.
     Call it AFTER the transaction that created or requeued the job committed, so the worker finds
     the row.
@@ -53,6 +63,8 @@ def dispatch(job_id: int, kind: str, app: Celery | None = None) -> None:
         send_mine(job_id, app)
     elif kind == "embedding_map":
         send_map(job_id, app)
+    elif kind == "register":
+        send_register(job_id, app)
 
 
 def dispatch_all(pairs: Iterable[tuple[int, str]], app: Celery | None = None) -> None:

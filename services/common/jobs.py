@@ -7,8 +7,8 @@ States::
       └──cancel──> cancelled  └──lease expired──> queued (attempts < max) | failed
 
 Functions take a ``Session`` and do not commit (the caller's transaction decides), except
-``reap_and_dispatch``, which commits and then hands requeued jobs to the broker: a worker must
-never receive a job id whose row is not committed yet.
+``reap_and_dispatch``, which hands requeued jobs to the broker and then commits (a worker that
+receives the job id first waits for the commit on the row lock; a send that fails rolls back).
 
 Who calls what:
 - API: ``create_job`` (+ ``broker.dispatch`` after commit), ``cancel_job``.
@@ -16,7 +16,8 @@ Who calls what:
   ``heartbeat`` between batches (it answers CANCEL when a cancel was requested, LOST when the lease
   went to someone else), ``finish_job`` + ``broker.dispatch_all``, ``release_job`` on shutdown,
   and ``reap_and_dispatch`` in its poll loop.
-- Miner: ``start_job`` in ``miner.start_mine`` and ``miner.map_embed`` (idempotent on redelivery),
+- Miner: ``start_job`` in ``miner.start_mine``, ``miner.map_embed`` and ``miner.register_dataset``
+  (idempotent on redelivery),
   ``get_job(lock=True)`` + ``update_job`` for the plan and each phase change, ``heartbeat`` /
   ``set_progress(phase=...)`` per shard, ``finish_job`` from the last shard. A mining job spans
   many tasks, so something must renew its heartbeat at least every ORL_LEASE_S while shards wait
@@ -51,7 +52,7 @@ from services.common.models import JOB_KINDS, TERMINAL_STATUSES, Job, JobStatus
 
 PIPELINE_STAGES = ("pretrain", "mine", "train")
 # Jobs run as Celery tasks by the miner workers (dispatched by broker.dispatch).
-MINER_KINDS = ("mine", "embedding_map")
+MINER_KINDS = ("mine", "embedding_map", "register")
 # A worker holds the job (its heartbeat counts).
 ACTIVE_STATUSES = (JobStatus.RUNNING, JobStatus.CANCELLING)
 
@@ -331,7 +332,7 @@ def set_progress(session: Session, job_id: int, *, done: int | None = None, tota
 
 
 def keep_alive(session: Session, job_ids: Iterable[int]) -> int:
-    """Renew the heartbeat of those of ``job_ids`` that are running miner jobs (mine, embedding_map):
+    """Renew the heartbeat of those of ``job_ids`` that are running miner jobs (mine, embedding_map, register):
     their next tasks wait in the broker, where nobody heartbeats them (services/miner/keepalive.py).
     Returns how many."""
     ids = sorted(set(job_ids))
@@ -484,8 +485,18 @@ def reap_stale(session: Session, lease_s: float, max_attempts: int = 3) -> list[
     worker resumes it (trainers from their last checkpoint, mine tasks idempotently), unless it
     already had ``max_attempts`` attempts: then it fails with an error saying so. A stale job that
     was cancelling is simply cancelled. Returns the requeued (job id, kind) pairs: dispatch them
-    after commit (mine jobs need a new task; pretrain/train are claimed from the table).
+    before the commit (``reap_and_dispatch``; mine jobs need a new task, pretrain/train are
+    claimed from the table). Nothing is reaped within ``lease_s`` of the database's start.
     """
+    # Heartbeats cannot be written while the database is down, so right after its server
+    # (re)starts every running job looks stale, its worker alive or not. Reaping then requeued
+    # live jobs (a trainer lost its job and resumed it from last.pt; a mining job's shards were
+    # re-sent while still running) and spent one of ORL_MAX_ATTEMPTS per database restart. So
+    # nothing is reaped within one lease of the server's start: live workers renew in that
+    # time, and a worker that died is reaped one lease later.
+    up_s = session.execute(select(func.extract("epoch", func.now() - func.pg_postmaster_start_time()))).scalar_one()
+    if float(up_s) < lease_s:
+        return []
     stale = list(session.execute(
         select(Job)
         .where(Job.status.in_(ACTIVE_STATUSES), Job.kind != "pipeline",
@@ -516,8 +527,15 @@ def reap_stale(session: Session, lease_s: float, max_attempts: int = 3) -> list[
 
 # -- committing helpers -------------------------------------------------------------------------
 def reap_and_dispatch(lease_s: float, max_attempts: int = 3) -> list[tuple[int, str]]:
-    """``reap_stale`` in its own transaction, then re-send requeued mine jobs."""
+    """``reap_stale`` and the re-sending of requeued mine jobs, in one transaction.
+
+    The tasks are sent BEFORE the commit, as the miner's phase changes are: when the broker is
+    down the send raises, the transaction rolls back, and the jobs stay running and stale for
+    the next round. Sent after the commit, a failed send left a mine job queued with no task,
+    which nothing ever re-sends (queued forever). A worker that gets the task before the commit
+    waits for it on the row lock (``start_job``).
+    """
     with session_scope() as s:
         requeued = reap_stale(s, lease_s, max_attempts)
-    broker.dispatch_all(requeued)
+        broker.dispatch_all(requeued)
     return requeued

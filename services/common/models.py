@@ -31,13 +31,15 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    literal_column,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # embedding_map: a 2-D layout of a checkpoint's image embeddings (services/miner/embedding_map.py).
-JOB_KINDS = ("pretrain", "mine", "train", "pipeline", "embedding_map")
+# register: recording a dataset folder's files (POST /datasets, /rescan; services/miner/registration.py).
+JOB_KINDS = ("pretrain", "mine", "train", "pipeline", "embedding_map", "register")
 # Row ids are bigints: the API refuses a larger id with a 422 naming it, before any query.
 MAX_ID = 2**63 - 1
 
@@ -292,6 +294,17 @@ class EmbeddingMapPoint(Base):
 Index("ix_roi_pairs_job_id_score_id", RoiPair.job_id, RoiPair.score.desc(), RoiPair.id)
 Index("ix_roi_pairs_image_id_score_id", RoiPair.image_id, RoiPair.score.desc(), RoiPair.id)
 Index("ix_roi_pairs_score_id", RoiPair.score.desc(), RoiPair.id)
+# order=random: every pair's fixed pseudo-random key, a hash of its id, walked from a point the seed
+# picks (services/api/routers/correspondences.py, _random_page); migration 0006. The 0 is written
+# out as a literal so that a query's expression matches the index's whatever the plan.
+SAMPLE_KEY = func.hashint8extended(RoiPair.id, literal_column("0"), type_=BigInteger)
+Index("ix_roi_pairs_job_id_sample_key", RoiPair.job_id, SAMPLE_KEY, RoiPair.id)
+# The box-area filters of /correspondences (both boxes, square pixels): a range of the query box's
+# area scanned in the index, the neighbour's checked there too; and ANALYZE keeps statistics of
+# both expressions, so the planner knows when walking the score index is cheaper (a loose range).
+Q_AREA = (RoiPair.qx2 - RoiPair.qx1) * (RoiPair.qy2 - RoiPair.qy1)
+N_AREA = (RoiPair.nx2 - RoiPair.nx1) * (RoiPair.ny2 - RoiPair.ny1)
+Index("ix_roi_pairs_job_id_areas", RoiPair.job_id, Q_AREA, N_AREA)
 # "Which pairs involve this image as the neighbour" (deleting images, the dashboard's image view).
 Index("ix_roi_pairs_neighbor_image_id", RoiPair.neighbor_image_id)
 Index("ix_neighbors_neighbor_image_id", Neighbor.neighbor_image_id)

@@ -197,10 +197,22 @@ def usable_checkpoint(session: Session, value: Any, field: str, artifacts_dir: P
 MAX_DEPTH = 16  # a pipeline's params are 4 levels deep (stage, set, section, field)
 
 
+def _storable_text(text: str) -> bool:
+    """Text jsonb takes: no NUL, and valid Unicode (JSON allows a lone "\\udb09"; Postgres refuses it)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_storable(value: Any, field: str) -> None:
-    """Params are stored as Postgres jsonb, which holds neither NaN / Infinity nor a NUL character;
-    JSON parsers accept both, so they are refused here, naming where they are, as is nesting
-    deeper than MAX_DEPTH (no parameter is that deep; walking it would only cost the server)."""
+    """Params are stored as Postgres jsonb, which holds no NaN or Infinity, no NUL character and
+    no lone surrogate; JSON parsers accept all of them, so they are refused here, naming where
+    they are, as is nesting deeper than MAX_DEPTH (no parameter is that deep; walking it would
+    only cost the server)."""
     stack: list[tuple[Any, str, int]] = [(value, field, 0)]
     while stack:
         v, where, depth = stack.pop()
@@ -208,12 +220,12 @@ def check_storable(value: Any, field: str) -> None:
             raise ParamsError(where, f"params are nested deeper than {MAX_DEPTH} levels at {where}")
         if isinstance(v, float) and not math.isfinite(v):
             raise ParamsError(where, f"{where} must be a finite number, got {v!r}")
-        if isinstance(v, str) and "\x00" in v:
-            raise ParamsError(where, f"{where} must not contain a NUL character")
+        if isinstance(v, str) and not _storable_text(v):
+            raise ParamsError(where, f"{where} must not contain a NUL character or a lone surrogate")
         if isinstance(v, Mapping):
             for k, item in v.items():
-                if "\x00" in str(k):
-                    raise ParamsError(where, f"a key of {where} contains a NUL character")
+                if not _storable_text(str(k)):
+                    raise ParamsError(where, f"a key of {where} contains a NUL character or a lone surrogate")
                 stack.append((item, f"{where}.{k}", depth + 1))
         elif isinstance(v, list):
             stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(v))
@@ -226,8 +238,11 @@ def check_job(session: Session, kind: str, params: Mapping[str, Any], artifacts_
     run with), and references: a mine job's checkpoint must be a usable checkpoint, a train job's
     mine_job_id a mine job.
     """
+    if kind == "register":
+        raise ParamsError("kind", "register jobs are made by POST /api/v1/datasets (or /datasets/{id}/rescan)")
     if kind not in JOB_KINDS:
-        raise ParamsError("kind", f"unknown job kind {kind!r}; valid kinds: {', '.join(JOB_KINDS)}")
+        valid = ", ".join(k for k in JOB_KINDS if k != "register")
+        raise ParamsError("kind", f"unknown job kind {kind!r}; valid kinds: {valid}")
     if not isinstance(params, Mapping):
         raise ParamsError("params", "params must be an object")
     check_storable(params, "params")

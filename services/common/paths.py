@@ -82,13 +82,21 @@ def resolve_user_path(raw: str, roots: list[Path], *, field: str, noun: str = "f
         raise refuse(f"path is empty; give a {noun} under one of the data roots")
     if len(raw) > MAX_PATH_CHARS or "\x00" in raw:
         raise refuse("path is too long or contains a NUL byte")
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (JSON allows "\udb09"): no file name can hold it, and the OS calls
+        # below would fail on it (found by the fuzzer: a 500).
+        raise refuse("path is not valid Unicode text (it holds a lone surrogate); give a real file name") from None
     decoded = _fully_decoded(raw)
     if "\x00" in decoded:
         raise refuse("path contains an encoded NUL byte")
     if _has_dotdot(raw) or _has_dotdot(decoded):
         raise refuse(f"path must not contain '..' (plain or percent-encoded); give the {noun}'s full path "
                      f"or its path relative to a data root ({_roots_text(roots)})")
-    p = Path(raw).expanduser()
+    # "~" is not expanded: the API server's home folder means nothing to a client, and
+    # "~unknownuser" made pathlib raise (a 500, found by the fuzzer). It is a plain name here.
+    p = Path(raw)
     if p.is_absolute():
         # Where it leads (links followed, the missing tail kept as written) decides first: the same
         # answer for an existing and a missing path outside the roots.

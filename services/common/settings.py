@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1)
     shard_size: int = Field(200, ge=1)
     device: Literal["cpu", "cuda", "auto"] = "auto"
+    # How a miner worker spends its cores (services/miner/threads.py, orl.device.plan_threads):
+    # the cores it may use (None: its CPU affinity), the cpu worker's pool processes (None:
+    # min(2, cores)) and the selective-search processes of each shard (None: cores / processes).
+    worker_cores: int | None = Field(None, ge=1)
+    cpu_concurrency: int | None = Field(None, ge=1)
+    ss_processes: int | None = Field(None, ge=1)
 
     @field_validator("database_url")
     @classmethod
@@ -64,6 +70,12 @@ class Settings(BaseSettings):
             raise ValueError("ORL_API_READ_TOKEN must differ from ORL_API_TOKEN: the read token is handed to the "
                              "dashboard, the write token must not be")
         return self
+
+    @field_validator("worker_cores", "cpu_concurrency", "ss_processes", mode="before")
+    @classmethod
+    def _empty_count_is_none(cls, v: object) -> object:
+        # docker-compose passes an unset host variable through as "" (`${ORL_SS_PROCESSES:-}`).
+        return None if isinstance(v, str) and not v.strip() else v
 
     @property
     def data_root_paths(self) -> list[Path]:

@@ -25,11 +25,13 @@ differ per host). The dataset folders must be readable at the same absolute path
 
     ORL_BROKER_URL=redis://broker:6379/0 ORL_DATABASE_URL=postgresql+psycopg://orl@db/orl \
     ORL_ARTIFACTS_DIR=/mnt/orl/artifacts \
-    celery -A services.miner.celery_app worker -Q cpu --concurrency 8 -n cpu@%h
+    ORL_CPU_CONCURRENCY=4 ORL_SS_PROCESSES=4 celery -A services.miner.celery_app worker -Q cpu -n cpu@%h
 
-(``-Q gpu --pool solo -n gpu@%h``, one worker per GPU with ``CUDA_VISIBLE_DEVICES``, for GPU
-hosts). Nothing else is coordinated between hosts: work is split into shards that any worker may
-take, completion is counted in the database, and every task is idempotent, so a host that dies
-loses only the shard it held (the broker redelivers it after ``ORL_VISIBILITY_TIMEOUT_S``, and
-the stale-job reaper re-sends the job after ``ORL_LEASE_S`` without heartbeats).
+(a 16-core host: four shards at once, four selective-search processes each; the counts must fit
+the cores, ``services/miner/threads.py``), or ``-Q gpu --pool solo -n gpu@%h``, one worker per GPU
+with ``CUDA_VISIBLE_DEVICES``, for GPU hosts. Nothing else is coordinated between hosts: work is
+split into shards that any worker may take, completion is counted in the database, and every
+task is idempotent, so a host that dies loses only the shard it held (the broker redelivers it
+after ``ORL_VISIBILITY_TIMEOUT_S``, and the stale-job reaper re-sends the job after
+``ORL_LEASE_S`` without heartbeats).
 """

@@ -1,15 +1,17 @@
-"""The miner's Celery worker app: queues ``cpu`` (selective search, embedding-map layouts) and
-``gpu`` (embeddings, KNN, RoI features, pairs).
+"""The miner's Celery worker app: queues ``cpu`` (selective search, embedding-map layouts, dataset
+registration) and ``gpu`` (embeddings, KNN, RoI features, pairs).
 
 Start workers with (docs/SERVICES.md, "Commands")::
 
-    celery -A services.miner.celery_app worker -Q cpu --concurrency 2 --prefetch-multiplier 1 -n cpu@%h
+    celery -A services.miner.celery_app worker -Q cpu --prefetch-multiplier 1 -n cpu@%h
     celery -A services.miner.celery_app worker -Q gpu --pool solo -n gpu@%h
 
 (or one worker on both queues, ``-Q cpu,gpu``, on a small machine). Configuration comes from
 ``ORL_*`` settings, read when the worker first needs it, not at import time: the shared options
 of ``services.common.runtime.celery_config`` (acks late, reject on worker lost, prefetch 1, the
-broker visibility timeout) plus the queues, routes and time limits below.
+broker visibility timeout) plus the queues, routes and time limits below, and the pool size
+(``ORL_CPU_CONCURRENCY``; threads.py decides it with the per-process threads and
+selective-search processes, from ``ORL_WORKER_CORES``).
 
 Every worker also runs, in a thread of its main process, the stale-job reaper
 (``services.common.jobs.reap_stale``), so a job whose worker vanished is requeued (and its mining
@@ -26,9 +28,10 @@ from typing import Any
 from celery import Celery, signals
 from kombu import Queue
 
-from services.common.broker import MAP_QUEUE, MAP_TASK, MINE_QUEUE, MINE_TASK
+from services.common.broker import MAP_QUEUE, MAP_TASK, MINE_QUEUE, MINE_TASK, REGISTER_QUEUE, REGISTER_TASK
 from services.common.runtime import celery_config
 from services.common.settings import Settings, get_settings
+from services.miner import threads
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ ROUTES = {
     "miner.pairs_shard": "gpu",
     MAP_TASK: MAP_QUEUE,  # embedding_map: embeddings the checkpoint lacks (services/miner/embedding_map.py)
     "miner.map_layout": "cpu",  # then UMAP / PCA, which needs no accelerator
+    REGISTER_TASK: REGISTER_QUEUE,  # a dataset folder's listing and checksums (services/miner/registration.py)
 }
 
 
@@ -67,6 +71,8 @@ def worker_config(settings: Settings) -> dict[str, Any]:
         # cancelling it avoids two copies running at once.
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_send_task_events=False,
+        # The prefork pool's size (a command-line --concurrency overrides it); the solo pool ignores it.
+        worker_concurrency=threads.worker_plan(settings).processes,
     )
     return conf
 
@@ -94,9 +100,12 @@ def reap_once(engine) -> list[tuple[int, str]]:
         jobs.keep_alive(s, waiting)
     with Session(engine) as s, s.begin():
         requeued = jobs.reap_stale(s, settings.lease_s, settings.max_attempts)
+        # Sent before the commit, as jobs.reap_and_dispatch does (with this worker's connection):
+        # a broker that is down rolls the requeue back instead of leaving a job queued that no
+        # task will ever start.
+        broker.dispatch_all(requeued, app)
     for job_id, kind in requeued:
         log.warning("job %s (%s) had a stale heartbeat: requeued", job_id, kind)
-    broker.dispatch_all(requeued, app)  # as the trainers' reaper does, with this worker's connection
     return requeued
 
 
@@ -120,6 +129,17 @@ def _reap_forever(stop: threading.Event) -> None:
 
 
 _reaper_stop = threading.Event()
+
+
+@signals.worker_init.connect
+def _record_worker(sender: Any = None, **_: Any) -> None:
+    threads.record_worker(getattr(sender, "concurrency", None))
+
+
+@signals.worker_process_init.connect
+def _configure_threads(**_: Any) -> None:
+    # Every process that runs tasks: prefork children, or the main process of the solo pool.
+    threads.configure_process()
 
 
 @signals.worker_ready.connect

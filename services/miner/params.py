@@ -47,7 +47,11 @@ def params_key(cfg: MineConfig) -> str:
 
 def roi_key(cfg: MineConfig) -> str:
     """The RoI-feature options: features cached under one key are interchangeable."""
-    opts = {"roi_mode": cfg.roi_mode, "roi_size": cfg.roi_size}
+    opts: dict[str, Any] = {"roi_mode": cfg.roi_mode, "roi_size": cfg.roi_size}
     if cfg.roi_mode == "roi_align":
         opts["roi_align_max_side_px"] = cfg.roi_align_max_side_px
+        if cfg.decode_draft:  # draft decoding changes the roi_align pass's pixels (crop mode never drafts)
+            opts["decode_draft"] = True
+    if cfg.roi_dtype != "float32":  # float32 keys stay those of the caches written before the option
+        opts["roi_dtype"] = cfg.roi_dtype
     return f"{cfg.roi_mode}-{_short_hash(opts, 10)}"

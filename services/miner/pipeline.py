@@ -40,6 +40,7 @@ import logging
 import os
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +53,8 @@ from sqlalchemy.orm import Session
 from orl.checkpoint import load_model
 from orl.config import MineConfig
 from orl.device import resolve_device
-from orl.images import ImageError, load_rgb
-from orl.mining import embed_images, embed_rois, knn_search, select_pairs
+from orl.images import ImageError
+from orl.mining import RoiImage, embed_images, embed_rois_batched, knn_search, select_pairs
 from orl.proposals import proposal_params, run_proposals
 from services.common import jobs, thumbnails
 from services.common.artifacts import artifact_file, checkpoint_config, upsert_artifact
@@ -64,7 +65,7 @@ from services.common.heartbeat import Heartbeat
 from services.common.models import TERMINAL_STATUSES, Job, JobStatus
 from services.common.plan import MinePlan
 from services.common.settings import get_settings
-from services.miner import records
+from services.miner import records, threads
 from services.miner.params import MineParamsError, params_key, resolve_config, roi_key
 from services.miner.roi_cache import RoiCache
 
@@ -125,6 +126,12 @@ class Gate:
             finish(self.job_id, JobStatus.CANCELLED)
             raise Stop(f"job {self.job_id} was cancelled")
         return result
+
+    def stop_requested(self) -> bool:
+        """Cheap poll (no lock) while a long computation runs: cancelled, finished or gone."""
+        with session_scope() as s:
+            st = records.job_status(s, self.job_id)
+        return st is None or st[0] in TERMINAL_STATUSES or bool(st[1]) or st[0] == JobStatus.CANCELLING
 
 
 def _locked(s: Session, job_id: int) -> Job:
@@ -293,20 +300,31 @@ def propose_shard(job_id: int, image_ids: Sequence[int], dispatcher: Dispatcher)
     root = Path(plan.dataset_path)
     last_report = time.monotonic()
     with _heartbeat(job_id):
-        # One isolated subprocess per shard: a time limit per image, and an OpenCV crash costs
-        # one image, not the Celery pool process (parallelism comes from worker concurrency).
+        # Isolated subprocesses: a time limit per image, and an OpenCV crash costs one image, not
+        # the Celery pool process. How many: this process's share of the worker's cores
+        # (ORL_SS_PROCESSES, threads.py), never the job's mine.ss_workers (another machine's).
         # Each file must still be inside the dataset folder and have its registered checksum.
-        results = run_proposals([str(root / paths[i]) for i in todo], plan.proposal_params, workers=1,
-                                timeout_s=plan.mine.ss_timeout_s, root=str(root), checksums=[sums.get(i) for i in todo])
+        # A cancel is also looked for while an image is in work (every 0.5 s): the subprocess is
+        # killed then, rather than finishing an image that may take tens of seconds.
+        results = run_proposals([str(root / paths[i]) for i in todo], plan.proposal_params,
+                                workers=max(1, threads.current().ss_processes), timeout_s=plan.mine.ss_timeout_s,
+                                root=str(root), checksums=[sums.get(i) for i in todo],
+                                should_stop=gate.stop_requested)
+        written = []
         try:
             for k, res in results:
                 _write_proposal(todo[k], key, res)
+                written.append(todo[k])
                 gate.check()
                 if time.monotonic() - last_report > _PROGRESS_EVERY_S:
                     _report_propose(job_id, plan)
                     last_report = time.monotonic()
         finally:
             results.close()  # stops the selective-search subprocess when cancelled
+            # Which images this task computed (a redelivered shard lists only those still
+            # missing): for operators, and how the fault tests check each image is done once.
+            log.info("job %s: selective search on images %s", job_id, written)
+        gate.check()  # stopped early by a cancel: finish the job as cancelled
         _render_thumbnails(gate, root, paths, image_ids)
     _report_propose(job_id, plan)
     advance_to_embed(job_id, dispatcher)
@@ -424,8 +442,8 @@ def embed_missing(job_id: int, gate: Gate, images: ImageSet, checkpoint_id: int,
             sums = records.image_checksums(s, chunk)
         ids = [i for i in chunk if i in paths]
         # Decoded from the bytes hashed against the registered checksum, inside the dataset root.
-        emb, failed = embed_images(model, [str(root / paths[i]) for i in ids], mc, dev, root=root,
-                                   checksums=[sums.get(i) for i in ids])
+        emb, failed = embed_images(model, [str(root / paths[i]) for i in ids], mc, dev, threads.current().threads,
+                                   root=root, checksums=[sums.get(i) for i in ids])
         with session_scope() as s:
             for k, reason in failed.items():
                 records.mark_image_failed(s, ids[k], reason)
@@ -434,6 +452,7 @@ def embed_missing(job_id: int, gate: Gate, images: ImageSet, checkpoint_id: int,
             left = len(records.ids_lacking_embedding(s, ds_id, max_id, checkpoint_id))
             total = records.count_set(s, ds_id, max_id)
             jobs.set_progress(s, job_id, done=total - left, total=total, phase="embed")
+        log.info("job %s: embedded images %s", job_id, [ids[k] for k in ok])
         computed += len(ok)
     return computed
 
@@ -460,36 +479,57 @@ def fan_out_pairs(job_id: int, dispatcher: Dispatcher) -> None:
 # -- RoI features and pairs ----------------------------------------------------------------------------
 @dataclass
 class _RoiFeatures:
-    """Each image's boxes encoded once: from the on-disk cache, or computed and cached."""
+    """Each image's boxes encoded once: read from the on-disk cache, computed in batches first.
+
+    Only a bounded number of images' features is kept in memory (the most recently used), so a
+    shard's memory does not grow with its neighbours; the rest are re-read from the cache.
+    """
 
     plan: MinePlan
     boxes: dict[int, np.ndarray]
     paths: dict[int, str]
     checksums: dict[int, str | None]
+    memo_images: int = 256
 
     def __post_init__(self):
         self.cache = RoiCache(get_settings().artifacts_path, self.plan.checkpoint_id, self.plan.params_key,
-                              self.plan.roi_key)
-        self.memo: dict[int, np.ndarray] = {}
+                              self.plan.roi_key, self.plan.mine.roi_dtype)
+        self.memo: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.failed: set[int] = set()
+
+    def compute_missing(self, image_ids: Sequence[int], gate: Gate) -> int:
+        """Encode (many images per forward) and cache the features the cache lacks; an image that
+        no longer decodes is marked failed and gets no pairs. Returns how many were encoded."""
+        todo = [i for i in image_ids if len(self.boxes.get(i, ())) and self.cache.get(i, len(self.boxes[i])) is None]
+        if not todo:
+            return 0
+        model = get_model(artifact_path(self.plan.checkpoint_path))
+        root = Path(self.plan.dataset_path)
+        jobs = [RoiImage(root / self.paths[i], self.boxes[i], root, self.checksums.get(i)) for i in todo]
+        for k, feats, reason in embed_rois_batched(model.backbone, jobs, self.plan.mine, device(),
+                                                   threads.current().threads):
+            if reason:  # readable when proposed, not now: no pairs with it, recorded
+                log.warning("image %s: %s", todo[k], reason)
+                with session_scope() as s:
+                    records.mark_image_failed(s, todo[k], reason)
+                self.failed.add(todo[k])
+            else:
+                self.cache.put(todo[k], feats)
+            if k % 16 == 15:
+                gate.check()
+        return len(todo)
 
     def __call__(self, image_id: int) -> np.ndarray:
         if image_id in self.memo:
+            self.memo.move_to_end(image_id)
             return self.memo[image_id]
         boxes = self.boxes.get(image_id, np.zeros((0, 4)))
-        feats = self.cache.get(image_id, len(boxes)) if len(boxes) else np.zeros((0, 0), np.float32)
+        feats = None if image_id in self.failed or not len(boxes) else self.cache.get(image_id, len(boxes))
         if feats is None:
-            model = get_model(artifact_path(self.plan.checkpoint_path))
-            root = Path(self.plan.dataset_path)
-            try:
-                img = load_rgb(root / self.paths[image_id], root=root, expected_sha1=self.checksums.get(image_id))
-                feats, _ = embed_rois(model.backbone, img, boxes, self.plan.mine, device())
-                self.cache.put(image_id, feats)
-            except ImageError as exc:  # readable when proposed, not now: no pairs with it, recorded
-                log.warning("image %s: %s", image_id, exc)
-                with session_scope() as s:
-                    records.mark_image_failed(s, image_id, str(exc))
-                feats = np.zeros((0, 0), np.float32)
+            feats = np.zeros((0, 0), np.float32)
         self.memo[image_id] = feats
+        if len(self.memo) > self.memo_images:
+            self.memo.popitem(last=False)
         return feats
 
 
@@ -513,12 +553,15 @@ def pairs_shard(job_id: int, image_ids: Sequence[int], shard: int | None, dispat
         sums = records.image_checksums(s, list(all_ids))
     feats = _RoiFeatures(plan, boxes, paths, sums)
     with _heartbeat(job_id):
+        todo = [q for q in qids if q not in done and len(boxes.get(q, ()))]
+        feats.compute_missing(sorted({*todo, *(n for q in todo for _, n, _ in nbrs.get(q, []))}), gate)
         for q in qids:
             gate.check()
             if q in done or not len(boxes.get(q, ())):
                 continue
             rows = []
             for k, n, _ in nbrs.get(q, []):
+                gate.check()  # each neighbour may need its RoI features computed: seconds on a CPU
                 fq, fk = feats(q), feats(n)
                 if not len(fq) or not len(fk):
                     continue
@@ -531,6 +574,7 @@ def pairs_shard(job_id: int, image_ids: Sequence[int], shard: int | None, dispat
                          for r in range(len(ij))]
             with session_scope() as s:  # one image's pairs in one transaction
                 records.write_pairs(s, rows)
+    log.info("job %s: pairs of query images %s", job_id, [q for q in qids if q not in done])
     if shard is not None:
         _shard_done(job_id, int(shard), dispatcher)
 

@@ -3,8 +3,9 @@
 Task names and queues (``celery_app.ROUTES``): ``miner.start_mine(job_id)`` on gpu,
 ``miner.propose_shard(job_id, image_ids)`` on cpu, ``miner.embed_knn(job_id)`` on gpu,
 ``miner.pairs_shard(job_id, image_ids, shard=None)`` on gpu; for embedding_map jobs
-``miner.map_embed(job_id)`` on gpu and ``miner.map_layout(job_id)`` on cpu. All are safe to
-redeliver (acks late + reject on worker lost): see the pipeline and embedding_map modules for why.
+``miner.map_embed(job_id)`` on gpu and ``miner.map_layout(job_id)`` on cpu; for register jobs
+(POST /datasets) ``miner.register_dataset(job_id)`` on cpu. All are safe to redeliver (acks late +
+reject on worker lost): see the pipeline, embedding_map and registration modules for why.
 
 Errors: a transient database or broker error is retried a few times with backoff; anything else
 fails the job with a message saying which step failed and why (the job row is what users see;
@@ -21,9 +22,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import OperationalError as DatabaseError
 
-from services.common.broker import MAP_TASK, MINE_TASK
+from services.common.broker import MAP_TASK, MINE_TASK, REGISTER_TASK
 from services.common.models import JobStatus
-from services.miner import embedding_map, pipeline
+from services.miner import embedding_map, pipeline, registration
 from services.miner.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ class CeleryDispatcher:
     def layout(self, job_id: int) -> None:
         map_layout.apply_async(args=[int(job_id)])
 
+    def register(self, job_id: int) -> None:
+        register_dataset.apply_async(args=[int(job_id)])
+
 
 DISPATCHER = CeleryDispatcher()
 
@@ -59,10 +63,12 @@ def _run(task: Task, job_id: int, step: Callable[..., None], *args) -> dict:
         step(job_id, *args, DISPATCHER)
     except pipeline.Stop as exc:
         log.info("%s: %s", task.name, exc)
-    except (pipeline.MineError, embedding_map.MapError) as exc:
+    except (pipeline.MineError, embedding_map.MapError, registration.RegisterError) as exc:
         pipeline.finish(job_id, JobStatus.FAILED, error=str(exc), dispatcher=DISPATCHER)
     except SoftTimeLimitExceeded:
-        smaller = "use method pca" if task.name.startswith("miner.map_") else "lower ORL_SHARD_SIZE"
+        smaller = ("use method pca" if task.name.startswith("miner.map_") else
+                   "a batch of files took too long (a slow or hanging disk?)" if task.name == REGISTER_TASK
+                   else "lower ORL_SHARD_SIZE")
         pipeline.finish(job_id, JobStatus.FAILED, dispatcher=DISPATCHER, error=(
             f"{task.name} exceeded its time limit ({task.app.conf.task_soft_time_limit} s): {smaller} "
             "or raise ORL_VISIBILITY_TIMEOUT_S (the limits follow it)"))
@@ -113,3 +119,12 @@ def map_embed(self: Task, job_id: int) -> dict:
 def map_layout(self: Task, job_id: int) -> dict:
     """UMAP (or PCA) of the checkpoint's image embeddings; the points stored, the job finished."""
     return _run(self, int(job_id), embedding_map.layout_map)
+
+
+@app.task(name=REGISTER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def register_dataset(self: Task, job_id: int) -> dict:
+    """A register job: list the dataset folder, record the new files (header, sha1) in batches.
+
+    It works for half the soft time limit at most, then sends itself again to go on."""
+    budget_s = 0.5 * float(self.app.conf.task_soft_time_limit or 600)
+    return _run(self, int(job_id), registration.register, budget_s)

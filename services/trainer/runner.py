@@ -118,7 +118,15 @@ class Trainer:
                                                 "out_dir": self._rel(spec.out_dir)})
         except SpecError as exc:
             return self._finish(job_id, JobStatus.FAILED, error=str(exc))
-        save_config(spec.cfg, spec.out_dir)  # next to last.pt, as `orl pretrain` writes it
+        try:
+            save_config(spec.cfg, spec.out_dir)  # next to last.pt, as `orl pretrain` writes it
+        except OSError as exc:
+            # An unwritable or full artifacts volume. Uncaught, this left the job running with
+            # no heartbeat: requeued after each lease, claimed and crashed again, and finally
+            # failed as "stopped sending heartbeats", which hid the cause.
+            return self._finish(job_id, JobStatus.FAILED,
+                                error=f"cannot write to the artifacts folder (ORL_ARTIFACTS_DIR) at {spec.out_dir}: "
+                                      f"{exc}")
         log.info("job %s: %s stage %s, %s, preset %s, %d process(es)%s", job_id, spec.kind, spec.stage,
                  spec.info, spec.cfg.preset, spec.nproc, " (resuming from last.pt)" if resumed else "")
         with Heartbeat(job_id, self.settings.heartbeat_s, worker=self.worker) as lease:
@@ -252,9 +260,34 @@ class Trainer:
         except jobs.InvalidTransition as exc:
             log.warning("job %s: %s", job_id, exc)
             return "lost"
-        broker.dispatch_all(nxt)  # a pipeline's next stage (mine: a Celery task)
         log.info("job %s %s%s", job_id, status, f": {error}" if error else "")
+        self._dispatch_next(nxt)  # a pipeline's next stage (mine: a Celery task)
         return status
+
+    def _dispatch_next(self, nxt: list[tuple[int, str]], wait_s: float = 30.0) -> None:
+        """Send the next stage; while the broker is down, retry for ``wait_s`` (a restart takes
+        seconds), then fail that stage with the reason, as the API does with a job it cannot send.
+
+        The stage's row is committed before this (its worker must find it), so a send that
+        raised used to leave it queued with no task, and its pipeline running, forever.
+        """
+        deadline = time.monotonic() + wait_s
+        while nxt:
+            try:
+                broker.dispatch_all(nxt)
+                return
+            except Exception as exc:  # kombu raises several types when Redis is down
+                if time.monotonic() < deadline and not self.shutdown.is_set():
+                    log.warning("cannot reach the broker to start job(s) %s; retrying: %s", [j for j, _ in nxt], exc)
+                    self.shutdown.wait(2.0)
+                    continue
+                with session_scope() as s:
+                    for next_id, _ in nxt:
+                        jobs.finish_job(s, next_id, JobStatus.FAILED, error=(
+                            f"could not reach the broker to start the job for {wait_s:g} s: {type(exc).__name__}: "
+                            f"{exc}; check ORL_BROKER_URL / Redis, then submit the pipeline again"))
+                log.error("job(s) %s failed: the broker is unreachable", [j for j, _ in nxt])
+                return
 
     def _release(self, job_id: int) -> None:
         """Give a job back on a clean shutdown, so another trainer resumes it without waiting

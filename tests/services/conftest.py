@@ -4,11 +4,14 @@ pointing at it, and a FastAPI TestClient.
 Nothing here mocks the database: ``pg_url`` creates ``orl_test_<hex>`` on the Postgres server at
 ORL_TEST_PG_ADMIN_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/postgres), runs the
 Alembic migrations on it, and drops it at the end of the session. The broker is the real Redis at
-ORL_TEST_BROKER_URL (default: redis://127.0.0.1:6379/<random db 1..15>, so the ``gpu`` queue of
-a test session does not feed the Celery workers of another session on the same machine).
+ORL_TEST_BROKER_URL (default: redis://127.0.0.1:6379/<an empty db of 1..15>, claimed with an owner
+key and flushed at the end, so the queues of a test session do not feed the Celery workers of
+another session on the same machine: every module that registers a dataset sends a task).
 
 Reuse from other test files: ``pg_url``, ``settings_env`` (a ``ServiceEnv``), ``api_client``,
-``auth_headers``, ``db_session``.
+``auth_headers``, ``db_session``, ``registrar`` (a real miner worker on the cpu queue, for modules
+that register datasets through the API without a miner of their own: POST /datasets answers at
+once and a register job scans the folder; ``procs.registered`` waits for it).
 """
 
 from __future__ import annotations
@@ -98,7 +101,9 @@ def settings_env(pg_url, tmp_path_factory) -> Iterator[ServiceEnv]:
     root = tmp_path_factory.mktemp("data_root").resolve()
     _copy_sample(root / "sample")
     artifacts = tmp_path_factory.mktemp("artifacts").resolve()
-    broker = os.environ.get("ORL_TEST_BROKER_URL", f"redis://127.0.0.1:6379/{random.randint(1, 15)}")
+    broker, release = os.environ.get("ORL_TEST_BROKER_URL"), None
+    if broker is None:
+        broker, release = _claim_broker_db()
     env = ServiceEnv(pg_url, broker, root, root / "sample", artifacts, TOKEN)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ORL_DATABASE_URL", env.database_url)
@@ -107,9 +112,40 @@ def settings_env(pg_url, tmp_path_factory) -> Iterator[ServiceEnv]:
         mp.setenv("ORL_ARTIFACTS_DIR", str(artifacts))
         mp.setenv("ORL_API_TOKEN", TOKEN)
         reset()
-        yield env
-        reset()
+        try:
+            yield env
+        finally:
+            reset()
+            if release is not None:
+                release()
     reset()
+
+
+BROKER_OWNER_KEY = "orl-test-owner"  # the key tests/services/procs.py's isolated_env claims with too
+
+
+def _claim_broker_db():
+    """(URL of an empty Redis db on 127.0.0.1:6379, a function that flushes and frees it).
+
+    Claimed with SET NX on the owner key (which also makes it non-empty for the next session
+    looking); when every db is in use, a random one, as before, with no release."""
+    import redis
+
+    owner = f"session-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    for n in random.sample(range(1, 16), 15):
+        client = redis.Redis(host="127.0.0.1", port=6379, db=n)
+        try:
+            if client.dbsize() == 0 and client.set(BROKER_OWNER_KEY, owner, nx=True, ex=12 * 3600):
+                def release(client=client) -> None:
+                    if client.get(BROKER_OWNER_KEY) == owner.encode():
+                        client.flushdb()  # the session's leftover tasks must not feed the next one
+                    client.close()
+
+                return f"redis://127.0.0.1:6379/{n}", release
+        except redis.RedisError:
+            pass
+        client.close()
+    return f"redis://127.0.0.1:6379/{random.randint(1, 15)}", None
 
 
 @pytest.fixture(scope="session")
@@ -139,3 +175,19 @@ def db_session(settings_env):
     finally:
         s.rollback()
         s.close()
+
+
+@pytest.fixture(scope="module")
+def registrar(settings_env, tmp_path_factory):
+    """A Celery miner worker on the cpu queue alone, for the module: it runs the register jobs of
+    POST /datasets (and any other cpu task the module sends; nothing of the gpu queue).
+
+    A long lease: its stale-job reaper must leave alone the job rows tests write by hand (a
+    "running" job with no worker); a long visibility timeout: a slow scan is not redelivered."""
+    from tests.services import procs
+
+    env = procs.service_env(settings_env, ORL_LEASE_S=3600, ORL_HEARTBEAT_S=2, ORL_VISIBILITY_TIMEOUT_S=900)
+    proc = procs.start_miner(env, tmp_path_factory.mktemp("registrar"), f"registrar-{uuid.uuid4().hex[:6]}",
+                             queues="cpu", start_timeout_s=300)
+    yield proc
+    proc.stop()

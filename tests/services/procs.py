@@ -21,6 +21,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_IMAGES = REPO / "data" / "sample" / "images"
 
+# Every wait of these tests is multiplied by this (default 1): on a machine shared with long
+# jobs at a higher priority, a worker may need minutes just to import torch. It stretches the
+# waits for things to happen, and the wall-clock bounds of the fault tests (the cancel tests
+# also bound the CPU time spent after a cancel, which load does not stretch).
+TIMEOUT_SCALE = float(os.environ.get("ORL_TEST_TIMEOUT_SCALE", "1"))
+
 # Short leases so redelivery and stale detection happen in seconds (production: 3600 / 10 / 60).
 FAST_TIMEOUTS = {"ORL_VISIBILITY_TIMEOUT_S": "10", "ORL_HEARTBEAT_S": "0.5", "ORL_LEASE_S": "4"}
 
@@ -32,7 +38,7 @@ def service_env(settings_env, **extra: Any) -> dict[str, str]:
         "ORL_DATABASE_URL": settings_env.database_url, "ORL_BROKER_URL": settings_env.broker_url,
         "ORL_DATA_ROOTS": str(settings_env.data_root), "ORL_ARTIFACTS_DIR": str(settings_env.artifacts_dir),
         "ORL_API_TOKEN": settings_env.token, "ORL_DEVICE": "cpu", "ORL_SHARD_SIZE": "3",
-        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ORL_WORKER_CORES": "1", "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
         **FAST_TIMEOUTS,
     })
@@ -41,11 +47,12 @@ def service_env(settings_env, **extra: Any) -> dict[str, str]:
 
 
 class Proc:
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: Path):
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: Path,
+                 preexec_fn: Callable[[], None] | None = None):
         self.name, self.cmd, self.log_path = name, cmd, log_path
         self._log = log_path.open("ab")
         self.popen = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+                                      start_new_session=True, preexec_fn=preexec_fn)
 
     @property
     def pid(self) -> int:
@@ -62,6 +69,16 @@ class Proc:
             os.killpg(self.popen.pid, sig)  # the session id is the leader's pid
         except ProcessLookupError:
             pass
+
+    def processes(self) -> list[tuple[int, str, float]]:
+        """(pid, command line, CPU seconds with its reaped children's) of every live process of
+        this worker's session: the worker, its pool children, selective-search subprocesses,
+        torchrun ranks."""
+        return session_processes(self.popen.pid)
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of the session's processes, those that exited included."""
+        return sum(cpu for _, _, cpu in self.processes())
 
     def kill9(self) -> None:
         """SIGKILL the whole process group: no cleanup, no acks, no final checkpoint."""
@@ -83,11 +100,34 @@ class Proc:
         self._log.close()
 
 
+def session_processes(sid: int) -> list[tuple[int, str, float]]:
+    """Live processes whose session id is ``sid``, read from /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
+        # fields[0] is the state (3rd field of stat): session is stat's 6th; utime, stime, cutime,
+        # cstime its 14th to 17th (with the children's, the CPU of a subprocess that exited, e.g.
+        # a killed selective search, still counts, in its parent's).
+        if int(fields[3]) != sid or fields[0] == "Z":
+            continue
+        out.append((int(entry), cmd, sum(int(f) for f in fields[11:15]) / tick))
+    return out
+
+
 def start_miner(env: dict[str, str], log_dir: Path, name: str, queues: str = "cpu,gpu",
-                start_timeout_s: float = 90) -> Proc:
+                start_timeout_s: float = 90, pool: str = "prefork") -> Proc:
+    """A Celery miner worker; ``pool="solo"`` as the gpu workers run in production."""
     cmd = [sys.executable, "-m", "celery", "-A", "services.miner.celery_app", "worker", "-Q", queues,
-           "--concurrency", "1", "--prefetch-multiplier", "1", "-n", f"{name}@%h", "--loglevel", "INFO",
-           "--without-gossip", "--without-mingle", "--without-heartbeat"]
+           "--pool", pool, "--concurrency", "1", "--prefetch-multiplier", "1", "-n", f"{name}@%h",
+           "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
     proc = Proc(name, cmd, env, log_dir / f"{name}.log")
     try:
         wait_for(lambda: " ready." in proc.log() or not proc.alive(), start_timeout_s, f"miner {name} to start")
@@ -98,13 +138,17 @@ def start_miner(env: dict[str, str], log_dir: Path, name: str, queues: str = "cp
     return proc
 
 
+def trainer_cmd() -> list[str]:
+    return [sys.executable, "-m", "services.trainer", "--poll-s", "0.3"]
+
+
 def start_trainer(env: dict[str, str], log_dir: Path, name: str) -> Proc:
-    cmd = [sys.executable, "-m", "services.trainer", "--poll-s", "0.3"]
-    return Proc(name, cmd, env, log_dir / f"{name}.log")
+    return Proc(name, trainer_cmd(), env, log_dir / f"{name}.log")
 
 
 def wait_for(pred: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1,
              on_timeout: Callable[[], str] | None = None) -> Any:
+    timeout_s *= TIMEOUT_SCALE
     deadline = time.monotonic() + timeout_s
     while True:
         value = pred()
@@ -142,6 +186,23 @@ def register_dataset(folder: Path, name: str | None = None) -> int:
         s.flush()
         scan_dataset(s, ds)
         return int(ds.id)
+
+
+def registered(client: Any, response: Any, timeout_s: float = 600, procs: list[Proc] = (),
+               base: str = "/api/v1") -> dict:
+    """The dataset of a POST /datasets (or /rescan) ``response`` once its register job succeeded.
+
+    POST /datasets answers 202 before the folder is scanned; a miner worker on the cpu queue runs
+    the job (the module's own miner, or the ``registrar`` fixture). ``client`` is anything with
+    ``.get(url)``: a TestClient with ``base="/api/v1"``, or the httpx module with the full base URL.
+    """
+    assert response.status_code == 202, response.text
+    ds = response.json()
+    row = wait_job(ds["registration"]["job_id"], timeout_s, procs)
+    assert row["status"] == "succeeded", f"registration of {ds['path']}: {row['status']}: {row['error']}"
+    r = client.get(f"{base}/datasets/{ds['id']}")
+    assert r.status_code == 200 and r.json()["status"] == "ready", r.text
+    return r.json()
 
 
 def make_checkpoint(images_dir: Path, artifacts_dir: Path, dataset_id: int | None = None) -> int:
@@ -235,12 +296,16 @@ def _claim_redis_db(broker_url: str, owner: str):
 
 
 @contextmanager
-def isolated_env(settings_env, tmp_dir: Path) -> Iterator[Any]:
+def isolated_env(settings_env, tmp_dir: Path, broker_url: str | None = None) -> Iterator[Any]:
     """A fresh migrated database and an empty Redis db for one test module.
 
     Workers that poll the job table (trainers) would otherwise claim jobs other test modules left
     queued in the session database; the test process is pointed at the same database and broker
     (ORL_* variables, settings reset) for the module, and everything is dropped afterwards.
+    ``broker_url``: a broker of the module's own (servers.private_redis) instead of a db of the
+    shared Redis. A claimed db is empty when claimed, but another test session on the machine
+    picks its db number at random (conftest.settings_env) and may pick the same one: then its
+    workers take this module's tasks, and the other way round.
     """
     import dataclasses
     import uuid
@@ -254,7 +319,9 @@ def isolated_env(settings_env, tmp_dir: Path) -> Iterator[Any]:
     tag = uuid.uuid4().hex[:10]
     url = make_url(settings_env.database_url).set(database=f"orl_workers_{tag}").render_as_string(hide_password=False)
     upgrade(url)
-    broker_url, client = _claim_redis_db(settings_env.broker_url, tag)
+    client = None
+    if broker_url is None:
+        broker_url, client = _claim_redis_db(settings_env.broker_url, tag)
     artifacts = tmp_dir / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     env = dataclasses.replace(settings_env, database_url=url, broker_url=broker_url, artifacts_dir=artifacts)
@@ -268,5 +335,6 @@ def isolated_env(settings_env, tmp_dir: Path) -> Iterator[Any]:
     finally:
         reset()
         drop_database(url)
-        client.flushdb()
-        client.close()
+        if client is not None:
+            client.flushdb()
+            client.close()

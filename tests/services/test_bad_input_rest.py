@@ -45,8 +45,7 @@ def flow(settings_env, tmp_path_factory):
         try:
             with TestClient(create_app()) as client:
                 r = client.post(f"{API}/datasets", json={"name": folder.name, "path": str(folder)}, headers=headers)
-                assert r.status_code == 201, r.text
-                ds = r.json()["id"]
+                ds = procs.registered(client, r, 900, [miner])["id"]  # the miner runs the register job
                 registered = _images(client, ds)
                 B.mutate_after_registration(folder)
                 params = {"pretrain": TINY, "mine": {"roi_mode": "roi_align", "ss_max_side_px": 320},

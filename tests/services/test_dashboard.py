@@ -25,6 +25,8 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.services import procs
+
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "sample" / "images"
 N_PHOTOS = 6
@@ -170,7 +172,7 @@ def live_api(settings_env, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def seeded(live_api, settings_env, tiny_byol_checkpoint):
+def seeded(live_api, settings_env, tiny_byol_checkpoint, registrar):
     """A registered dataset (real photos + one broken file), a succeeded mine job with pairs and
     two checkpoints (stage byol and orl). Returns ids."""
     from sqlalchemy import select
@@ -187,8 +189,7 @@ def seeded(live_api, settings_env, tiny_byol_checkpoint):
     (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
     headers = {"Authorization": f"Bearer {settings_env.token}"}
     r = httpx.post(f"{live_api}/api/v1/datasets", json={"name": folder.name, "path": str(folder)}, headers=headers)
-    assert r.status_code == 201, r.text
-    ds = r.json()
+    ds = procs.registered(httpx, r, procs=[registrar], base=f"{live_api}/api/v1")
     assert ds["counts"]["images"] == N_PHOTOS + 1 and ds["counts"]["failed_images"] == 1
 
     ckpt_dir = settings_env.artifacts_dir / "dashboard"
@@ -235,12 +236,13 @@ def seeded(live_api, settings_env, tiny_byol_checkpoint):
 
 @pytest.fixture
 def app(live_api, seeded, monkeypatch):
-    """An AppTest of dashboard/app.py talking to the live API (with the write token)."""
+    """An AppTest of dashboard/app.py talking to the live API, the write token typed into the
+    sidebar as a user does (the dashboard ignores one in its environment)."""
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("ORL_API_URL", live_api)
-    monkeypatch.setenv("ORL_API_TOKEN", seeded["token"])
     at = AppTest.from_file(str(REPO / "dashboard" / "app.py"), default_timeout=60)
+    at.session_state["api_token"] = seeded["token"]
     return at
 
 
@@ -363,6 +365,28 @@ def test_jobs_page_lists_submits_and_cancels(app, seeded):
     assert httpx.get(f"{os.environ['ORL_API_URL']}/api/v1/jobs/{job_id}").json()["status"] == "cancelled"
 
 
+def test_jobs_page_registers_a_folder_and_shows_the_registration(app, seeded, settings_env, registrar):
+    """The form's POST answers at once (202); the registration job then lists and checksums the
+    folder on the registrar worker, and the Dataset page shows the dataset's status."""
+    folder = Path(tempfile.mkdtemp(prefix="dash_register_", dir=settings_env.data_root))
+    for f in sorted(SAMPLE.rglob("*.jpg"))[:3]:
+        shutil.copy(f, folder / f.name)
+    at = open_page(app, page="jobs", dataset=seeded["dataset"])
+    at.text_input(key="register_name").set_value(folder.name)
+    at.text_input(key="register_path").set_value(str(folder))
+    at.button[[b.label for b in at.button].index("Register")].click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    msg = [m.value for m in at.success]
+    assert msg and "registration job #" in msg[0], msg
+    job_id = int(msg[0].split("registration job #")[1].split()[0])
+    row = procs.wait_job(job_id, 600, [registrar])
+    assert row["status"] == "succeeded" and row["result"]["added"] == 3
+    ds_id = next(d["id"] for d in httpx.get(f"{os.environ['ORL_API_URL']}/api/v1/datasets?limit=500").json()["items"]
+                 if d["name"] == folder.name)
+    at = open_page(app, page="dataset", dataset=ds_id)
+    assert f"{folder.name} · {folder} · ready" in texts(at)
+
+
 def test_jobs_page_shows_api_errors_without_token(live_api, seeded, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
@@ -474,7 +498,8 @@ CHROMEDRIVER = shutil.which("chromedriver")
 def live_dashboard(live_api, seeded, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("logs") / "dashboard.log"
-    env = {**os.environ, "ORL_API_URL": live_api, "ORL_API_TOKEN": seeded["token"],
+    # Only reads here; the dashboard is never given the write token (docs/SERVICES.md, Security).
+    env = {**{k: v for k, v in os.environ.items() if k != "ORL_API_TOKEN"}, "ORL_API_URL": live_api,
            "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false", "STREAMLIT_SERVER_FILE_WATCHER_TYPE": "none",
            "STREAMLIT_CLIENT_TOOLBAR_MODE": "viewer"}
     bin_dir = Path(sys.executable).parent

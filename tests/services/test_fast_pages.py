@@ -18,20 +18,21 @@ import pytest
 from PIL import Image as PILImage
 
 from services.common import thumbnails
+from tests.services import procs
 
 API = "/api/v1"
 
 
 @pytest.fixture(scope="module")
-def photos(api_client, auth_headers, settings_env):
+def photos(api_client, auth_headers, settings_env, registrar):
     """A dataset of 3 sample photos in a folder of its own; its image rows."""
     folder = settings_env.data_root / f"fast-{uuid.uuid4().hex[:8]}"
     folder.mkdir()
     for f in sorted(settings_env.images_dir.rglob("*.jpg"))[:3]:
         shutil.copy(f, folder / f.name)
     r = api_client.post(f"{API}/datasets", json={"name": folder.name, "path": str(folder)}, headers=auth_headers)
-    assert r.status_code == 201, r.text
-    return api_client.get(f"{API}/datasets/{r.json()['id']}/images").json()["items"]
+    ds = procs.registered(api_client, r, procs=[registrar])
+    return api_client.get(f"{API}/datasets/{ds['id']}/images").json()["items"]
 
 
 def _source(settings_env, img: dict):

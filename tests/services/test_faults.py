@@ -179,7 +179,7 @@ def test_a_job_whose_worker_vanished_is_requeued_or_failed(env, started, checkpo
     assert row["status"] == "failed"
     assert "trainer@vanished-host:1 stopped sending heartbeats" in row["error"]
     assert "giving up after 1" in row["error"]
-    assert time.monotonic() - t0 < 90
+    assert time.monotonic() - t0 < 90 * procs.TIMEOUT_SCALE  # worker starts included: stretched on a busy machine
 
 
 def test_a_job_waiting_in_the_queue_is_not_taken_for_dead(env, started, checkpoint_id):

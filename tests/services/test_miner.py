@@ -46,9 +46,9 @@ def _folder(settings_env, n: int, offset: int = 0) -> Path:
 
 
 def _register(api_client, auth_headers, folder: Path) -> int:
+    """Through the API; the module's miner (on cpu and gpu) runs the register job."""
     r = api_client.post(f"{API}/datasets", json={"name": folder.name, "path": str(folder)}, headers=auth_headers)
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
+    return procs.registered(api_client, r)["id"]
 
 
 def _submit(api_client, auth_headers, dataset_id: int, params: dict) -> int:
@@ -84,6 +84,27 @@ def test_mining_parameters_resolve_from_the_checkpoint_and_name_bad_keys():
     base = MineConfig()
     assert params_key(base) == params_key(MineConfig(knn_k=3, roi_mode="roi_align"))
     assert params_key(base) != params_key(MineConfig(ss_max_side_px=640))
+
+
+def test_worker_threads_come_from_settings_and_never_oversubscribe():
+    """The cpu worker's pool size and the selective-search processes per shard are settings
+    (ORL_CPU_CONCURRENCY, ORL_SS_PROCESSES, ORL_WORKER_CORES), checked against the cores."""
+    from services.common.settings import Settings
+    from services.miner.celery_app import worker_config
+    from services.miner.threads import ThreadSettingsError, worker_plan
+
+    plan = worker_plan(Settings(worker_cores=16))
+    assert (plan.processes, plan.threads, plan.ss_processes) == (2, 8, 8)  # the defaults on 16 cores
+    plan = worker_plan(Settings(worker_cores=16, cpu_concurrency=4, ss_processes=2))
+    assert (plan.processes, plan.threads, plan.ss_processes) == (4, 4, 2)
+    assert worker_plan(Settings(worker_cores=1)).processes == 1
+    assert worker_config(Settings(worker_cores=6, cpu_concurrency=3))["worker_concurrency"] == 3
+    with pytest.raises(ThreadSettingsError, match="ORL_CPU_CONCURRENCY=4 pool processes for 2 cores"):
+        worker_plan(Settings(worker_cores=2, cpu_concurrency=4))
+    with pytest.raises(ThreadSettingsError, match="lower ORL_SS_PROCESSES to at most 2"):
+        worker_plan(Settings(worker_cores=4, cpu_concurrency=2, ss_processes=3))
+    # compose passes an unset variable through as an empty string: the default
+    assert Settings(_env_file=None, **{"ss_processes": ""}).ss_processes is None
 
 
 # -- a real job, end to end --------------------------------------------------------------------

@@ -13,18 +13,18 @@ from orl import annotation_formats as af
 from services.common.db import insert_ignore, session_scope
 from services.common.models import Image, Neighbor, RoiPair
 from tests import annotation_readers as readers
+from tests.services import procs
 
 API = "/api/v1"
 
 
 @pytest.fixture(scope="module")
-def reviewed_job(api_client, auth_headers, settings_env):
+def reviewed_job(api_client, auth_headers, settings_env, registrar):
     """The 8 sample photos, a mine job with 2 neighbours per image and 2 pairs per neighbour
     (boxes differ per pair and lie inside each photo), and reviews by two people through the API."""
     r = api_client.post(f"{API}/datasets", json={"name": f"exp-{uuid.uuid4().hex[:8]}",
                                                  "path": str(settings_env.images_dir)}, headers=auth_headers)
-    assert r.status_code == 201, r.text
-    ds = r.json()
+    ds = procs.registered(api_client, r, procs=[registrar])
     with session_scope() as s:
         from services.common import jobs
 

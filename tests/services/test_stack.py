@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -102,10 +103,17 @@ def test_up_down_clean_from_a_clean_state(stack):
     assert status.returncode == 0 and status.stdout.count("healthy") == 5, status.stdout
 
     # The printed token opens the write endpoints, and the API reads the bundled sample data.
+    # POST /datasets answers at once; the stack's miner-cpu worker runs the registration job.
     r = httpx.post(f"{api}/api/v1/datasets", headers={"Authorization": f"Bearer {token}"},
                    json={"name": "sample", "path": str(REPO / "data" / "sample" / "images")}, timeout=60)
-    assert r.status_code == 201, r.text
-    n_images = r.json()["counts"]["images"]
+    assert r.status_code == 202, r.text
+    job_url = f"{api}/api/v1/jobs/{r.json()['registration']['job_id']}"
+    deadline = time.monotonic() + 300
+    while (job := httpx.get(job_url, timeout=10).json())["status"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, f"registration still {job['status']}: {job['progress']}"
+        time.sleep(0.5)
+    assert job["status"] == "succeeded", job["error"]
+    n_images = httpx.get(f"{api}/api/v1/datasets/{r.json()['id']}", timeout=10).json()["counts"]["images"]
     assert n_images > 0
 
     # Everything `up` started: services (with their children), Redis and the Postgres postmaster.

@@ -2,7 +2,8 @@
 
 Default order is (score DESC, id ASC), served by the (job_id | image_id |) score DESC, id
 indexes; ``order=score_asc`` walks them backwards and ``order=random&seed=`` pages through a
-seeded shuffle (a reproducible random sample for review). The
+seeded shuffle (a reproducible random sample for review), served by the (job_id, sample key, id)
+index (``models.SAMPLE_KEY``: see ``_random_page``). The
 ``image_id`` filter matches the query side of a pair (each image is a query of its own pairs) by
 default; ``side=neighbor`` or ``side=either`` match the other side or both, and
 ``other_image_id`` keeps the pairs between two images (both directions with ``side=either``).
@@ -22,7 +23,7 @@ from urllib.parse import quote
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.responses import JSONResponse, StreamingResponse
-from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy import BigInteger, Integer, and_, cast, exists, func, literal, literal_column, or_, select, union_all
 from sqlalchemy.orm import aliased
 
 from orl.annotation_formats import LABELSTUDIO_CONFIG, CocoSource, coco_json, labelstudio_tasks_json
@@ -32,7 +33,7 @@ from services.api.imaging import MAX_RENDER_SIDE_PX
 from services.api.schemas import Histogram, Page, PairOut, ReviewCounts, ReviewIn, ReviewOut
 from services.common import reviews
 from services.common.correspondences import job_images, job_params_key, mine_job_correspondence, pair_records
-from services.common.models import Dataset, Image, Job, PairReview, RoiPair
+from services.common.models import N_AREA, Q_AREA, SAMPLE_KEY, Dataset, Image, Job, PairReview, RoiPair
 from services.common.runtime import get_sessionmaker
 
 router = APIRouter(prefix="/api/v1/correspondences", tags=["correspondences"])
@@ -85,9 +86,9 @@ def _ranges(min_score, max_score, min_area, max_area) -> list:
     where = []
     if max_score is not None:
         where.append(RoiPair.score <= max_score)
-    # Both boxes of the pair must lie in the area range (pixels of their own images).
-    for area in ((RoiPair.qx2 - RoiPair.qx1) * (RoiPair.qy2 - RoiPair.qy1),
-                 (RoiPair.nx2 - RoiPair.nx1) * (RoiPair.ny2 - RoiPair.ny1)):
+    # Both boxes of the pair must lie in the area range (pixels of their own images); the
+    # expressions of the (job_id, areas) index.
+    for area in (Q_AREA, N_AREA):
         if min_area is not None:
             where.append(area >= min_area)
         if max_area is not None:
@@ -103,18 +104,47 @@ def _reviewed(reviewed: bool | None, reviewer: str | None) -> list:
     return [done if reviewed else ~done]
 
 
-def _sort_keys(order: Order, seed: int | None) -> list[tuple[Any, bool]]:
-    """(column, ascending) pairs of the page order; the first is the cursor's sort key, id breaks ties.
+def _sort_keys(order: Order) -> list[tuple[Any, bool]]:
+    """(column, ascending) pairs of a score order; the first is the cursor's sort key, id breaks ties.
 
-    score_asc walks the (..., score DESC, id) indexes backwards, hence id DESC. random orders by a
-    seeded hash of the id: a fixed shuffle per seed, so its first page is a uniform sample that the
-    same seed reproduces, and its pages never repeat a pair.
+    score_asc walks the (..., score DESC, id) indexes backwards, hence id DESC.
     """
-    if order == "random":
-        return [(func.hashint8extended(RoiPair.id, seed or 0), True), (RoiPair.id, True)]
     if order == "score_asc":
         return [(RoiPair.score, True), (RoiPair.id, False)]
     return [(RoiPair.score, False), (RoiPair.id, True)]
+
+
+def _random_page(where: list, seed: int, limit: int, last: list[Any] | None):
+    """The ids of one page of the seeded shuffle, with their cursor keys (seg, k): a subquery.
+
+    Every pair has a fixed pseudo-random key, a hash of its id (``SAMPLE_KEY``, unrelated to its
+    content), indexed per job. The seed picks a starting point on that circle of keys, the hash of
+    the seed; the walk goes up from there (segment 0), then on from the lowest key (segment 1). So
+    the first N pairs of a seed are N consecutive keys from a random point: a uniform random
+    sample, the same for the same seed, and the next pages go on without repeats. Each segment is
+    an index range scan that stops after a page, whatever the job's size (ordering the whole job
+    by a per-seed hash, as before, sorted every pair of it for each page).
+    """
+    start = func.hashint8extended(cast(seed, BigInteger), literal_column("0"), type_=BigInteger)
+
+    def segment(n: int, cond) -> Any:
+        extra = [cond]
+        if last is not None and last[0] == n:  # the walk is inside this segment: after the last pair sent
+            extra.append(or_(SAMPLE_KEY > last[1], and_(SAMPLE_KEY == last[1], RoiPair.id > last[2])))
+        return (select(RoiPair.id.label("id"), SAMPLE_KEY.label("k"), literal(n, Integer).label("seg"))
+                .where(*where, *extra).order_by(SAMPLE_KEY, RoiPair.id).limit(limit + 1).subquery())
+
+    parts = [segment(1, SAMPLE_KEY < start)]
+    if last is None or last[0] == 0:
+        parts.insert(0, segment(0, SAMPLE_KEY >= start))
+    return union_all(*(select(p.c.id, p.c.k, p.c.seg) for p in parts)).subquery("sample")
+
+
+def _with_images(stmt):
+    """``stmt`` (columns of the pair and of both images) from roi_pairs joined to both images. The
+    left side is named: with columns of three tables the select would otherwise have to guess it."""
+    return (stmt.select_from(RoiPair).join(QI, QI.id == RoiPair.image_id)
+            .join(NI, NI.id == RoiPair.neighbor_image_id))
 
 
 def _after(keys: list[tuple[Any, bool]], last: list[Any]):
@@ -160,12 +190,24 @@ def list_pairs(
     fkey = {"dataset_id": dataset_id, "job_id": job_id, "image_id": image_id, "min_score": min_score,
             "side": side, "other_image_id": other_image_id, "max_score": max_score, "min_area": min_area,
             "max_area": max_area, "order": order, "seed": seed, "reviewed": reviewed, "reviewer": reviewer}
-    keys = _sort_keys(order, seed)
-    if cursor:
-        where.append(_after(keys, cursors.decode(cursor, fkey, 2)))
-    stmt = (select(RoiPair, QI.width, QI.height, QI.rel_path, NI.width, NI.height, NI.rel_path, keys[0][0])
-            .join(QI, QI.id == RoiPair.image_id).join(NI, NI.id == RoiPair.neighbor_image_id)
-            .where(*where).order_by(*(k.asc() if up else k.desc() for k, up in keys)).limit(limit + 1))
+    cols = (RoiPair, QI.width, QI.height, QI.rel_path, NI.width, NI.height, NI.rel_path)
+    if order == "random":
+        # cursor: (segment, key, id) of the last pair sent
+        last = cursors.decode(cursor, fkey, 3) if cursor else None
+        if last is not None and (last[0] not in (0, 1) or not all(isinstance(v, int) and abs(v) < 2**63
+                                                                   for v in last)):
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, "cursor is not valid; pass the next_cursor of the "
+                                                             "previous page unchanged, or omit it")
+        sample = _random_page(where, seed or 0, limit, last)
+        stmt = (_with_images(select(*cols, sample.c.seg, sample.c.k)).join(sample, sample.c.id == RoiPair.id)
+                .order_by(sample.c.seg, sample.c.k, RoiPair.id))
+    else:
+        keys = _sort_keys(order)  # cursor: (score, id) of the last pair sent
+        if cursor:
+            where.append(_after(keys, cursors.decode(cursor, fkey, 2)))
+        stmt = (_with_images(select(*cols, keys[0][0])).where(*where)
+                .order_by(*(k.asc() if up else k.desc() for k, up in keys)))
+    stmt = stmt.limit(limit + 1)
     rows = session.execute(stmt).all()
     page = rows[:limit]
     ids = [r[0].id for r in page]
@@ -177,11 +219,11 @@ def list_pairs(
                      image_width=qw, image_height=qh, neighbor_width=nw, neighbor_height=nh,
                      image_path=qp, neighbor_path=np_, reviews=ReviewCounts(**counts.get(p.id, {})),
                      verdict=mine.get(p.id))
-             for p, qw, qh, qp, nw, nh, np_, _key in page]
+             for p, qw, qh, qp, nw, nh, np_, *_key in page]
     nxt = None
     if len(rows) > limit:
         last = rows[limit - 1]
-        nxt = cursors.encode([last[-1], last[0].id], fkey)
+        nxt = cursors.encode([*last[len(cols):], last[0].id], fkey)
     return Page[PairOut](items=items, next_cursor=nxt)
 
 

@@ -1,4 +1,11 @@
-"""Datasets: register a folder under a data root, rescan it, read its counts and images."""
+"""Datasets: register a folder under a data root, rescan it, read its counts and images.
+
+Registering (and rescanning) is a job: the request checks the path, creates the dataset row and
+a ``register`` job, and answers 202 at once; a miner CPU worker lists the folder and checksums
+the new files (services/miner/registration.py), which takes minutes for a large folder. The
+dataset's ``status`` and ``registration`` say how far it got; jobs on it are refused (409) until
+its first registration succeeded.
+"""
 
 from __future__ import annotations
 
@@ -7,31 +14,75 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Query, Response, status
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from services.api import cursors
 from services.api.deps import DatasetId, SessionDep, SettingsDep, WriteAccess
 from services.api.lookups import dataset_or_404
-from services.api.schemas import Counts, DatasetCreate, DatasetOut, ImageOut, Page, ScanOut
-from services.common.datasets import PathRefused, dataset_counts, resolve_dataset_path, scan_dataset
-from services.common.models import Dataset, Image
+from services.api.schemas import Counts, DatasetCreate, DatasetOut, ImageOut, Page, RegistrationOut, ScanOut
+from services.common import broker, jobs
+from services.common.datasets import (
+    PathRefused,
+    Registration,
+    dataset_counts,
+    registrations,
+    request_registration,
+    resolve_dataset_path,
+)
+from services.common.models import Dataset, Image, JobStatus
+from services.common.paths import dataset_folder
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
 
 MAX_PAGE = 500
+_ACCEPTED = {202: {"description": "registration job queued (or already under way): follow it at the Location, "
+                                  "GET /api/v1/jobs/{id}; the dataset is usable once its status is ready"}}
 
 
-def _out(session, ds: Dataset, scan=None) -> DatasetOut:
+def _out(session, ds: Dataset, reg: Registration, counts: bool = True) -> DatasetOut:
     out = DatasetOut.model_validate(ds)
-    out.counts = Counts(**dataset_counts(session, ds.id))
-    if scan is not None:
-        out.scan = ScanOut(found=scan.found, added=scan.added, added_failed=scan.added_failed)
+    out.status = reg.status
+    if (j := reg.job) is not None:
+        out.registration = RegistrationOut(
+            job_id=j.id, status=j.status, progress={**(j.progress or {}), "done": j.progress_done,
+                                                    "total": j.progress_total},
+            error=j.error, created_at=j.created_at, finished_at=j.finished_at)
+        r = j.result or {}
+        if j.status == JobStatus.SUCCEEDED and "found" in r:
+            out.scan = ScanOut(found=r["found"], added=r["added"], added_failed=r["added_failed"])
+    if counts:
+        out.counts = Counts(**dataset_counts(session, ds.id))
     return out
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut, dependencies=[WriteAccess],
-             summary="Register a folder of images (or rescan it, if already registered under this name)",
-             responses={200: {"description": "already registered with this path: rescanned, new images added"},
-                        400: {"description": "path refused"}, 409: {"description": "name taken by another folder"}})
+def _register(session: Session, ds: Dataset, response: Response) -> DatasetOut:
+    """Queue the dataset's register job (or find the one under way), commit, dispatch, answer."""
+    created = request_registration(session, ds)
+    # Read in the request's transaction: the answer shows what the request did, even when a fast
+    # worker has already finished the job by the time it is sent.
+    reg = registrations(session, [ds.id])[ds.id]
+    session.commit()  # before dispatch: the worker must find the row
+    try:
+        broker.dispatch_all(created.to_dispatch)
+    except Exception as exc:  # kombu raises several types when Redis is down
+        for job_id, _ in created.to_dispatch:  # no worker will ever see it: say so in the row
+            jobs.finish_job(session, job_id, JobStatus.FAILED,
+                            error=f"could not reach the broker to start the registration: {exc}")
+        session.commit()
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            f"the broker is unreachable ({type(exc).__name__}); the registration of dataset {ds.id} "
+                            "was marked failed. Check ORL_BROKER_URL / Redis and register again") from None
+    response.status_code = status.HTTP_202_ACCEPTED
+    response.headers["Location"] = f"/api/v1/jobs/{created.job.id}"
+    return _out(session, ds, reg)
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=DatasetOut, dependencies=[WriteAccess],
+             summary="Register a folder of images (or rescan it, if already registered under this name): "
+                     "answers at once, a registration job scans the folder",
+             responses={**_ACCEPTED, 400: {"description": "path refused"},
+                        409: {"description": "name taken by another folder"},
+                        503: {"description": "the broker is unreachable"}})
 def register_dataset(body: DatasetCreate, session: SessionDep, settings: SettingsDep, response: Response) -> DatasetOut:
     try:
         real = resolve_dataset_path(body.path, settings.data_root_paths, field="path")
@@ -50,11 +101,7 @@ def register_dataset(body: DatasetCreate, session: SessionDep, settings: Setting
             session.rollback()
             raise HTTPException(status.HTTP_409_CONFLICT,
                                 f"a dataset named {body.name!r} was just registered; retry to rescan it") from None
-    else:
-        response.status_code = status.HTTP_200_OK
-    scan = scan_dataset(session, ds)
-    session.commit()
-    return _out(session, ds, scan)
+    return _register(session, ds, response)
 
 
 @router.get("", response_model=Page[DatasetOut], summary="Datasets, oldest first (without counts)")
@@ -64,30 +111,34 @@ def list_datasets(
     cursor: str | None = None,
 ) -> Page[DatasetOut]:
     rows, nxt = cursors.id_page(session, select(Dataset), Dataset.id, {}, limit, cursor)
-    return Page[DatasetOut](items=[DatasetOut.model_validate(d) for d in rows], next_cursor=nxt,
+    regs = registrations(session, [d.id for d in rows])
+    return Page[DatasetOut](items=[_out(session, d, regs[d.id], counts=False) for d in rows], next_cursor=nxt,
                             total=cursors.count(session, Dataset, []))
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut, summary="A dataset and its counts")
+@router.get("/{dataset_id}", response_model=DatasetOut, summary="A dataset: its status, registration and counts")
 def get_dataset(dataset_id: DatasetId, session: SessionDep) -> DatasetOut:
-    return _out(session, dataset_or_404(session, dataset_id))
+    ds = dataset_or_404(session, dataset_id)
+    return _out(session, ds, registrations(session, [ds.id])[ds.id])
 
 
-@router.post("/{dataset_id}/rescan", response_model=DatasetOut, dependencies=[WriteAccess],
-             summary="Record images added to the folder since the last scan",
-             responses={403: {"description": "the folder now leads outside the data roots; it is not read"},
-                        409: {"description": "the folder is gone"}})
-def rescan_dataset(dataset_id: DatasetId, session: SessionDep, settings: SettingsDep) -> DatasetOut:
+@router.post("/{dataset_id}/rescan", status_code=status.HTTP_202_ACCEPTED, response_model=DatasetOut,
+             dependencies=[WriteAccess], summary="Record images added to the folder since the last scan "
+                                                 "(answers at once, a registration job scans)",
+             responses={**_ACCEPTED, 409: {"description": "the dataset folder is gone"},
+                        403: {"description": "the folder now leads outside the data roots; it is not read"},
+                        503: {"description": "the broker is unreachable"}})
+def rescan_dataset(dataset_id: DatasetId, session: SessionDep, settings: SettingsDep, response: Response) -> DatasetOut:
     ds = dataset_or_404(session, dataset_id)
     try:
-        # The folder is checked against today's data roots before anything in it is listed.
-        scan = scan_dataset(session, ds, roots=settings.data_root_paths)
+        # Checked against today's data roots, links followed, before a job would list the folder.
+        folder = dataset_folder(ds.path, settings.data_root_paths)
     except PathRefused as exc:
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"dataset {dataset_id}: {exc}") from None
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"the dataset folder is gone: {exc}") from None
-    session.commit()
-    return _out(session, ds, scan)
+    if not folder.is_dir():
+        raise HTTPException(status.HTTP_409_CONFLICT, f"the dataset folder is gone: {ds.path} is not a folder "
+                                                      "any more; restore it, or register the new folder")
+    return _register(session, ds, response)
 
 
 def _like_pattern(text: str) -> str:

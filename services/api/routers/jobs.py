@@ -17,7 +17,7 @@ from sqlalchemy import select
 from services.api import cursors, lookups
 from services.api.deps import JobId, OptionalId, SessionDep, SettingsDep, WriteAccess
 from services.api.schemas import JobCreate, JobKind, JobOut, Page, ReviewSummary
-from services.common import broker, embedding_maps, jobs, reviews
+from services.common import broker, datasets, embedding_maps, jobs, reviews
 from services.common import params as job_params
 from services.common.models import Dataset, Job, JobStatus, RoiPair
 from services.common.paths import PathRefused, resolve_user_path
@@ -42,11 +42,14 @@ def _out(session, job: Job) -> JobOut:
 
 
 def _validate(session, body: JobCreate, settings: Settings) -> None:
-    """Everything checkable before a job row exists; a 422 naming the field otherwise."""
+    """Everything checkable before a job row exists; a 422 naming the field otherwise (a 409 for a
+    dataset whose registration has not succeeded yet: its images are not all recorded)."""
     if session.get(Dataset, body.dataset_id) is None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                             f"dataset_id {body.dataset_id} does not exist; register the folder with "
                             "POST /api/v1/datasets")
+    if (why := datasets.registration(session, body.dataset_id).refusal(body.dataset_id)) is not None:
+        raise HTTPException(status.HTTP_409_CONFLICT, why)
     try:
         job_params.check_storable(body.params, "params")  # what jsonb cannot hold, before anything walks them
         if len(json.dumps(body.params)) > MAX_PARAMS_BYTES:
@@ -70,7 +73,8 @@ def _validate(session, body: JobCreate, settings: Settings) -> None:
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, dependencies=[WriteAccess],
              summary="Submit a job (pretrain, mine, train, a whole pipeline, or an embedding map)",
-             responses={409: {"description": "Idempotency-Key reused with a different request"},
+             responses={409: {"description": "Idempotency-Key reused with a different request, or the dataset "
+                                             "is not registered yet (its registration job is under way or failed)"},
                         503: {"description": "the broker is unreachable"}})
 def submit_job(
     body: JobCreate,

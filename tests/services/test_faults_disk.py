@@ -1,0 +1,180 @@
+"""A full disk and an unwritable artifacts folder (issue 11): a clear job error, no crash loop, and
+no partial checkpoint that a later resume would load.
+
+The tests run as root, so file modes do not stop a write. Instead:
+- full disk: the trainer's ORL_ARTIFACTS_DIR is a tmpfs mount of 1.5 checkpoints (real ENOSPC
+  in the middle of the second checkpoint); where mounting is not allowed, the trainer runs
+  under RLIMIT_FSIZE of half a checkpoint (EFBIG on the first one);
+- unwritable folder: ORL_ARTIFACTS_DIR is a path below a regular file (ENOTDIR on every
+  mkdir/open), for the trainer and for the miner (whose checkpoint is then registered by
+  absolute path, so it can still be read).
+"""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from orl.checkpoint import load_checkpoint
+from services.common import broker
+from services.common.db import session_scope
+from services.common.models import Artifact
+from tests.services import procs, servers
+from tests.services.reliability import record
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env(settings_env, tmp_path_factory):
+    with servers.private_broker_env(settings_env, tmp_path_factory.mktemp("disk-env")) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def checkpoint(env) -> tuple[int, Path]:
+    """A tiny stage-1 checkpoint (id, file): its size sizes the full disk."""
+    art_id = procs.make_checkpoint(env.images_dir, env.artifacts_dir)
+    with session_scope() as s:
+        path = env.artifacts_dir / s.get(Artifact, art_id).path
+    return art_id, path
+
+
+@pytest.fixture
+def started(env, tmp_path):
+    running: list[procs.Proc] = []
+
+    def start(kind: str, name: str, preexec=None, **extra) -> procs.Proc:
+        e = procs.service_env(env, **extra)
+        p = (procs.start_miner(e, tmp_path, name) if kind == "miner"
+             else procs.Proc(name, procs.trainer_cmd(), e, tmp_path / f"{name}.log", preexec_fn=preexec))
+        running.append(p)
+        return p
+
+    yield start
+    for p in running:
+        p.stop()
+
+
+def _folder(env, n: int) -> Path:
+    folder = env.data_root / f"disk-{uuid.uuid4().hex[:8]}"
+    procs.copy_photos(folder, n)
+    return folder
+
+
+@contextmanager
+def _tmpfs(size: int) -> Iterator[Path | None]:
+    """A tmpfs of ``size`` bytes mounted at a fresh folder, or None where mounting is refused."""
+    mnt = Path(f"/tmp/orl-full-{uuid.uuid4().hex[:8]}")
+    mnt.mkdir()
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                        capture_output=True).returncode == 0
+    try:
+        yield mnt if ok else None
+    finally:
+        if ok:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        mnt.rmdir()
+
+
+def _no_temp_files(folder: Path) -> list[str]:
+    return [p.name for p in folder.rglob("*") if ".tmp" in p.name]
+
+
+def test_full_disk_fails_the_training_job_clearly_and_keeps_the_last_checkpoint(env, started, checkpoint):
+    size = checkpoint[1].stat().st_size
+    ds = procs.register_dataset(_folder(env, 8))
+    # 8 photos, batch 2: 4 steps per epoch, a checkpoint every 2 steps.
+    params = {"preset": "tiny", "batch_size": 2, "epochs": 3, "checkpoint_every_steps": 2}
+    with _tmpfs(int(1.5 * size) + 2_000_000) as mnt:
+        if mnt is not None:
+            artifacts, preexec, how = mnt, None, "tmpfs"
+        else:
+            artifacts, how = env.artifacts_dir / "fsize", "RLIMIT_FSIZE"
+            limit = size // 2
+
+            def preexec():
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        t = started("trainer", "t-full", preexec=preexec, ORL_ARTIFACTS_DIR=artifacts)
+        job = procs.create_job("pretrain", ds, params)
+        row = procs.wait_job(job, 300, [t])
+        out = artifacts / "jobs" / str(job)
+        assert row["status"] == "failed", row
+        err = row["error"]
+        assert ("No space left on device" if how == "tmpfs" else "File too large") in err, err
+        assert "last.pt" in err and "cannot write" in err, err
+        # The last complete checkpoint is still there (tmpfs: step 2's) and loads; no temp file.
+        assert _no_temp_files(out) == []
+        if how == "tmpfs":
+            assert "the previous file is unchanged" in err
+            assert load_checkpoint(out / "last.pt")["position"]["global_step"] == 2
+        else:
+            assert not (out / "last.pt").exists()
+        # No crash loop: the trainer lives on, the job is not retried (well past the lease).
+        time.sleep(3 * float(procs.FAST_TIMEOUTS["ORL_LEASE_S"]))
+        assert t.alive(), t.log()[-3000:]
+        row = procs.job_row(job)
+        assert (row["status"], row["attempts"]) == ("failed", 1)
+        assert t.log().count(f"job {job}: pretrain stage") == 1  # claimed once
+        if how == "tmpfs":
+            # Space freed (the volume grown): the same trainer runs the job submitted again.
+            subprocess.run(["mount", "-o", f"remount,size={4 * size}", str(mnt)], check=True)
+            again = procs.create_job("pretrain", ds, params)
+            row = procs.wait_job(again, 300, [t])
+            assert row["status"] == "succeeded", row["error"]
+            assert load_checkpoint(artifacts / "jobs" / str(again) / "last.pt")["position"]["finished"]
+        t.stop()
+    record("full_disk_training", {"how": how, "checkpoint_mb": round(size / 1e6, 1), "error": err,
+                                  "resubmitted_after_space_freed": how == "tmpfs"})
+
+
+def _unwritable(env) -> Path:
+    """An artifacts folder no process can create: its parent is a regular file."""
+    blocker = env.artifacts_dir / f"blocker-{uuid.uuid4().hex[:6]}"
+    blocker.write_text("a regular file where a folder should be\n")
+    return blocker / "artifacts"
+
+
+def test_unwritable_artifacts_folder_fails_the_training_job_clearly(env, started):
+    ds = procs.register_dataset(_folder(env, 4))
+    t = started("trainer", "t-unwritable", ORL_ARTIFACTS_DIR=_unwritable(env))
+    job = procs.create_job("pretrain", ds, {"preset": "tiny", "batch_size": 2})
+    row = procs.wait_job(job, 300, [t])
+    assert row["status"] == "failed", row
+    assert "Not a directory" in row["error"] and "artifacts" in row["error"], row["error"]
+    time.sleep(3 * float(procs.FAST_TIMEOUTS["ORL_LEASE_S"]))
+    row = procs.job_row(job)
+    assert (row["status"], row["attempts"]) == ("failed", 1), row
+    assert t.alive(), t.log()[-3000:]
+    record("unwritable_artifacts_training", {"error": row["error"]})
+
+
+def test_unwritable_artifacts_folder_fails_the_mining_job_clearly(env, started, checkpoint):
+    art_id, ckpt_file = checkpoint
+    # The checkpoint stays readable (by absolute path) while nothing can be written.
+    with session_scope() as s:
+        art = s.get(Artifact, art_id)
+        absolute = Artifact(kind="checkpoint", stage="byol", path=str(ckpt_file), meta=dict(art.meta))
+        s.add(absolute)
+        s.flush()
+        abs_id = absolute.id
+    ds = procs.register_dataset(_folder(env, 4))
+    w = started("miner", "w-unwritable", ORL_ARTIFACTS_DIR=_unwritable(env))
+    job = procs.create_job("mine", ds, {"checkpoint_id": abs_id})
+    broker.send_mine(job)
+    row = procs.wait_job(job, 300, [w])
+    assert row["status"] == "failed", row
+    assert "Not a directory" in row["error"] and "artifacts" in row["error"], row["error"]
+    time.sleep(3 * float(procs.FAST_TIMEOUTS["ORL_LEASE_S"]))
+    row = procs.job_row(job)
+    assert (row["status"], row["attempts"]) == ("failed", 1), row
+    assert w.alive(), w.log()[-3000:]
+    record("unwritable_artifacts_mining", {"error": row["error"]})
