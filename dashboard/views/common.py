@@ -1,7 +1,15 @@
 """What every page shares: the API connection, cached queries, URL state, small widgets.
 
-Caching: the HTTP client is a ``st.cache_resource`` (one connection pool per API URL and
-token, shared by all sessions); queries are ``st.cache_data`` with a TTL that fits how fast the
+Tokens (docs/SERVICES.md, "Security"): the dashboard process holds at most the read token
+(ORL_API_READ_TOKEN, when the API requires one for reads); everything it shows is read with it.
+The write token is never in its environment (ORL_API_TOKEN there is ignored): a user types it
+into the sidebar, it stays in that user's session (never in the URL, never in a cache shared
+between sessions), and each write sends it on a client made for that one request. So anyone
+who can reach the dashboard's port can read what it shows, and no one can write without
+knowing the token.
+
+Caching: the HTTP client for reads is a ``st.cache_resource`` (one connection pool per API URL and
+read token, shared by all sessions); queries are ``st.cache_data`` with a TTL that fits how fast the
 answer changes: job progress seconds, pair pages a minute. Write actions clear those caches.
 Rendered images (immutable for a given image, size and box) live in the client's own
 ``BinaryCache`` instead, an hour each: ``Api.fetch_images`` then fetches a page's missing images in
@@ -46,18 +54,23 @@ def _get_fresh(base_url: str, token: str | None, path: str, items: tuple) -> Any
 
 
 @st.cache_data(ttl=5, show_spinner=False)
-def _ready(base_url: str, token: str | None) -> tuple[bool, str]:
-    return get_client(base_url, token).ready()
+def _ready(base_url: str) -> tuple[bool, str]:
+    return get_client(base_url, None).ready()  # the probe is open: no token needed
 
 
 class Api:
-    """The API calls the pages make, each with its cache policy."""
+    """The API calls the pages make, each with its cache policy.
 
-    def __init__(self, base_url: str, token: str | None):
-        self.base_url, self.token = base_url, token
+    ``token``: the write token this user typed (None: read-only); ``read_token``: the dashboard's
+    ORL_API_READ_TOKEN. Reads use the read token only, so no shared cache or client ever holds
+    the write token."""
+
+    def __init__(self, base_url: str, token: str | None = None, read_token: str | None = None):
+        self.base_url, self.token, self.read_token = base_url, token, read_token
 
     def _get(self, fn, path: str, **params) -> Any:
-        return fn(self.base_url, self.token, path, tuple(sorted((k, v) for k, v in params.items() if v is not None)))
+        return fn(self.base_url, self.read_token, path,
+                  tuple(sorted((k, v) for k, v in params.items() if v is not None)))
 
     # reads
     def datasets(self) -> list[dict]:
@@ -101,10 +114,10 @@ class Api:
 
     def fetch_images(self, requests: list[tuple[str, dict[str, Any]]]) -> list[Binary | ApiError]:
         """Several images at once (in parallel), in order; a failed one is its ApiError."""
-        return get_client(self.base_url, self.token).get_binaries(requests)
+        return get_client(self.base_url, self.read_token).get_binaries(requests)
 
     def _binary(self, request: tuple[str, dict[str, Any]]) -> Binary:
-        return get_client(self.base_url, self.token).get_binary(request[0], **request[1])
+        return get_client(self.base_url, self.read_token).get_binary(request[0], **request[1])
 
     def embedding_map(self, checkpoint_id: int, **params) -> dict:
         return self._get(_get_fresh, f"/checkpoints/{checkpoint_id}/embedding-map", **params)
@@ -123,7 +136,14 @@ class Api:
 
     # writes (never cached; they make the live caches stale)
     def _write(self, path: str, body: Any = None, headers: dict[str, str] | None = None, method: str = "POST") -> Any:
-        out = get_client(self.base_url, self.token).send(method, path, json=body, headers=headers)
+        if not self.token:
+            raise ApiError("writing needs the API token (ORL_API_TOKEN): type it in the sidebar", 401)
+        # A client for this request alone: the write token never sits in a cache other sessions share.
+        client = ApiClient(self.base_url, self.token)
+        try:
+            out = client.send(method, path, json=body, headers=headers)
+        finally:
+            client.close()
         _get_live.clear()
         _get_fresh.clear()
         return out
@@ -143,9 +163,12 @@ class Api:
                            method="PUT")
 
 
-def public_api_url(api: Api) -> str:
+def public_api_url(api: Api) -> str | None:
     """The API as a browser reaches it, for URLs the page hands to the browser (thumbnails in
-    chart tooltips): ORL_API_PUBLIC_URL, else the URL the dashboard itself uses."""
+    chart tooltips): ORL_API_PUBLIC_URL, else the URL the dashboard itself uses. None when reads
+    need a token: a browser loading a URL sends none, and the read token stays in this process."""
+    if api.read_token:
+        return None
     return (os.environ.get("ORL_API_PUBLIC_URL") or api.base_url).rstrip("/")
 
 
@@ -163,25 +186,29 @@ def set_query(page: str, values: dict[str, Any]) -> None:
 
 # -- sidebar: connection --------------------------------------------------------------------------
 def sidebar_connection() -> Api | None:
-    """API URL, readiness and token in the sidebar; the Api to use, or None when unreachable."""
+    """API URL, readiness and the write-token field in the sidebar; the Api to use, or None when
+    unreachable."""
     base_url = os.environ.get("ORL_API_URL", DEFAULT_API_URL).rstrip("/")
-    env_token = os.environ.get("ORL_API_TOKEN") or None
+    read_token = os.environ.get("ORL_API_READ_TOKEN") or None
     st.divider()
     st.caption(f"API: [{base_url}]({base_url}/docs)")
-    token = env_token
-    if env_token is None:
-        # Kept in the session only, never in the URL: links get shared.
-        token = st.text_input("API token", type="password", key="api_token",
-                              help="ORL_API_TOKEN, printed by `make up`; needed to submit or cancel jobs") or None
-    ok, message = _ready(base_url, token)
+    # Typed by the user and kept in their session only, never in the URL (links get shared) nor in
+    # the dashboard's environment (whoever reaches the port would write with it).
+    token = st.text_input("API token (to write)", type="password", key="api_token",
+                          help="ORL_API_TOKEN, printed by `make up`; needed to register folders, submit or cancel "
+                               "jobs and review pairs. Kept in this browser session only") or None
+    if os.environ.get("ORL_API_TOKEN"):
+        st.caption(":orange[ORL_API_TOKEN is set in the dashboard's environment and ignored: the dashboard gets "
+                   "only ORL_API_READ_TOKEN; type the write token above]")
+    ok, message = _ready(base_url)
     if not ok:
         st.error(f"API not ready: {message}")
         if st.button("Retry", key="retry_api"):
             _ready.clear()
             st.rerun()
         return None
-    st.caption(":green[API ready]" + ("" if token else " · read-only (no token)"))
-    return Api(base_url, token)
+    st.caption(":green[API ready]" + ("" if token else " · read-only (type the API token to write)"))
+    return Api(base_url, token, read_token)
 
 
 # -- cursor pages -----------------------------------------------------------------------------------

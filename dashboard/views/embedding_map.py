@@ -6,8 +6,10 @@ this page draws it, and submits the job when there is none yet. Hovering a dot s
 the tooltip's ``image`` field is a URL of the API's thumbnail endpoint, which the browser loads
 itself (Vega's tooltip shows a field named ``image`` as a picture), so the page sends no image
 bytes. The URL is the API as the browser reaches it: ORL_API_PUBLIC_URL, else ORL_API_URL (in
-compose the dashboard reaches the API as http://api:8000, a browser does not). Clicking a dot
-opens it on the Image page; so does the picker under the map.
+compose the dashboard reaches the API as http://api:8000, a browser does not). When the API
+needs a token for reads (ORL_API_READ_TOKEN) the browser could not load them (it sends no token,
+and the read token stays in the dashboard process), so the tooltip shows the file name and id
+only. Clicking a dot opens it on the Image page; so does the picker under the map.
 """
 
 from __future__ import annotations
@@ -29,19 +31,21 @@ THUMB_PX = 160
 METHODS = {"auto": "auto (UMAP when umap-learn is installed, else PCA)", "umap": "UMAP", "pca": "PCA"}
 
 
-def map_frame(points: list[dict], dataset_id: int, image_url: str) -> pd.DataFrame:
-    """The points as the chart's rows: the thumbnail URL each tooltip shows, and the link a click
-    follows (this dashboard's Image page, a relative URL, so it works wherever the page is served)."""
+def map_frame(points: list[dict], dataset_id: int, image_url: str | None) -> pd.DataFrame:
+    """The points as the chart's rows: the thumbnail URL each tooltip shows (none without
+    ``image_url``), and the link a click follows (this dashboard's Image page, a relative URL, so
+    it works wherever the page is served)."""
     frame = pd.DataFrame(points, columns=["image_id", "rel_path", "x", "y", "label"])
-    frame["image"] = [f"{image_url}/api/v1/images/{i}/thumbnail?size={THUMB_PX}" for i in frame["image_id"]]
+    if image_url is not None:
+        frame["image"] = [f"{image_url}/api/v1/images/{i}/thumbnail?size={THUMB_PX}" for i in frame["image_id"]]
     frame["open"] = [f"?page=image&dataset={dataset_id}&image={i}" for i in frame["image_id"]]
     frame["label"] = frame["label"].fillna("(unlabelled)")
     return frame
 
 
 def map_chart(frame: pd.DataFrame, coloured: bool) -> alt.Chart:
-    tooltip = [alt.Tooltip("image:N", title="image"), alt.Tooltip("rel_path:N", title="file"),
-               alt.Tooltip("image_id:Q", title="id")]
+    tooltip = ([alt.Tooltip("image:N", title="image")] if "image" in frame else []) + [
+        alt.Tooltip("rel_path:N", title="file"), alt.Tooltip("image_id:Q", title="id")]
     if coloured:
         tooltip.append(alt.Tooltip("label:N", title="label"))
     # tableau20: 20 distinguishable hues (the theme's own palette repeats after a few classes).
@@ -90,9 +94,13 @@ def render(api: common.Api) -> None:
         _submit_form(api, dataset_id, checkpoint, expanded=True)
         return
     _describe(page, len(points))
-    frame = map_frame(points, dataset_id, common.public_api_url(api))
+    thumbs = common.public_api_url(api)
+    frame = map_frame(points, dataset_id, thumbs)
     coloured = page.get("labels") is not None
     st.altair_chart(map_chart(frame, coloured), width="stretch")
+    if thumbs is None:
+        st.caption("The API needs a token for reads, which a browser does not send: hovering shows the file name; "
+                   "open a dot on the Image page to see the photo.")
     _open_picker(dataset_id, checkpoint, points)
     _submit_form(api, dataset_id, checkpoint, expanded=False)
 
@@ -149,7 +157,7 @@ def _submit_form(api: common.Api, dataset_id: int, checkpoint: int, expanded: bo
                     st.success(f"submitted job #{job['id']} ({job['status']}); follow it on the Jobs page, "
                                "then reload this page")
         if not api.token:
-            st.caption("read-only: set ORL_API_TOKEN (or type it in the sidebar) to submit")
+            st.caption("read-only: type the API token in the sidebar to submit")
 
 
 def build_params(checkpoint: int, method: str, seed: int, n_neighbors: int, min_dist: float,

@@ -9,15 +9,28 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 from typing import Any
 
 from fastapi import HTTPException, status
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
+from services.common.models import MAX_ID
+
 
 def _digest(filters: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(filters, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _sort_value(v: Any) -> bool:
+    """A value a cursor may hold: a finite float, or an integer a bigint column can compare with
+    (a cursor is only base64: a hand-made one must not reach the database as a driver error)."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return -MAX_ID - 1 <= v <= MAX_ID
+    return isinstance(v, float) and math.isfinite(v)
 
 
 def encode(key: list[Any], filters: dict[str, Any]) -> str:
@@ -32,7 +45,7 @@ def decode(cursor: str, filters: dict[str, Any], n_keys: int) -> list[Any]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         data = json.loads(raw)
         key = data["k"]
-        ok = isinstance(key, list) and len(key) == n_keys and all(isinstance(v, (int, float)) for v in key)
+        ok = isinstance(key, list) and len(key) == n_keys and all(_sort_value(v) for v in key)
     except (ValueError, KeyError, TypeError):
         ok = False
     if not ok:

@@ -43,6 +43,13 @@ def checkpoint_or_404(session: Session, checkpoint_id: int) -> Artifact:
     return art
 
 
+# The answers of ``mine_job_id`` beyond 404, for the routes that use it (OpenAPI ``responses``).
+MINE_JOB_ERRORS: dict[int | str, dict] = {
+    409: {"description": "the pipeline given has not reached its mine stage yet"},
+    422: {"description": "the job given is not a mine (or pipeline) job"},
+}
+
+
 def mine_job_id(session: Session, job_id: int) -> int:
     """A mine job's id; a pipeline stands for its mine stage."""
     job = session.get(Job, job_id)

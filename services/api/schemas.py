@@ -7,7 +7,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from services.common.models import Job, JobStatus
+from services.common.models import MAX_ID, Job, JobStatus
 
 JobKind = Literal["pretrain", "mine", "train", "pipeline", "embedding_map", "register"]
 # What POST /jobs takes: register jobs are made by POST /datasets and /datasets/{id}/rescan.
@@ -24,6 +24,17 @@ class Page(BaseModel, Generic[T]):
     next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; null on the last page")
     total: int | None = Field(None, description="rows matching the filters, where that is cheap to count; "
                                                 "null where it is not (the pairs of a large job)")
+
+
+class ErrorOut(BaseModel):
+    """The body of every error answer (4xx): one sentence that names what is wrong and what to change."""
+
+    detail: str = Field(description="what is wrong, naming the field, and what to change")
+
+
+class ValidationErrorOut(ErrorOut):
+    errors: list[dict[str, Any]] | None = Field(None, description=(
+        "for a request that does not match the schema: each problem (loc, msg, type), as pydantic reports it"))
 
 
 # -- datasets -----------------------------------------------------------------------------------
@@ -113,7 +124,7 @@ class NeighborPage(Page[NeighborOut]):
 # -- jobs ---------------------------------------------------------------------------------------
 class JobCreate(BaseModel):
     kind: SubmitKind
-    dataset_id: int = Field(gt=0)
+    dataset_id: int = Field(gt=0, le=MAX_ID)
     params: dict[str, Any] = Field(default_factory=dict, description=(
         "stage parameters (docs/SERVICES.md, 'Job parameters'); for a pipeline, one object per stage: "
         "{\"pretrain\": {...}, \"mine\": {...}, \"train\": {...}}. Checked at submission "
@@ -155,7 +166,11 @@ class JobOut(BaseModel):
 
 
 # -- correspondences ----------------------------------------------------------------------------
-Box = tuple[float, float, float, float]
+# Fixed-length number arrays as lists, not tuples: the JSON is the same, and the schema says
+# "array of numbers, exactly N" with `items`, which every OpenAPI tool reads, instead of a
+# `prefixItems` tuple that some (schemathesis, on a nested one) reject as an invalid schema.
+Box = Annotated[list[float], Field(min_length=4, max_length=4)]
+Interval = Annotated[list[float], Field(min_length=2, max_length=2)]
 
 
 class ReviewCounts(BaseModel):
@@ -214,7 +229,7 @@ class ReviewSummary(BaseModel):
     reviews: int = Field(description="verdicts given")
     reviewers: list[str]
     precision: float | None = Field(description="correct / (correct + wrong); null before any review")
-    interval: tuple[float, float] | None = Field(description="Wilson score interval of the precision")
+    interval: Interval | None = Field(description="Wilson score interval of the precision: [low, high]")
     level: float = Field(description="confidence level of the interval")
     last_review_at: datetime | None
     note: str = Field(description="how to read the figure")

@@ -1,7 +1,9 @@
 """Artifact rows (checkpoints, backbones, correspondence exports) and their files.
 
 A row's ``path`` is relative to ORL_ARTIFACTS_DIR (or absolute), so hosts may mount the shared
-artifacts volume anywhere; ``artifact_file`` turns it into a file on this host.
+artifacts volume anywhere; ``artifact_file`` turns it into a file on this host, and refuses one
+that leads outside the volume (a ``..``, a symlink, an edited row): every reader of an artifact
+goes through it, so no service reads a checkpoint from elsewhere.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from sqlalchemy.orm import Session
 from orl.checkpoint import load_checkpoint
 from orl.config import Config
 from services.common.models import Artifact
+from services.common.paths import stored_path
 
 
 def artifact_file(path: str, artifacts_dir: Path) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else artifacts_dir / p
+    """The real file of an artifact row's path on this host; PathRefused when it lies outside
+    ``artifacts_dir`` (symlinks followed). Whether it exists is the caller's question."""
+    return stored_path(path, artifacts_dir, what="artifact")
 
 
 def checkpoint_config(art: Artifact, artifacts_dir: Path) -> Config:

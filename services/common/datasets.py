@@ -2,7 +2,8 @@
 
 The configured data roots (ORL_DATA_ROOTS) are the trust boundary. A dataset folder must resolve
 (symlinks followed) to a folder inside one of them, and an image file must resolve to a file
-inside its dataset's folder; nothing else is ever read. The API and the miner share this module.
+inside its dataset's folder; nothing else is ever read. Those checks are
+``services.common.paths`` (the one resolver); the API and the miner share this module.
 
 Registration is a job (kind ``register``): POST /datasets and /rescan create it
 (``request_registration``) and answer at once; a miner CPU worker lists the folder and records
@@ -16,11 +17,9 @@ it failed or was cancelled before any succeeded.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -29,82 +28,16 @@ from orl.images import ImageError, inspect_image, list_images
 from services.common import jobs
 from services.common.db import chunks, insert_ignore
 from services.common.models import TERMINAL_STATUSES, Dataset, Image, Job, JobStatus, Proposal, RoiPair
+from services.common.paths import PathRefused as PathRefused  # re-exported: callers catch it from here
+from services.common.paths import resolve_user_path
 
 REGISTER_KIND = "register"
 DATASET_STATUSES = ("registering", "ready", "incomplete")
 
-MAX_PATH_CHARS = 4096
-_SEGMENTS = re.compile(r"[\\/]+")
-
-
-class PathRefused(ValueError):
-    """A dataset or image path that may not be used; the message says why and what to do."""
-
-
-def _has_dotdot(p: str) -> bool:
-    return any(seg == ".." for seg in _SEGMENTS.split(p))
-
-
-def resolve_dataset_path(raw: str, roots: list[Path]) -> Path:
-    """The real (absolute, symlink-free) folder for a user-given dataset path, or PathRefused.
-
-    ``raw`` is absolute, or relative to a data root (the first root where it exists). Refused:
-    empty or NUL-containing paths, any ``..`` segment (also percent-encoded, once or repeatedly:
-    a client or proxy may decode it later), anything that resolves outside every data root
-    (a symlink pointing out included), and non-folders.
-    """
-    real = resolve_under_roots(raw, roots, "folder")
-    if not real.is_dir():
-        raise PathRefused(f"{raw!r} is a file, not a folder; give the folder that contains the images")
-    return real
-
-
-def resolve_under_roots(raw: str, roots: list[Path], noun: str = "file or folder") -> Path:
-    """The real path of an existing file or folder under a data root (a label file, a dataset
-    folder), with the checks of ``resolve_dataset_path`` except the folder test; ``noun`` names
-    what is asked for in the messages."""
-    if not roots:
-        raise PathRefused("no data roots are configured; set ORL_DATA_ROOTS to the folders datasets may live in")
-    if not raw or not raw.strip():
-        raise PathRefused(f"path is empty; give a {noun} under one of the data roots")
-    if len(raw) > MAX_PATH_CHARS or "\x00" in raw:
-        raise PathRefused("path is too long or contains a NUL byte")
-    decoded, prev = raw, None
-    while decoded != prev:  # decode until stable: %252e%252e -> %2e%2e -> ..
-        prev, decoded = decoded, unquote(decoded)
-    if "\x00" in decoded:
-        raise PathRefused("path contains an encoded NUL byte")
-    if _has_dotdot(raw) or _has_dotdot(decoded):
-        raise PathRefused(f"path must not contain '..' (plain or percent-encoded); give the {noun}'s full path "
-                          f"or its path relative to a data root ({_roots_text(roots)})")
-    p = Path(raw).expanduser()
-    candidates = [p] if p.is_absolute() else [r / p for r in roots]
-    target = next((c for c in candidates if c.exists()), None)
-    if target is None:
-        raise PathRefused(f"{noun} not found: {raw!r}; give an existing {noun} under {_roots_text(roots)}")
-    real = target.resolve(strict=True)
-    if not any(real.is_relative_to(r) for r in roots):
-        hint = " (it is a symlink that leads there)" if real != target.absolute() else ""
-        raise PathRefused(f"{raw!r} resolves to {real}{hint}, which is outside the data roots; "
-                          f"put it under {_roots_text(roots)} or add its folder to ORL_DATA_ROOTS")
-    return real
-
-
-def _roots_text(roots: list[Path]) -> str:
-    return ", ".join(str(r) for r in roots)
-
-
-def image_file(dataset_path: str | Path, rel_path: str, roots: list[Path]) -> Path:
-    """The file of an image, checked again at read time (roots may have changed, links moved)."""
-    base = Path(dataset_path)
-    if not any(base.is_relative_to(r) for r in roots):
-        raise PathRefused(f"dataset folder {base} is no longer under the data roots ({_roots_text(roots)})")
-    if _has_dotdot(rel_path) or Path(rel_path).is_absolute():
-        raise PathRefused(f"image path {rel_path!r} is not a plain relative path")
-    real = (base / rel_path).resolve()
-    if not real.is_relative_to(base):
-        raise PathRefused(f"image {rel_path!r} resolves to {real}, outside its dataset folder")
-    return real
+def resolve_dataset_path(raw: str, roots: list[Path], field: str = "path") -> Path:
+    """The real folder of a user-given dataset path under the data roots, or PathRefused
+    (``services.common.paths.resolve_user_path``)."""
+    return resolve_user_path(raw, roots, field=field, noun="folder", folder=True)
 
 
 def sha1_file(path: Path, chunk_bytes: int = 1 << 20) -> str:

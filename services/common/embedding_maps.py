@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session
 
 from orl.config import MineConfig
 from orl.embedding_map import METHODS
-from services.common.datasets import PathRefused, resolve_under_roots
 from services.common.models import Job
+from services.common.paths import PathRefused, resolve_user_path
 
 KIND = "embedding_map"
 DEFAULTS: dict[str, Any] = {"method": "auto", "seed": 0, "n_neighbors": 15, "min_dist": 0.1, "labels": None}
@@ -81,7 +81,7 @@ def parse_params(params: dict[str, Any]) -> MapParams:
 def labels_file(raw: str, roots: list[Path]) -> Path:
     """The label source's real path under the data roots; MapParamsError says why not."""
     try:
-        return resolve_under_roots(raw, roots, "label file or folder")
+        return resolve_user_path(raw, roots, field="params.labels", noun="label file or folder")
     except PathRefused as exc:
         raise MapParamsError(f"params.labels: {exc}") from None
 

@@ -40,6 +40,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 # embedding_map: a 2-D layout of a checkpoint's image embeddings (services/miner/embedding_map.py).
 # register: recording a dataset folder's files (POST /datasets, /rescan; services/miner/registration.py).
 JOB_KINDS = ("pretrain", "mine", "train", "pipeline", "embedding_map", "register")
+# Row ids are bigints: the API refuses a larger id with a 422 naming it, before any query.
+MAX_ID = 2**63 - 1
 
 
 class JobStatus(enum.StrEnum):

@@ -24,6 +24,7 @@ decided by the trainer that runs it and recorded in the job's ``result["config"]
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -43,7 +44,8 @@ from orl.config import (
 )
 from services.common import embedding_maps
 from services.common.artifacts import artifact_file, checkpoint_config
-from services.common.models import JOB_KINDS, Artifact, Job
+from services.common.models import JOB_KINDS, MAX_ID, Artifact, Job
+from services.common.paths import PathRefused
 
 PIPELINE_STAGES = ("pretrain", "mine", "train")
 TRAINER_KEYS = ("preset", "set", "max_steps", "nproc", "device")
@@ -148,6 +150,8 @@ def _int_or_none(params: Mapping[str, Any], key: str, prefix: str, low: int = 1)
         raise ParamsError(f"{prefix}.{key}", f"{prefix}.{key} must be an integer, got {v!r}")
     if v < low:
         raise ParamsError(f"{prefix}.{key}", f"{prefix}.{key} must be at least {low}, got {v}")
+    if v > MAX_ID:  # ids are Postgres bigints; counts that large mean a typo
+        raise ParamsError(f"{prefix}.{key}", f"{prefix}.{key} must be at most {MAX_ID}, got {v}")
 
 
 def check_options(kind: str, params: Mapping[str, Any], prefix: str = "params") -> None:
@@ -168,13 +172,17 @@ def check_options(kind: str, params: Mapping[str, Any], prefix: str = "params") 
 def usable_checkpoint(session: Session, value: Any, field: str, artifacts_dir: Path) -> tuple[Artifact, Config]:
     """The checkpoint artifact ``value`` names and its configuration; ParamsError when it is not
     one, or its file is gone or unreadable."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ParamsError(field, f"{field} must be an artifacts id (integer), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ID:
+        raise ParamsError(field, f"{field} must be an artifacts id (integer from 1 to {MAX_ID}), got {value!r}")
     art = session.get(Artifact, value)
     if art is None or art.kind != "checkpoint":
         raise ParamsError(field, f"{field}={value} is not a checkpoint artifact; list them with "
                                  "GET /api/v1/checkpoints")
-    path = artifact_file(art.path, artifacts_dir)
+    try:
+        path = artifact_file(art.path, artifacts_dir)
+    except PathRefused:
+        raise ParamsError(field, f"checkpoint {value}'s path leads outside the artifacts volume; "
+                                 "pick another with GET /api/v1/checkpoints") from None
     if not path.is_file():
         raise ParamsError(field, f"checkpoint {value}'s file ({art.path}) is not on the artifacts volume; "
                                  "pick another with GET /api/v1/checkpoints")
@@ -186,6 +194,43 @@ def usable_checkpoint(session: Session, value: Any, field: str, artifacts_dir: P
 
 
 # -- at submission -------------------------------------------------------------------------------------
+MAX_DEPTH = 16  # a pipeline's params are 4 levels deep (stage, set, section, field)
+
+
+def _storable_text(text: str) -> bool:
+    """Text jsonb takes: no NUL, and valid Unicode (JSON allows a lone "\\udb09"; Postgres refuses it)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_storable(value: Any, field: str) -> None:
+    """Params are stored as Postgres jsonb, which holds no NaN or Infinity, no NUL character and
+    no lone surrogate; JSON parsers accept all of them, so they are refused here, naming where
+    they are, as is nesting deeper than MAX_DEPTH (no parameter is that deep; walking it would
+    only cost the server)."""
+    stack: list[tuple[Any, str, int]] = [(value, field, 0)]
+    while stack:
+        v, where, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ParamsError(where, f"params are nested deeper than {MAX_DEPTH} levels at {where}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ParamsError(where, f"{where} must be a finite number, got {v!r}")
+        if isinstance(v, str) and not _storable_text(v):
+            raise ParamsError(where, f"{where} must not contain a NUL character or a lone surrogate")
+        if isinstance(v, Mapping):
+            for k, item in v.items():
+                if not _storable_text(str(k)):
+                    raise ParamsError(where, f"a key of {where} contains a NUL character or a lone surrogate")
+                stack.append((item, f"{where}.{k}", depth + 1))
+        elif isinstance(v, list):
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(v))
+
+
 def check_job(session: Session, kind: str, params: Mapping[str, Any], artifacts_dir: Path) -> None:
     """Everything that can be checked before a job exists; ParamsError naming the field.
 
@@ -200,6 +245,7 @@ def check_job(session: Session, kind: str, params: Mapping[str, Any], artifacts_
         raise ParamsError("kind", f"unknown job kind {kind!r}; valid kinds: {valid}")
     if not isinstance(params, Mapping):
         raise ParamsError("params", "params must be an object")
+    check_storable(params, "params")
     if kind == "embedding_map":
         # Its params are no config fields: embedding_maps reads them (the worker does again).
         try:
@@ -250,7 +296,7 @@ def _check_stage(session: Session, kind: str, params: Mapping[str, Any], artifac
         if ref is None:
             raise ParamsError(f"{prefix}.mine_job_id", f"a train job needs {prefix}.mine_job_id: the id of a mine "
                               "job whose pairs it trains on (GET /api/v1/jobs?kind=mine)")
-        mine = session.get(Job, ref)
+        mine = session.get(Job, ref)  # an integer in range: check_options
         if mine is None or mine.kind != "mine":
             raise ParamsError(f"{prefix}.mine_job_id", f"{prefix}.mine_job_id={ref!r} is not a mine job; list them "
                               "with GET /api/v1/jobs?kind=mine")

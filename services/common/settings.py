@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     data_roots: str = "./data"
     artifacts_dir: Path = Path("./.state/artifacts")
     api_token: str | None = None
+    # Optional: when set, every API read needs it (or api_token). The dashboard is given this one
+    # only, so reaching its port never hands anyone the write token (docs/SERVICES.md, "Security").
+    api_read_token: str | None = None
+    # The largest request body the API reads (413 above); every body is a small JSON object.
+    max_body_bytes: int = Field(1 << 20, ge=1024)
     api_url: str = "http://127.0.0.1:8000"
     # The API as a browser reaches it, when that differs from api_url (compose: http://api:8000
     # inside, the published port outside). The dashboard reads it for URLs it hands the browser.
@@ -53,10 +58,18 @@ class Settings(BaseSettings):
             v = "postgresql+psycopg://" + v[len("postgresql://"):]
         return v
 
-    @field_validator("api_token")
+    @field_validator("api_token", "api_read_token")
     @classmethod
     def _empty_token_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    @model_validator(mode="after")
+    def _read_token_differs(self) -> Settings:
+        if self.api_read_token is not None and self.api_read_token == self.api_token:
+            # Whoever holds the read token (the dashboard, its viewers' requests) could then write.
+            raise ValueError("ORL_API_READ_TOKEN must differ from ORL_API_TOKEN: the read token is handed to the "
+                             "dashboard, the write token must not be")
+        return self
 
     @field_validator("worker_cores", "cpu_concurrency", "ss_processes", mode="before")
     @classmethod

@@ -39,6 +39,7 @@ from services.common.datasets import REGISTER_KIND, new_files, record_images
 from services.common.db import chunks, session_scope
 from services.common.heartbeat import Heartbeat
 from services.common.models import TERMINAL_STATUSES, Image, JobStatus
+from services.common.paths import PathRefused, dataset_folder
 from services.common.settings import get_settings
 from services.miner import records
 from services.miner.pipeline import Gate, Stop, finish, worker_name
@@ -118,10 +119,14 @@ def _start(job_id: int) -> tuple[int, Path, int] | None:
 def _check_root(dataset_id: int, base: Path) -> None:
     """The API checked the folder against its data roots; this worker checks against its own."""
     roots = get_settings().data_root_paths
-    if not any(base.is_relative_to(r) for r in roots):
+    try:
+        # Links followed (services.common.paths): a folder swapped for a link that leads out of
+        # the roots after registration is refused before anything in it is listed or read.
+        dataset_folder(base, roots)
+    except PathRefused:
         raise RegisterError(f"dataset {dataset_id}'s folder {base} is not under this worker's data roots "
                             f"({', '.join(map(str, roots)) or 'none'}); give every worker the ORL_DATA_ROOTS "
-                            "of the API")
+                            "of the API") from None
 
 
 def _scan(job_id: int, base: Path, gate: Gate) -> list[str]:

@@ -36,6 +36,7 @@ from services.common import params as job_params
 from services.common.artifacts import artifact_file, checkpoint_config
 from services.common.correspondences import correspondence_from_db
 from services.common.models import Artifact, Dataset, Image, Job, JobStatus
+from services.common.paths import PathRefused
 from services.common.plan import MinePlan
 
 STAGE_OF_KIND = {"pretrain": "byol", "train": "orl"}
@@ -71,7 +72,10 @@ def _checkpoint(session: Session, artifact_id: Any, artifacts_dir: Path, what: s
         raise SpecError(f"{what} must be an artifacts id (integer), got {artifact_id!r}") from None
     if art is None or art.kind != "checkpoint":
         raise SpecError(f"{what} {artifact_id} is not a checkpoint artifact")
-    return art, artifact_file(art.path, artifacts_dir)
+    try:
+        return art, artifact_file(art.path, artifacts_dir)
+    except PathRefused as exc:
+        raise SpecError(f"{what} {artifact_id}: {exc}") from None
 
 
 def build_config(params: dict[str, Any], base: Config, kind: str = "train") -> Config:

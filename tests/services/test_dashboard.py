@@ -245,12 +245,13 @@ def seeded(live_api, settings_env, tiny_byol_checkpoint, registrar):
 
 @pytest.fixture
 def app(live_api, seeded, monkeypatch):
-    """An AppTest of dashboard/app.py talking to the live API (with the write token)."""
+    """An AppTest of dashboard/app.py talking to the live API, the write token typed into the
+    sidebar as a user does (the dashboard ignores one in its environment)."""
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("ORL_API_URL", live_api)
-    monkeypatch.setenv("ORL_API_TOKEN", seeded["token"])
     at = AppTest.from_file(str(REPO / "dashboard" / "app.py"), default_timeout=60)
+    at.session_state["api_token"] = seeded["token"]
     return at
 
 
@@ -509,7 +510,8 @@ CHROMEDRIVER = shutil.which("chromedriver")
 def live_dashboard(live_api, seeded, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("logs") / "dashboard.log"
-    env = {**os.environ, "ORL_API_URL": live_api, "ORL_API_TOKEN": seeded["token"],
+    # Only reads here; the dashboard is never given the write token (docs/SERVICES.md, Security).
+    env = {**{k: v for k, v in os.environ.items() if k != "ORL_API_TOKEN"}, "ORL_API_URL": live_api,
            "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false", "STREAMLIT_SERVER_FILE_WATCHER_TYPE": "none",
            "STREAMLIT_CLIENT_TOOLBAR_MODE": "viewer"}
     bin_dir = Path(sys.executable).parent

@@ -8,8 +8,7 @@ path a row holds.
 
 from __future__ import annotations
 
-import mimetypes
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Response, status
@@ -17,15 +16,19 @@ from fastapi.responses import FileResponse
 from sqlalchemy import select
 
 from services.api import cursors
-from services.api.deps import SessionDep, SettingsDep, WriteAccess
+from services.api.deps import ArtifactId, OptionalId, SessionDep, SettingsDep, WriteAccess
 from services.api.lookups import row_or_404
 from services.api.schemas import ArtifactKind, ArtifactOut, ExportIn, JobRef, Page
 from services.common.artifacts import artifact_file
 from services.common.models import Artifact, Job
+from services.common.paths import PathRefused
 
 router = APIRouter(prefix="/api/v1/artifacts", tags=["artifacts"])
 
 MAX_PAGE = 200
+# What a download is sent as: the formats of the artifacts jobs write; anything else is bytes.
+OCTETS = "application/octet-stream"
+DOWNLOAD_TYPES = {".json": "application/json", ".csv": "text/csv"}
 
 
 def _metrics(art: Artifact, job: Job | None) -> dict[str, Any]:
@@ -39,26 +42,26 @@ def _metrics(art: Artifact, job: Job | None) -> dict[str, Any]:
     return {k: meta[k] for k in ("images", "pairs") if k in meta}
 
 
-def _inside(path: Path, root: Path) -> Path | None:
-    """The real path (symlinks followed) of ``path`` when it lies inside ``root``, else None.
+def _file(art: Artifact, root: Path) -> Path | None:
+    """The real path (symlinks followed) of the artifact's file when it lies inside ``root``, else
+    None (``artifact_file``, the one resolver). Containment is decided before existence, so a
+    client never learns whether a file outside the artifacts volume exists."""
+    try:
+        return artifact_file(art.path, root)
+    except PathRefused:
+        return None
 
-    Containment is decided before existence, so a client never learns whether a file outside
-    the artifacts volume exists."""
-    real = path.resolve()
-    return real if real.is_relative_to(root) else None
 
-
-def _size(path: Path, root: Path) -> int | None:
-    real = _inside(path, root)
+def _size(art: Artifact, root: Path) -> int | None:
+    real = _file(art, root)
     return real.stat().st_size if real is not None and real.is_file() else None
 
 
 def _out(art: Artifact, job: Job | None, root: Path) -> ArtifactOut:
-    path = artifact_file(art.path, root)
     return ArtifactOut(
         id=art.id, kind=art.kind, stage=art.stage, dataset_id=art.dataset_id,
         job=JobRef(id=job.id, kind=job.kind, status=job.status) if job is not None else None,
-        file_name=path.name, size_bytes=_size(path, root), metrics=_metrics(art, job),
+        file_name=PurePath(art.path).name, size_bytes=_size(art, root), metrics=_metrics(art, job),
         meta={k: v for k, v in (art.meta or {}).items() if k != "config"}, created_at=art.created_at,
         download_url=f"/api/v1/artifacts/{art.id}/download")
 
@@ -67,8 +70,8 @@ def _out(art: Artifact, job: Job | None, root: Path) -> ArtifactOut:
 def list_artifacts(
     session: SessionDep,
     settings: SettingsDep,
-    dataset_id: int | None = None,
-    job_id: int | None = None,
+    dataset_id: OptionalId = None,
+    job_id: OptionalId = None,
     kind: ArtifactKind | None = None,
     stage: Literal["byol", "orl"] | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size, at most {MAX_PAGE}")] = 50,
@@ -87,7 +90,7 @@ def list_artifacts(
 
 
 @router.get("/{artifact_id}", response_model=ArtifactOut, summary="One artifact")
-def get_artifact(artifact_id: int, session: SessionDep, settings: SettingsDep) -> ArtifactOut:
+def get_artifact(artifact_id: ArtifactId, session: SessionDep, settings: SettingsDep) -> ArtifactOut:
     art = row_or_404(session, Artifact, artifact_id, "artifact", "/api/v1/artifacts")
     job = session.get(Job, art.job_id) if art.job_id is not None else None
     return _out(art, job, settings.artifacts_path)
@@ -95,13 +98,13 @@ def get_artifact(artifact_id: int, session: SessionDep, settings: SettingsDep) -
 
 @router.get("/{artifact_id}/download", response_class=FileResponse,
             summary="The artifact's file, streamed (ETag, Range); never a file outside ORL_ARTIFACTS_DIR",
-            responses={200: {"content": {"application/octet-stream": {}}},
+            responses={200: {"content": {t: {} for t in sorted({*DOWNLOAD_TYPES.values(), OCTETS})}},
                        403: {"description": "the row's path leads outside the artifacts volume"},
                        404: {"description": "no such artifact"}, 410: {"description": "the file is gone"}})
-def download(artifact_id: int, session: SessionDep, settings: SettingsDep) -> FileResponse:
+def download(artifact_id: ArtifactId, session: SessionDep, settings: SettingsDep) -> FileResponse:
     art = row_or_404(session, Artifact, artifact_id, "artifact", "/api/v1/artifacts")
     root = settings.artifacts_path
-    real = _inside(artifact_file(art.path, root), root)
+    real = _file(art, root)
     if real is None:
         raise HTTPException(status.HTTP_403_FORBIDDEN,
                             f"artifact {artifact_id}'s path leads outside ORL_ARTIFACTS_DIR; only files on the "
@@ -111,7 +114,9 @@ def download(artifact_id: int, session: SessionDep, settings: SettingsDep) -> Fi
                             f"artifact {artifact_id}'s file {art.path} is no longer on the artifacts volume")
     if not real.is_file():
         raise HTTPException(status.HTTP_409_CONFLICT, f"artifact {artifact_id} is a folder, not a file")
-    media = mimetypes.guess_type(real.name)[0] or "application/octet-stream"
+    # By suffix, from a fixed table: a guess from the system's table would call last.pt a
+    # "application/vnd.snesdev-page-table".
+    media = DOWNLOAD_TYPES.get(real.suffix.lower(), OCTETS)
     # Every checkpoint is called last.pt: the download name says which one it is.
     return FileResponse(real, media_type=media, filename=f"{art.kind}-{art.id}-{real.name}")
 
@@ -133,7 +138,7 @@ def _export_path(checkpoint: Artifact, fmt: str) -> str:
                         409: {"description": "the checkpoint's file is unreadable"},
                         410: {"description": "the checkpoint's file is gone"},
                         422: {"description": "not a checkpoint, or a bad format"}})
-def export(artifact_id: int, body: ExportIn, session: SessionDep, settings: SettingsDep,
+def export(artifact_id: ArtifactId, body: ExportIn, session: SessionDep, settings: SettingsDep,
            response: Response) -> ArtifactOut:
     # A plain def: FastAPI runs it in its thread pool, so the seconds of tracing do not block others.
     ckpt = row_or_404(session, Artifact, artifact_id, "artifact", "/api/v1/artifacts")
@@ -142,7 +147,7 @@ def export(artifact_id: int, body: ExportIn, session: SessionDep, settings: Sett
                             f"artifact {artifact_id} is a {ckpt.kind}, not a checkpoint; export one of "
                             "GET /api/v1/artifacts?kind=checkpoint (its config rebuilds the backbone)")
     root = settings.artifacts_path
-    src = _inside(artifact_file(ckpt.path, root), root)
+    src = _file(ckpt, root)
     if src is None:
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"artifact {artifact_id}'s path leads outside ORL_ARTIFACTS_DIR")
     if not src.is_file():

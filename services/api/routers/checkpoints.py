@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 from sqlalchemy import select
 
 from services.api import cursors, lookups
-from services.api.deps import SessionDep
+from services.api.deps import CheckpointId, OptionalId, SessionDep, id_query
 from services.api.schemas import CheckpointOut, EmbeddingMapPage, MapPoint, Page
 from services.common import embedding_maps
 from services.common.models import TERMINAL_STATUSES, Artifact, EmbeddingMapPoint, Image, Job, JobStatus
@@ -25,8 +25,8 @@ MAX_MAP_PAGE = 10_000
 @router.get("", response_model=Page[CheckpointOut], summary="Checkpoints, newest first")
 def list_checkpoints(
     session: SessionDep,
-    dataset_id: int | None = None,
-    job_id: int | None = None,
+    dataset_id: OptionalId = None,
+    job_id: OptionalId = None,
     stage: Literal["byol", "orl"] | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size, at most {MAX_PAGE}")] = 100,
     cursor: str | None = None,
@@ -79,11 +79,11 @@ def _map_job(session, checkpoint_id: int, dataset_id: int | None, job_id: int | 
                                             "to submit, or which job is computing it)"},
                        409: {"description": "the given job has not succeeded"}})
 def embedding_map(
-    checkpoint_id: int,
+    checkpoint_id: CheckpointId,
     session: SessionDep,
-    dataset_id: Annotated[int | None, Query(gt=0, description="the dataset whose images are mapped "
+    dataset_id: Annotated[int | None, id_query("the dataset whose images are mapped "
                                                               "(default: the newest map of any dataset)")] = None,
-    job_id: Annotated[int | None, Query(gt=0, description="a given embedding_map job instead of the newest")] = None,
+    job_id: Annotated[int | None, id_query("a given embedding_map job instead of the newest")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_MAP_PAGE, description=f"page size, at most {MAX_MAP_PAGE}")] = 1000,
     cursor: str | None = None,
 ) -> EmbeddingMapPage:

@@ -28,7 +28,7 @@ from sqlalchemy.orm import aliased
 
 from orl.annotation_formats import LABELSTUDIO_CONFIG, CocoSource, coco_json, labelstudio_tasks_json
 from services.api import cursors, lookups
-from services.api.deps import SessionDep, WriteAccess
+from services.api.deps import OptionalId, PairId, SessionDep, WriteAccess, id_query
 from services.api.imaging import MAX_RENDER_SIDE_PX
 from services.api.schemas import Histogram, Page, PairOut, ReviewCounts, ReviewIn, ReviewOut
 from services.common import reviews
@@ -156,15 +156,16 @@ def _after(keys: list[tuple[Any, bool]], last: list[Any]):
 
 
 @router.get("", response_model=Page[PairOut], summary="RoI pairs: best first, worst first, or a seeded random sample "
-                                                      "(keyset pages)")
+                                                      "(keyset pages)", responses=lookups.MINE_JOB_ERRORS)
 def list_pairs(
     session: SessionDep,
-    dataset_id: int | None = None,
-    job_id: Annotated[int | None, Query(description="a mine job, or a pipeline (its mine stage)")] = None,
-    image_id: Annotated[int | None, Query(description="pairs with this image on `side`")] = None,
+    dataset_id: OptionalId = None,
+    job_id: Annotated[int | None, id_query("a mine job, or a pipeline (its mine stage)")] = None,
+    image_id: Annotated[int | None, id_query("pairs with this image on `side`")] = None,
     side: Annotated[Side, Query(description="where image_id is: the query (default), the neighbour, or either "
                                             "(both directions)")] = "query",
-    other_image_id: Annotated[int | None, Query(description="with image_id: only pairs between the two images")] = None,
+    other_image_id: Annotated[int | None, id_query(
+        "with image_id: only pairs between the two images")] = None,
     min_score: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
     max_score: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
     min_area: Annotated[float | None, Query(ge=0, le=MAX_AREA, description=(
@@ -231,7 +232,7 @@ def list_pairs(
             responses={200: {"description": "this reviewer's earlier verdict was replaced"},
                        201: {"description": "the first verdict of this reviewer on the pair"},
                        404: {"description": "no such pair"}})
-def review_pair(pair_id: int, body: ReviewIn, session: SessionDep, response: Response) -> ReviewOut:
+def review_pair(pair_id: PairId, body: ReviewIn, session: SessionDep, response: Response) -> ReviewOut:
     if session.get(RoiPair, pair_id) is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND,
                             f"pair {pair_id} does not exist; pair ids are the 'id' of GET /api/v1/correspondences")
@@ -241,11 +242,12 @@ def review_pair(pair_id: int, body: ReviewIn, session: SessionDep, response: Res
     return ReviewOut.model_validate(saved.review)
 
 
-@router.get("/histogram", response_model=Histogram, summary="Histogram of pair scores")
+@router.get("/histogram", response_model=Histogram, summary="Histogram of pair scores",
+            responses=lookups.MINE_JOB_ERRORS)
 def histogram(
     session: SessionDep,
-    dataset_id: int | None = None,
-    job_id: int | None = None,
+    dataset_id: OptionalId = None,
+    job_id: OptionalId = None,
     bins: Annotated[int, Query(ge=1, le=200)] = 20,
 ) -> Histogram:
     where = _filters(session, dataset_id, job_id)
@@ -315,11 +317,11 @@ def _image_url(base_url: str, prefix: str | None):
 
 
 @router.get("/export", summary="All pairs of a mining job: official ORL json, flat CSV, Label Studio tasks or COCO",
-            responses={200: {"content": {"application/json": {}, "text/csv": {}}}})
+            responses={200: {"content": {"application/json": {}, "text/csv": {}}}, **lookups.MINE_JOB_ERRORS})
 def export(
     session: SessionDep,
     request: Request,
-    job_id: Annotated[int, Query(description="a mine job, or a pipeline (its mine stage)")],
+    job_id: Annotated[int, id_query("a mine job, or a pipeline (its mine stage)")],
     format: Annotated[ExportFormat, Query(description=(
         "orl-json (the authors' layout), csv (one row per pair), labelstudio (one task per pair, both images; "
         "labeling config: GET /api/v1/correspondences/labelstudio-config), coco (detections per image plus a "

@@ -9,7 +9,6 @@ its first registration succeeded.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Response, status
@@ -18,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.api import cursors
-from services.api.deps import SessionDep, SettingsDep, WriteAccess
+from services.api.deps import DatasetId, SessionDep, SettingsDep, WriteAccess
 from services.api.lookups import dataset_or_404
 from services.api.schemas import Counts, DatasetCreate, DatasetOut, ImageOut, Page, RegistrationOut, ScanOut
 from services.common import broker, jobs
@@ -31,6 +30,7 @@ from services.common.datasets import (
     resolve_dataset_path,
 )
 from services.common.models import Dataset, Image, JobStatus
+from services.common.paths import dataset_folder
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
 
@@ -85,9 +85,9 @@ def _register(session: Session, ds: Dataset, response: Response) -> DatasetOut:
                         503: {"description": "the broker is unreachable"}})
 def register_dataset(body: DatasetCreate, session: SessionDep, settings: SettingsDep, response: Response) -> DatasetOut:
     try:
-        real = resolve_dataset_path(body.path, settings.data_root_paths)
+        real = resolve_dataset_path(body.path, settings.data_root_paths, field="path")
     except PathRefused as exc:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"body field '{exc.field}': {exc.reason}") from None
     ds = session.execute(select(Dataset).where(Dataset.name == body.name)).scalar_one_or_none()
     if ds is not None and ds.path != str(real):
         raise HTTPException(status.HTTP_409_CONFLICT,
@@ -117,7 +117,7 @@ def list_datasets(
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="A dataset: its status, registration and counts")
-def get_dataset(dataset_id: int, session: SessionDep) -> DatasetOut:
+def get_dataset(dataset_id: DatasetId, session: SessionDep) -> DatasetOut:
     ds = dataset_or_404(session, dataset_id)
     return _out(session, ds, registrations(session, [ds.id])[ds.id])
 
@@ -126,10 +126,16 @@ def get_dataset(dataset_id: int, session: SessionDep) -> DatasetOut:
              dependencies=[WriteAccess], summary="Record images added to the folder since the last scan "
                                                  "(answers at once, a registration job scans)",
              responses={**_ACCEPTED, 409: {"description": "the dataset folder is gone"},
+                        403: {"description": "the folder now leads outside the data roots; it is not read"},
                         503: {"description": "the broker is unreachable"}})
-def rescan_dataset(dataset_id: int, session: SessionDep, response: Response) -> DatasetOut:
+def rescan_dataset(dataset_id: DatasetId, session: SessionDep, settings: SettingsDep, response: Response) -> DatasetOut:
     ds = dataset_or_404(session, dataset_id)
-    if not Path(ds.path).is_dir():
+    try:
+        # Checked against today's data roots, links followed, before a job would list the folder.
+        folder = dataset_folder(ds.path, settings.data_root_paths)
+    except PathRefused as exc:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"dataset {dataset_id}: {exc}") from None
+    if not folder.is_dir():
         raise HTTPException(status.HTTP_409_CONFLICT, f"the dataset folder is gone: {ds.path} is not a folder "
                                                       "any more; restore it, or register the new folder")
     return _register(session, ds, response)
@@ -144,7 +150,7 @@ def _like_pattern(text: str) -> str:
             summary="A dataset's images, by id; ?name= finds them by file name, ?status=failed lists the "
                     "unreadable ones with reasons")
 def list_images(
-    dataset_id: int,
+    dataset_id: DatasetId,
     session: SessionDep,
     status_: Annotated[Literal["ok", "failed"] | None, Query(alias="status")] = None,
     name: Annotated[str | None, Query(min_length=1, max_length=200, description=(

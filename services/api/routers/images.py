@@ -11,12 +11,12 @@ from sqlalchemy import exists, func, or_, select
 
 from orl.images import ImageError
 from services.api import cursors, imaging, lookups
-from services.api.deps import SessionDep, SettingsDep
+from services.api.deps import ImageId, SessionDep, SettingsDep, id_query
 from services.api.schemas import ImageOut, NeighborOut, NeighborPage
 from services.common import thumbnails
 from services.common.artifacts import artifact_file
-from services.common.datasets import PathRefused, image_file
 from services.common.models import Dataset, Image, Job, Neighbor, RoiPair
+from services.common.paths import PathRefused, image_file
 
 router = APIRouter(prefix="/api/v1/images", tags=["images"])
 
@@ -28,8 +28,13 @@ CACHE_CONTROL = "public, max-age=86400"
 # A thumbnail requested with the image's checksum names one content for good (the stored file is
 # keyed by it and checked against it when rendered): a client may keep it without ever asking again.
 IMMUTABLE = "public, max-age=31536000, immutable"
+JPEG: dict[int | str, dict] = {200: {"content": {"image/jpeg": {}}, "description": "the image"}}
+PNG: dict[int | str, dict] = {200: {"content": {"image/png": {}}, "description": "the overlay"}}
 IMAGE_RESPONSES = {304: {"description": "not modified (If-None-Match)"},
-                   404: {"description": "no such image"}, 409: {"description": "the image is unreadable"}}
+                   403: {"description": "the file (image, or checkpoint) leads outside the data roots or the artifacts "
+                                        "volume; it is not read"},
+                   404: {"description": "no such image"}, 409: {"description": "the image is unreadable"},
+                   410: {"description": "the file (image, or checkpoint) is gone"}}
 
 
 def _image_and_file(session, settings, image_id: int) -> tuple[Image, Path]:
@@ -66,7 +71,7 @@ def _unreadable(img: Image, exc: Exception) -> HTTPException:
 
 
 @router.get("/{image_id}", response_model=ImageOut, summary="Image metadata")
-def get_image(image_id: int, session: SessionDep) -> ImageOut:
+def get_image(image_id: ImageId, session: SessionDep) -> ImageOut:
     return ImageOut.model_validate(lookups.image_or_404(session, image_id))
 
 
@@ -99,13 +104,14 @@ def _knn_job(session, img: Image, checkpoint_id: int | None, job_id: int | None)
 
 @router.get("/{image_id}/neighbors", response_model=NeighborPage,
             summary="The image's K nearest images (stored by a mining job), with similarities and pair counts",
-            responses={404: {"description": "no such image or checkpoint, or no mining job covered the image"}})
+            responses={404: {"description": "no such image or checkpoint, or no mining job covered the image"},
+                       **lookups.MINE_JOB_ERRORS})
 def neighbors(
-    image_id: int,
+    image_id: ImageId,
     session: SessionDep,
-    checkpoint_id: Annotated[int | None, Query(gt=0, description=(
-        "the checkpoint the KNN was computed with (default: the newest mining job that covered the image)"))] = None,
-    job_id: Annotated[int | None, Query(gt=0, description="a mine job (or pipeline) instead of a checkpoint")] = None,
+    checkpoint_id: Annotated[int | None, id_query(
+        "the checkpoint the KNN was computed with (default: the newest mining job that covered the image)")] = None,
+    job_id: Annotated[int | None, id_query("a mine job (or pipeline) instead of a checkpoint")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_NEIGHBORS_PAGE,
                                 description=f"page size, at most {MAX_NEIGHBORS_PAGE}")] = 50,
     cursor: str | None = None,
@@ -147,9 +153,9 @@ def neighbors(
                         checkpoint_id=lookups.mine_checkpoint_id(job))
 
 
-@router.get("/{image_id}/thumbnail", response_class=Response, responses=IMAGE_RESPONSES,
+@router.get("/{image_id}/thumbnail", response_class=Response, responses={**JPEG, **IMAGE_RESPONSES},
             summary="The whole image as a small JPEG (longer side <= size), rendered once and kept")
-def thumbnail(image_id: int, session: SessionDep, settings: SettingsDep,
+def thumbnail(image_id: ImageId, session: SessionDep, settings: SettingsDep,
               size: Annotated[int, Query(ge=16, le=imaging.MAX_RENDER_SIDE_PX)] = 256,
               checksum: Annotated[str | None, Query(
                   min_length=40, max_length=40, pattern="^[0-9a-f]{40}$",
@@ -178,9 +184,10 @@ def thumbnail(image_id: int, session: SessionDep, settings: SettingsDep,
                     headers={"Cache-Control": cache, "ETag": etag})
 
 
-@router.get("/{image_id}/crop", response_class=Response, responses={**IMAGE_RESPONSES, 422: {"description": "bad box"}},
+@router.get("/{image_id}/crop", response_class=Response,
+            responses={**JPEG, **IMAGE_RESPONSES, 422: {"description": "bad box"}},
             summary="A box of the image as a JPEG (longer side = size)")
-def crop(image_id: int, session: SessionDep, settings: SettingsDep,
+def crop(image_id: ImageId, session: SessionDep, settings: SettingsDep,
          box: Annotated[str, Query(description="x1,y1,x2,y2 in the image's pixels", examples=["10,20,110,220"])],
          size: Annotated[int, Query(ge=16, le=imaging.MAX_RENDER_SIDE_PX)] = 224,
          if_none_match: Annotated[str | None, Header()] = None) -> Response:
@@ -203,16 +210,21 @@ def crop(image_id: int, session: SessionDep, settings: SettingsDep,
 
 def checkpoint_file(session, settings, checkpoint_id: int) -> Path:
     art = lookups.checkpoint_or_404(session, checkpoint_id)
-    p = artifact_file(art.path, settings.artifacts_path)
+    try:
+        p = artifact_file(art.path, settings.artifacts_path)
+    except PathRefused:
+        raise HTTPException(status.HTTP_403_FORBIDDEN,
+                            f"checkpoint {checkpoint_id}'s path leads outside ORL_ARTIFACTS_DIR; only files on the "
+                            "artifacts volume are read") from None
     if not p.is_file():
         raise HTTPException(status.HTTP_410_GONE, f"checkpoint {checkpoint_id}'s file {p} is missing")
     return p
 
 
-@router.get("/{image_id}/attention", response_class=Response, responses=IMAGE_RESPONSES,
+@router.get("/{image_id}/attention", response_class=Response, responses={**PNG, **IMAGE_RESPONSES},
             summary="PNG: the image with a checkpoint's attention heat map blended over it")
-def attention(image_id: int, session: SessionDep, settings: SettingsDep,
-                    checkpoint_id: Annotated[int, Query(gt=0, description="artifacts.id of a checkpoint")],
+def attention(image_id: ImageId, session: SessionDep, settings: SettingsDep,
+                    checkpoint_id: Annotated[int, id_query("artifacts.id of a checkpoint")],
                     method: Literal["similarity", "contribution", "gradcam"] = "similarity",
                     opacity: Annotated[float, Query(ge=0.0, le=1.0)] = 0.5,
                     size: Annotated[int, Query(ge=64, le=imaging.MAX_RENDER_SIDE_PX)] = 512,

@@ -15,11 +15,12 @@ from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from sqlalchemy import select
 
 from services.api import cursors, lookups
-from services.api.deps import SessionDep, SettingsDep, WriteAccess
+from services.api.deps import JobId, OptionalId, SessionDep, SettingsDep, WriteAccess
 from services.api.schemas import JobCreate, JobKind, JobOut, Page, ReviewSummary
 from services.common import broker, datasets, embedding_maps, jobs, reviews
 from services.common import params as job_params
 from services.common.models import Dataset, Job, JobStatus, RoiPair
+from services.common.paths import PathRefused, resolve_user_path
 from services.common.settings import Settings
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
@@ -49,21 +50,25 @@ def _validate(session, body: JobCreate, settings: Settings) -> None:
                             "POST /api/v1/datasets")
     if (why := datasets.registration(session, body.dataset_id).refusal(body.dataset_id)) is not None:
         raise HTTPException(status.HTTP_409_CONFLICT, why)
-    if len(json.dumps(body.params)) > MAX_PARAMS_BYTES:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"params are larger than {MAX_PARAMS_BYTES} bytes")
     try:
+        job_params.check_storable(body.params, "params")  # what jsonb cannot hold, before anything walks them
+        if len(json.dumps(body.params)) > MAX_PARAMS_BYTES:
+            raise job_params.ParamsError("params", f"params are larger than {MAX_PARAMS_BYTES} bytes")
         # The same reading of params as the trainer and the miner use when the job runs.
         job_params.check_job(session, body.kind, body.params, settings.artifacts_path)
     except job_params.ParamsError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"body field '{exc.field}': {exc.reason}") from None
     if body.kind == embedding_maps.KIND:
-        # The label source needs the data roots, which only the API and the worker know.
-        try:
-            labels = embedding_maps.parse_params(body.params).labels
-            if labels is not None:
-                embedding_maps.labels_file(labels, settings.data_root_paths)
-        except embedding_maps.MapParamsError as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        # The label source needs the data roots, which only the API and the worker know; it goes
+        # through the one path resolver, like a dataset folder.
+        labels = embedding_maps.parse_params(body.params).labels  # check_job has read the params
+        if labels is not None:
+            try:
+                resolve_user_path(labels, settings.data_root_paths, field="params.labels",
+                                  noun="label file or folder")
+            except PathRefused as exc:
+                raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                                    f"body field '{exc.field}': {exc.reason}") from None
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, dependencies=[WriteAccess],
@@ -112,8 +117,8 @@ def list_jobs(
     session: SessionDep,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     kind: JobKind | None = None,
-    dataset_id: int | None = None,
-    parent_id: int | None = None,
+    dataset_id: OptionalId = None,
+    parent_id: OptionalId = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     cursor: str | None = None,
 ) -> Page[JobOut]:
@@ -126,15 +131,15 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="A job: status, progress, error, params, timestamps")
-def get_job(job_id: int, session: SessionDep) -> JobOut:
+def get_job(job_id: JobId, session: SessionDep) -> JobOut:
     return _out(session, _job_or_404(session, job_id))
 
 
 @router.get("/{job_id}/review-summary", response_model=ReviewSummary,
             summary="Reviewed precision of a mining job's pairs, with a Wilson 95% interval",
-            responses={404: {"description": "no such job"}, 422: {"description": "not a mine or pipeline job"}})
+            responses={404: {"description": "no such job"}, **lookups.MINE_JOB_ERRORS})
 def review_summary(
-    job_id: int,
+    job_id: JobId,
     session: SessionDep,
     reviewer: Annotated[str | None, Query(min_length=1, max_length=100,
                                           description="only this reviewer's verdicts")] = None,
@@ -154,7 +159,7 @@ def review_summary(
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
              dependencies=[WriteAccess], summary="Request cancellation (workers stop between batches)",
              responses={409: {"description": "the job already succeeded or failed"}})
-def cancel_job(job_id: int, session: SessionDep) -> JobOut:
+def cancel_job(job_id: JobId, session: SessionDep) -> JobOut:
     _job_or_404(session, job_id)
     try:
         job = jobs.cancel_job(session, job_id)
