@@ -314,8 +314,10 @@ def headline(results: dict, seed: int) -> list[str]:
     runs = [r for r in st.get("runs", []) if g("eval", r)]
     if "byol_cont" in runs and len(runs) > 1:
         M = st["more_epochs"]
+        starts = [t for r, t in (("orl_init", "from the stage-1 weights"),
+                                 ("orl", "from random init as the authors do")) if r in runs]
         L += [f"**3. ORL against BYOL at equal compute** (Table 5e's shape): after {N} epochs of BYOL, {M} more "
-              "epochs of BYOL, or of ORL (from the stage-1 weights, or from random init as the authors do). "
+              f"epochs of BYOL, or of ORL ({', or '.join(starts) or 'ablations only'}). "
               "Differences against BYOL continued, percentage points (AUC: absolute).", "",
               "| run | " + " | ".join(lab for _, lab, _ in EVAL_METRICS) + " | pair AUC (fixed) |",
               "|---|" + "---|" * (len(EVAL_METRICS) + 1)]
@@ -674,6 +676,7 @@ def render_report(all_results: dict[str, dict], plots: dict[str, dict[str, str]]
          "```",
          "python -m benchmarks.study --mode long --commit   # one seed, ~3,000 stage-1 steps; commits each unit",
          "python -m benchmarks.study --mode short --commit  # three seeds at ~800 steps",
+         "python -m benchmarks.study --mode short --dry-run # its units and their estimated minutes",
          "python -m benchmarks.study --quick                # pipeline check, under 15 minutes; numbers mean nothing",
          "python -m benchmarks.study --report-only          # rebuild this file and the plots from the JSON",
          "```", "",
