@@ -119,15 +119,19 @@ MODES = {
     # pairs stage 3 trains on) uses RoIAlign RoI features, so all its pair scores compare with
     # each other (not with the long mode's crop scores); no mining variants, no positive control
     # (the long mode has both); snapshots only at random init and the end of stage 1.
-    # Its cost, from `python -m benchmarks.study --mode short --dry-run` (estimate.py: the long
-    # mode's recorded unit timings, each computation's own wall seconds, training scaled by
-    # steps), median / fastest recorded minutes: 47.4 / 33.2 per seed (seed 0: 56.1 / 41.0, as
-    # the one selective search of the work folder comes with its first mining), of which stage 1
-    # 18.7 / 12.0, orl_init 12.3 / 7.7, byol_cont 5.3, each mining 1.1 / 0.9 and each evaluation
-    # 1.2 / 0.8; three seeds 150.9 / 107.5. The authors' `orl` (random init) would add 14.5 / 9.4
-    # per seed (three seeds 194.6 / 135.7, past the 2.5 hours this mode is meant for), so it is
-    # not a default run here (the long mode has it at one seed); `--runs byol_cont,orl_init,orl`
-    # adds it to the same results file, since runs are not part of the signature.
+    # Its cost, from `python -m benchmarks.study --mode short --dry-run` (estimate.py: the unit
+    # timings recorded in benchmarks/results/study_long.json as committed with this comment,
+    # each computation's own wall seconds, training scaled by steps), as median / fastest
+    # minutes: 47.4 / 33.2 per seed (seed 0: 56.1 / 41.0, as the work folder's one selective
+    # search comes with its first mining), of which stage 1 18.7 / 12.0, orl_init 12.3 / 7.7,
+    # byol_cont 5.3, each mining 1.1 / 0.9 and each evaluation 1.2 / 0.8 (0.8 / 0.6 without the
+    # SVM); three seeds 150.9 / 107.5. The median is the nearer guess on a shared machine. A
+    # crop mining takes 2.2 / 1.6 (`--mode long --dry-run`): RoIAlign is here for scores that
+    # compare across the mode more than for time. The authors' `orl` (random init) would add
+    # 14.5 / 9.4 per seed (three seeds 194.6 / 135.7, past the 2.5 hours this mode is meant
+    # for), so it is not a default run here (the long mode has it at one seed);
+    # `--runs byol_cont,orl_init,orl` adds it to the same results file (runs are not part of
+    # the signature).
     "short": Mode("short", "cpu", {**SMALL, "mine.roi_mode": "roi_align"}, epochs=50, more_epochs=19,
                   snapshots=(0, 50), seeds=(0, 1, 2), runs=("byol_cont", "orl_init"), variants=(),
                   control_epochs=0),
