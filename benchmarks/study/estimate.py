@@ -162,8 +162,10 @@ def render(mode_name: str, rows: list[dict[str, Any]], status: dict[str, str]) -
     def total(label: str, sel: list[dict[str, Any]]) -> str:
         unknown = sum(r["median_s"] is None for r in sel)
         note = f"  ({unknown} of {len(sel)} units without an estimate)" if unknown else ""
-        return (f"{label:42s} {'':8s} {m(sum(r['median_s'] or 0.0 for r in sel)):>10s} "
-                f"{m(sum(r['min_s'] or 0.0 for r in sel)):>8s}{note}")
+        known = [r for r in sel if r["median_s"] is not None]
+        med, low = ((sum(r["median_s"] for r in known), sum(r["min_s"] for r in known)) if known
+                    else (None, None))  # a mode at another scale: no total rather than a zero
+        return f"{label:42s} {'':8s} {m(med):>10s} {m(low):>8s}{note}"
 
     seeds = sorted({r["key"].split("/")[1] for r in rows}, key=lambda s: int(s[1:]))
     lines += [total(f"seed {s[1:]} total", [r for r in rows if r["key"].split("/")[1] == s]) for s in seeds]
