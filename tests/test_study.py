@@ -29,7 +29,7 @@ def test_aggregate_paired_verdict():
     assert p["seeds"] == [0, 1, 2] and (p["wins"], p["losses"]) == (2, 1)
     assert store.verdict(p) == "mixed: higher in 2, lower in 1, equal in 0 of 3 seeds"
     assert store.verdict(store.paired({0: 1.0}, {0: 0.0})) == "higher (1 seed)"
-    assert report.fmt_diff(store.paired({0: 0.52, 1: 0.50}, {0: 0.50, 1: 0.50})) == "+1.0 ± 1.4 (1/2)"
+    assert report.fmt_diff(store.paired({0: 0.52, 1: 0.50}, {0: 0.50, 1: 0.50})) == "+1.0 ± 1.4"
 
 
 def test_mutual_pairs_hand_made():
@@ -163,8 +163,81 @@ def test_every_mode_is_well_formed():
     for m in plan.MODES.values():
         assert m.epochs in m.snapshots and 0 in m.snapshots, m.name
         assert set(m.runs) <= set(plan.RUNS) and set(m.variants) <= set(plan.VARIANTS)
+        keys = plan.unit_keys(m.settings(), m.seeds)
+        assert len(keys) == len(set(keys)), m.name
     long = plan.MODES["long"]
     assert long.epochs * 16 >= 3000  # 490 photos, batch 32: 16 steps per epoch
+
+
+LONG_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "study_long.json"
+
+
+def test_long_mode_signature_is_the_one_its_results_file_was_written_with():
+    """A changed long signature would make the long study refuse to resume its results file."""
+    sig = plan.signature(plan.MODES["long"].settings())
+    assert sig == {"name": "long", "preset": "cpu", "overrides": plan.SMALL, "epochs": 188, "more_epochs": 63,
+                   "snapshots": [0, 6, 19, 63, 125, 188], "control_epochs": 60, "svm": True, "per_folder": None}
+    if LONG_RESULTS.exists():
+        recorded = json.loads(LONG_RESULTS.read_text())
+        assert plan.signature(recorded["settings"]) == sig
+        # every unit the long study recorded is still one the plan runs
+        done = {k for k, r in recorded["units"].items() if r.get("status") == "done"}
+        assert done <= set(plan.unit_keys(recorded["settings"], recorded["seeds"]))
+
+
+def test_long_mode_units_in_order():
+    keys = plan.unit_keys(plan.MODES["long"].settings(), (0,))
+    assert keys[:9] == ["train/s0/byol@e0", "mine/s0/e0", "eval/s0/e0", "train/s0/e0bn", "mine/s0/e0bn",
+                        "eval/s0/e0bn", "train/s0/control", "mine/s0/control", "eval/s0/control"]
+    assert keys[keys.index("eval/s0/e188") + 1:keys.index("eval/s0/e188") + 5] == [
+        "mine/s0/e188+roi_align", "train/s0/byol_cont", "eval/s0/byol_cont", "mine/s0/byol_cont+roi_align"]
+    assert keys[-2:] == ["mine/s0/e188+ss320", "mine/s0/e188+mutual"]  # roi_align is listed once, before the runs
+    assert len(keys) == 6 * 3 + 2 * 3 + 1 + 5 * 3 + 2
+
+
+def test_short_mode_is_lean_and_mines_every_unit_with_roi_align():
+    short = plan.MODES["short"]
+    st = short.settings()
+    assert short.seeds == (0, 1, 2) and short.snapshots == (0, 50) and short.variants == ()
+    assert short.control_epochs == 0 and short.runs == ("byol_cont", "orl_init")
+    keys = plan.unit_keys(st, short.seeds)
+    assert not any("+" in k or "control" in k for k in keys)
+    assert [k for k in keys if k.startswith("mine/s1/")] == [f"mine/s1/{n}" for n in ("e0", "e0bn", "e50", "byol_cont",
+                                                                                       "orl_init")]
+    assert plan.mining_unit("orl_init", st) == "orl_init" and plan.comparable_minings("orl_init", "e50", st) == (
+        "orl_init", "e50")
+    long = plan.MODES["long"].settings()
+    assert plan.comparable_minings("orl", "e188", long) == ("orl+roi_align", "e188+roi_align")
+    assert plan.comparable_minings("e188", "e0bn", long) == ("e188", "e0bn")
+    # the configuration each mining runs with (stage 3's pairs are the default mining of e<N>)
+    from orl.config import get_preset
+
+    def mine_cfg(mode, variant=None):
+        study = object.__new__(units.Study)  # only mode and cfg: no photos needed
+        study.mode, study.cfg = mode, get_preset(mode.preset).override(**mode.overrides).validate()
+        return study.mine_cfg(variant)
+
+    for roi_mode, cfg in (("roi_align", mine_cfg(short)), ("crop", mine_cfg(plan.MODES["long"])),
+                          ("roi_align", mine_cfg(plan.MODES["long"], plan.VARIANTS["roi_align"]))):
+        assert (cfg.roi_mode, cfg.ss_max_side_px, cfg.roi_dtype, cfg.roi_align_max_side_px) == (
+            roi_mode, 500, "float32", 320)
+
+
+def test_study_run_dispatches_the_planned_units_in_order(tmp_path):
+    mode = dataclasses.replace(plan.MODES["short"], seeds=(1,))
+    study = object.__new__(units.Study)
+    study.mode = mode
+    study.store = store.ResultsStore(tmp_path / "r.json", "short", mode.settings())
+    study.store.record("eval/s1/e0", {"status": "done"})  # a done unit is not run again
+    calls = []
+    study.checkpoint = lambda seed, name: calls.append(("ckpt", seed, name))
+    study.mined = lambda seed, name: calls.append(("mine", seed, name))
+    study.evaluate = lambda seed, name, svm: calls.append(("eval", seed, name, svm))
+    study.run()
+    assert calls == [("ckpt", 1, "e0"), ("mine", 1, "e0"), ("ckpt", 1, "e0bn"), ("mine", 1, "e0bn"),
+                     ("eval", 1, "e0bn", True), ("ckpt", 1, "e50"), ("mine", 1, "e50"), ("eval", 1, "e50", True),
+                     ("ckpt", 1, "byol_cont"), ("eval", 1, "byol_cont", True), ("mine", 1, "byol_cont"),
+                     ("ckpt", 1, "orl_init"), ("eval", 1, "orl_init", True), ("mine", 1, "orl_init")]
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -192,17 +265,17 @@ def _eval(step, knn):
 @pytest.fixture()
 def results():
     u = {}
+    settings = {**plan.MODES["quick"].settings(), "epochs": 2, "more_epochs": 1, "snapshots": [0, 2],
+                "runs": ["byol_cont", "orl_init"], "variants": []}
     for s, d in ((0, 0.0), (1, 0.02)):
         for name, step, auc, knn in (("e0", 0, 0.56, 0.10), ("e0bn", 0, 0.57, 0.11), ("e2", 32, 0.60, 0.20),
                                      ("control", 500, 0.70, 0.40), ("byol_cont", 48, 0.61, 0.22 + d),
                                      ("orl_init", 48, 0.62, 0.21 + 3 * d)):
-            u[f"mine/s{s}/{report.mine_name(name)}"] = _mine(step, auc)  # runs: mined with RoIAlign
+            u[f"mine/s{s}/{plan.mining_unit(name, settings)}"] = _mine(step, auc)  # runs: mined with RoIAlign
             u[f"eval/s{s}/{name}"] = _eval(step, knn)
         u[f"train/s{s}/byol@e2"] = {"kind": "train", "status": "done", "seconds": 60.0, "train_seconds": 50.0,
                                     "steps": 32, "loss": {"total": [3.0, 2.0]}}
     u["train/s1/orl"] = {"status": "error", "error": "MissingInput: the stage-1 pairs are missing"}
-    settings = {**plan.MODES["quick"].settings(), "epochs": 2, "more_epochs": 1, "snapshots": [0, 2],
-                "runs": ["byol_cont", "orl_init"], "variants": []}
     return {"schema": 2, "mode": "quick", "settings": settings, "seeds": [0, 1],
             "machine": {"backbone": "resnet18", "device": "cpu", "steps_per_epoch": 16},
             "images": {"total": 20, "per_dataset": {"coco128": 10, "coco-mini": 10}},
@@ -227,10 +300,16 @@ def test_report_from_hand_made_results(results):
     row = next(line for line in lines if line.startswith("| BYOL 2 ep. + ORL 1 ep., init from stage 1 |"))
     assert "21.0 (-1.0)" in row and "0.620 [0.610, 0.630] (+0.010)" in row
     assert "**Where ORL does not win here:**" in md
-    # over seeds: ORL - BYOL continued kNN bal. = (-1, +3) points
-    row = next(line for line in lines
-               if line.startswith("| BYOL 2 ep. + ORL 1 ep., init from stage 1 | BYOL 2 ep. + BYOL"))
-    assert "+1.0 ± 2.8 (1/2)" in row
+    # over seeds: ORL - BYOL continued kNN bal. = (-1, +3) points; per seed, means, spread, wins
+    head = lines.index("#### ORL against BYOL at equal compute: a = BYOL 2 ep. + ORL 1 ep., init from stage 1; "
+                       "b = BYOL 2 ep. + BYOL 1 ep. (continued)")
+    row = next(line for line in lines[head:] if line.startswith("| kNN bal. acc. |"))
+    assert row == ("| kNN bal. acc. | 21.0 / 22.0 (-1.0) | 27.0 / 24.0 (+3.0) | 24.0 / 23.0 | +1.0 ± 2.8 | "
+                   "-1.0 / +3.0 | 1/2 |")
+    row = next(line for line in lines[head:] if line.startswith("| pair AUC (fixed) |"))
+    assert row.startswith("| pair AUC (fixed) | 0.620 / 0.610 (+0.010) | 0.620 / 0.610 (+0.010) | 0.620 / 0.610 |")
+    assert any(line.startswith("#### BYOL against random init (data BatchNorm statistics): a = BYOL 2 epochs (end of "
+                               "stage 1); b = random init, BatchNorm statistics from the photos") for line in lines)
     assert "`train/s1/orl`: MissingInput: the stage-1 pairs are missing" in md
     assert "**Partial:**" in md  # variants and mining of runs are missing from the hand-made file
 
@@ -309,3 +388,94 @@ def test_kept_checkpoint_is_float16_and_restores_to_the_rounded_weights(tmp_path
             assert torch.allclose(v, orig, rtol=1e-3, atol=1e-4)
         else:
             assert torch.equal(v, orig)
+
+
+# -- the short mode's report and the estimate ---------------------------------------------------------
+def _short_results():
+    """Three seeds of a short-mode file: every mining with RoIAlign, no "+" units."""
+    settings = plan.MODES["short"].settings()
+    u = {}
+    pp = {"query": [0, 0, 1, 2], "neighbour": [1, 2, 0, 0], "auc": [0.5, 0.6, 0.7, 0.5],
+          "auc_area_matched": [0.5, 0.6, 0.7, 0.5]}
+    for s in (0, 1, 2):
+        for name, step, auc, knn in (("e0", 0, 0.55, 0.10), ("e0bn", 0, 0.56, 0.11), ("e50", 800, 0.60, 0.20 + s / 100),
+                                     ("byol_cont", 304, 0.61, 0.22), ("orl_init", 304, 0.62, 0.21 + s / 50)):
+            m = _mine(step, auc)
+            # orl_init: +0.05 on every image pair in seed 0, -0.05 in the others
+            shift = (0.05 if s == 0 else -0.05) if name == "orl_init" else 0.0
+            m["pair_auc_fixed"]["ioa"]["per_pair"] = {**pp, "auc": [x + shift for x in pp["auc"]]}
+            u[f"mine/s{s}/{name}"] = m
+            u[f"eval/s{s}/{name}"] = _eval(step, knn)
+            train = {"e0": "byol@e0", "e50": "byol@e50"}.get(name, name)
+            u[f"train/s{s}/{train}"] = {"kind": "train", "status": "done", "seconds": 1.0}
+    return {"schema": 2, "mode": "short", "settings": settings, "seeds": [0, 1, 2], "machine": {},
+            "images": {}, "labels": {}, "invocations": [], "units": u}
+
+
+def test_short_report_three_seed_section():
+    lines = report.render_report({"short": _short_results()}, {}).splitlines()
+    assert any(line.startswith("> Every mining in this mode uses RoIAlign RoI features") for line in lines)
+    assert any(line.startswith("Pair AUC here comes from RoIAlign RoI features, like every mining in this mode; the "
+                               "end of stage 1: 0.600") for line in lines)
+    head = lines.index("#### ORL against BYOL at equal compute: a = BYOL 50 ep. + ORL 19 ep., init from stage 1; "
+                       "b = BYOL 50 ep. + BYOL 19 ep. (continued)")
+    row = next(line for line in lines[head:] if line.startswith("| kNN bal. acc. |"))
+    # orl_init 21, 23, 25 against 22: -1, +1, +3
+    assert row == ("| kNN bal. acc. | 21.0 / 22.0 (-1.0) | 23.0 / 22.0 (+1.0) | 25.0 / 22.0 (+3.0) | 23.0 / 22.0 | "
+                   "+1.0 ± 2.0 | -1.0 / +3.0 | 2/3 |")
+    paired_rows = [line for line in lines[head:] if line.startswith(("| 0 |", "| 1 |", "| 2 |"))][:3]
+    assert paired_rows[0].startswith("| 0 | +0.0500 [+0.0500, +0.0500] (above 0); higher on 100% of 4 image pairs")
+    assert paired_rows[2].startswith("| 2 | -0.0500 [-0.0500, -0.0500] (below 0)")
+    stage1 = lines.index("#### BYOL against random init (data BatchNorm statistics): a = BYOL 50 epochs (end of stage "
+                         "1); b = random init, BatchNorm statistics from the photos")
+    row = next(line for line in lines[stage1:] if line.startswith("| pair AUC (fixed) |"))
+    assert "| 0.600 / 0.560 | +0.040 ± 0.000 | +0.040 / +0.040 | 3/3 |" in row
+    assert not any("**Partial:**" in line for line in lines)  # every planned unit is in the file
+
+
+def test_estimate_subtracts_nested_units_and_scales_by_steps():
+    from benchmarks.study import estimate
+
+    def rec(end, seconds, **kw):
+        return {"status": "done", "seconds": seconds, "recorded_at": f"2026-12-01 10:{end // 60:02d}:{end % 60:02d}",
+                **kw}
+
+    long = {"settings": {**plan.MODES["long"].settings(), "snapshots": [0, 2], "epochs": 2, "more_epochs": 1},
+            "machine": {"steps_per_epoch": 16}, "units": {
+                # stage 1 to epoch 2 (32 steps, 64 s) trained inside its mining (100 s, 30 of them selective search)
+                "train/s0/byol@e2": rec(200, 64.0),
+                "mine/s0/e2": rec(210, 100.0, mine_params={"roi_mode": "crop", "ss_max_side_px": 500},
+                                  stage_seconds={"selective_search": 30.0}),
+                "mine/s0/e2+roi_align": rec(300, 10.0, mine_params={"roi_mode": "roi_align", "ss_max_side_px": 500},
+                                            stage_seconds={"selective_search": 0.2}),
+                "train/s0/orl": rec(400, 48.0), "eval/s0/orl": rec(405, 53.0, stage_seconds={"svm_coco128": 1.0},
+                                                                   datasets={"coco128": {}})}}
+    own = {c["key"]: c["own"] for c in estimate.computations(long["units"])}
+    assert own["mine/s0/e2"] == pytest.approx(36.0) and own["eval/s0/orl"] == pytest.approx(5.0)
+    short = {**plan.MODES["short"].settings(), "epochs": 4, "snapshots": [0, 4], "more_epochs": 2,
+             "runs": ["orl"]}
+    rows = {r["key"]: r for r in estimate.estimate(short, (0, 1), long)}
+    assert rows["train/s0/byol@e4"]["median_s"] == pytest.approx(128.0)  # 2 s per step, 64 steps
+    assert rows["train/s0/orl"]["median_s"] == pytest.approx(96.0)  # 1.5 s per step, 64 steps (ORL's own rate)
+    assert rows["eval/s0/orl"]["median_s"] == pytest.approx(5.0)
+    # RoIAlign minings: 9.8 s each (less the 0.2 s of reading cached proposals), and the one selective
+    # search (30 s) with the first mining of the work folder
+    assert rows["mine/s0/e0"]["median_s"] == pytest.approx(39.8)
+    assert rows["mine/s1/e0"]["median_s"] == pytest.approx(9.8)
+    assert rows["train/s0/byol@e0"]["median_s"] == 0.0  # no steps
+    assert rows["train/s0/e0bn"]["median_s"] is None  # nothing comparable recorded
+    text = estimate.render("short", list(rows.values()), {"mine/s0/e0": "done"})
+    assert "seed 0 total" in text and "units without an estimate" in text
+    # another scale (the quick mode's tiny preset): no estimates at all
+    assert all(r["median_s"] is None for r in estimate.estimate(plan.MODES["quick"].settings(), (0,), long))
+
+
+def test_dry_run_lists_units_and_writes_nothing(tmp_path, capsys):
+    from benchmarks.study.runner import main
+
+    timings = tmp_path / "long.json"
+    timings.write_text(json.dumps({"settings": plan.MODES["long"].settings(), "machine": {}, "units": {}}))
+    assert main(["--mode", "short", "--dry-run", "--out", str(tmp_path / "out"), "--timings", str(timings)]) == 0
+    out = capsys.readouterr().out
+    assert "train/s2/orl_init" in out and "short total (45 units)" in out
+    assert not (tmp_path / "out").exists()

@@ -8,9 +8,11 @@ those files alone. Rerunning the same command resumes.
   python -m benchmarks.study --mode short    # three seeds at 800 stage-1 steps
   python -m benchmarks.study --quick         # pipeline check, under 15 minutes; numbers mean nothing
   python -m benchmarks.study --report-only   # regenerate docs/RESULTS.md from the JSON
+  python -m benchmarks.study --mode short --dry-run   # the units, done or not, estimated minutes
 
 Modules, in reading order:
-  plan.py     what is run: modes, the runs after stage 1, mining options (pure data)
+  plan.py     what is run: modes, the runs after stage 1, mining options, the units in order (pure data)
+  estimate.py minutes per unit, from the long mode's recorded timings (--dry-run)
   data.py     the photos (one symlink folder over both datasets) and their labels
   store.py    the results file: atomic, resumable, optionally committed after every unit
   control.py  the supervised positive control

@@ -54,13 +54,13 @@ VARIANTS = {v.name: v for v in [
 
 # The study's default mining: the faithful crop features, the library's 500 px selective search.
 # RoI features kept in float32 (the library streams float16 by default): the pair metrics read
-# them, and every unit already recorded was scored from float32 features.
+# them, and every unit already recorded was scored from float32 features. A mode may replace a
+# field through its own "mine.<field>" overrides (the short mode's RoIAlign): see default_mining.
 DEFAULT_MINE = {"ss_max_side_px": 500, "roi_mode": "crop", "roi_dtype": "float32"}
 
-# How the runs after stage 1 are mined: with RoIAlign features (one forward per image). At the
-# long mode's scale that took 95 s against 1,373 s for crops (e188), and the runs are scored
-# only against each other and the stage-1 checkpoint mined the same way (e<N>+roi_align). The
-# pairs stage 3 trains on are still mined the faithful way (crops, DEFAULT_MINE).
+# How the runs after stage 1 are mined in a mode whose default is crops: with RoIAlign features
+# (one forward per image), scored only against each other and the stage-1 checkpoint mined the
+# same way (e<N>+roi_align). The pairs stage 3 trains on are mined the mode's default way.
 RUN_MINING = "roi_align"
 
 # Names of the stage-1 checkpoints: "e<epochs>" snapshots of the one stage-1 run, and the
@@ -115,8 +115,26 @@ MODES = {
     "long": Mode("long", "cpu", SMALL, epochs=188, more_epochs=63, snapshots=(0, 6, 19, 63, 125, 188),
                  seeds=(0,), runs=tuple(RUNS), variants=tuple(VARIANTS), control_epochs=60),
     # Three seeds at a shorter length (800 + 304 steps) for the spread of the headline comparisons.
-    "short": Mode("short", "cpu", SMALL, epochs=50, more_epochs=19, snapshots=(0, 50), seeds=(0, 1, 2),
-                  runs=("byol_cont", "orl_init", "orl"), variants=tuple(VARIANTS), control_epochs=0),
+    # Lean, so that the three seeds fit one long session: every mining (snapshots, runs, and the
+    # pairs stage 3 trains on) uses RoIAlign RoI features, so all its pair scores compare with
+    # each other (not with the long mode's crop scores); no mining variants, no positive control
+    # (the long mode has both); snapshots only at random init and the end of stage 1.
+    # Its cost, from `python -m benchmarks.study --mode short --dry-run` (estimate.py: the unit
+    # timings recorded in benchmarks/results/study_long.json as committed with this comment,
+    # each computation's own wall seconds, training scaled by steps), as median / fastest
+    # minutes: 47.4 / 33.2 per seed (seed 0: 56.1 / 41.0, as the work folder's one selective
+    # search comes with its first mining), of which stage 1 18.7 / 12.0, orl_init 12.3 / 7.7,
+    # byol_cont 5.3, each mining 1.1 / 0.9 and each evaluation 1.2 / 0.8 (0.8 / 0.6 without the
+    # SVM); three seeds 150.9 / 107.5. The median is the nearer guess on a shared machine. A
+    # crop mining takes 2.2 / 1.6 (`--mode long --dry-run`): RoIAlign is here for scores that
+    # compare across the mode more than for time. The authors' `orl` (random init) would add
+    # 14.5 / 9.4 per seed (three seeds 194.6 / 135.7, past the 2.5 hours this mode is meant
+    # for), so it is not a default run here (the long mode has it at one seed);
+    # `--runs byol_cont,orl_init,orl` adds it to the same results file (runs are not part of
+    # the signature).
+    "short": Mode("short", "cpu", {**SMALL, "mine.roi_mode": "roi_align"}, epochs=50, more_epochs=19,
+                  snapshots=(0, 50), seeds=(0, 1, 2), runs=("byol_cont", "orl_init"), variants=(),
+                  control_epochs=0),
     # Pipeline check in minutes: tiny preset, 12 photos per source folder. Numbers mean nothing.
     "quick": Mode("quick", "tiny", {"train.batch_size": 8, "mine.ss_workers": 2}, epochs=2, more_epochs=1,
                   snapshots=(0, 1, 2), seeds=(0, 1), runs=tuple(RUNS), variants=tuple(VARIANTS),
@@ -131,3 +149,63 @@ MODES = {
 def signature(settings: dict[str, Any]) -> dict[str, Any]:
     """What every unit means; runs and variants may be added to an existing result."""
     return {k: v for k, v in settings.items() if k not in ("runs", "variants")}
+
+
+def default_mining(settings: dict[str, Any]) -> dict[str, Any]:
+    """A mode's default mining: DEFAULT_MINE, with the fields the mode's own ``mine.<field>``
+    overrides set replaced (only the short mode sets one: its RoIAlign features)."""
+    over = settings["overrides"]
+    return {k: over.get(f"mine.{k}", v) for k, v in DEFAULT_MINE.items()}
+
+
+def mines_with_roi_align(settings: dict[str, Any]) -> bool:
+    return default_mining(settings)["roi_mode"] == VARIANTS[RUN_MINING].overrides["roi_mode"]
+
+
+def roi_align_unit(name: str, settings: dict[str, Any]) -> str:
+    """The mining unit holding checkpoint ``name``'s RoIAlign RoI features: its default mining
+    where the mode mines with RoIAlign, else "<name>+roi_align"."""
+    return name if mines_with_roi_align(settings) else f"{name}+{RUN_MINING}"
+
+
+def mining_unit(name: str, settings: dict[str, Any]) -> str:
+    """The mining unit that scores checkpoint ``name``: a run after stage 1 is mined only with
+    RoIAlign features, every stage-1 checkpoint (and the control) the mode's default way."""
+    return roi_align_unit(name, settings) if name in RUNS else name
+
+
+def comparable_minings(a: str, b: str, settings: dict[str, Any]) -> tuple[str, str]:
+    """The two mining units whose pair scores compare checkpoints a and b: both RoIAlign
+    where either is a run after stage 1, else both default minings (same features, same boxes)."""
+    if a in RUNS or b in RUNS:
+        return roi_align_unit(a, settings), roi_align_unit(b, settings)
+    return a, b
+
+
+def eval_with_svm(name: str, settings: dict[str, Any]) -> bool:
+    """The VOC07 SVM runs for the final checkpoints only: the data-BatchNorm random init, the
+    control, the end of stage 1 and every run after it (not the BatchNorm-0/1 init)."""
+    return name in (RANDOM_BN, "control", f"e{settings['epochs']}") or name in RUNS
+
+
+def unit_keys(settings: dict[str, Any], seeds: tuple[int, ...] | list[int]) -> list[str]:
+    """Every unit of a mode, in the order the study runs them (units.Study.run iterates this).
+
+    Per seed: the random-init networks and the control first (they make every later number
+    readable), then stage 1 snapshot by snapshot (each trained, mined and evaluated as soon as
+    it exists, so an interrupted study already has the first points of its curve), the runs
+    after stage 1 (the comparisons the study exists for), then the mining options."""
+    N = settings["epochs"]
+    out: list[str] = []
+    for s in seeds:
+        ckpts = [("byol@e0", "e0"), (RANDOM_BN, RANDOM_BN)] + ([("control", "control")]
+                                                               if settings.get("control_epochs") else [])
+        ckpts += [(f"byol@e{e}", f"e{e}") for e in sorted(settings["snapshots"]) if e > 0]
+        for train, name in ckpts:
+            out += [f"train/s{s}/{train}", f"mine/s{s}/{name}", f"eval/s{s}/{name}"]
+        if settings.get("runs") and roi_align_unit(f"e{N}", settings) != f"e{N}":
+            out.append(f"mine/s{s}/{roi_align_unit(f'e{N}', settings)}")
+        for r in settings.get("runs", []):
+            out += [f"train/s{s}/{r}", f"eval/s{s}/{r}", f"mine/s{s}/{roi_align_unit(r, settings)}"]
+        out += [f"mine/s{s}/e{N}+{v}" for v in settings.get("variants", []) if f"mine/s{s}/e{N}+{v}" not in out]
+    return out

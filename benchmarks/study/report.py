@@ -16,8 +16,18 @@ from typing import Any
 import numpy as np
 
 from . import DOC, RESULTS_DIR
-from .plan import MODES, RANDOM_BN, RUN_MINING, RUNS, VARIANTS
-from .store import paired
+from .plan import (
+    MODES,
+    RANDOM_BN,
+    RUNS,
+    VARIANTS,
+    comparable_minings,
+    mines_with_roi_align,
+    mining_unit,
+    roi_align_unit,
+    unit_keys,
+)
+from .store import aggregate, paired
 
 MODE_ORDER = ("long", "short", "gpu", "quick")
 MODE_TITLES = {
@@ -77,12 +87,6 @@ def steps_cell(units: dict, seed: int, name: str, results: dict) -> str:
         first = ckpt_steps(units, seed, f"e{results['settings']['epochs']}")
         return f"{first if first is not None else '?'} + {own if own is not None else '?'}"
     return "n/a" if own is None else str(own)
-
-
-def mine_name(name: str) -> str:
-    """The mining unit that scores a checkpoint's RoI features: a run after stage 1 is mined with
-    RoIAlign features (plan.RUN_MINING), every stage-1 checkpoint with crops."""
-    return f"{name}+{RUN_MINING}" if name in RUNS else name
 
 
 def stage1_names(results: dict) -> list[str]:
@@ -170,18 +174,24 @@ def section(results: dict, plots: dict[str, str]) -> list[str]:
     if mode == "quick":
         L += ["> The quick mode trains the `tiny` preset for a few steps on a handful of photos. It checks "
               "that every unit, metric, table and plot works end to end; its numbers say nothing.", ""]
+    if mines_with_roi_align(results["settings"]):
+        L += ["> Every mining in this mode uses RoIAlign RoI features (one backbone pass per image): the "
+              "stage-1 snapshots, the runs after stage 1, and the pairs stage 3 trains on. Its pair scores "
+              "therefore compare with each other across the whole mode, but not with the crop-feature scores "
+              "of a mode that mines with crops.", ""]
     planned = results.get("seeds", [])
-    missing = [k for k in expected_units(results) if not done(units, k)]
+    expected = expected_units(results)
+    missing = [k for k in expected if not done(units, k)]
     if missing:
-        L += [f"> **Partial:** {len(missing)} of {len(expected_units(results))} units are not done yet "
+        L += [f"> **Partial:** {len(missing)} of {len(expected)} units are not done yet "
               f"(next: `{missing[0]}`). Rerunning the same command resumes.", ""]
     L += headline(results, seeds[0] if seeds else (planned or [0])[0])
+    if len(seeds) > 1:
+        L += seed_comparisons(results, seeds)
     L += setup(results, m)
     for s in seeds:
         L += pairs_table(results, s)
         L += eval_table(results, s)
-    if len(seeds) > 1:
-        L += seed_comparisons(results, seeds)
     for kind in ("auc", "probe", "loss"):
         if kind in plots:
             L += [f"![{kind}]({plots[kind]})", ""]
@@ -226,19 +236,8 @@ def reproducibility(units: dict) -> list[str]:
 
 
 def expected_units(results: dict) -> list[str]:
-    st = results["settings"]
-    out = []
-    for s in results.get("seeds", []):
-        first = ["e0", RANDOM_BN] + (["control"] if st.get("control_epochs") else [])
-        snaps = [f"e{e}" for e in sorted(st["snapshots"]) if e > 0]
-        for n in first + snaps:
-            out += [f"mine/s{s}/{n}", f"eval/s{s}/{n}"]
-        if st.get("runs"):
-            out.append(f"mine/s{s}/e{st['epochs']}+{RUN_MINING}")
-        for r in st.get("runs", []):
-            out += [f"train/s{s}/{r}", f"eval/s{s}/{r}", f"mine/s{s}/{r}+{RUN_MINING}"]
-        out += [f"mine/s{s}/e{st['epochs']}+{v}" for v in st.get("variants", []) if v != RUN_MINING]
-    return out
+    """Every unit the mode plans for the seeds the file has seen (the study's own order)."""
+    return unit_keys(results["settings"], results.get("seeds", []))
 
 
 def headline(results: dict, seed: int) -> list[str]:
@@ -315,16 +314,18 @@ def headline(results: dict, seed: int) -> list[str]:
     runs = [r for r in st.get("runs", []) if g("eval", r)]
     if "byol_cont" in runs and len(runs) > 1:
         M = st["more_epochs"]
+        starts = [t for r, t in (("orl_init", "from the stage-1 weights"),
+                                 ("orl", "from random init as the authors do")) if r in runs]
         L += [f"**3. ORL against BYOL at equal compute** (Table 5e's shape): after {N} epochs of BYOL, {M} more "
-              "epochs of BYOL, or of ORL (from the stage-1 weights, or from random init as the authors do). "
+              f"epochs of BYOL, or of ORL ({', or '.join(starts) or 'ablations only'}). "
               "Differences against BYOL continued, percentage points (AUC: absolute).", "",
               "| run | " + " | ".join(lab for _, lab, _ in EVAL_METRICS) + " | pair AUC (fixed) |",
               "|---|" + "---|" * (len(EVAL_METRICS) + 1)]
         base = g("eval", "byol_cont")
-        base_m = g("mine", mine_name("byol_cont"))
+        base_m = g("mine", mining_unit("byol_cont", st))
         losses = []
         for r in runs:
-            rec, mrec = g("eval", r), g("mine", mine_name(r))
+            rec, mrec = g("eval", r), g("mine", mining_unit(r, st))
             cells = []
             for key, lab, fn in EVAL_METRICS:
                 v, b = fn(rec), fn(base)
@@ -343,10 +344,17 @@ def headline(results: dict, seed: int) -> list[str]:
                     losses.append((r, "pair AUC"))
             L.append(f"| {ckpt_label(r, results)} | " + " | ".join(cells) + f" | {ac} |")
         L.append("")
-        s1 = g("mine", f"e{N}+{RUN_MINING}")
-        L += [f"Pair AUC here comes from RoIAlign RoI features (one forward per image; the runs are mined that way "
-              f"because it costs a fourteenth of crops at this scale); the end of stage 1 scored the same way: "
-              f"{auc_cell(s1, 'pair_auc_fixed')}.", ""]
+        s1 = g("mine", roi_align_unit(f"e{N}", st))
+        if mines_with_roi_align(st):
+            L += [f"Pair AUC here comes from RoIAlign RoI features, like every mining in this mode; the end of "
+                  f"stage 1: {auc_cell(s1, 'pair_auc_fixed')}.", ""]
+        else:
+            crop = g("mine", f"e{N}")
+            secs = [dig(x, "stage_seconds", "embed_rois") for x in (s1, crop)]
+            cost = ("" if None in secs else f"; embedding the end of stage 1's RoIs took {secs[0]:.0f} s that way "
+                    f"against {secs[1]:.0f} s with crops")
+            L += [f"Pair AUC here comes from RoIAlign RoI features (one forward per image; the runs are mined only "
+                  f"that way{cost}); the end of stage 1 scored the same way: {auc_cell(s1, 'pair_auc_fixed')}.", ""]
         L += paired_lines([(r, "byol_cont") for r in runs if r != "byol_cont"] + [(r, f"e{N}") for r in runs],
                           g, results)
         if losses:
@@ -359,36 +367,48 @@ def headline(results: dict, seed: int) -> list[str]:
     return L
 
 
-def paired_lines(comparisons: list[tuple[str, str]], g: Callable[[str, str], dict | None],
-                 results: dict) -> list[str]:
-    """Paired differences of pair AUC (fixed pairs, IoA) between runs mined with RoIAlign: the
+def paired_cells(a: str, b: str, g: Callable[[str, str], dict | None], results: dict) -> list[str] | None:
+    """Paired difference (A minus B) of pair AUC on the fixed pairs, IoA, per image pair: the
     same image pairs and the same boxes, so the difference is read per image pair
-    (orl.metrics.paired_auc_difference). Only units scored with per-pair values have one."""
+    (orl.metrics.paired_auc_difference); a run is compared through RoIAlign minings on both
+    sides (plan.comparable_minings). Cells for the AUC and its area-matched form; None where
+    either unit lacks per-pair values."""
     from orl.metrics import paired_auc_difference
 
+    pa, pb = (dig(g("mine", x), "pair_auc_fixed", "ioa", "per_pair")
+              for x in comparable_minings(a, b, results["settings"]))
+    if not pa or not pb:
+        return None
+    d = paired_auc_difference(pa, pb)
+    cells = []
+    for field in ("auc", "auc_area_matched"):
+        x = d[field]
+        if x["diff"] is None:
+            cells.append("n/a")
+            continue
+        lo, hi = x["ci95"]
+        sign = "above 0" if lo > 0 else ("below 0" if hi < 0 else "includes 0")
+        cells.append(f"{x['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] ({sign}); higher on {100 * x['a_higher']:.0f}% "
+                     f"of {x['pairs']} image pairs")
+    return cells
+
+
+PAIRED_TEXT = ("Paired differences (A minus B) of pair AUC on the fixed pairs, per image pair: both networks score "
+               "the same image pairs and the same boxes, so what the two share (how hard a pair is) cancels. "
+               "95% interval resampling query images; it covers the sampling of image pairs, not of training")
+
+
+def paired_lines(comparisons: list[tuple[str, str]], g: Callable[[str, str], dict | None],
+                 results: dict) -> list[str]:
+    """The paired differences of one seed's comparisons (see paired_cells)."""
     rows = []
     for a, b in comparisons:
-        pa, pb = (dig(g("mine", f"{x}+{RUN_MINING}"), "pair_auc_fixed", "ioa", "per_pair") for x in (a, b))
-        if not pa or not pb:
-            continue
-        d = paired_auc_difference(pa, pb)
-        cells = []
-        for field in ("auc", "auc_area_matched"):
-            x = d[field]
-            if x["diff"] is None:
-                cells.append("n/a")
-                continue
-            lo, hi = x["ci95"]
-            sign = "above 0" if lo > 0 else ("below 0" if hi < 0 else "includes 0")
-            cells.append(f"{x['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] ({sign}); higher on {100 * x['a_higher']:.0f}% "
-                         f"of {x['pairs']} image pairs")
-        rows.append(f"| {ckpt_label(a, results)} | {ckpt_label(b, results)} | {cells[0]} | {cells[1]} |")
+        cells = paired_cells(a, b, g, results)
+        if cells:
+            rows.append(f"| {ckpt_label(a, results)} | {ckpt_label(b, results)} | {cells[0]} | {cells[1]} |")
     if not rows:
         return []
-    return ["Paired differences (A minus B) of pair AUC on the fixed pairs, per image pair: both networks score "
-            "the same image pairs and the same boxes, so what the two share (how hard a pair is) cancels. "
-            "95% interval resampling query images; it covers the sampling of image pairs, not of training "
-            "(one seed).", "",
+    return [PAIRED_TEXT + " (one seed).", "",
             "| A | B | AUC difference | area-matched difference |", "|---|---|---|---|", *rows, ""]
 
 
@@ -507,33 +527,69 @@ def eval_table(results: dict, seed: int) -> list[str]:
 
 
 def seed_comparisons(results: dict, seeds: list[int]) -> list[str]:
+    """The headline comparisons over seeds: per seed a, b and a - b, then the mean of each, the
+    spread of a - b over seeds (std and min / max) and in how many seeds a is higher; and per
+    seed the paired per-image-pair difference of pair AUC (the long mode's paired_cells)."""
     units, st = results["units"], results["settings"]
     N = st["epochs"]
     comps = [(f"e{N}", RANDOM_BN, "BYOL against random init (data BatchNorm statistics)"),
              (f"e{N}", "e0", "BYOL against random init (BatchNorm 0/1)")]
-    comps += [(r, "byol_cont", "equal compute") for r in st.get("runs", []) if r != "byol_cont"]
+    comps += [(r, "byol_cont", "ORL against BYOL at equal compute") for r in st.get("runs", []) if r != "byol_cont"]
+    pair_auc = ("pair_auc", "pair AUC (fixed)", lambda r: dig(r, "pair_auc_fixed", "ioa", "auc"))
     L = [f"### Over seeds {', '.join(map(str, seeds))}", "",
-         "a - b per seed, mean ± std (percentage points; AUC absolute), and in how many seeds a is higher.", "",
-         "| a | b | what | " + " | ".join(lab for _, lab, _ in EVAL_METRICS) + " | pair AUC (fixed) |",
-         "|---|---|---|" + "---|" * (len(EVAL_METRICS) + 1)]
+         "Each headline comparison, a against b: per seed a / b (a - b); the mean of a and of b over seeds; the "
+         "mean ± std (ddof 1) and the min / max of a - b over seeds; in how many seeds a is higher. Percent and "
+         "percentage points, except effective rank and pair AUC (absolute). Pair AUC of a run after stage 1 is "
+         "compared through RoIAlign minings on both sides.", ""]
     for a, b, what in comps:
-        cells = []
-        for key, _, fn in EVAL_METRICS:
-            va = {s: fn(units[f"eval/s{s}/{a}"]) for s in seeds if done(units, f"eval/s{s}/{a}")}
-            vb = {s: fn(units[f"eval/s{s}/{b}"]) for s in seeds if done(units, f"eval/s{s}/{b}")}
-            cells.append(fmt_diff(paired(va, vb), 1 if key == "eff_rank" else 100))
-        fa = lambda n: {s: dig(units.get(f"mine/s{s}/{mine_name(n)}"), "pair_auc_fixed", "ioa", "auc")  # noqa: E731
-                        for s in seeds if done(units, f"mine/s{s}/{mine_name(n)}")}
-        cells.append(fmt_diff(paired(fa(a), fa(b)), 1, 3))
-        L.append(f"| {ckpt_label(a, results)} | {ckpt_label(b, results)} | {what} | " + " | ".join(cells) + " |")
-    return L + [""]
+        if not any(done(units, f"eval/s{s}/{a}") for s in seeds):
+            continue
+        L += [f"#### {what}: a = {ckpt_label(a, results)}; b = {ckpt_label(b, results)}", "",
+              "| metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean a / mean b | a - b: mean ± std | "
+              "a - b: min / max | a higher |", "|---|" + "---|" * (len(seeds) + 4)]
+        ma, mb = comparable_minings(a, b, st)
+        for key, lab, fn in [*EVAL_METRICS, pair_auc]:
+            kind, na, nb = ("mine", ma, mb) if key == "pair_auc" else ("eval", a, b)
+            va = {s: fn(units[f"{kind}/s{s}/{na}"]) for s in seeds if done(units, f"{kind}/s{s}/{na}")}
+            vb = {s: fn(units[f"{kind}/s{s}/{nb}"]) for s in seeds if done(units, f"{kind}/s{s}/{nb}")}
+            scale, nd = (1.0, 1) if key == "eff_rank" else ((1.0, 3) if key == "pair_auc" else (100.0, 1))
+            cells = [f"{scaled(va.get(s), scale, nd)} / {scaled(vb.get(s), scale, nd)}"
+                     + (f" ({scale * (va[s] - vb[s]):+.{nd}f})" if va.get(s) is not None and vb.get(s) is not None
+                        else "") for s in seeds]
+            p = paired(va, vb)
+            diffs = [va[s] - vb[s] for s in p["seeds"]]
+            spread = f"{scale * min(diffs):+.{nd}f} / {scale * max(diffs):+.{nd}f}" if diffs else "n/a"
+            means = " / ".join(scaled(aggregate(list(x.values()))["mean"], scale, nd) for x in (va, vb))
+            L.append(f"| {lab} | " + " | ".join(cells) + f" | {means} | {fmt_diff(p, scale, nd)} | "
+                     f"{spread} | {wins_cell(p)} |")
+        L.append("")
+        rows = []
+        for s in seeds:
+            g = lambda kind, name, s=s: done(units, f"{kind}/s{s}/{name}")  # noqa: E731
+            pc = paired_cells(a, b, g, results)
+            if pc:
+                rows.append(f"| {s} | {pc[0]} | {pc[1]} |")
+        if rows:
+            L += [PAIRED_TEXT + f" (within one seed; the rows differ by training seed). A = {ckpt_label(a, results)}, "
+                  f"B = {ckpt_label(b, results)}.", "",
+                  "| seed | AUC difference | area-matched difference |", "|---|---|---|", *rows, ""]
+    return L
+
+
+def wins_cell(p: dict) -> str:
+    return f"{p['wins']}/{p['n']}" if p["n"] else "n/a"
+
+
+def scaled(x: float | None, scale: float, nd: int) -> str:
+    return "n/a" if x is None else f"{scale * x:.{nd}f}"
 
 
 def fmt_diff(p: dict, scale: float = 100.0, nd: int = 1) -> str:
+    """Mean ± std of a - b over seeds (store.paired)."""
     if p["n"] == 0:
         return "n/a"
     std = "" if p["diff_std"] is None else f" ± {scale * p['diff_std']:.{nd}f}"
-    return f"{scale * p['diff_mean']:+.{nd}f}{std} ({p['wins']}/{p['n']})"
+    return f"{scale * p['diff_mean']:+.{nd}f}{std}"
 
 
 # -- plots -------------------------------------------------------------------------------------------
@@ -620,6 +676,7 @@ def render_report(all_results: dict[str, dict], plots: dict[str, dict[str, str]]
          "```",
          "python -m benchmarks.study --mode long --commit   # one seed, ~3,000 stage-1 steps; commits each unit",
          "python -m benchmarks.study --mode short --commit  # three seeds at ~800 steps",
+         "python -m benchmarks.study --mode short --dry-run # its units and their estimated minutes",
          "python -m benchmarks.study --quick                # pipeline check, under 15 minutes; numbers mean nothing",
          "python -m benchmarks.study --report-only          # rebuild this file and the plots from the JSON",
          "```", "",

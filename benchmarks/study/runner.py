@@ -14,7 +14,7 @@ from typing import Any
 
 from . import DATA, DOC, REPO, RESULTS_DIR
 from .data import DATASETS
-from .plan import MODES, RUNS, VARIANTS
+from .plan import MODES, RUNS, VARIANTS, Mode, unit_keys
 from .store import ResultsStore, SettingsMismatch, git_commit
 
 
@@ -68,6 +68,11 @@ def parse_args(argv=None):
                         "short: 3 seeds, 800 steps; quick: pipeline check in minutes; gpu: one CUDA GPU")
     p.add_argument("--quick", action="store_true", help="same as --mode quick")
     p.add_argument("--report-only", action="store_true", help="only regenerate docs/RESULTS.md and the plots")
+    p.add_argument("--dry-run", "--plan", action="store_true",
+                   help="list the mode's units in run order, whether each is done in the results file, and its "
+                        "minutes estimated from the long mode's recorded timings (--timings); runs and writes nothing")
+    p.add_argument("--timings", default=str(RESULTS_DIR / "study_long.json"),
+                   help="results file whose unit timings --dry-run scales (default benchmarks/results/study_long.json)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the mode's)")
     p.add_argument("--runs", help=f"comma-separated runs after stage 1 (default: the mode's): {', '.join(RUNS)}")
     p.add_argument("--variants", help=f"comma-separated mining options (default: the mode's): {', '.join(VARIANTS)}")
@@ -90,6 +95,23 @@ def parse_args(argv=None):
                    help="git-commit the results file and the report after every unit (a long study that a "
                         "session may cut short keeps everything finished)")
     return p.parse_args(argv)
+
+
+def dry_run(mode: Mode, results: Path, timings: Path) -> str:
+    """The --dry-run listing (estimate.render); reads the two files, writes nothing."""
+    import json
+
+    from .estimate import estimate, render
+
+    status = ({k: r.get("status", "?") for k, r in json.loads(results.read_text())["units"].items()}
+              if results.exists() else {})
+    if not timings.exists():
+        return f"no timings file {timings}: no estimates\n" + "\n".join(
+            f"{k} {status.get(k, 'todo')}" for k in unit_keys(mode.settings(), mode.seeds)) + "\n"
+    head = (f"{mode.name}: {len(mode.seeds)} seed(s) {', '.join(map(str, mode.seeds))}; runs "
+            f"{', '.join(mode.runs) or 'none'}; variants {', '.join(mode.variants) or 'none'}; results {results}"
+            f"{'' if results.exists() else ' (not started)'}; minutes scaled from {timings}\n")
+    return head + render(mode.name, estimate(mode.settings(), mode.seeds, json.loads(timings.read_text())), status)
 
 
 def main(argv=None) -> int:
@@ -118,6 +140,9 @@ def main(argv=None) -> int:
         mode = dataclasses.replace(mode, max_minutes=args.max_minutes)
     if args.threads is not None:
         mode = dataclasses.replace(mode, threads=args.threads)
+    if args.dry_run:
+        print(dry_run(mode, result_path(results_dir, name), Path(args.timings)), end="")
+        return 0
     if name == "gpu":
         import torch
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .data import build_image_folder, class_sharing_pairs, load_ground_truths
-from .plan import DEFAULT_MINE, RANDOM_BN, RUN_MINING, RUNS, VARIANTS, MineVariant, Mode
+from .plan import RANDOM_BN, RUNS, VARIANTS, MineVariant, Mode, default_mining, eval_with_svm, unit_keys
 from .store import MissingInput, ResultsStore
 
 LABEL_FREE_IMAGES = 128  # fixed photos for view retrieval and effective rank
@@ -94,7 +94,8 @@ class Study:
         return self.cfg.override(**over)
 
     def mine_cfg(self, variant: MineVariant | None, knn_features: str = "projector"):
-        over = {**DEFAULT_MINE, **(variant.overrides if variant else {}), "knn_features": knn_features}
+        over = {**default_mining(self.mode.settings()), **(variant.overrides if variant else {}),
+                "knn_features": knn_features}
         return self.cfg.override(**{f"mine.{k}": v for k, v in over.items()}).mine
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -369,33 +370,25 @@ class Study:
 
     # -- the order ------------------------------------------------------------------------------------
     def run(self) -> None:
-        """Per seed: the baselines and the control first (they make every later number
-        readable), then stage 1 snapshot by snapshot (each mined and evaluated as soon as it
-        exists, so an interrupted study already has the first points of its curve), the runs
-        after stage 1 (the comparisons the study exists for), then the mining options.
+        """Every unit of the mode in plan.unit_keys's order (the order is explained there).
 
         A unit already done is skipped here even when its files are gone: only a later unit
         that needs them recomputes them."""
-        N = self.mode.epochs
-        todo = lambda kind, seed, name: not self.store.done(unit_key(kind, seed, name))  # noqa: E731
-        for seed in self.mode.seeds:
-            first = ["e0", RANDOM_BN] + (["control"] if self.mode.control_epochs else [])
-            stage1 = [f"e{e}" for e in sorted(s for s in self.mode.snapshots if s > 0)]
-            for name in first + stage1:
-                if todo("mine", seed, name):
-                    self.mined(seed, name)
-                if todo("eval", seed, name):
-                    self.evaluate(seed, name, svm=name not in ("e0",) and (name in first or name == f"e{N}"))
-            if self.mode.runs and todo("mine", seed, f"e{N}+{RUN_MINING}"):
-                self.mined(seed, f"e{N}+{RUN_MINING}")
-            for run in self.mode.runs:
-                if todo("eval", seed, run):
-                    self.evaluate(seed, run, svm=True)
-                if todo("mine", seed, f"{run}+{RUN_MINING}"):
-                    self.mined(seed, f"{run}+{RUN_MINING}")
-            for v in self.mode.variants:
-                if todo("mine", seed, f"e{N}+{v}"):
-                    self.mined(seed, f"e{N}+{v}")
+        for key in unit_keys(self.mode.settings(), self.mode.seeds):
+            if not self.store.done(key):
+                self.run_key(key)
+
+    def run_key(self, key: str) -> None:
+        """One unit by its key. Training goes through the checkpoint getter (so whatever it
+        needs is trained first), mining through the mining getter."""
+        kind, s, name = key.split("/", 2)
+        seed = int(s[1:])
+        if kind == "train":
+            self.checkpoint(seed, name.removeprefix("byol@"))
+        elif kind == "mine":
+            self.mined(seed, name)
+        else:
+            self.evaluate(seed, name, svm=eval_with_svm(name, self.mode.settings()))
 
 
 # -- pieces (no Study state) -------------------------------------------------------------------------
