@@ -29,7 +29,8 @@ orl/roi_features.py; the services keep them per image on the artifacts volume, s
    (no proposal cache). Measured: wall time, each stage's seconds as the CLI reports them, peak memory
    of the whole process tree (the summed RSS, and the summed PSS, which counts pages the selective-search
    worker processes share with each other once, of the CLI process and all its descendants, sampled
-   from /proc every ``--interval`` s), the main process's VmHWM (its own peak RSS, from
+   from /proc every ``--interval`` s; the descendants are looked up anew every 5th sample), the main
+   process's VmHWM (its own peak RSS, from
    /proc/PID/status), the largest peak RSS of any process of the tree (``wait4``'s ru_maxrss), and the
    peak disk size of the RoI feature shards (``OUT/roi_store``, deleted by ``orl mine`` when done).
 3. **The service path** (``--paths cli,service``). The stack of ``make up`` (scripts/stack.py: embedded
@@ -274,6 +275,15 @@ def tree(procs: dict[int, tuple[int, int, int, int]], roots: Iterable[int]) -> s
     return out
 
 
+def _rss_bytes(pid: int) -> int | None:
+    """Resident bytes of a process (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _status_kib(pid: int, key: str) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -316,8 +326,14 @@ class MemorySampler:
     """
 
     def __init__(self, roots: Callable[[], dict[str, list[int]]], interval: float = 0.2,
-                 folders: dict[str, Path] | None = None, pss: bool = True):
+                 folders: dict[str, Path] | None = None, pss: bool = True, rescan_every: int = 5):
         self.roots, self.interval, self.folders, self.pss = roots, interval, folders or {}, pss
+        # Finding a tree's members reads every process's stat file (this kernel has no
+        # /proc/PID/task/TID/children): tens of ms on a busy machine, so it is done every
+        # ``rescan_every`` samples, and in between only the known members are read.
+        self.rescan_every = rescan_every
+        self._members: dict[str, set[int]] = {}
+        self._last_roots: dict[str, list[int]] = {}
         self.peak: dict[str, dict[str, int]] = {}
         self.hwm_kib: dict[str, int] = {}
         self.folder_peak = {name: 0 for name in self.folders}
@@ -339,12 +355,17 @@ class MemorySampler:
         self._thread.join()
 
     def sample(self) -> None:
-        procs = scan_proc()
         point: dict[str, Any] = {"t": round(time.monotonic() - self._t0, 1)}
-        for name, roots in self.roots().items():
-            members = tree(procs, roots)
+        groups = self.roots()
+        if groups != self._last_roots or self.samples % self.rescan_every == 0:
+            procs = scan_proc()
+            self._members = {name: tree(procs, roots) for name, roots in groups.items()}
+            self._last_roots = groups
+        for name, roots in groups.items():
+            sizes = {p: _rss_bytes(p) for p in self._members.get(name, set())}
+            members = {p for p, b in sizes.items() if b is not None}
             self.seen |= members
-            rss = sum(procs[p][2] for p in members)
+            rss = sum(b for b in sizes.values() if b is not None)
             pss = sum(_pss_bytes(p) for p in members) if self.pss else 0
             peak = self.peak.setdefault(name, {"rss_bytes": 0, "pss_bytes": 0, "processes": 0})
             peak["rss_bytes"] = max(peak["rss_bytes"], rss)
