@@ -462,7 +462,7 @@ def run_cli(n: int, folder: Path, checkpoint: Path, settings: list[str], threads
             "startup_s": round(wall - sum(stages.values()), 2), "pairs": result["pairs"],
             "failed_images": result["failed_images"], "images_without_boxes": result["images_without_boxes"],
             "proposals": proposal_counts(out / "proposals.jsonl"), "threads": stats["threads"],
-            "cnn_forwards": stats["cnn_forwards"],
+            "cnn_forwards": stats["cnn_forwards"], "mine_config": stats["params"],
             "peak_tree_rss_bytes": mem["peak"]["cli"]["rss_bytes"],
             "peak_tree_pss_bytes": mem["peak"]["cli"]["pss_bytes"],
             "peak_tree_processes": mem["peak"]["cli"]["processes"],
@@ -602,6 +602,7 @@ def run_service(sizes: list[int], sets: dict[int, Path], train_set: Path, args: 
                 "job_run_s": _iso_s(job.get("started_at"), job.get("finished_at")),
                 "queued_s": _iso_s(job.get("created_at"), job.get("started_at")),
                 "phases_s": phase_s, "pairs": result.get("pairs"), "attempts": job.get("attempts"),
+                "mine_config": (result.get("config") or {}).get("mine"),  # as the worker resolved it
                 "peak_rss_bytes": {k: v["rss_bytes"] for k, v in mem["peak"].items()},
                 "peak_pss_bytes": {k: v["pss_bytes"] for k, v in mem["peak"].items()},
                 "peak_processes": {k: v["processes"] for k, v in mem["peak"].items()},
