@@ -106,6 +106,20 @@ def test_drawing_scales_boxes_and_blends():
         drawing.side_by_side([])
 
 
+def test_pair_caption_keeps_file_names_literal():
+    from dashboard.views import pairs
+
+    pair = {"id": 7, "job_id": 2, "score": 0.91234, "rank": 0, "neighbor_rank": 2, "image_id": 3,
+            "neighbor_image_id": 5, "image_path": "a_b_c/*x*.jpg", "neighbor_path": "$1 [cat](y).jpg",
+            "reviews": {"correct": 1, "wrong": 2}, "verdict": "wrong"}
+    text = pairs._caption(4, pair)
+    assert text.startswith("**#4** · score **0.912** · pair rank 1 ") and "neighbour rank 3" in text
+    assert "pair id 7 · job 2 · reviews ✓ 1 · ✗ 2 · you: :red[✗ wrong]  \n" in text
+    # A caption is Markdown: the names' "_", "*", "$" and "[" must not become emphasis, a formula or a link.
+    assert "image 3 · a\\_b\\_c/\\*x\\*\\.jpg → neighbour 3 · image 5 · \\$1 \\[cat\\]\\(y\\)\\.jpg" in text
+    assert "you:" not in pairs._caption(4, {**pair, "verdict": None})
+
+
 def test_job_params_and_progress_text():
     from dashboard.views import jobs
 
