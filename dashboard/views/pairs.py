@@ -66,34 +66,39 @@ def render(api: common.Api) -> None:
     default_job = values["job"] if values["job"] in job_ids else next(
         (j["id"] for j in mine_jobs if j["status"] == "succeeded"), job_ids[0])
 
-    c1, c2, c3, c4, c5 = st.columns([2, 1, 1.4, 1, 1])
+    c1, c2, c3, c4, c5 = st.columns([2, 1.4, 1, 1, 2])
     job_id = c1.selectbox("Mining job", job_ids, index=job_ids.index(default_job), key="pairs_job",
                           format_func=lambda i: f"#{i} ({status_of.get(i, 'pipeline')})")
-    image_id = c2.number_input("Query image id", min_value=1, value=values["image"], step=1, key="pairs_image",
-                               placeholder="any")
-    order = c3.selectbox("Order", urlstate.ORDERS, index=urlstate.ORDERS.index(values["order"]), key="pairs_order",
+    order = c2.selectbox("Order", urlstate.ORDERS, index=urlstate.ORDERS.index(values["order"]), key="pairs_order",
                          format_func=ORDER_LABELS.get)
-    seed = c4.number_input("Seed", min_value=0, max_value=2**31 - 1, value=values["seed"], step=1, key="pairs_seed",
-                           disabled=order != "random", help="the same seed gives the same sample (order: random)")
-    per_page = c5.selectbox("Per page", urlstate.PAGE_SIZES, index=urlstate.PAGE_SIZES.index(values["per_page"]),
+    # Only a random sample has a seed (the link keeps it, so leaving and coming back keeps the sample).
+    seed = c3.number_input("Seed", min_value=0, max_value=2**31 - 1, value=values["seed"], step=1, key="pairs_seed",
+                           help="the same seed gives the same sample") if order == "random" else values["seed"]
+    per_page = c4.selectbox("Per page", urlstate.PAGE_SIZES, index=urlstate.PAGE_SIZES.index(values["per_page"]),
                             key="pairs_per_page")
-    d1, d2, d3, d4, d5 = st.columns([1, 1, 1, 1, 2], vertical_alignment="bottom")
-    min_score = d1.number_input("Minimum score", min_value=-1.0, max_value=1.0, value=values["min_score"],
-                                step=0.05, format="%.2f", key="pairs_min_score", placeholder="any")
-    max_score = d2.number_input("Maximum score", min_value=-1.0, max_value=1.0, value=values["max_score"],
-                                step=0.05, format="%.2f", key="pairs_max_score", placeholder="any")
-    area_help = "both boxes of a pair, in square pixels of their own photo (a 100 x 100 box is 10000)"
-    min_area = d3.number_input("Min box area (px²)", min_value=0.0, value=values["min_area"], step=1000.0,
-                               format="%.0f", key="pairs_min_area", placeholder="any", help=area_help)
-    max_area = d4.number_input("Max box area (px²)", min_value=0.0, value=values["max_area"], step=1000.0,
-                               format="%.0f", key="pairs_max_area", placeholder="any", help=area_help)
     # A widget's state is dropped on pages without it: the name is kept in a key of its own.
-    typed = d5.text_input("Reviewer", value=st.session_state.get(REVIEWER, os.environ.get("ORL_REVIEWER", "")),
+    typed = c5.text_input("Reviewer", value=st.session_state.get(REVIEWER, os.environ.get("ORL_REVIEWER", "")),
                           key="reviewer", max_chars=100, placeholder="your name, to mark pairs",
                           help="kept in this browser session only, never in the link (default: ORL_REVIEWER)")
+    d1, d2 = st.columns([1.4, 6], vertical_alignment="center")
+    # The narrowing filters sit in a popover: the browser builds its widgets only when it is opened
+    # (five number inputs cost the browser a good part of what a page of pairs does); the line
+    # above the pairs says which of them are set.
+    with d1.popover("Filters", width="stretch", help="query image, score and box-area ranges"):
+        image_id = st.number_input("Query image id", min_value=1, value=values["image"], step=1, key="pairs_image",
+                                   placeholder="any")
+        min_score = st.number_input("Minimum score", min_value=-1.0, max_value=1.0, value=values["min_score"],
+                                    step=0.05, format="%.2f", key="pairs_min_score", placeholder="any")
+        max_score = st.number_input("Maximum score", min_value=-1.0, max_value=1.0, value=values["max_score"],
+                                    step=0.05, format="%.2f", key="pairs_max_score", placeholder="any")
+        area_help = "both boxes of a pair, in square pixels of their own photo (a 100 x 100 box is 10000)"
+        min_area = st.number_input("Min box area (px²)", min_value=0.0, value=values["min_area"], step=1000.0,
+                                   format="%.0f", key="pairs_min_area", placeholder="any", help=area_help)
+        max_area = st.number_input("Max box area (px²)", min_value=0.0, value=values["max_area"], step=1000.0,
+                                   format="%.0f", key="pairs_max_area", placeholder="any", help=area_help)
     st.session_state[REVIEWER] = typed
     reviewer = typed.strip() or None
-    todo = st.checkbox("Only pairs I have not reviewed", value=values["todo"], key="pairs_todo",
+    todo = d2.checkbox("Only pairs I have not reviewed", value=values["todo"], key="pairs_todo",
                        disabled=reviewer is None)
     state = urlstate.with_filters(values, dataset=dataset_id, job=job_id, image=image_id, order=order,
                                   seed=int(seed) if order == "random" else 0, per_page=per_page, min_score=min_score,
@@ -101,6 +106,16 @@ def render(api: common.Api) -> None:
                                   todo=bool(todo and reviewer))
     common.set_query("pairs", state)
     _page(api, state, reviewer)
+
+
+def _active_filters(state: dict) -> str:
+    """The narrowing filters that are set (the popover hides them), for the line above the pairs."""
+    parts = [f"image {state['image']}" if state.get("image") is not None else "",
+             f"score ≥ {state['min_score']:.2f}" if state.get("min_score") is not None else "",
+             f"score ≤ {state['max_score']:.2f}" if state.get("max_score") is not None else "",
+             f"box area ≥ {state['min_area']:.0f} px²" if state.get("min_area") is not None else "",
+             f"box area ≤ {state['max_area']:.0f} px²" if state.get("max_area") is not None else ""]
+    return "".join(f" · {p}" for p in parts if p)
 
 
 ORDER_LABELS = {"score_desc": "best score first", "score_asc": "worst score first", "random": "random sample"}
@@ -129,7 +144,8 @@ def _page(api: common.Api, state: dict, reviewer: str | None) -> None:
     before = common.cursor_history("pairs_history", _filter_key(state))
     page_no = len(before) + 1
     how = ORDER_LABELS[state["order"]] + (f" (seed {state['seed']})" if state["order"] == "random" else "")
-    st.caption(f"page {page_no} · {len(items)} pairs, {how}" if items else "no pairs match these filters")
+    st.caption((f"page {page_no} · {len(items)} pairs, {how}" if items else "no pairs match these filters")
+               + _active_filters(state))
     fetched = api.fetch_images([r for pair in items for r in _image_requests(pair)])
     first = (page_no - 1) * state["per_page"] + 1
     shown: list[tuple[int, dict]] = []  # (number on the page, pair) of the pairs whose images came
