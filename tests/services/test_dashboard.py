@@ -317,6 +317,7 @@ def test_pairs_page_shows_pairs_pages_with_cursor_and_filters(app, seeded):
     at.button(key="pairs_next").click().run()
     at.number_input(key="pairs_min_score").set_value(0.9).run()
     assert qp(at)["min_score"] == "0.9" and "cursor" not in qp(at)
+    assert any(c.value.endswith("best score first · score ≥ 0.90") for c in at.caption), "the filters set are named"
     scores = [float(v) for v in re.findall(r"score \*\*([0-9.]+)\*\*", texts(at))]
     assert scores and min(scores) >= 0.9
     image_id = seeded["images"][0]
@@ -331,6 +332,7 @@ def test_pairs_page_orders_samples_and_reviews(app, seeded):
     at = open_page(app, page="pairs", dataset=seeded["dataset"], job=seeded["mine"], per_page=10)
     # One form in the sidebar reviews the whole page; without a reviewer name it cannot be used.
     assert review_form(at)[2].disabled and "Reviewer" in review_form(at)[2].help, "no reviewer name yet"
+    assert not [w for w in at.number_input if w.key == "pairs_seed"], "a seed only for a random sample"
     # worst first; a random sample with its seed in the URL; a score ceiling
     at.selectbox(key="pairs_order").set_value("score_asc").run()
     scores = [float(v) for v in re.findall(r"score \*\*([0-9.]+)\*\*", texts(at))]
