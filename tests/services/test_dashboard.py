@@ -106,6 +106,20 @@ def test_drawing_scales_boxes_and_blends():
         drawing.side_by_side([])
 
 
+def test_pair_caption_keeps_file_names_literal():
+    from dashboard.views import pairs
+
+    pair = {"id": 7, "job_id": 2, "score": 0.91234, "rank": 0, "neighbor_rank": 2, "image_id": 3,
+            "neighbor_image_id": 5, "image_path": "a_b_c/*x*.jpg", "neighbor_path": "$1 [cat](y).jpg",
+            "reviews": {"correct": 1, "wrong": 2}, "verdict": "wrong"}
+    text = pairs._caption(4, pair)
+    assert text.startswith("**#4** · score **0.912** · pair rank 1 ") and "neighbour rank 3" in text
+    assert "pair id 7 · job 2 · reviews ✓ 1 · ✗ 2 · you: :red[✗ wrong]  \n" in text
+    # A caption is Markdown: the names' "_", "*", "$" and "[" must not become emphasis, a formula or a link.
+    assert "image 3 · a\\_b\\_c/\\*x\\*\\.jpg → neighbour 3 · image 5 · \\$1 \\[cat\\]\\(y\\)\\.jpg" in text
+    assert "you:" not in pairs._caption(4, {**pair, "verdict": None})
+
+
 def test_job_params_and_progress_text():
     from dashboard.views import jobs
 
@@ -264,7 +278,17 @@ def open_page(at, **query):
 
 
 def texts(at) -> str:
-    return "\n".join([m.value for m in at.markdown] + [c.value for c in at.caption])
+    """The page's Markdown, captions and image captions (where the Pairs page puts each pair's text)."""
+    return "\n".join([m.value for m in at.markdown] + [c.value for c in at.caption]
+                     + [c for im in at.image for c in im.captions])
+
+
+def review_form(at):
+    """The Pairs page's review form in the sidebar: (✓ correct, ✗ wrong, Save reviews)."""
+    keys = [w.key for w in at.sidebar.multiselect]
+    correct = at.multiselect(key=next(k for k in keys if k.startswith("pairs_correct_")))
+    wrong = at.multiselect(key=next(k for k in keys if k.startswith("pairs_wrong_")))
+    return correct, wrong, next(b for b in at.sidebar.button if b.label == "Save reviews")
 
 
 def qp(at) -> dict[str, str]:
@@ -274,8 +298,10 @@ def qp(at) -> dict[str, str]:
 # -- AppTest against the live API -------------------------------------------------------------------
 def test_pairs_page_shows_pairs_pages_with_cursor_and_filters(app, seeded):
     at = open_page(app, page="pairs", dataset=seeded["dataset"], job=seeded["mine"], per_page=10)
-    # 10 pairs, one picture each (two boxed thumbnails and two crops side by side), best score first.
-    assert len(at.image) == 10
+    # 10 pairs, one picture each (two boxed thumbnails and two crops side by side), best score first,
+    # all in one image element (the browser's cost grows with the number of elements).
+    assert len(at.image) == 1 and len(at.image[0].captions) == 10
+    assert [int(n) for n in re.findall(r"^\*\*#(\d+)\*\*", texts(at), re.M)] == list(range(1, 11))
     body = texts(at)
     assert "score **0.950**" in body and "score **0.770**" in body and "score **0.750**" not in body
     assert qp(at)["job"] == str(seeded["mine"]) and "cursor" not in qp(at)
@@ -291,20 +317,22 @@ def test_pairs_page_shows_pairs_pages_with_cursor_and_filters(app, seeded):
     at.button(key="pairs_next").click().run()
     at.number_input(key="pairs_min_score").set_value(0.9).run()
     assert qp(at)["min_score"] == "0.9" and "cursor" not in qp(at)
+    assert any(c.value.endswith("best score first · score ≥ 0.90") for c in at.caption), "the filters set are named"
     scores = [float(v) for v in re.findall(r"score \*\*([0-9.]+)\*\*", texts(at))]
     assert scores and min(scores) >= 0.9
     image_id = seeded["images"][0]
     at.number_input(key="pairs_image").set_value(image_id).run()
     assert qp(at)["image"] == str(image_id)
-    queries = [c for im in at.image for c in im.captions if c.startswith("query · image")]
-    assert queries and all(c.startswith(f"query · image {image_id} ") for c in queries), queries
+    queries = [re.search(r"query · image (\d+) ", c).group(1) for im in at.image for c in im.captions]
+    assert queries and all(q == str(image_id) for q in queries), queries
 
 
 def test_pairs_page_orders_samples_and_reviews(app, seeded):
     api = os.environ["ORL_API_URL"]
     at = open_page(app, page="pairs", dataset=seeded["dataset"], job=seeded["mine"], per_page=10)
-    button = at.button(key=[b.key for b in at.button if (b.key or "").endswith("_correct")][0])
-    assert button.disabled, "no reviewer name yet"
+    # One form in the sidebar reviews the whole page; without a reviewer name it cannot be used.
+    assert review_form(at)[2].disabled and "Reviewer" in review_form(at)[2].help, "no reviewer name yet"
+    assert not [w for w in at.number_input if w.key == "pairs_seed"], "a seed only for a random sample"
     # worst first; a random sample with its seed in the URL; a score ceiling
     at.selectbox(key="pairs_order").set_value("score_asc").run()
     scores = [float(v) for v in re.findall(r"score \*\*([0-9.]+)\*\*", texts(at))]
@@ -321,13 +349,31 @@ def test_pairs_page_orders_samples_and_reviews(app, seeded):
     # a reviewer marks the first pair of the sample correct, then changes their mind
     at.text_input(key="reviewer").set_value("dora").run()
     first = int(re.findall(r"pair id (\d+)", texts(at))[0])
-    at.button(key=f"review_{first}_correct").click().run()
+    correct, wrong, save = review_form(at)
+    assert correct.options == [f"#{n}" for n in range(1, len(correct.options) + 1)] and not save.disabled
+    correct.set_value([1])
+    save.click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    assert "you: :green[✓ correct]" in texts(at)
-    at.button(key=f"review_{first}_wrong").click().run()
+    assert "you: :green[✓ correct]" in texts(at) and texts(at).count("you: ") == 1
+    correct, wrong, save = review_form(at)
+    assert correct.value == [1] and wrong.value == [], "the form starts from the saved verdicts"
+    # in both lists: refused, nothing written
+    wrong.set_value([1])
+    save.click().run()
+    assert any("both correct and wrong: #1" in e.value for e in at.error)
+    correct, wrong, save = review_form(at)
+    correct.set_value([])
+    wrong.set_value([1])
+    save.click().run()
+    assert not at.error and "you: :red[✗ wrong]" in texts(at)
     got = httpx.get(f"{api}/api/v1/correspondences", params={"job_id": seeded["mine"], "reviewer": "dora",
                                                              "reviewed": True}).json()["items"]
     assert [(p["id"], p["verdict"], p["reviews"]) for p in got] == [(first, "wrong", {"correct": 0, "wrong": 1})]
+    # taken out of both lists: the API cannot withdraw a verdict, so it is kept, and the page says so
+    correct, wrong, save = review_form(at)
+    wrong.set_value([])
+    save.click().run()
+    assert any("not withdrawn): #1" in t.value for t in at.toast) and "you: :red[✗ wrong]" in texts(at)
     # the pairs not yet reviewed by this reviewer
     at.checkbox(key="pairs_todo").check().run()
     assert qp(at)["todo"] == "1" and str(first) not in re.findall(r"pair id (\d+)", texts(at))
@@ -486,8 +532,17 @@ def test_image_page_gallery_search_neighbours_and_pairs(app, seeded):
 
 def test_pairs_page_links_to_the_image_page(app, seeded):
     at = open_page(app, page="pairs", dataset=seeded["dataset"], job=seeded["mine"], per_page=10)
-    first = [b for b in at.button if b.key and b.key.startswith("imagepage_")][0]
-    first.click().run()
+    # The sidebar's pair picker: "Only this image" narrows the page to that pair's query image.
+    pick = next(s for s in at.sidebar.selectbox if (s.key or "").startswith("pairs_pick_"))
+    assert pick.value == 1 and pick.options[0].startswith("#1 · image ")
+    pick.set_value(2).run()
+    at.button(key="pairs_only").click().run()
+    second = seeded["images"][1]  # the seeded pairs' query images go in order, one pair each on this page
+    assert qp(at)["image"] == str(second) and at.number_input(key="pairs_image").value == second
+    at.number_input(key="pairs_image").set_value(None).run()
+    assert "image" not in qp(at)
+    # "Image page" opens the picked pair's query photo with its neighbours.
+    at.button(key="pairs_imagepage").click().run()
     assert not at.exception
     assert qp(at)["page"] == "image" and qp(at)["image"] == str(seeded["images"][0])
     assert any("similarity" in c for im in at.image for c in im.captions)
@@ -498,7 +553,7 @@ def test_navigation_keeps_the_dataset_in_the_url(app, seeded):
     at.radio(key="nav_page").set_value("pairs").run()
     assert not at.exception
     assert qp(at)["page"] == "pairs" and qp(at)["dataset"] == str(seeded["dataset"])
-    assert len(at.image) >= 4
+    assert sum(len(im.captions) for im in at.image) >= 4, "the pairs' pictures"
 
 
 # -- a person's view: headless Chromium against the running dashboard -----------------------------------
