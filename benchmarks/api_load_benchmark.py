@@ -416,7 +416,7 @@ def explain_all(url: str, info: dict) -> dict[str, dict]:
                 finally:
                     event.remove(engine, "before_cursor_execute", grab)
                 if page == "first":
-                    nxt = res.next_cursor
+                    nxt = json.loads(res.body)["next_cursor"]  # the route returns its JSON response
                 if not captured:
                     continue
                 stmt, bind = captured[-1]

@@ -26,7 +26,9 @@ from services.common.settings import Settings, get_settings
 INT64_MAX = MAX_ID
 
 
-def _settings() -> Settings:
+# The dependencies that do no I/O are ``async def``: FastAPI runs those in the event loop, where a
+# plain ``def`` would cost each request a round trip through the thread pool.
+async def _settings() -> Settings:
     return get_settings()
 
 
@@ -73,7 +75,7 @@ def _unauthorized(detail: str) -> HTTPException:
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-def _require_token(settings: SettingsDep,
+async def _require_token(settings: SettingsDep,
                    cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     if settings.api_token is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -87,7 +89,7 @@ def _require_token(settings: SettingsDep,
         raise _unauthorized("the bearer token is wrong; use the value of ORL_API_TOKEN")
 
 
-def _require_read(request: Request, settings: SettingsDep,
+async def _require_read(request: Request, settings: SettingsDep,
                   cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     if settings.api_read_token is None:
         return  # reads are open: the documented default on a loopback-only machine

@@ -52,19 +52,21 @@ MINE_JOB_ERRORS: dict[int | str, dict] = {
 
 def mine_job_id(session: Session, job_id: int) -> int:
     """A mine job's id; a pipeline stands for its mine stage."""
-    job = session.get(Job, job_id)
-    if job is None:
+    # Its kind only, not the ORM object: every page of pairs asks, and loading a Job (its JSON
+    # columns, the identity map) cost more than the page's own query.
+    kind = session.connection().execute(select(Job.kind).where(Job.id == job_id)).scalar()
+    if kind is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} does not exist")
-    if job.kind == "pipeline":
+    if kind == "pipeline":
         child = session.execute(select(Job.id).where(Job.parent_id == job_id, Job.kind == "mine")).scalar()
         if child is None:
             raise HTTPException(status.HTTP_409_CONFLICT,
                                 f"pipeline {job_id} has not reached its mine stage yet; try again later")
         return child
-    if job.kind != "mine":
+    if kind != "mine":
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                            f"job {job_id} is a {job.kind} job; pairs come from mine (or pipeline) jobs")
-    return job.id
+                            f"job {job_id} is a {kind} job; pairs come from mine (or pipeline) jobs")
+    return job_id
 
 
 def mine_checkpoint_id(job: Job) -> int | None:

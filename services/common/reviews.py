@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import case, func, literal_column, select
+from sqlalchemy import BigInteger, String, any_, bindparam, case, func, literal_column, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -82,24 +83,25 @@ def job_summary(session: Session, job_id: int, reviewer: str | None = None) -> S
                    last_review_at=max((t for _, t in who), default=None))
 
 
-def verdict_counts(session: Session, pair_ids: list[int]) -> dict[int, dict[str, int]]:
-    """pair id -> {"correct": n, "wrong": n} for the pairs of one page (absent: not reviewed)."""
-    out: dict[int, dict[str, int]] = {}
-    if pair_ids:
-        for pid, verdict, n in session.execute(
-                select(PairReview.pair_id, PairReview.verdict, func.count()).where(PairReview.pair_id.in_(pair_ids))
-                .group_by(PairReview.pair_id, PairReview.verdict)):
-            out.setdefault(int(pid), {"correct": 0, "wrong": 0})[verdict] = int(n)
-    return out
+# One statement for every page (the ids are one array parameter): its SQL does not change with
+# the page's length, so SQLAlchemy compiles it once and Postgres prepares it once.
+_PAGE_VERDICTS = (
+    select(PairReview.pair_id,
+           func.count().filter(PairReview.verdict == "correct"),
+           func.count().filter(PairReview.verdict == "wrong"),
+           func.max(PairReview.verdict).filter(PairReview.reviewer == bindparam("reviewer", type_=String)))
+    .where(PairReview.pair_id == any_(bindparam("ids", type_=ARRAY(BigInteger))))
+    .group_by(PairReview.pair_id))
 
 
-def verdicts_of(session: Session, pair_ids: list[int], reviewer: str) -> dict[int, str]:
-    """pair id -> ``reviewer``'s verdict, for the pairs of one page that they reviewed."""
+def page_verdicts(session: Session, pair_ids: list[int], reviewer: str | None = None
+                  ) -> dict[int, tuple[int, int, str | None]]:
+    """pair id -> (correct, wrong, ``reviewer``'s verdict or None) for the pairs of one page that
+    have a verdict (absent: not reviewed)."""
     if not pair_ids:
         return {}
-    return {int(pid): v for pid, v in session.execute(
-        select(PairReview.pair_id, PairReview.verdict)
-        .where(PairReview.pair_id.in_(pair_ids), PairReview.reviewer == reviewer))}
+    rows = session.connection().execute(_PAGE_VERDICTS, {"ids": pair_ids, "reviewer": reviewer})
+    return {pid: (yes, no, mine) for pid, yes, no, mine in rows}
 
 
 def consensus(correct: int, wrong: int) -> str | None:
