@@ -16,7 +16,7 @@ live_api = dash.live_api  # uvicorn on the test database; needs no seeded data
 
 
 def _charts(at) -> list:
-    return list(at.get("arrow_vega_lite_chart"))
+    return list(at.get("vega_lite_chart"))  # what st.line_chart renders as
 
 
 def test_jobs_page_draws_a_chart_per_signal_of_a_training_job(live_api, settings_env, monkeypatch):
