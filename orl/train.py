@@ -351,9 +351,9 @@ def _tensorboard(out: Path, global_step: int) -> Any:
     """A SummaryWriter on the run folder, or None without the ``tensorboard`` package (logged
     once per process): training does not need it, so a missing package only turns this off.
 
-    A resumed run passes its position as ``purge_step``: TensorBoard then hides the events an
-    earlier process logged past the checkpoint (the steps being redone), so each step shows
-    once, as it does in orl.runlog's reading of metrics.csv."""
+    A run resumed after ``global_step`` steps passes the next step as ``purge_step``:
+    TensorBoard then hides the events an earlier process logged from that step on (the steps
+    being redone), so each step shows once, as in orl.runlog's reading of metrics.csv."""
     global _tensorboard_off_logged
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -362,7 +362,7 @@ def _tensorboard(out: Path, global_step: int) -> Any:
             log.info("TensorBoard event files are off (%s); metrics.csv and monitor.csv are written as always", exc)
             _tensorboard_off_logged = True
         return None
-    return SummaryWriter(log_dir=str(out), purge_step=global_step or None)
+    return SummaryWriter(log_dir=str(out), purge_step=global_step + 1 if global_step else None)
 
 
 def _signals(row: dict[str, Any]) -> dict[str, Any]:

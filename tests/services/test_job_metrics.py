@@ -79,3 +79,22 @@ def test_job_metrics_never_reads_outside_the_artifacts_volume(api_client, traini
     (training_job["dir"] / "metrics.csv").symlink_to(outside / "metrics.csv")
     body = api_client.get(f"{API}/jobs/{training_job['job']}/metrics").json()
     assert body["steps"] == [] and "outside the artifacts volume" in body["note"]
+
+
+def test_the_trainer_reports_the_latest_signals_as_job_progress():
+    from services.trainer.runner import _report
+
+    class Beat:
+        def report(self, **kw):
+            self.kw = kw
+
+    beat = Beat()
+    step = {"epoch": 2, "step": 1, "global_step": 7, "total_steps": 12, "loss": 1.5, "lr": 0.1, "momentum": 0.99,
+            "view_top1": 0.4, "view_top1_chance": 0.125, "effective_rank": 5.2, "effective_rank_max": 7,
+            "monitor_epoch": 2}
+    _report(beat, "byol", step)  # type: ignore[arg-type]
+    assert beat.kw["done"] == 7 and beat.kw["total"] == 12
+    progress = beat.kw["progress"]
+    assert {k: progress[k] for k in ("view_top1", "effective_rank", "monitor_epoch")} == {
+        "view_top1": 0.4, "effective_rank": 5.2, "monitor_epoch": 2}
+    assert "momentum" not in progress and progress["stage"] == "byol"

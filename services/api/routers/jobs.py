@@ -179,7 +179,8 @@ def job_metrics(
             stages = f"; its training stages are jobs {ids}" if ids else "; none of its training stages has started"
         raise HTTPException(status.HTTP_409_CONFLICT,
                             f"job {job_id} is a {job.kind} job: metrics are kept for pretrain and train jobs{stages}")
-    out = JobMetricsOut(job_id=job.id, kind=job.kind, status=job.status, steps=[], steps_logged=0, monitor=[])
+    out = JobMetricsOut(job_id=job.id, kind=job.kind, status=job.status, steps=[], steps_logged=0, monitor=[],  # type: ignore[arg-type]
+                        note=None)
     out_dir = (job.result or {}).get("out_dir")
     if not isinstance(out_dir, str):
         out.note = "no run folder yet: the job has not been claimed by a trainer"
