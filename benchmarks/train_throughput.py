@@ -13,6 +13,14 @@ One run, one machine. Per preset (default tiny and cpu) and stage (byol = stage 
   ``tensor-compile`` (the same with ``train.compile``; opt in: compiling takes minutes on 2 cores).
 * **bare**: the same networks' forward + backward of one batch of view tensors (online forward
   and backward, target forward, the losses), repeated: the limit a data path can approach.
+* **lightly** (stage 1 only): the peer, lightly's BYOL building blocks (PyPI ``lightly``:
+  ``BYOLProjectionHead``, ``BYOLPredictionHead``, ``NegativeCosineSimilarity``,
+  ``update_momentum``, and its ``BYOLTransform`` views in a DataLoader with the preset's
+  workers) on the same torchvision backbone, head sizes, batch and view size, with its own
+  training loop as its BYOL example writes it. A stage-1 sample is two views for both, so
+  samples/s compare per view processed (views/s = 2 x samples/s). Benchmarks only: install it
+  with ``pip install -r requirements-bench.txt``; without it the run says "peer not installed"
+  and goes on.
 
 Every variant runs once per repeat, interleaved (the order rotated each repeat); medians are
 reported, with the load average (``os.getloadavg``) before and after each measurement. A run
@@ -39,7 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -64,6 +72,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "tensor": {"augment.backend": "tensor"},
     "tensor-compile": {"augment.backend": "tensor", "train.compile": True},
 }
+PEER = "lightly"  # a variant too: its own step, not orl.train, so no config overrides of its own
 
 
 def parse_args() -> argparse.Namespace:
@@ -72,7 +81,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--photos", type=int, default=256, help="photos used (the first N of the folder)")
     p.add_argument("--presets", default="tiny,cpu")
     p.add_argument("--stages", default="byol,orl")
-    p.add_argument("--variants", default="pil,pil-w0,pil-persistent,tensor", help=f"of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=f"pil,pil-w0,pil-persistent,tensor,{PEER}",
+                   help=f"of {', '.join([*VARIANTS, PEER])}")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="config overrides for every run (e.g. train.batch_size=32)")
     p.add_argument("--repeats", type=int, default=5)
@@ -152,6 +162,79 @@ def bare_step(cfg: Config, stage: str, root: Path, files: list[str], corr: Corre
     return {"samples_per_s": steps * batch / secs, "seconds": secs, "steps": steps, "batch_size": batch}
 
 
+def peer_installed() -> bool:
+    try:
+        import lightly  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def peer_step(cfg: Config, root: Path, files: list[str], device: str, warmup: int, steps: int) -> dict[str, Any]:
+    """samples/s of lightly's BYOL (stage 1) over ``steps`` steps after ``warmup`` ones: data
+    (decode, lightly's transforms, DataLoader), forward of both views through the online and
+    the momentum networks, the symmetric loss, backward, SGD, momentum update."""
+    import copy
+
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+
+    from orl.images import load_rgb
+    from orl.models.backbones import build_backbone
+
+    dev = resolve_device(device)
+    mc, ac, tc = cfg.model, cfg.augment, cfg.train
+    backbone = build_backbone(mc.backbone)  # the torchvision ResNet ours trains, pooled output
+    projector = BYOLProjectionHead(backbone.out_channels, mc.proj_hidden, mc.proj_out)
+    online = torch.nn.Sequential(backbone, projector).to(dev)
+    predictor = BYOLPredictionHead(mc.proj_out, mc.pred_hidden, mc.proj_out).to(dev)
+    target = copy.deepcopy(online)
+    deactivate_requires_grad(target)
+    criterion = NegativeCosineSimilarity()
+    optimizer = torch.optim.SGD([*online.parameters(), *predictor.parameters()], lr=0.05, momentum=tc.momentum,
+                                weight_decay=tc.weight_decay)
+    amp = tc.amp and dev.type == "cuda"  # as ours: bf16 autocast on CUDA only
+    transform = BYOLTransform(BYOLView1Transform(input_size=ac.image_size, min_scale=ac.min_scale),
+                              BYOLView2Transform(input_size=ac.image_size, min_scale=ac.min_scale))
+    paths = [root / f for f in files]
+
+    class Photos(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(paths)
+
+        def __getitem__(self, i: int) -> list[torch.Tensor]:
+            return cast(list[torch.Tensor], transform(load_rgb(paths[i])))  # tensors: its views end in ToTensor
+
+    batch = min(tc.batch_size, len(paths))
+    loader = torch.utils.data.DataLoader(Photos(), batch_size=batch, shuffle=True, drop_last=True,
+                                         num_workers=tc.num_workers, pin_memory=dev.type == "cuda")
+    marks: list[float] = []
+    online.train()
+    target.train()
+    while len(marks) < warmup + steps:
+        for x0, x1 in loader:
+            x0, x1 = x0.to(dev, non_blocking=True), x1.to(dev, non_blocking=True)
+            update_momentum(online, target, m=tc.ema_base)
+            with _autocast(amp):
+                p0, p1 = predictor(online(x0)), predictor(online(x1))
+                with torch.no_grad():
+                    z0, z1 = target(x0), target(x1)
+                loss = 0.5 * (criterion(p0, z1) + criterion(p1, z0))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss.item()  # the step is done when its loss is known (ours logs it every step too)
+            marks.append(time.perf_counter())
+            if len(marks) >= warmup + steps:
+                break
+    t0 = marks[warmup - 1] if warmup else marks[0]
+    timed = steps if warmup else steps - 1
+    secs = marks[-1] - t0
+    return {"samples_per_s": timed * batch / secs, "seconds": secs, "steps": timed, "batch_size": batch}
+
+
 def overrides_of(args: argparse.Namespace) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in args.set)
 
@@ -165,6 +248,15 @@ def machine(dev: torch.device) -> dict[str, Any]:
     return info
 
 
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def markdown(res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = ["# Training throughput", "",
@@ -176,10 +268,18 @@ def markdown(res: dict[str, Any]) -> str:
     if res["loaded"]:
         lines += ["**LOADED MACHINE: the load average went above half the cores during this run, so these numbers "
                   "say nothing about the code; run again on a quiet machine.**", ""]
-    lines += ["| preset | stage | variant | samples/s | of bare | of pil |", "|---|---|---|---:|---:|---:|"]
+    peer = res.get("peer") or {}
+    if not peer.get("installed"):
+        lines += [f"Peer ({peer.get('name', PEER)}): not installed in this run.", ""]
+    else:
+        lines += [f"Peer: {peer['name']} {peer.get('version')}, stage 1 only (its BYOL building blocks, its own "
+                  "loop and transforms; same backbone, batch and view size).", ""]
+    lines += ["| preset | stage | variant | samples/s | views/s | of bare | of pil |",
+              "|---|---|---|---:|---:|---:|---:|"]
     for r in res["results"]:
         of_pil = "" if r["of_pil"] is None else f"{r['of_pil']:.2f}x"
-        lines.append(f"| {r['preset']} | {r['stage']} | {r['variant']} | {r['median']:.2f} | "
+        views = "" if r.get("views_per_s") is None else f"{r['views_per_s']:.2f}"
+        lines.append(f"| {r['preset']} | {r['stage']} | {r['variant']} | {r['median']:.2f} | {views} | "
                      f"{100 * r['of_bare']:.0f}% | {of_pil} |")
     return "\n".join(lines) + "\n"
 
@@ -197,9 +297,13 @@ def main() -> None:
         if len(files) % b:
             sys.exit(f"{len(files)} photos is not a multiple of {preset}'s batch size {b}: set --photos")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - set(VARIANTS)
+    unknown = set(variants) - {*VARIANTS, PEER}
     if unknown:
-        sys.exit(f"unknown variants {sorted(unknown)}; valid: {', '.join(VARIANTS)}")
+        sys.exit(f"unknown variants {sorted(unknown)}; valid: {', '.join([*VARIANTS, PEER])}")
+    peer = PEER in variants and peer_installed()
+    if PEER in variants and not peer:
+        print(f"peer not installed: {PEER} (pip install -r requirements-bench.txt); going on without it", flush=True)
+    variants = [v for v in variants if v != PEER or peer]
     overrides = overrides_of(args)
     work = Path(args.work or tempfile.mkdtemp(prefix="train_throughput_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -208,7 +312,8 @@ def main() -> None:
     loads: list[float] = []
     samples: dict[tuple[str, str, str], list[float]] = {}
     runs: list[dict[str, Any]] = []
-    jobs = [(p, s, v) for p in args.presets.split(",") for s in args.stages.split(",") for v in variants + ["bare"]]
+    jobs = [(p, s, v) for p in args.presets.split(",") for s in args.stages.split(",") for v in variants + ["bare"]
+            if v != PEER or s == "byol"]  # the peer has no stage 3
     for rep in range(args.repeats):
         shift = rep % len(jobs)
         for preset, stage, variant in jobs[shift:] + jobs[:shift]:
@@ -218,6 +323,8 @@ def main() -> None:
             before = os.getloadavg()[0]
             if variant == "bare":
                 r = bare_step(cfg, stage, root, files, corr, store, str(dev), args.steps)
+            elif variant == PEER:
+                r = peer_step(cfg, root, files, str(dev), args.warmup, args.steps)
             else:
                 r = full_step(cfg, stage, root, files, corr, work, store, str(dev), args.warmup, args.steps)
             after = os.getloadavg()[0]
@@ -234,11 +341,14 @@ def main() -> None:
         pil = samples.get((preset, stage, "pil"))
         results.append({"preset": preset, "stage": stage, "variant": variant, "median": med, "runs": vals,
                         "of_bare": med / bare, "of_pil": None if pil is None or variant in ("pil", "bare")
-                        else med / statistics.median(pil)})
+                        else med / statistics.median(pil),
+                        # Stage 1: two global views per sample, ours and the peer's alike.
+                        "views_per_s": 2 * med if stage == "byol" else None})
     res = {"command": "python " + " ".join([os.path.relpath(__file__, REPO), *sys.argv[1:]]),
            "machine": machine(dev), "photos": len(files), "images": str(root), "repeats": args.repeats,
            "steps": args.steps, "warmup": args.warmup, "overrides": overrides,
            "load": {"min": min(loads), "max": max(loads)},
+           "peer": {"name": PEER, "installed": peer_installed(), "version": _version(PEER)},
            "loaded": max(loads) > 0.5 * (os.cpu_count() or 1), "results": results, "runs": runs}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

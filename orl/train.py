@@ -22,6 +22,7 @@ from typing import IO, Any, cast
 import numpy as np
 import torch
 
+from orl import runlog
 from orl.batch_data import StoreData, batch_seed, store_data
 from orl.checkpoint import export_backbone, load_checkpoint, save_checkpoint
 from orl.config import Config
@@ -36,20 +37,8 @@ log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
-# metrics.csv: one row per optimiser step with these columns, in this order, each written with
-# its format ("" for a branch that did not run in that step). Readers go by column name.
-METRICS_COLUMNS: dict[str, str] = {
-    "epoch": "d", "step": "d", "global_step": "d", "lr": ".6g", "momentum": ".6f", "loss": ".5f",
-    "loss_global": ".5f", "loss_intra": ".5f", "loss_inter": ".5f", "images_per_s": ".2f", "time": ".1f",
-}
-
-
 # Images skipped mid-run, with their reasons (orl.data.SkipLog), in the run folder.
 SKIP_LOG = "skipped_images.csv"
-# Label-free signals per monitored epoch (train.monitor_every_epochs), in the run folder.
-MONITOR_FILE = "monitor.csv"
-MONITOR_COLUMNS = ("epoch", "global_step", "view_top1", "view_top1_chance", "effective_rank", "effective_rank_max",
-                   "images", "seconds")
 
 
 class ConfigMismatch(ValueError):
@@ -138,7 +127,9 @@ def train(
     """Train stage "byol" on ``files`` or stage "orl" on ``corr``; returns a summary dict.
 
     Writes out_dir/last.pt (model, target, optimiser, schedule position, RNG, config),
-    out_dir/metrics.csv, out_dir/skipped_images.csv (images that failed to decode mid-run and
+    out_dir/metrics.csv (per step) and out_dir/monitor.csv (per monitored epoch; both
+    :mod:`orl.runlog`), TensorBoard event files of the same values (where the ``tensorboard``
+    package is installed), out_dir/skipped_images.csv (images that failed to decode mid-run and
     were replaced by the next one, with the reason) and, when finished, out_dir/backbone.pth
     (torchvision weights). ``max_steps`` stops early (tests, and the kill/resume checks); ``should_stop`` is polled
     every step (service cancel); ``on_progress`` gets a dict after every step.
@@ -193,7 +184,7 @@ def train(
                 pos.epoch += 1
                 pos.step_in_epoch = 0
                 save_run(run, pos, steps.last)
-                end_of_epoch(run, pos)
+                steps.monitor(end_of_epoch(run, pos))
     finished = pos.epoch >= tc.epochs
     save_run(run, pos, steps.last, finished=finished)
     if finished and rank == 0:
@@ -285,21 +276,30 @@ def epoch_batches(run: Run, pos: RunPosition) -> Iterator[Views]:
 
 
 class StepLog(AbstractContextManager["StepLog"]):
-    """Where each step's metrics go: a row of metrics.csv (rank 0), the progress bar, ``on_progress``.
+    """Where each step's metrics go: a row of metrics.csv and TensorBoard scalars (rank 0), the
+    progress bar, ``on_progress``.
 
     ``last`` is the last step's metrics (with ``eta_s`` when there is an ``on_progress``): the
-    checkpoint and the summary carry it.
+    checkpoint and the summary carry it. ``signals`` holds the latest monitor row's
+    runlog.MONITOR_SIGNALS (and ``monitor_epoch``): every later ``on_progress`` dict carries them, so a
+    job's progress keeps them however its reports are thinned out on the way to the database.
     """
 
     def __init__(self, run: Run, pos: RunPosition, show_progress: bool, on_progress: ProgressCallback | None):
         self.total_steps, self.on_progress = run.schedule.total_steps, on_progress
         self.file: IO[str] | None = None
         self.writer: csv.DictWriter[str] | None = None
+        self.tb: Any = None
+        self.signals: dict[str, Any] = {}
         if run.rank == 0:
-            self.file = (run.out / "metrics.csv").open("a", newline="")
-            self.writer = csv.DictWriter(self.file, fieldnames=list(METRICS_COLUMNS))
+            self.file = (run.out / runlog.METRICS_FILE).open("a", newline="")
+            self.writer = csv.DictWriter(self.file, fieldnames=list(runlog.METRICS_COLUMNS))
             if self.file.tell() == 0:
                 self.writer.writeheader()
+            self.tb = _tensorboard(run.out, pos.global_step)
+            rows = runlog.read_monitor(run.out)  # a resumed run's reports carry its last signals at once
+            if rows:
+                self.signals = _signals(rows[-1])
         self.last: dict[str, Any] = {}
         self.pbar = _progress_bar(self.total_steps, pos.global_step, show_progress and run.rank == 0, run.stage)
         self.t_start, self.first_step = time.time(), pos.global_step
@@ -307,25 +307,67 @@ class StepLog(AbstractContextManager["StepLog"]):
     def record(self, metrics: dict[str, Any]) -> None:
         self.last = metrics
         if self.file is not None and self.writer is not None:
-            self.writer.writerow(metrics_row({**metrics, "time": time.time()}))
+            self.writer.writerow(runlog.metrics_row({**metrics, "time": time.time()}))
             self.file.flush()
+        if self.tb is not None:
+            for key in TB_STEP_SCALARS:
+                if metrics.get(key) is not None:
+                    self.tb.add_scalar(f"train/{key}", metrics[key], metrics["global_step"])
         self.pbar.update(1)
         self.pbar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.3g}")
         if self.on_progress:
             done_here, remaining = metrics["global_step"] - self.first_step, self.total_steps - metrics["global_step"]
             metrics["eta_s"] = remaining * (time.time() - self.t_start) / max(1, done_here)
-            self.on_progress(dict(metrics))
+            self.on_progress({**metrics, **self.signals})
+
+    def monitor(self, row: dict[str, Any] | None) -> None:
+        """End_of_epoch's monitor row (None: the epoch was not monitored) to TensorBoard, and
+        into this and every later progress report."""
+        if row is None:
+            return
+        self.signals = _signals(row)
+        if self.tb is not None:
+            for key in runlog.MONITOR_SIGNALS:
+                self.tb.add_scalar(f"monitor/{key}", row[key], row["global_step"])
+            self.tb.flush()
+        if self.on_progress and self.last:
+            self.on_progress({**self.last, **self.signals})
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.pbar.close()
         if self.file is not None:
             self.file.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
-def metrics_row(values: dict[str, Any]) -> dict[str, str]:
-    """One metrics.csv row: each of METRICS_COLUMNS formatted, "" where ``values`` lacks it."""
-    return {col: "" if values.get(col) is None else format(values[col], spec) for col, spec in METRICS_COLUMNS.items()}
+# The per-step values TensorBoard gets (tag train/<name>), at the step's global_step.
+TB_STEP_SCALARS = ("loss", "loss_global", "loss_intra", "loss_inter", "lr", "momentum", "images_per_s")
+_tensorboard_off_logged = False
+
+
+def _tensorboard(out: Path, global_step: int) -> Any:
+    """A SummaryWriter on the run folder, or None without the ``tensorboard`` package (logged
+    once per process): training does not need it, so a missing package only turns this off.
+
+    A run resumed after ``global_step`` steps passes the next step as ``purge_step``:
+    TensorBoard then hides the events an earlier process logged from that step on (the steps
+    being redone), so each step shows once, as in orl.runlog's reading of metrics.csv."""
+    global _tensorboard_off_logged
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        if not _tensorboard_off_logged:
+            log.info("TensorBoard event files are off (%s); metrics.csv and monitor.csv are written as always", exc)
+            _tensorboard_off_logged = True
+        return None
+    return SummaryWriter(log_dir=str(out), purge_step=global_step + 1 if global_step else None)
+
+
+def _signals(row: dict[str, Any]) -> dict[str, Any]:
+    """A monitor row's values as progress keys."""
+    return {**{k: row[k] for k in runlog.MONITOR_SIGNALS}, "monitor_epoch": row["epoch"]}
 
 
 def save_run(run: Run, pos: RunPosition, metrics: dict[str, Any], finished: bool = False) -> None:
@@ -341,15 +383,16 @@ def save_run(run: Run, pos: RunPosition, metrics: dict[str, Any], finished: bool
     }, run.checkpoint)
 
 
-def end_of_epoch(run: Run, pos: RunPosition) -> None:
+def end_of_epoch(run: Run, pos: RunPosition) -> dict[str, Any] | None:
     """After epoch ``pos.epoch`` (counted from 1) is saved, rank 0: the epoch snapshot
-    (train.keep_snapshots) and the label-free signals (train.monitor_every_epochs).
+    (train.keep_snapshots) and the label-free signals (train.monitor_every_epochs), whose
+    monitor.csv row it returns (None when this epoch is not monitored).
 
     Neither draws from the training RNG (the monitor's views come from a forked, fixed-seed
     RNG) nor changes the network (eval mode, no gradients), so a run trains the same with them."""
     tc = run.cfg.train
     if run.rank != 0:
-        return
+        return None
     if tc.keep_snapshots:
         import shutil
 
@@ -363,15 +406,17 @@ def end_of_epoch(run: Run, pos: RunPosition) -> None:
         sig = label_free_signals(run.model.backbone, run.dataset.paths, run.cfg.augment.image_size, seed=0,
                                  n_images=tc.monitor_images, device=run.device)
         row = {**sig, "epoch": pos.epoch, "global_step": pos.global_step, "seconds": time.perf_counter() - t}
-        path = run.out / MONITOR_FILE
+        path = run.out / runlog.MONITOR_FILE
         new = not path.exists()
         with path.open("a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(MONITOR_COLUMNS), extrasaction="ignore")
+            writer = csv.DictWriter(fh, fieldnames=list(runlog.MONITOR_COLUMNS), extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(row)
         log.info("epoch %d: view top-1 %.3f (chance %.3f), effective rank %.1f of %d", pos.epoch, sig["view_top1"],
                  sig["view_top1_chance"], sig["effective_rank"], sig["effective_rank_max"])
+        return row
+    return None
 
 
 def _dataset(stage: str, images_root: str | Path, cfg: Config, files: list[str] | None,

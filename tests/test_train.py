@@ -261,3 +261,60 @@ def test_label_free_monitor_and_epoch_snapshots_leave_training_unchanged(tmp_pat
     assert plain["metrics"]["loss"] == watched["metrics"]["loss"]
     a, b = load_checkpoint(tmp_path / "plain" / "last.pt"), load_checkpoint(tmp_path / "watched" / "last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def _event_scalars(run_dir):
+    """{tag: [(step, value)]} of the TensorBoard event files in run_dir."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_monitor_signals_reach_tensorboard_the_progress_reports_and_the_readers(tmp_path, eight_images):
+    pytest.importorskip("tensorboard")
+    from orl.runlog import read_metrics, read_monitor
+
+    root = eight_images / "images"
+    cfg = _cfg(epochs=2, batch=4).override(**{"train.checkpoint_every_steps": 0, "train.monitor_every_epochs": 1,
+                                             "train.monitor_images": 8})
+    reports = []
+    train("byol", root, tmp_path, cfg, files=list_images(root), show_progress=False, on_progress=reports.append)
+    steps, n = read_metrics(tmp_path)
+    monitor = read_monitor(tmp_path)
+    assert n == 4 and [r["global_step"] for r in steps] == [1, 2, 3, 4]
+    assert [(r["epoch"], r["global_step"]) for r in monitor] == [(1, 2), (2, 4)]
+    scalars = _event_scalars(tmp_path)
+    # The same values as the CSV files (which round them), at the same steps.
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([r["loss"] for r in steps], abs=1e-4)
+    assert [s for s, _ in scalars["train/lr"]] == [1, 2, 3, 4]
+    for key in ("view_top1", "effective_rank"):
+        assert scalars[f"monitor/{key}"] == [(r["global_step"], pytest.approx(r[key], rel=1e-5)) for r in monitor]
+    # Steps before the first monitored epoch carry no signals; every report after it carries the latest.
+    assert "view_top1" not in reports[0] and "view_top1" not in reports[1]
+    after = [r for r in reports if r.get("monitor_epoch") == 1]
+    assert after and all(r["view_top1"] == pytest.approx(monitor[0]["view_top1"], abs=1e-5) for r in after)
+    assert reports[-1]["monitor_epoch"] == 2
+
+
+def test_training_without_the_tensorboard_package_logs_it_once_and_writes_the_csv_files(
+        tmp_path, eight_images, monkeypatch, caplog):
+    import logging
+    import sys
+
+    import orl.train
+
+    # None in sys.modules makes `from torch.utils.tensorboard import ...` raise ImportError, as a
+    # missing package does.
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    monkeypatch.setattr(orl.train, "_tensorboard_off_logged", False)
+    root = eight_images / "images"
+    cfg = _cfg(epochs=1, batch=4).override(**{"train.checkpoint_every_steps": 0})
+    with caplog.at_level(logging.INFO, logger="orl.train"):
+        for name in ("a", "b"):
+            s = train("byol", root, tmp_path / name, cfg, files=list_images(root), show_progress=False)
+            assert s["finished"] and (tmp_path / name / "metrics.csv").is_file()
+            assert not list((tmp_path / name).glob("events.out.tfevents.*"))
+    assert sum("TensorBoard event files are off" in r.message for r in caplog.records) == 1

@@ -88,6 +88,11 @@ class Api:
     def jobs(self, **params) -> list[dict]:
         return items_of(self._get(_get_live, "/jobs", **params))
 
+    def job_metrics(self, job_id: int, live: bool) -> dict:
+        """A training job's curves: refreshed as fast as its progress while it runs, then kept
+        longer (a finished job's curves no longer change)."""
+        return self._get(_get_live if live else _get_fresh, f"/jobs/{job_id}/metrics")
+
     def pairs(self, **params) -> dict:
         return self._get(_get_fresh, "/correspondences", **params)
 

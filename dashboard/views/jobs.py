@@ -101,6 +101,10 @@ def format_seconds(s: float) -> str:
     return f"{s // 3600} h {(s % 3600) // 60:02d} min"
 
 
+TRAINING_KINDS = ("pretrain", "train")
+CURVES_HELP = ("loss and learning rate per step; with monitor_every_epochs, the label-free signals per monitored "
+               "epoch: top-1 retrieval of each photo's second view (chance: 1 / photos) and the embeddings' "
+               "effective rank (near 1: collapse)")
 STATUS_COLOURS = {"queued": "gray", "running": "blue", "succeeded": "green", "failed": "red",
                   "cancelling": "orange", "cancelled": "gray"}
 
@@ -257,6 +261,10 @@ def _job_row(api: common.Api, job: dict, nested: bool = False) -> None:
         st.progress(frac if frac is not None else 0.0, text=text or None)
     if job.get("error"):
         st.error(job["error"])
+    if job["kind"] in TRAINING_KINDS and job["status"] != "queued":
+        # Behind a toggle: fetched only when asked for, so a long job list costs no extra requests.
+        if st.toggle("Curves", key=f"curves_{job['id']}", help=CURVES_HELP):
+            _training_curves(api, job)
     if job["status"] == "succeeded" and job["kind"] in ("mine", "pipeline") and not nested:
         # A pipeline's pairs belong to its mine stage; link that job, the one the Pairs page lists.
         mine_id = ((job.get("result") or {}).get("stages") or {}).get("mine", job["id"])
@@ -270,6 +278,49 @@ def _job_row(api: common.Api, job: dict, nested: bool = False) -> None:
             else:
                 st.toast(f"cancel requested for job #{job['id']}")
                 st.rerun()
+
+
+def curve_frames(metrics: dict) -> dict[str, Any]:
+    """The charts of a job's GET /jobs/{id}/metrics answer: title -> a DataFrame indexed by
+    global step, one column per line. A chart whose values were never logged is left out."""
+    import pandas as pd
+
+    out: dict[str, Any] = {}
+    steps = pd.DataFrame(metrics.get("steps") or [])
+    if not steps.empty:
+        steps = steps.set_index("global_step")
+        losses = [c for c in ("loss", "loss_global", "loss_intra", "loss_inter") if steps[c].notna().any()]
+        if losses:
+            out["loss"] = steps[losses]
+        if steps["lr"].notna().any():
+            out["learning rate"] = steps[["lr"]]
+    mon = pd.DataFrame(metrics.get("monitor") or [])
+    if not mon.empty:
+        mon = mon.set_index("global_step")
+        out["view retrieval top-1"] = mon[["view_top1", "view_top1_chance"]].rename(
+            columns={"view_top1": "top-1", "view_top1_chance": "chance"})
+        out["effective rank"] = mon[["effective_rank", "effective_rank_max"]].rename(
+            columns={"effective_rank": "rank", "effective_rank_max": "ceiling"})
+    return out
+
+
+def _training_curves(api: common.Api, job: dict) -> None:
+    try:
+        metrics = api.job_metrics(job["id"], live=common.is_active(job))
+    except ApiError as exc:
+        common.show_error(exc, f"cannot read the curves of job {job['id']}")
+        return
+    frames = curve_frames(metrics)
+    if not frames:
+        st.caption(metrics.get("note") or "nothing logged yet")
+        return
+    if "view retrieval top-1" not in frames:
+        st.caption("No label-free signals: set monitor_every_epochs in the job's params to log them.")
+    cols = st.columns(2)
+    for k, (title, frame) in enumerate(frames.items()):
+        with cols[k % 2]:
+            st.caption(f"{title} (by step)")
+            st.line_chart(frame, height=160)
 
 
 def _goto_pairs(dataset_id: int, job_id: int) -> None:

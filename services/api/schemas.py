@@ -165,6 +165,46 @@ class JobOut(BaseModel):
                    heartbeat_at=job.heartbeat_at, finished_at=job.finished_at, children=children)
 
 
+class StepMetrics(BaseModel):
+    """One optimiser step of a training job (a row of its metrics.csv); null: not logged."""
+
+    epoch: int | None
+    step: int | None
+    global_step: int
+    lr: float | None
+    momentum: float | None
+    loss: float | None
+    loss_global: float | None
+    loss_intra: float | None
+    loss_inter: float | None
+    images_per_s: float | None
+
+
+class MonitorSignals(BaseModel):
+    """The label-free signals after one monitored epoch (a row of monitor.csv, orl.monitor)."""
+
+    epoch: int
+    global_step: int
+    view_top1: float | None = Field(description="top-1 retrieval of each photo's second view among the first views")
+    view_top1_chance: float | None = Field(description="1 / photos: what a network that learnt nothing scores")
+    effective_rank: float | None = Field(description="how many dimensions the photos' embeddings spread over")
+    effective_rank_max: float | None = Field(description="its ceiling: min(photos - 1, embedding size)")
+    images: int | None = Field(description="photos of the fixed set used")
+    seconds: float | None = Field(description="what computing the signals took")
+
+
+class JobMetricsOut(BaseModel):
+    job_id: int
+    kind: JobKind
+    status: JobStatus
+    steps: list[StepMetrics] = Field(description=(
+        "per-step values, at most max_points of them evenly spaced over the steps (first and last kept)"))
+    steps_logged: int = Field(description="steps in the log (after a resume, a redone step counts once)")
+    monitor: list[MonitorSignals] = Field(description=(
+        "one row per monitored epoch (train.monitor_every_epochs; none when it is 0, the default)"))
+    note: str | None = Field(None, description="why the lists are empty, when they are")
+
+
 # -- correspondences ----------------------------------------------------------------------------
 # Fixed-length number arrays as lists, not tuples: the JSON is the same, and the schema says
 # "array of numbers, exactly N" with `items`, which every OpenAPI tool reads, instead of a

@@ -48,7 +48,11 @@ log = logging.getLogger(__name__)
 KINDS = ("pretrain", "train")
 DB_RETRY_S = 300.0  # how long the end of a job is retried while the database is unreachable
 T = TypeVar("T")
-_PROGRESS_KEYS = ("stage", "epoch", "step", "global_step", "total_steps", "loss", "lr", "images_per_s", "eta_s")
+# What a job's progress shows of orl.train's reports: the step's values, and the latest label-free
+# signals (orl.runlog.MONITOR_SIGNALS, with the epoch they are of) once a monitored epoch ended.
+# The whole curves are in the run folder (GET /api/v1/jobs/{id}/metrics reads them).
+_PROGRESS_KEYS = ("stage", "epoch", "step", "global_step", "total_steps", "loss", "lr", "images_per_s", "eta_s",
+                  "view_top1", "view_top1_chance", "effective_rank", "effective_rank_max", "monitor_epoch")
 
 
 class TrainerError(RuntimeError):

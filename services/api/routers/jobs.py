@@ -14,18 +14,19 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from sqlalchemy import select
 
-from services.api import cursors, lookups
+from services.api import cursors, lookups, schemas
 from services.api.deps import JobId, OptionalId, SessionDep, SettingsDep, WriteAccess
-from services.api.schemas import JobCreate, JobKind, JobOut, Page, ReviewSummary
+from services.api.schemas import JobCreate, JobKind, JobMetricsOut, JobOut, Page, ReviewSummary
 from services.common import broker, datasets, embedding_maps, jobs, reviews
 from services.common import params as job_params
 from services.common.models import Dataset, Job, JobStatus, RoiPair
-from services.common.paths import PathRefused, resolve_user_path
+from services.common.paths import PathRefused, resolve_user_path, stored_path
 from services.common.settings import Settings
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 
 MAX_PAGE = 200
+TRAINING_KINDS = ("pretrain", "train")
 MAX_PARAMS_BYTES = 64 * 1024
 
 
@@ -154,6 +155,49 @@ def review_summary(
         last_review_at=summary.last_review_at,
         note=("the share of reviewed pairs marked correct; it estimates the precision of all the job's pairs only "
               "when the reviewed ones are a random sample (GET /correspondences?order=random&seed=)"))
+
+
+@router.get("/{job_id}/metrics", response_model=JobMetricsOut,
+            summary="A training job's curves: loss and lr per step, and the label-free signals per monitored epoch",
+            responses={409: {"description": "the job is not a pretrain or train job (a pipeline names its stages)"}})
+def job_metrics(
+    job_id: JobId,
+    session: SessionDep,
+    settings: SettingsDep,
+    max_points: Annotated[int, Query(ge=2, le=5000, description="most per-step rows returned")] = 500,
+) -> JobMetricsOut:
+    """Read from the job's run folder on the artifacts volume (its metrics.csv and monitor.csv,
+    orl.runlog), which the trainer appends to at every step: live while the job runs. The folder
+    is the one the trainer recorded in result.out_dir, resolved inside ORL_ARTIFACTS_DIR only."""
+    from orl.runlog import METRICS_FILE, MONITOR_FILE, read_metrics, read_monitor
+
+    job = _job_or_404(session, job_id)
+    if job.kind not in TRAINING_KINDS:
+        stages = ""
+        if job.kind == "pipeline":
+            ids = [c.id for c in jobs.children(session, job.id) if c.kind in TRAINING_KINDS]
+            stages = f"; its training stages are jobs {ids}" if ids else "; none of its training stages has started"
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            f"job {job_id} is a {job.kind} job: metrics are kept for pretrain and train jobs{stages}")
+    out = JobMetricsOut(job_id=job.id, kind=job.kind, status=job.status, steps=[], steps_logged=0, monitor=[],  # type: ignore[arg-type]
+                        note=None)
+    out_dir = (job.result or {}).get("out_dir")
+    if not isinstance(out_dir, str):
+        out.note = "no run folder yet: the job has not been claimed by a trainer"
+        return out
+    try:
+        run_dir = stored_path(out_dir, settings.artifacts_path, what="run folder")
+        for name in (METRICS_FILE, MONITOR_FILE):  # nor does a file in it lead out (a symlink)
+            stored_path(run_dir / name, settings.artifacts_path, what=name)
+    except PathRefused:
+        out.note = "the job's run folder, or a log in it, leads outside the artifacts volume (ORL_ARTIFACTS_DIR)"
+        return out
+    rows, out.steps_logged = read_metrics(run_dir, max_points)
+    out.steps = [schemas.StepMetrics(**r) for r in rows]
+    out.monitor = [schemas.MonitorSignals(**r) for r in read_monitor(run_dir)]
+    if not out.steps and not out.monitor:
+        out.note = "nothing logged yet" if run_dir.is_dir() else "the run folder is not on this host's artifacts volume"
+    return out
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
