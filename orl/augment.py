@@ -6,8 +6,9 @@ pipelines minus the random resized crop (the patch is already cut from the box a
 Every resize is bilinear (``interpolation=2`` in the authors' configs) and the blur is PIL's
 untruncated Gaussian with sigma ~ U(0.1, 2).
 
-torchvision's random transforms draw from torch's global RNG; the DataLoader seeds it per
-worker from the run seed, so runs are repeatable for a given seed and worker count.
+torchvision's random transforms draw from torch's global RNG; in training it is seeded per
+sample from the sample's position in the run (orl.data.SeededKeys), so runs are repeatable for
+a given seed whatever the worker count.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ class RandomGaussianBlur:
 
     As the authors' pipeline: PIL's filter, so no kernel-size cut-off (torchvision's
     GaussianBlur truncates the kernel to a given size). sigma is drawn from torch's global
-    RNG, as torchvision's random transforms draw theirs, so the DataLoader's per-worker
-    seeding keeps runs repeatable. Applied with a probability through ``T.RandomApply``.
+    RNG, as torchvision's random transforms draw theirs, so the per-sample seeding in training
+    keeps runs repeatable. Applied with a probability through ``T.RandomApply``.
     """
 
     def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)):

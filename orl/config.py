@@ -71,8 +71,8 @@ class TrainConfig:
     checkpoint_every_steps: int = 50  # mid-epoch checkpoints, so a killed run loses little
     amp: bool = True  # bf16 autocast + channels_last, CUDA only
     # Data-loader workers kept across epochs ("pil" backend with num_workers > 0): no worker
-    # start-up at the first step of each epoch. Off by default: workers are then seeded per
-    # epoch from the run seed, as before.
+    # start-up at the first step of each epoch. Either way each sample is seeded by its
+    # position in the run (orl.data.SeededKeys), so the batches do not change with it.
     persistent_workers: bool = False
     # torch.compile the networks (nn.Module.compile, so checkpoints keep their keys). Off by
     # default: the first steps pay the compilation, and the gain is per machine (benchmark).

@@ -83,7 +83,19 @@ class _Robust(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> Views:
+    def __getitem__(self, key: int | tuple[int, int]) -> Views:
+        """Sample ``key``: an index, whose draws come from torch's RNG as it stands, or
+        (index, seed) from :class:`SeededKeys`, whose draws come from that seed alone."""
+        if isinstance(key, tuple):
+            i, seed = key
+            # Forked so that, in the main process (num_workers=0), the run's own RNG stream is
+            # left as it was: the checkpointed RNG state then does not depend on the worker count.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self._first_readable(i)
+        return self._first_readable(key)
+
+    def _first_readable(self, i: int) -> Views:
         for k in range(len(self.paths)):
             j = (i + k) % len(self.paths)
             if j in self.bad:
@@ -136,8 +148,8 @@ class ORLDataset(_Robust):
         self.p2 = byol_pipeline(2, aug.patch_size, random_crop=False)
 
     def sample(self, i: int) -> Views:
-        # One numpy Generator per sample, drawn from torch's (per-worker seeded) RNG, so the
-        # box choice and jitter are reproducible for a given run seed.
+        # One numpy Generator per sample, drawn from torch's RNG (seeded per sample in training,
+        # see SeededKeys), so the box choice and jitter are reproducible for a given run seed.
         rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
         img = load_rgb(self.paths[i])
         self._check_size(i, img)
@@ -178,6 +190,37 @@ def collate_views(batch: list[Views]) -> Views:
         items = [v for v in (b[key] for b in batch) if v is not None]
         out[key] = (torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])) if len(items) >= 2 else None
     return out
+
+
+def sample_seed(seed: int, rank: int, epoch: int, position: int) -> int:
+    """The seed of one training sample's draws: a function of its place in the run only (the
+    ``position``-th sample of rank ``rank`` in epoch ``epoch``), never of the worker that makes it."""
+    return int(np.random.SeedSequence([seed, rank, epoch, position, 1]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class SeededKeys(torch.utils.data.Sampler[tuple[int, int]]):
+    """A :class:`ResumableSampler`'s indices, each with the seed of its sample: (index, seed).
+
+    Why: with DataLoader workers, torch seeds each worker once per loader and the worker's
+    random stream then runs on through the samples it is given, so a sample's augmentations
+    depended on the worker count and, after a mid-epoch resume (workers started afresh at the
+    resume point), differed from an uninterrupted run's. Seeded by its position, a sample is
+    the same whichever process makes it and whenever the run was resumed. The position and
+    the epoch are read from ``sampler`` at each iteration, so one DataLoader kept across epochs
+    (persistent workers) follows :meth:`ResumableSampler.set_position` too.
+    """
+
+    def __init__(self, sampler: ResumableSampler):
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        s = self.sampler
+        first = s.start_step * s.batch_size
+        for k, i in enumerate(s):
+            yield i, sample_seed(s.seed, s.rank, s.epoch, first + k)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 class ResumableSampler(torch.utils.data.Sampler[int]):

@@ -27,7 +27,7 @@ from orl.batch_data import StoreData, batch_seed, store_data
 from orl.checkpoint import export_backbone, load_checkpoint, save_checkpoint
 from orl.config import Config
 from orl.correspondence import Correspondence
-from orl.data import BYOLDataset, ORLDataset, ResumableSampler, SkipLog, Views, collate_views
+from orl.data import BYOLDataset, ORLDataset, ResumableSampler, SeededKeys, SkipLog, Views, collate_views
 from orl.device import resolve_device
 from orl.ema import update_target
 from orl.models import ORLModel, build_model
@@ -247,9 +247,10 @@ def epoch_batches(run: Run, pos: RunPosition) -> Iterator[Views]:
     """The batches of epoch ``pos.epoch`` from step ``pos.step_in_epoch`` on.
 
     ``tensor`` backend: views made a batch at a time on the device, no DataLoader, each
-    batch's draws seeded by its position. ``pil``: a DataLoader over the dataset, its workers
-    seeded from the position (or, with ``train.persistent_workers``, one loader kept for the
-    run, its workers seeded once).
+    batch's draws seeded by its position. ``pil``: a DataLoader over the dataset (with
+    ``train.persistent_workers``, one loader kept for the run), each sample's draws seeded by
+    its position (:class:`orl.data.SeededKeys`), so the batches are the same whatever the
+    worker count and wherever the run was resumed.
     """
     tc = run.cfg.train
     # Read once, here: the caller advances pos while this generator is suspended.
@@ -264,10 +265,11 @@ def epoch_batches(run: Run, pos: RunPosition) -> Iterator[Views]:
     loader = run.loaders.get("pil") if persistent else None
     if loader is None:
         loader = torch.utils.data.DataLoader(
-            run.dataset, batch_size=tc.batch_size, sampler=run.sampler, num_workers=tc.num_workers,
+            run.dataset, batch_size=tc.batch_size, sampler=SeededKeys(run.sampler), num_workers=tc.num_workers,
             # The sampler decides the last batch (kept unless of size 1, or train.drop_last).
             collate_fn=collate_views, drop_last=False, pin_memory=run.device.type == "cuda",
             persistent_workers=persistent,
+            # The workers' own seeds; the samples do not draw from them (SeededKeys seeds each one).
             generator=torch.Generator().manual_seed(tc.seed * 7919 + epoch * 31 + start + run.rank),
         )
         if persistent:
