@@ -34,15 +34,29 @@ def result_path(results_dir: Path, mode: str) -> Path:
     return results_dir / f"study_{mode}.json"
 
 
+def cpu_identity() -> str:
+    """The CPU as precisely as /proc/cpuinfo says: a virtual machine often names only "AMD EPYC",
+    and two sessions on different CPU models (or SIMD sets) may round float sums differently, so
+    every invocation records family, model, stepping and the vector extensions next to the name."""
+    name = platform.processor() or platform.machine()
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
+    except OSError:
+        return name
+    info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
+    simd = sorted(f for f in info.get("flags", "").split() if f.startswith(("avx", "fma", "sse4", "amx")))
+    parts = [info.get("model name", name)]
+    if "cpu family" in info:
+        parts.append(f"family {info['cpu family']} model {info.get('model', '?')} stepping {info.get('stepping', '?')}")
+    if simd:
+        parts.append(" ".join(simd))
+    return ", ".join(parts)
+
+
 def machine_info(study) -> dict[str, Any]:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_identity()
 
     def git(*a: str) -> str:  # "" where git or the repository is absent (a copied tree on a GPU box)
         try:
@@ -180,7 +194,7 @@ def main(argv=None) -> int:
     inv = {"started": time.strftime("%Y-%m-%d %H:%M:%S"),
            "command": " ".join(["python -m benchmarks.study", *(sys.argv[1:] if argv is None else argv)]),
            "load_avg": list(os.getloadavg()), "wall_s": None, "device": d["machine"]["device"],
-           "threads": d["machine"]["torch_threads"]}
+           "threads": d["machine"]["torch_threads"], "cpu": d["machine"]["cpu"]}
     d["invocations"].append(inv)
     store.save()
     if redo:
