@@ -42,7 +42,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import secrets
 import socket
@@ -60,6 +59,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.results_file import write_results  # noqa: E402  (needs REPO on sys.path)
 
 RESULTS = REPO / "benchmarks" / "results"
 ADMIN_URL = os.environ.get("ORL_BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -727,13 +728,8 @@ def main(argv: list[str] | None = None) -> int:
         "api_cpu_ms_per_request": round(1000 * ours_cpu["api"] * elapsed / max(1, rd["sent"]), 1),
         "other_busy_processes": others, "clean": not not_clean,
         "not_clean_because": not_clean,
-        "machine": f"{platform.node()} ({platform.machine()}, Python {platform.python_version()})",
-        "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(args.out, res, markdown)
     return 0
 
 

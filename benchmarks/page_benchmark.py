@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import demo_stack  # noqa: E402  (scripts/demo_stack.py)
 import stack  # noqa: E402  (scripts/stack.py)
+
+from benchmarks.results_file import write_results  # noqa: E402  (needs REPO on sys.path)
 
 RESULTS = REPO / "benchmarks" / "results"
 PAIRS = 20
@@ -413,8 +414,6 @@ def main(argv: list[str] | None = None) -> int:
         "compare": compare, "chromium": chromium, "apptest": apptest, "api_and_drawing": api_and_drawing,
         "target_s": TARGET_S, "niceness": os.nice(0), "cpus": os.cpu_count(), "note": NOTE,
         "load_average_before": load_before, "load_average_after": [round(v, 2) for v in os.getloadavg()],
-        "machine": f"{platform.node()} ({platform.machine()}, Python {platform.python_version()})",
-        "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     if "before" in chromium and "after" in chromium:
         b, a = chromium["before"]["warm_median"], chromium["after"]["warm_median"]
@@ -425,10 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds = list(zip(chromium["after"]["warm"], chromium["before"]["warm"], strict=True))
         res["ratio_before_over_after_per_round_median"] = {
             k: _med([bb[k] / aa[k] for aa, bb in rounds if aa.get(k)]) for k in keys}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(_markdown(res))
-    print(_markdown(res))
+    write_results(args.out, res, _markdown)
     return 0
 
 

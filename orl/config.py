@@ -130,6 +130,15 @@ class MineConfig:
     pair_ratio: float = 0.1  # top max(1, int(0.1 * B_query)) of the flattened matrix
     batch_size: int = 64
 
+    def embedding_params(self) -> dict[str, Any]:
+        """The options that orl.mining.embed_images reads and that change an image embedding's
+        values: what is compared (projector or backbone), the resize and crop, draft decoding.
+        Under one checkpoint, equal dicts mean interchangeable embeddings, so the services key
+        their cache of image embeddings on it; batch_size and thread counts only split the work.
+        Add a field here when embed_images starts reading it."""
+        return {"knn_features": self.knn_features, "embed_resize": self.embed_resize,
+                "embed_crop": self.embed_crop, "decode_draft": self.decode_draft}
+
 
 @dataclass(frozen=True)
 class Config:

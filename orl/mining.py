@@ -106,6 +106,7 @@ def embed_images(
     ``cfg.decode_draft`` JPEGs decode at the smallest DCT scale that still covers the resize.
     Rows of images that failed to decode are zero. ``root`` / ``checksums``: files outside
     ``root``, or whose sha1 is no longer ``checksums[i]``, are refused (orl.images.decode_image).
+    ``cfg.embedding_params()`` lists the options read here that change the values (cache keys).
     """
     model.eval()
     tf = eval_transform(cfg.embed_resize, cfg.embed_crop)

@@ -6,14 +6,21 @@ this page draws it, and submits the job when there is none yet. Hovering a dot s
 the tooltip's ``image`` field is a URL of the API's thumbnail endpoint, which the browser loads
 itself (Vega's tooltip shows a field named ``image`` as a picture), so the page sends no image
 bytes. The URL is the API as the browser reaches it: ORL_API_PUBLIC_URL, else ORL_API_URL (in
-compose the dashboard reaches the API as http://api:8000, a browser does not). When the API
-needs a token for reads (ORL_API_READ_TOKEN) the browser could not load them (it sends no token,
-and the read token stays in the dashboard process), so the tooltip shows the file name and id
-only. Clicking a dot opens it on the Image page; so does the picker under the map.
+compose the dashboard reaches the API as http://api:8000, a browser does not).
+
+When the API needs a token for reads (ORL_API_READ_TOKEN), a browser cannot load those URLs: it
+sends no token, and the read token never leaves the dashboard process. The dashboard then fetches
+the thumbnails itself, with the read token, and puts small JPEGs into the chart's rows as
+``data:`` URIs, which the tooltip shows the same way. They travel inside the chart, so their
+number is capped (ORL_DASHBOARD_MAP_PHOTOS, default 400, spread evenly over the points); a dot
+beyond the cap shows its file name and id. Clicking a dot opens it on the Image page; so does the
+picker under the map.
 """
 
 from __future__ import annotations
 
+import base64
+import os
 import uuid
 from typing import Any
 
@@ -21,6 +28,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from dashboard import drawing
 from dashboard.api_client import ApiError
 from dashboard.views import common
 
@@ -28,16 +36,63 @@ PAGE = "map"
 PAGE_SIZE = 10_000  # the API's largest page of points
 MAX_POINTS = 50_000  # beyond this a browser draws the scatter too slowly to use
 THUMB_PX = 160
+# With a read token: photos sent inside the chart, as 128 px JPEGs (a few KB each as base64), so
+# the default cap adds a few MB to the page at most; the source is a size mining renders ahead
+# (services.common.thumbnails.PRERENDER_SIZES_PX), so fetching it makes the API decode no photo.
+INLINE_MAX_ENV, INLINE_MAX = "ORL_DASHBOARD_MAP_PHOTOS", 400
+INLINE_PX, INLINE_SOURCE_PX, INLINE_QUALITY = 128, 256, 75
+DATA_URI = "data:image/jpeg;base64,"
 METHODS = {"auto": "auto (UMAP when umap-learn is installed, else PCA)", "umap": "UMAP", "pca": "PCA"}
 
 
-def map_frame(points: list[dict], dataset_id: int, image_url: str | None) -> pd.DataFrame:
-    """The points as the chart's rows: the thumbnail URL each tooltip shows (none without
-    ``image_url``), and the link a click follows (this dashboard's Image page, a relative URL, so
-    it works wherever the page is served)."""
+def inline_max() -> int:
+    """How many photos may travel inside the chart (ORL_DASHBOARD_MAP_PHOTOS; 0: none)."""
+    raw = os.environ.get(INLINE_MAX_ENV, "").strip()
+    try:
+        return max(0, int(raw)) if raw else INLINE_MAX
+    except ValueError:
+        return INLINE_MAX
+
+
+def inline_ids(image_ids: list[int], cap: int) -> list[int]:
+    """At most ``cap`` of the ids, spread evenly through the list, so that a map of more points
+    than the cap has photos all over it rather than only for its first ``cap`` points."""
+    if len(image_ids) <= cap:
+        return list(image_ids)
+    return [image_ids[k * len(image_ids) // cap] for k in range(cap)]
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _data_uris(thumbnails: tuple[bytes, ...]) -> tuple[str, ...]:
+    """Each thumbnail reduced to INLINE_PX and written as a JPEG ``data:`` URI."""
+    out = []
+    for data in thumbnails:
+        im = drawing.open_image(data)
+        im.thumbnail((INLINE_PX, INLINE_PX))
+        out.append(DATA_URI + base64.b64encode(drawing.jpeg(im, INLINE_QUALITY)).decode("ascii"))
+    return tuple(out)
+
+
+def inline_thumbnails(api: common.Api, image_ids: list[int]) -> dict[int, str]:
+    """{image id: data URI} for up to inline_max() of the points, fetched here with the read token
+    (in parallel, through the client's image cache); an image the API cannot render is left out."""
+    ids = inline_ids(image_ids, inline_max())
+    got = api.fetch_images([common.Api.thumbnail_request(i, INLINE_SOURCE_PX) for i in ids])
+    ok = [(i, r) for i, r in zip(ids, got, strict=True) if not isinstance(r, ApiError)]
+    return dict(zip([i for i, _ in ok], _data_uris(tuple(r.content for _, r in ok)), strict=True))
+
+
+def map_frame(points: list[dict], dataset_id: int, image_url: str | None,
+              inline: dict[int, str] | None = None) -> pd.DataFrame:
+    """The points as the chart's rows: the picture each tooltip shows, and the link a click follows
+    (this dashboard's Image page, a relative URL, so it works wherever the page is served). The
+    picture is the API's thumbnail URL under ``image_url``; without one, the point's ``data:`` URI
+    in ``inline``, or "" (which the tooltip skips) for a point that has none."""
     frame = pd.DataFrame(points, columns=["image_id", "rel_path", "x", "y", "label"])
     if image_url is not None:
         frame["image"] = [f"{image_url}/api/v1/images/{i}/thumbnail?size={THUMB_PX}" for i in frame["image_id"]]
+    elif inline:
+        frame["image"] = [inline.get(int(i), "") for i in frame["image_id"]]
     frame["open"] = [f"?page=image&dataset={dataset_id}&image={i}" for i in frame["image_id"]]
     frame["label"] = frame["label"].fillna("(unlabelled)")
     return frame
@@ -95,12 +150,14 @@ def render(api: common.Api) -> None:
         return
     _describe(page, len(points))
     thumbs = common.public_api_url(api)
-    frame = map_frame(points, dataset_id, thumbs)
+    inline = inline_thumbnails(api, [p["image_id"] for p in points]) if thumbs is None else None
+    frame = map_frame(points, dataset_id, thumbs, inline)
     coloured = page.get("labels") is not None
     st.altair_chart(map_chart(frame, coloured), width="stretch")
-    if thumbs is None:
-        st.caption("The API needs a token for reads, which a browser does not send: hovering shows the file name; "
-                   "open a dot on the Image page to see the photo.")
+    if inline is not None and len(inline) < len(points):
+        st.caption(f"The API needs a token for reads, which the browser never gets: the dashboard sent the photos of "
+                   f"{len(inline):,} of the {len(points):,} dots (at most {inline_max():,}, {INLINE_MAX_ENV}); "
+                   "hovering another shows its file name; open a dot on the Image page to see its photo.")
     _open_picker(dataset_id, checkpoint, points)
     _submit_form(api, dataset_id, checkpoint, expanded=False)
 

@@ -209,13 +209,15 @@ class Proposal(Base):
 
 
 class ImageEmbedding(Base):
-    """Image-level embedding of one image under one checkpoint: float32 little-endian bytes."""
+    """Image-level embedding of one image under one checkpoint and one set of embedding options
+    (``embed_key``: services.common.plan.embed_key): float32 little-endian bytes."""
 
     __tablename__ = "image_embeddings"
-    __table_args__ = (Index("ix_image_embeddings_checkpoint_id", "checkpoint_id"),)
+    __table_args__ = (Index("ix_image_embeddings_checkpoint_id_embed_key", "checkpoint_id", "embed_key"),)
 
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     checkpoint_id: Mapped[int] = mapped_column(ForeignKey("artifacts.id", ondelete="CASCADE"), primary_key=True)
+    embed_key: Mapped[str] = mapped_column(String(64), primary_key=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
 
 

@@ -8,11 +8,21 @@ The trainer (a stage-3 job reads its mine job's plan) and the API read the same 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from orl.config import MineConfig
 from services.common.models import Job
+
+
+def embed_key(cfg: MineConfig) -> str:
+    """image_embeddings.embed_key: under one checkpoint, rows of equal keys are interchangeable,
+    so mining and embedding-map jobs share them; jobs with other embedding options (a resize, a
+    crop, draft decoding, backbone features) compute and keep their own."""
+    digest = hashlib.sha1(json.dumps(cfg.embedding_params(), sort_keys=True).encode()).hexdigest()[:12]
+    return f"{cfg.knn_features}-{digest}"
 
 
 @dataclass(frozen=True)
@@ -31,8 +41,14 @@ class MinePlan:
     image_max_id: int  # the job's images: the dataset's ok images with id <= image_max_id
     images: int  # how many there were when the job started
 
+    @property
+    def embed_key(self) -> str:
+        """Key of the image embeddings: derived from ``mine``, so plans recorded before the key
+        existed have one too; ``to_dict`` records it next to the other keys."""
+        return embed_key(self.mine)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "embed_key": self.embed_key}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MinePlan:

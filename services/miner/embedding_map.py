@@ -35,6 +35,7 @@ from services.common.db import insert_ignore, session_scope
 from services.common.embedding_maps import KIND, MapParamsError, MapPlan, labels_file, parse_params
 from services.common.heartbeat import Heartbeat
 from services.common.models import TERMINAL_STATUSES, EmbeddingMapPoint, Job, JobStatus
+from services.common.plan import embed_key
 from services.common.settings import get_settings
 from services.miner import records
 from services.miner.params import MineParamsError, resolve_mine_config
@@ -123,7 +124,8 @@ def make_plan(job_id: int) -> MapPlan:
                        image_max_id=records.max_image_id(s, dataset_id),
                        labels_path=str(labels) if labels else None, embed=asdict(embed))
         # How many images mining (or an earlier map) had embedded already, and how many this job must.
-        missing = len(records.ids_lacking_embedding(s, dataset_id, plan.image_max_id, params.checkpoint_id))
+        missing = len(records.ids_lacking_embedding(s, dataset_id, plan.image_max_id, params.checkpoint_id,
+                                                     embed_key(embed)))
         jobs.update_job(s, job, result={"map": plan.to_dict(), "phase": "embed", "embeddings_missing": missing},
                         progress={"stage": "embed"})
     log.info("job %s: map plan %s", job_id, plan)
@@ -154,7 +156,8 @@ def layout_map(job_id: int, dispatcher: Dispatcher) -> None:
     p = plan.params
     with Heartbeat(job_id, get_settings().heartbeat_s):
         with session_scope() as s:
-            ids, emb = records.load_embeddings(s, plan.dataset_id, plan.image_max_id, p.checkpoint_id)
+            ids, emb = records.load_embeddings(s, plan.dataset_id, plan.image_max_id, p.checkpoint_id,
+                                               embed_key(plan.mine_config()))
             paths = records.image_paths(s, ids, plan.dataset_id)
             jobs.set_progress(s, job_id, done=0, total=len(ids), phase="layout")
         if not ids:

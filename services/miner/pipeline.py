@@ -63,7 +63,7 @@ from services.common.datasets import scan_dataset
 from services.common.db import chunks, session_scope
 from services.common.heartbeat import Heartbeat
 from services.common.models import TERMINAL_STATUSES, Job, JobStatus
-from services.common.plan import MinePlan
+from services.common.plan import MinePlan, embed_key
 from services.common.settings import get_settings
 from services.miner import records, threads
 from services.miner.params import MineParamsError, params_key, resolve_config, roi_key
@@ -401,7 +401,7 @@ def embed_knn(job_id: int, dispatcher: Dispatcher) -> None:
         embed_missing(job_id, gate, ImageSet(ds_id, plan.dataset_path, max_id), ck_id, plan.checkpoint_path, mc)
         gate.check()
         with session_scope() as s:
-            ids, emb = records.load_embeddings(s, ds_id, max_id, ck_id)
+            ids, emb = records.load_embeddings(s, ds_id, max_id, ck_id, plan.embed_key)
         # Exact cosine KNN (faiss on CPU, matmul + topk on CUDA): the same neighbours on either.
         knn, sims = knn_search(emb, mc.knn_k, dev) if len(ids) else (np.zeros((0, 0), np.int64), None)
         with session_scope() as s:  # all neighbours in one transaction: a kill leaves none or all
@@ -420,13 +420,15 @@ class ImageSet:
 
 def embed_missing(job_id: int, gate: Gate, images: ImageSet, checkpoint_id: int, checkpoint_path: str,
                   mc: MineConfig) -> int:
-    """Embed the set's images that have no embedding under the checkpoint (``image_embeddings``),
-    in batches with a cancel check between them; undecodable images are marked failed. Progress
-    goes to the job's ``embed`` phase. Mining and embedding maps both call this, so an image has
-    one embedding per checkpoint whichever job computed it. Returns how many were computed."""
+    """Embed the set's images that have no embedding under the checkpoint and ``mc``'s embedding
+    options (``image_embeddings``, keyed by ``embed_key(mc)``), in batches with a cancel check
+    between them; undecodable images are marked failed. Progress goes to the job's ``embed``
+    phase. Mining and embedding maps both call this, so an image has one embedding per checkpoint
+    and embedding options, whichever job computed it. Returns how many were computed."""
     ds_id, max_id = images.dataset_id, images.image_max_id
+    key = embed_key(mc)
     with session_scope() as s:
-        need = records.ids_lacking_embedding(s, ds_id, max_id, checkpoint_id)
+        need = records.ids_lacking_embedding(s, ds_id, max_id, checkpoint_id, key)
         total = records.count_set(s, ds_id, max_id)
         jobs.set_progress(s, job_id, done=total - len(need), total=total, phase="embed")
     if not need:
@@ -448,8 +450,8 @@ def embed_missing(job_id: int, gate: Gate, images: ImageSet, checkpoint_id: int,
             for k, reason in failed.items():
                 records.mark_image_failed(s, ids[k], reason)
             ok = [k for k in range(len(ids)) if k not in failed]
-            records.write_embeddings(s, checkpoint_id, [ids[k] for k in ok], emb[ok])
-            left = len(records.ids_lacking_embedding(s, ds_id, max_id, checkpoint_id))
+            records.write_embeddings(s, checkpoint_id, key, [ids[k] for k in ok], emb[ok])
+            left = len(records.ids_lacking_embedding(s, ds_id, max_id, checkpoint_id, key))
             total = records.count_set(s, ds_id, max_id)
             jobs.set_progress(s, job_id, done=total - left, total=total, phase="embed")
         log.info("job %s: embedded images %s", job_id, [ids[k] for k in ok])

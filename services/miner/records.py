@@ -117,25 +117,31 @@ def boxes_of(session: Session, image_ids: Iterable[int], params_key: str) -> dic
 
 
 # -- embeddings and neighbours -------------------------------------------------------------------
-def ids_lacking_embedding(session: Session, dataset_id: int, image_max_id: int, checkpoint_id: int) -> list[int]:
-    has = exists().where(ImageEmbedding.image_id == Image.id, ImageEmbedding.checkpoint_id == checkpoint_id)
+# An image's embedding is cached under (checkpoint, embed_key): services.common.plan.embed_key of
+# the options that change it, so jobs with other embedding options never read each other's rows.
+def ids_lacking_embedding(session: Session, dataset_id: int, image_max_id: int, checkpoint_id: int,
+                          embed_key: str) -> list[int]:
+    has = exists().where(ImageEmbedding.image_id == Image.id, ImageEmbedding.checkpoint_id == checkpoint_id,
+                         ImageEmbedding.embed_key == embed_key)
     return list(session.execute(select(Image.id).where(_in_set(dataset_id, image_max_id), Image.status == "ok", ~has)
                                 .order_by(Image.id)).scalars())
 
 
-def write_embeddings(session: Session, checkpoint_id: int, ids: Sequence[int], emb: np.ndarray) -> None:
+def write_embeddings(session: Session, checkpoint_id: int, embed_key: str, ids: Sequence[int],
+                     emb: np.ndarray) -> None:
     insert_ignore(session, ImageEmbedding, [
-        {"image_id": int(i), "checkpoint_id": checkpoint_id,
+        {"image_id": int(i), "checkpoint_id": checkpoint_id, "embed_key": embed_key,
          "vector": np.ascontiguousarray(v, dtype="<f4").tobytes()} for i, v in zip(ids, emb, strict=True)])
 
 
 def load_embeddings(session: Session, dataset_id: int, image_max_id: int,
-                    checkpoint_id: int) -> tuple[list[int], np.ndarray]:
+                    checkpoint_id: int, embed_key: str) -> tuple[list[int], np.ndarray]:
     """(image ids ascending, (N, D) float32) of the set's ok images that have an embedding."""
     rows = session.execute(
         select(ImageEmbedding.image_id, ImageEmbedding.vector)
         .join(Image, Image.id == ImageEmbedding.image_id)
-        .where(_in_set(dataset_id, image_max_id), Image.status == "ok", ImageEmbedding.checkpoint_id == checkpoint_id)
+        .where(_in_set(dataset_id, image_max_id), Image.status == "ok", ImageEmbedding.checkpoint_id == checkpoint_id,
+               ImageEmbedding.embed_key == embed_key)
         .order_by(ImageEmbedding.image_id)).all()
     if not rows:
         return [], np.zeros((0, 0), np.float32)

@@ -142,8 +142,34 @@ def trainer_cmd() -> list[str]:
     return [sys.executable, "-m", "services.trainer", "--poll-s", "0.3"]
 
 
-def start_trainer(env: dict[str, str], log_dir: Path, name: str) -> Proc:
-    return Proc(name, trainer_cmd(), env, log_dir / f"{name}.log")
+def start_trainer(env: dict[str, str], log_dir: Path, name: str,
+                  preexec_fn: Callable[[], None] | None = None) -> Proc:
+    """A polling trainer; ``preexec_fn`` runs in the child before exec (e.g. a resource limit)."""
+    return Proc(name, trainer_cmd(), env, log_dir / f"{name}.log", preexec_fn=preexec_fn)
+
+
+@contextmanager
+def workers(settings_env, log_dir: Path) -> Iterator[Callable[..., Proc]]:
+    """A ``start(kind, name, preexec=None, **extra_env)`` for miners and trainers on ``settings_env``,
+    logging to ``log_dir``: every worker it started is stopped on exit, dead or alive, so that a
+    failing test never leaves one polling the next test's jobs. ``preexec`` is for trainers only."""
+    running: list[Proc] = []
+
+    def start(kind: str, name: str, preexec: Callable[[], None] | None = None, **extra: Any) -> Proc:
+        e = service_env(settings_env, **extra)
+        if kind == "miner":
+            assert preexec is None, "start_miner takes no preexec_fn"
+            p = start_miner(e, log_dir, name)
+        else:
+            p = start_trainer(e, log_dir, name, preexec_fn=preexec)
+        running.append(p)
+        return p
+
+    try:
+        yield start
+    finally:
+        for p in running:
+            p.stop()
 
 
 def wait_for(pred: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1,

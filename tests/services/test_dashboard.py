@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -177,12 +179,13 @@ def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
                                 stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-@pytest.fixture(scope="module")
-def live_api(settings_env, tmp_path_factory):
-    """uvicorn services.api.main:app on a free port over the test database; its base URL."""
+@contextmanager
+def running_api(log_dir: Path, **extra_env: str) -> Iterator[str]:
+    """uvicorn services.api.main:app on a free port over the test database, with ``extra_env``
+    (e.g. ORL_API_READ_TOKEN); its base URL, and the process stopped on exit."""
     port = free_port()
-    log = tmp_path_factory.mktemp("logs") / "api.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # settings_env already exported ORL_*
+    log = log_dir / f"api-{port}.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra_env}  # settings_env already exported ORL_*
     bin_dir = Path(sys.executable).parent
     proc = start([str(bin_dir / "uvicorn"), "services.api.main:app", "--host", "127.0.0.1", "--port", str(port)],
                  env, log)
@@ -192,6 +195,13 @@ def live_api(settings_env, tmp_path_factory):
         yield url
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="module")
+def live_api(settings_env, tmp_path_factory):
+    """The API on the test database (reads open); its base URL."""
+    with running_api(tmp_path_factory.mktemp("logs")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +303,16 @@ def review_form(at):
 
 def qp(at) -> dict[str, str]:
     return {k: (v[0] if isinstance(v, list) else v) for k, v in at.query_params.items()}
+
+
+def submit_and_get_job(at) -> dict:
+    """Click the page's Submit button; the job it reports submitted, as the API has it."""
+    at.button[[b.label for b in at.button].index("Submit")].click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    msg = [s.value for s in at.success]
+    assert msg and "submitted job" in msg[0]
+    job_id = int(msg[0].split("#")[1].split()[0])
+    return httpx.get(f"{os.environ['ORL_API_URL']}/api/v1/jobs/{job_id}").json()
 
 
 # -- AppTest against the live API -------------------------------------------------------------------
@@ -406,12 +426,8 @@ def test_jobs_page_lists_submits_and_cancels(app, seeded):
     assert at.selectbox(key="submit_minejob").value == seeded["mine"]
     # Inside a form a value is sent with the submit click, in the same run.
     at.number_input(key="submit_epochs_tiny").set_value(2)
-    at.button[[b.label for b in at.button].index("Submit")].click().run()
-    assert not at.exception and not at.error, [e.value for e in at.error]
-    msg = [s.value for s in at.success]
-    assert msg and "submitted job" in msg[0]
-    job_id = int(msg[0].split("#")[1].split()[0])
-    job = httpx.get(f"{os.environ['ORL_API_URL']}/api/v1/jobs/{job_id}").json()
+    job = submit_and_get_job(at)
+    job_id = job["id"]
     assert job["kind"] == "train" and job["params"] == {"preset": "tiny", "epochs": 2, "mine_job_id": seeded["mine"]}
     # The new job is listed (queued: no trainer runs here) with a cancel button that works.
     at.run()
@@ -561,14 +577,16 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 
 
-@pytest.fixture(scope="module")
-def live_dashboard(live_api, seeded, tmp_path_factory):
+@contextmanager
+def running_dashboard(api_url: str, log_dir: Path, **extra_env: str) -> Iterator[str]:
+    """``streamlit run dashboard/app.py`` on a free port, reading from ``api_url`` with ``extra_env``
+    (e.g. ORL_API_READ_TOKEN); its base URL, and the process stopped on exit."""
     port = free_port()
-    log = tmp_path_factory.mktemp("logs") / "dashboard.log"
+    log = log_dir / f"dashboard-{port}.log"
     # Only reads here; the dashboard is never given the write token (docs/SERVICES.md, Security).
-    env = {**{k: v for k, v in os.environ.items() if k != "ORL_API_TOKEN"}, "ORL_API_URL": live_api,
+    env = {**{k: v for k, v in os.environ.items() if k != "ORL_API_TOKEN"}, "ORL_API_URL": api_url,
            "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false", "STREAMLIT_SERVER_FILE_WATCHER_TYPE": "none",
-           "STREAMLIT_CLIENT_TOOLBAR_MODE": "viewer"}
+           "STREAMLIT_CLIENT_TOOLBAR_MODE": "viewer", **extra_env}
     bin_dir = Path(sys.executable).parent
     # The command of docs/SERVICES.md, on a free port.
     proc = start([str(bin_dir / "streamlit"), "run", "dashboard/app.py", "--server.port", str(port),
@@ -578,6 +596,12 @@ def live_dashboard(live_api, seeded, tmp_path_factory):
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="module")
+def live_dashboard(live_api, seeded, tmp_path_factory):
+    with running_dashboard(live_api, tmp_path_factory.mktemp("logs")) as url:
+        yield url
 
 
 class WebDriver:

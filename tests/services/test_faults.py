@@ -42,17 +42,8 @@ def log_dir(tmp_path_factory):
 @pytest.fixture
 def started(env, log_dir):
     """Start workers through this; every one is stopped at the end of the test, dead or alive."""
-    running: list[procs.Proc] = []
-
-    def start(kind: str, name: str, **extra) -> procs.Proc:
-        e = procs.service_env(env, **extra)
-        p = procs.start_miner(e, log_dir, name) if kind == "miner" else procs.start_trainer(e, log_dir, name)
-        running.append(p)
-        return p
-
-    yield start
-    for p in running:
-        p.stop()
+    with procs.workers(env, log_dir) as start:
+        yield start
 
 
 def _folder(env, n: int, offset: int = 0) -> Path:

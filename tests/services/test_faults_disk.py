@@ -49,18 +49,9 @@ def checkpoint(env) -> tuple[int, Path]:
 
 @pytest.fixture
 def started(env, tmp_path):
-    running: list[procs.Proc] = []
-
-    def start(kind: str, name: str, preexec=None, **extra) -> procs.Proc:
-        e = procs.service_env(env, **extra)
-        p = (procs.start_miner(e, tmp_path, name) if kind == "miner"
-             else procs.Proc(name, procs.trainer_cmd(), e, tmp_path / f"{name}.log", preexec_fn=preexec))
-        running.append(p)
-        return p
-
-    yield start
-    for p in running:
-        p.stop()
+    """Start workers through this; every one is stopped at the end of the test, dead or alive."""
+    with procs.workers(env, tmp_path) as start:
+        yield start
 
 
 def _folder(env, n: int) -> Path:
@@ -88,6 +79,21 @@ def _no_temp_files(folder: Path) -> list[str]:
     return [p.name for p in folder.rglob("*") if ".tmp" in p.name]
 
 
+def _failed_error(job: int, worker: procs.Proc) -> str:
+    """The error of ``job`` once it has failed (the test fails if it ends any other way)."""
+    row = procs.wait_job(job, 300, [worker])
+    assert row["status"] == "failed", row
+    return row["error"]
+
+
+def _no_crash_loop(job: int, worker: procs.Proc) -> None:
+    """Well past the lease, the failed job was not retried and its worker lives on."""
+    time.sleep(3 * float(procs.FAST_TIMEOUTS["ORL_LEASE_S"]))
+    row = procs.job_row(job)
+    assert (row["status"], row["attempts"]) == ("failed", 1), row
+    assert worker.alive(), worker.log()[-3000:]
+
+
 def test_full_disk_fails_the_training_job_clearly_and_keeps_the_last_checkpoint(env, started, checkpoint):
     size = checkpoint[1].stat().st_size
     ds = procs.register_dataset(_folder(env, 8))
@@ -105,10 +111,8 @@ def test_full_disk_fails_the_training_job_clearly_and_keeps_the_last_checkpoint(
 
         t = started("trainer", "t-full", preexec=preexec, ORL_ARTIFACTS_DIR=artifacts)
         job = procs.create_job("pretrain", ds, params)
-        row = procs.wait_job(job, 300, [t])
+        err = _failed_error(job, t)
         out = artifacts / "jobs" / str(job)
-        assert row["status"] == "failed", row
-        err = row["error"]
         assert ("No space left on device" if how == "tmpfs" else "File too large") in err, err
         assert "last.pt" in err and "cannot write" in err, err
         # The last complete checkpoint is still there (tmpfs: step 2's) and loads; no temp file.
@@ -118,11 +122,7 @@ def test_full_disk_fails_the_training_job_clearly_and_keeps_the_last_checkpoint(
             assert load_checkpoint(out / "last.pt")["position"]["global_step"] == 2
         else:
             assert not (out / "last.pt").exists()
-        # No crash loop: the trainer lives on, the job is not retried (well past the lease).
-        time.sleep(3 * float(procs.FAST_TIMEOUTS["ORL_LEASE_S"]))
-        assert t.alive(), t.log()[-3000:]
-        row = procs.job_row(job)
-        assert (row["status"], row["attempts"]) == ("failed", 1)
+        _no_crash_loop(job, t)
         assert t.log().count(f"job {job}: pretrain stage") == 1  # claimed once
         if how == "tmpfs":
             # Space freed (the volume grown): the same trainer runs the job submitted again.
@@ -147,14 +147,10 @@ def test_unwritable_artifacts_folder_fails_the_training_job_clearly(env, started
     ds = procs.register_dataset(_folder(env, 4))
     t = started("trainer", "t-unwritable", ORL_ARTIFACTS_DIR=_unwritable(env))
     job = procs.create_job("pretrain", ds, {"preset": "tiny", "batch_size": 2})
-    row = procs.wait_job(job, 300, [t])
-    assert row["status"] == "failed", row
-    assert "Not a directory" in row["error"] and "artifacts" in row["error"], row["error"]
-    time.sleep(3 * float(procs.FAST_TIMEOUTS["ORL_LEASE_S"]))
-    row = procs.job_row(job)
-    assert (row["status"], row["attempts"]) == ("failed", 1), row
-    assert t.alive(), t.log()[-3000:]
-    record("unwritable_artifacts_training", {"error": row["error"]})
+    err = _failed_error(job, t)
+    assert "Not a directory" in err and "artifacts" in err, err
+    _no_crash_loop(job, t)
+    record("unwritable_artifacts_training", {"error": err})
 
 
 def test_unwritable_artifacts_folder_fails_the_mining_job_clearly(env, started, checkpoint):
@@ -170,15 +166,10 @@ def test_unwritable_artifacts_folder_fails_the_mining_job_clearly(env, started, 
     w = started("miner", "w-unwritable", ORL_ARTIFACTS_DIR=_unwritable(env))
     job = procs.create_job("mine", ds, {"checkpoint_id": abs_id})
     broker.send_mine(job)
-    row = procs.wait_job(job, 300, [w])
-    assert row["status"] == "failed", row
+    err = _failed_error(job, w)
     # Since the one path resolver (services/common/paths.py) landed, a worker refuses a checkpoint
     # outside its own artifacts volume before it tries to write there: this setup's checkpoint
     # lies outside the unwritable one, so either clear refusal is the expected end.
-    assert ("Not a directory" in row["error"] or "PathRefused" in row["error"]) and "artifacts" in row["error"], \
-        row["error"]
-    time.sleep(3 * float(procs.FAST_TIMEOUTS["ORL_LEASE_S"]))
-    row = procs.job_row(job)
-    assert (row["status"], row["attempts"]) == ("failed", 1), row
-    assert w.alive(), w.log()[-3000:]
-    record("unwritable_artifacts_mining", {"error": row["error"]})
+    assert ("Not a directory" in err or "PathRefused" in err) and "artifacts" in err, err
+    _no_crash_loop(job, w)
+    record("unwritable_artifacts_mining", {"error": err})

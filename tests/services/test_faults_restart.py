@@ -73,17 +73,9 @@ def env(settings_env, servers_up, tmp_path_factory):
 
 @pytest.fixture
 def started(env, tmp_path):
-    running: list[procs.Proc] = []
-
-    def start(kind: str, name: str, **extra) -> procs.Proc:
-        e = procs.service_env(env, **extra)
-        p = procs.start_miner(e, tmp_path, name) if kind == "miner" else procs.start_trainer(e, tmp_path, name)
-        running.append(p)
-        return p
-
-    yield start
-    for p in running:
-        p.stop()
+    """Start workers through this; every one is stopped at the end of the test, dead or alive."""
+    with procs.workers(env, tmp_path) as start:
+        yield start
 
 
 def _folder(env, n: int) -> Path:

@@ -20,6 +20,7 @@ from orl.correspondence import Correspondence
 from services.common import thumbnails
 from services.common.db import session_scope
 from services.common.models import Image, ImageEmbedding, Neighbor, ProposalStatus, RoiPair
+from services.common.plan import embed_key
 from services.miner.params import MineParamsError, params_key, resolve_mine_config
 from tests.services import procs
 
@@ -84,6 +85,11 @@ def test_mining_parameters_resolve_from_the_checkpoint_and_name_bad_keys():
     base = MineConfig()
     assert params_key(base) == params_key(MineConfig(knn_k=3, roi_mode="roi_align"))
     assert params_key(base) != params_key(MineConfig(ss_max_side_px=640))
+    # Image embeddings likewise, exactly when the options that change an embedding agree.
+    assert embed_key(base) == embed_key(MineConfig(knn_k=3, batch_size=8, roi_mode="roi_align", ss_max_side_px=640))
+    others = [MineConfig(embed_resize=300), MineConfig(embed_crop=200), MineConfig(decode_draft=True),
+              MineConfig(knn_features="backbone")]
+    assert len({embed_key(base), *map(embed_key, others)}) == 1 + len(others)
 
 
 def test_worker_threads_come_from_settings_and_never_oversubscribe():
@@ -229,6 +235,66 @@ def test_resubmitted_job_processes_only_new_images_and_records_bad_ones(api_clie
     # RoI features of the old images were not recomputed (each image's boxes encoded once).
     assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())
     assert row["result"]["images"] == 7 and row["result"]["failed_images"] == 1
+
+
+def _embeddings(dataset_id: int) -> dict[str, dict[int, bytes]]:
+    """{embed_key: {image id: vector bytes}} of the dataset's cached image embeddings."""
+    out: dict[str, dict[int, bytes]] = {}
+    with session_scope() as s:
+        for key, image_id, vector in s.execute(
+                select(ImageEmbedding.embed_key, ImageEmbedding.image_id, ImageEmbedding.vector)
+                .join(Image, Image.id == ImageEmbedding.image_id).where(Image.dataset_id == dataset_id)):
+            out.setdefault(key, {})[int(image_id)] = bytes(vector)
+    return out
+
+
+def test_jobs_share_image_embeddings_only_under_the_same_embedding_options(api_client, auth_headers, settings_env,
+                                                                           miner, checkpoint_id):
+    """The cached image embeddings are keyed by checkpoint and embedding options: a job with another
+    resize computes (and mines with) its own, and a job that differs only in options that leave the
+    embeddings alone (knn_k) reuses the first job's without computing any."""
+    from orl.checkpoint import load_model
+    from orl.mining import embed_images
+
+    folder = _folder(settings_env, 4, offset=20)
+    ds = _register(api_client, auth_headers, folder)
+    jobs = {}
+    for name, params in (("default", {}), ("resized", {"embed_resize": 96}), ("same", {"knn_k": 2})):
+        jobs[name] = _submit(api_client, auth_headers, ds, {"checkpoint_id": checkpoint_id, **params})
+        row = procs.wait_job(jobs[name], 180, [miner])
+        assert row["status"] == "succeeded", row["error"]
+        jobs[name] = row
+    keys = {name: row["result"]["plan"]["embed_key"] for name, row in jobs.items()}
+    assert keys["default"] == keys["same"] != keys["resized"]
+    cached = _embeddings(ds)
+    assert set(cached) == {keys["default"], keys["resized"]}
+    ids = sorted(cached[keys["default"]])
+    assert len(ids) == 4 and sorted(cached[keys["resized"]]) == ids
+
+    # Each key's vectors are what the library computes with that job's options, and differ.
+    model, _, _ = load_model(settings_env.artifacts_dir / jobs["default"]["result"]["plan"]["checkpoint_path"])
+    with session_scope() as s:
+        paths = dict(s.execute(select(Image.id, Image.rel_path).where(Image.id.in_(ids))).all())
+    vectors = {}
+    for name in ("default", "resized"):
+        mc = MineConfig(**jobs[name]["result"]["plan"]["mine"])
+        expected, failed = embed_images(model, [str(folder / paths[i]) for i in ids], mc)
+        got = np.stack([np.frombuffer(cached[keys[name]][i], dtype="<f4") for i in ids])
+        assert not failed and np.allclose(got, expected, atol=1e-4), name
+        vectors[name] = got
+    assert not np.allclose(vectors["default"], vectors["resized"], atol=1e-3)
+
+    # The resized job mined with its own embeddings: its neighbours' similarities are theirs.
+    with session_scope() as s:
+        sims = s.execute(select(Neighbor.image_id, Neighbor.neighbor_image_id, Neighbor.similarity)
+                         .where(Neighbor.job_id == jobs["resized"]["id"])).all()
+    row_of = {i: k for k, i in enumerate(ids)}
+    assert sims and all(abs(float(vectors["resized"][row_of[q]] @ vectors["resized"][row_of[n]]) - sim) < 1e-4
+                        for q, n, sim in sims)
+    # The third job computed no embedding: the default job's rows served it unchanged.
+    assert f"job {jobs['resized']['id']}: embedded images" in miner.log()
+    assert f"job {jobs['same']['id']}: embedded images" not in miner.log()
+    assert _embeddings(ds) == cached
 
 
 def test_cancel_stops_a_running_mining_job(api_client, auth_headers, settings_env, miner, checkpoint_id):

@@ -95,6 +95,55 @@ def test_migrations_downgrade_and_upgrade_again(pg_url):
         drop_database(url)
 
 
+def test_migration_0007_invalidates_the_embeddings_cached_by_checkpoint_alone(pg_url):
+    """Rows from before the embed_key (options unknown) are deleted, not guessed a key; the
+    downgrade deletes too, since rows of several keys would collide in the old primary key."""
+    from alembic import command
+    from sqlalchemy import inspect, make_url
+
+    from services.common.migrate import alembic_config, create_database_if_missing, drop_database
+
+    url = make_url(pg_url).set(database=f"orl_test_0007_{uuid.uuid4().hex[:8]}").render_as_string(hide_password=False)
+
+    def one_embedding(conn, embed_key: str | None) -> None:
+        ids = conn.execute(text(
+            "WITH d AS (INSERT INTO datasets (name, path) VALUES (:name, '/d') RETURNING id), "
+            "i AS (INSERT INTO images (dataset_id, rel_path) SELECT id, 'a.jpg' FROM d RETURNING id), "
+            "a AS (INSERT INTO artifacts (kind, path) VALUES ('checkpoint', 'c.pt') RETURNING id) "
+            "SELECT i.id, a.id FROM i, a"), {"name": uuid.uuid4().hex}).one()
+        if embed_key is None:  # the schema before 0007
+            conn.execute(text("INSERT INTO image_embeddings (image_id, checkpoint_id, vector) VALUES (:i, :c, :v)"),
+                         {"i": ids[0], "c": ids[1], "v": b"\0" * 8})
+        else:
+            conn.execute(text("INSERT INTO image_embeddings (image_id, checkpoint_id, embed_key, vector) "
+                              "VALUES (:i, :c, :k, :v)"), {"i": ids[0], "c": ids[1], "k": embed_key, "v": b"\0" * 8})
+
+    def state(eng) -> tuple[int, list[str]]:
+        with eng.connect() as conn:
+            n = conn.execute(text("SELECT count(*) FROM image_embeddings")).scalar_one()
+        return n, [c["name"] for c in inspect(eng).get_columns("image_embeddings")]
+
+    try:
+        create_database_if_missing(url)
+        cfg = alembic_config(url)
+        command.upgrade(cfg, "0006")
+        eng = create_engine(url, poolclass=pool.NullPool)
+        with eng.begin() as conn:
+            one_embedding(conn, None)
+        assert state(eng)[0] == 1
+        command.upgrade(cfg, "0007")
+        n, cols = state(eng)
+        assert n == 0 and "embed_key" in cols
+        with eng.begin() as conn:
+            one_embedding(conn, "projector-0123456789ab")
+        command.downgrade(cfg, "0006")
+        n, cols = state(eng)
+        assert n == 0 and "embed_key" not in cols
+        eng.dispose()
+    finally:
+        drop_database(url)
+
+
 # -- idempotent bulk writes -----------------------------------------------------------------------
 def _dataset(s, path="/nonexistent") -> Dataset:
     ds = Dataset(name=f"ds-{uuid.uuid4().hex[:8]}", path=path)
