@@ -55,9 +55,6 @@ from benchmarks.results_file import write_results  # noqa: E402  (needs REPO on 
 RESULTS = REPO / "benchmarks" / "results"
 PAIRS = 20
 TARGET_S = 2.0
-NOTE = ("the machine was shared with a long high-priority study (see load_average_*); this script and the stack "
-        "ran at the niceness given: wall times mostly measure waiting for a core, the cpu_* and browser_* fields "
-        "what a page load costs; before/after samples alternate, so their ratio compares like with like")
 FLOOR_APP = 'import streamlit as st\n\nst.markdown("**#20** the floor: a page with one line")\n'
 
 
@@ -332,11 +329,12 @@ them on a cold cache). Drawing the page's boxes and frames and encoding the JPEG
 {api['draw_four_images_s']['median']:.2f} s as four images per pair (before),
 {api['draw_one_picture_s']['median']:.2f} s as one picture per pair (this version).
 
-**Conditions.** The machine was shared with a long study running at high priority: load average
+**Conditions.** {res['note'] or 'No other job ran on the machine.'} Load average
 {res['load_average_before']} before and {res['load_average_after']} after (1, 5, 15 min) on {res['cpus']} CPU cores,
-{min(loads):.1f} to {max(loads):.1f} (1 min) at the warm browser loads. This script and the stack it started ran at
-niceness {res['niceness']}. Wall and busy times therefore mostly measure waiting for a core; the CPU columns
-are what a load costs, and the ratios compare loads made under the same conditions.
+{min(loads):.1f} to {max(loads):.1f} (1 min) at the warm browser loads (the stack this script started and the
+browser count in it). This script and the stack ran at niceness {res['niceness']}. Where the load exceeds the
+cores, wall and busy times include waiting for a core; the CPU columns are what a load costs, and the ratios
+compare loads made under the same conditions.
 
 **What is measured.** The stack of `make up` (API, miners, trainer, dashboard) on the bundled sample, mined by
 a `tiny` pipeline (mining job {res['job_id']}). Warm: the thumbnails are on the artifacts volume (rendered by the
@@ -350,6 +348,8 @@ Chromium is driven over WebDriver (chromedriver from Debian); the page reports w
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--note", default="", help="what else ran on the machine meanwhile (written into the results; "
+                   "default: nothing else ran)")
     p.add_argument("--repeats", type=int, default=5, help="warm measurements per variant (after one cold load)")
     p.add_argument("--compare", metavar="REF", help="also measure the dashboard of this git revision, alternating")
     p.add_argument("--state", default=str(REPO / ".state" / "page-bench"), help="the stack's state folder")
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "pairs": PAIRS, "repeats": args.repeats, "dataset_id": dataset, "job_id": job, "url": urls["dashboard"] + query,
         "compare": compare, "chromium": chromium, "apptest": apptest, "api_and_drawing": api_and_drawing,
-        "target_s": TARGET_S, "niceness": os.nice(0), "cpus": os.cpu_count(), "note": NOTE,
+        "target_s": TARGET_S, "niceness": os.nice(0), "cpus": os.cpu_count(), "note": args.note,
         "load_average_before": load_before, "load_average_after": [round(v, 2) for v in os.getloadavg()],
     }
     if "before" in chromium and "after" in chromium:
