@@ -61,7 +61,9 @@ MAX_PNG_BYTES = 400_000
 
 # -- 2. + 3. data ---------------------------------------------------------------------------------------
 def register(api: demo_stack.Api, data: Path, expected: int) -> dict:
-    ds = api.call("POST", "/api/v1/datasets", {"name": DATASET_NAME, "path": str(data)})
+    # POST /datasets answers at once; a registration job on a miner CPU worker scans the folder.
+    posted = api.call("POST", "/api/v1/datasets", {"name": DATASET_NAME, "path": str(data)})
+    ds = demo_stack.wait_registered(api, posted, timeout_s=600)
     counts = ds.get("counts") or {}
     if counts.get("images") != expected or counts.get("failed_images"):
         raise SystemExit(f"{data}: registered {counts} but the study mined {expected} photos; "
