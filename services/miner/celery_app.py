@@ -92,7 +92,7 @@ def reap_once(engine) -> list[tuple[int, str]]:
 
     settings = get_settings()
     try:
-        waiting = waiting_job_ids(settings.broker_url, QUEUES)
+        waiting = waiting_job_ids(settings.broker_url, QUEUES, recent_s=settings.lease_s)
     except Exception:  # the broker may be briefly away; reaping still proceeds
         log.warning("cannot list queued tasks", exc_info=True)
         waiting = set()

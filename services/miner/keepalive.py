@@ -8,9 +8,12 @@ requeued and eventually failed although nothing is wrong. So every miner worker,
 lease / 3 seconds, renews the heartbeat of each running mine job that has messages in the ready
 queues (``waiting_job_ids`` here, ``services.common.jobs.keep_alive`` writes).
 
-Only ready queues count, not messages a worker has taken (unacked): those of a live worker are
-covered by its task's heartbeat, and those of a dead worker must let the job go stale, so the
-reaper re-sends it without waiting for the broker's visibility timeout.
+Messages a worker has taken (unacked) count only while they are young (``recent_s``, the
+lease): a task's own heartbeat starts a moment after the worker takes its message (a fresh pool
+process, the job gate's queries), and on a busy machine that moment can outlast what is left of
+the lease, which once requeued a healthy job. Older unacked messages do not count: those of a
+live worker are covered by its task's heartbeat, and those of a dead worker must let the job go
+stale, so the reaper re-sends it within two leases, not after the broker's visibility timeout.
 Redis brokers only (the message layout is kombu's Redis transport); with another broker this
 does nothing.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 from collections.abc import Iterable
 
 log = logging.getLogger(__name__)
@@ -28,10 +32,11 @@ log = logging.getLogger(__name__)
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 
 
-def job_id_of(raw: bytes | str) -> int | None:
-    """The job id (first positional argument) of a queued ``miner.*`` task message, else None."""
+def job_id_of(raw: bytes | str | dict) -> int | None:
+    """The job id (first positional argument) of a ``miner.*`` task message (its JSON text, or
+    the decoded dict kombu keeps for an unacked message), else None."""
     try:
-        msg = json.loads(raw)
+        msg = raw if isinstance(raw, dict) else json.loads(raw)
         if not str(msg.get("headers", {}).get("task", "")).startswith("miner."):
             return None
         body = msg["body"]
@@ -39,11 +44,18 @@ def job_id_of(raw: bytes | str) -> int | None:
             body = base64.b64decode(body)
         args = json.loads(body)[0]
         return int(args[0])
-    except (ValueError, KeyError, IndexError, TypeError):
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return None
 
 
-def waiting_job_ids(broker_url: str, queues: Iterable[str]) -> set[int]:
+# kombu's Redis transport: a taken message is kept in this hash (delivery tag -> JSON
+# [message, exchange, routing key]) until acked, with its delivery time in the sorted set.
+_UNACKED, _UNACKED_INDEX = "unacked", "unacked_index"
+
+
+def waiting_job_ids(broker_url: str, queues: Iterable[str], recent_s: float = 0.0) -> set[int]:
+    """Jobs with a miner message ready in ``queues``, or taken by a worker less than
+    ``recent_s`` seconds ago."""
     if not broker_url.startswith(("redis://", "rediss://")):
         return set()
     import redis
@@ -57,7 +69,16 @@ def waiting_job_ids(broker_url: str, queues: Iterable[str]) -> set[int]:
                     job_id = job_id_of(raw)
                     if job_id is not None:
                         ids.add(job_id)
+        if recent_s > 0:
+            # Delivery times are the broker client's time.time() on the worker's host.
+            tags = client.zrangebyscore(_UNACKED_INDEX, time.time() - recent_s, "+inf")
+            for entry in client.hmget(_UNACKED, tags) if tags else []:
+                try:
+                    job_id = job_id_of(json.loads(entry)[0]) if entry else None
+                except (ValueError, IndexError, TypeError):
+                    job_id = None
+                if job_id is not None:
+                    ids.add(job_id)
         return ids
     finally:
         client.close()
-
