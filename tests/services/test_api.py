@@ -81,6 +81,34 @@ def test_readyz_reports_what_is_down(settings_env, monkeypatch):
         reset()
 
 
+def test_a_job_the_broker_cannot_take_is_failed_and_answered_503(settings_env, dataset, checkpoint, auth_headers,
+                                                                 monkeypatch):
+    """Redis down at submission of a mine job (a trainer's job is not sent, it is claimed): a 503 that names the job and what to check, and the committed row
+    is marked failed (nobody would ever run it) instead of sitting queued forever."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from services.api.main import create_app
+    from services.common.runtime import reset
+
+    monkeypatch.setenv("ORL_BROKER_URL", "redis://127.0.0.1:1/0")
+    reset()
+    try:
+        client = TestClient(create_app())
+        r = client.post(f"{API}/jobs", json={"kind": "mine", "dataset_id": dataset["id"],
+                                                    "params": {"checkpoint_id": checkpoint}}, headers=auth_headers)
+        assert r.status_code == 503, r.text
+        detail = r.json()["detail"]
+        assert "broker is unreachable" in detail and "ORL_BROKER_URL" in detail
+        job_id = int(re.search(r"job (\d+) was marked failed", detail).group(1))
+        row = client.get(f"{API}/jobs/{job_id}").json()
+        assert row["status"] == "failed" and "could not reach the broker to start the job" in row["error"]
+    finally:
+        monkeypatch.undo()
+        reset()
+
+
 def test_write_endpoints_need_the_token(api_client):
     body = {"name": "x", "path": "sample"}
     r = api_client.post(f"{API}/datasets", json=body)

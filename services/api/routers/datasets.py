@@ -18,9 +18,9 @@ from sqlalchemy.orm import Session
 
 from services.api import cursors
 from services.api.deps import DatasetId, SessionDep, SettingsDep, WriteAccess
+from services.api.dispatch import dispatch_or_503
 from services.api.lookups import dataset_or_404
 from services.api.schemas import Counts, DatasetCreate, DatasetOut, ImageOut, Page, RegistrationOut, ScanOut
-from services.common import broker, jobs
 from services.common.datasets import (
     PathRefused,
     Registration,
@@ -62,16 +62,7 @@ def _register(session: Session, ds: Dataset, response: Response) -> DatasetOut:
     # worker has already finished the job by the time it is sent.
     reg = registrations(session, [ds.id])[ds.id]
     session.commit()  # before dispatch: the worker must find the row
-    try:
-        broker.dispatch_all(created.to_dispatch)
-    except Exception as exc:  # kombu raises several types when Redis is down
-        for job_id, _ in created.to_dispatch:  # no worker will ever see it: say so in the row
-            jobs.finish_job(session, job_id, JobStatus.FAILED,
-                            error=f"could not reach the broker to start the registration: {exc}")
-        session.commit()
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                            f"the broker is unreachable ({type(exc).__name__}); the registration of dataset {ds.id} "
-                            "was marked failed. Check ORL_BROKER_URL / Redis and register again") from None
+    dispatch_or_503(session, created.to_dispatch, what="the registration", retry="register again")
     response.status_code = status.HTTP_202_ACCEPTED
     response.headers["Location"] = f"/api/v1/jobs/{created.job.id}"
     return _out(session, ds, reg)

@@ -16,8 +16,9 @@ from sqlalchemy import select
 
 from services.api import cursors, lookups, schemas
 from services.api.deps import JobId, OptionalId, SessionDep, SettingsDep, WriteAccess
+from services.api.dispatch import dispatch_or_503
 from services.api.schemas import JobCreate, JobKind, JobMetricsOut, JobOut, Page, ReviewSummary
-from services.common import broker, datasets, embedding_maps, jobs, reviews
+from services.common import datasets, embedding_maps, jobs, reviews
 from services.common import params as job_params
 from services.common.models import Dataset, Job, JobStatus, RoiPair
 from services.common.paths import PathRefused, resolve_user_path, stored_path
@@ -97,18 +98,8 @@ def submit_job(
     if not created.created:
         response.headers["Idempotent-Replayed"] = "true"
         return _out(session, job)
-    try:
-        broker.dispatch_all(created.to_dispatch)
-    except Exception as exc:  # kombu raises several types when Redis is down
-        # Failing the job keeps the table honest: a queued mine job nobody will ever run would
-        # otherwise sit there forever.
-        for job_id, _ in created.to_dispatch:
-            jobs.finish_job(session, job_id, JobStatus.FAILED,
-                            error=f"could not reach the broker to start the job: {exc}")
-        session.commit()
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                            f"the broker is unreachable ({type(exc).__name__}); job {job.id} was marked failed. "
-                            "Check ORL_BROKER_URL / Redis and submit again with a new Idempotency-Key") from None
+    dispatch_or_503(session, created.to_dispatch, what="the job",
+                    retry="submit again with a new Idempotency-Key")
     session.refresh(job)
     return _out(session, job)
 
