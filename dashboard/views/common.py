@@ -189,6 +189,19 @@ def set_query(page: str, values: dict[str, Any]) -> None:
         st.query_params.from_dict(wanted)
 
 
+# -- text -------------------------------------------------------------------------------------------
+# Streamlit renders captions, headers and st.markdown as Markdown, with its own extras: ":smile:"
+# becomes an emoji and ":red[...]" colours text. A file or dataset name is the user's text, not
+# markup: escaped, its "_" or "*" is no emphasis, its "$" no formula, its "[" no link, its ":" no
+# emoji. Any ASCII punctuation may be backslash-escaped in CommonMark.
+_MARKDOWN_SPECIAL = frozenset("\\`*_{}[]()<>#+-.!|~$:")
+
+
+def md_text(text: object) -> str:
+    """``text`` as Markdown that shows it literally."""
+    return "".join("\\" + ch if ch in _MARKDOWN_SPECIAL else ch for ch in str(text))
+
+
 # -- sidebar: connection --------------------------------------------------------------------------
 def sidebar_connection() -> Api | None:
     """API URL, readiness and the write-token field in the sidebar; the Api to use, or None when

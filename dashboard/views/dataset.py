@@ -36,7 +36,7 @@ def render(api: common.Api) -> None:
     except ApiError as exc:
         common.show_error(exc, f"cannot load dataset {dataset_id}")
         return
-    st.caption(f"{ds['name']} · {ds['path']} · {ds.get('status', 'ready')}")
+    st.caption(f"{common.md_text(ds['name'])} · {common.md_text(ds['path'])} · {ds.get('status', 'ready')}")
     if (reg := common.registration_text(ds)) is not None:
         (st.warning if ds.get("status") == "incomplete" else st.info)(reg)
     counts = ds.get("counts") or {}

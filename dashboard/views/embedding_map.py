@@ -174,8 +174,8 @@ def _describe(page: dict, shown: int) -> None:
                f"job #{page['job_id']} · hover a dot for its photo, click it to open the Image page")
     lab = page.get("labels")
     if lab:
-        st.caption(f"colour: {lab.get('format')} labels from {lab.get('path')} · {lab.get('labelled')} images "
-                   f"labelled, {lab.get('classes')} classes")
+        st.caption(f"colour: {lab.get('format')} labels from {common.md_text(lab.get('path'))} · "
+                   f"{lab.get('labelled')} images labelled, {lab.get('classes')} classes")
 
 
 def _open_picker(dataset_id: int, checkpoint: int, points: list[dict]) -> None:

@@ -68,7 +68,7 @@ def _gallery(api: common.Api, state: dict[str, Any]) -> None:
         cols = st.columns(GALLERY_COLUMNS)
         for i, im in enumerate(items):
             col = cols[i % GALLERY_COLUMNS]
-            if not _thumbnail(api, col, im["id"], GALLERY_PX, f"{im['id']} · {im['rel_path']}"):
+            if not _thumbnail(api, col, im["id"], GALLERY_PX, f"{im['id']} · {common.md_text(im['rel_path'])}"):
                 continue
             col.button("Open", key=f"open_{im['id']}", on_click=_open, args=(state, im["id"]),
                        type="primary" if im["id"] == state["image"] else "secondary")
@@ -106,7 +106,7 @@ def _image(api: common.Api, state: dict[str, Any]) -> None:
     if meta["dataset_id"] != state["dataset"]:
         st.warning(f"image {image_id} belongs to dataset #{meta['dataset_id']}; pick that dataset to see it")
         return
-    st.subheader(f"Image {image_id} · {meta['rel_path']}")
+    st.subheader(f"Image {image_id} · {common.md_text(meta['rel_path'])}")
     labels = {c["id"]: common.checkpoint_label(c) for c in checkpoints}
     options: list[int | None] = [None, *labels]
     current = state["checkpoint"] if state["checkpoint"] in labels else None
@@ -123,7 +123,7 @@ def _image(api: common.Api, state: dict[str, Any]) -> None:
         except ApiError as exc:
             common.show_error(exc, f"cannot load image {image_id}")
         else:
-            st.image(photo.content, caption=f"{meta['rel_path']} · {meta['width']}×{meta['height']} px",
+            st.image(photo.content, caption=f"{common.md_text(meta['rel_path'])} · {meta['width']}×{meta['height']} px",
                      width="stretch")
     try:
         knn = api.neighbors(image_id, checkpoint_id=checkpoint, limit=50)

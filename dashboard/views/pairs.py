@@ -207,13 +207,6 @@ def _picture(pair: dict, images: list, colour: tuple[int, int, int]) -> bytes:
 
 
 VERDICT_MARKS = {"correct": ":green[✓ correct]", "wrong": ":red[✗ wrong]"}
-# Backslash-escaped in captions (which are Markdown): a file name's "_" or "*" is not emphasis,
-# its "$" no formula, its "[" no link. Any ASCII punctuation may be escaped in CommonMark.
-_MARKDOWN_SPECIAL = set("\\`*_{}[]()<>#+-.!|~$:")
-
-
-def _md_text(text: str) -> str:
-    return "".join("\\" + ch if ch in _MARKDOWN_SPECIAL else ch for ch in text)
 
 
 def _caption(number: int, pair: dict) -> str:
@@ -223,9 +216,9 @@ def _caption(number: int, pair: dict) -> str:
             f"neighbour rank {pair['neighbor_rank'] + 1} · pair id {pair['id']} · job {pair['job_id']} · "
             f"reviews ✓ {counts.get('correct', 0)} · ✗ {counts.get('wrong', 0)}"
             + (f" · you: {VERDICT_MARKS[mine]}" if mine in VERDICT_MARKS else "")
-            + f"  \nquery · image {pair['image_id']} · {_md_text(pair.get('image_path') or '')} → neighbour "
+            + f"  \nquery · image {pair['image_id']} · {common.md_text(pair.get('image_path') or '')} → neighbour "
             f"{pair['neighbor_rank'] + 1} · image {pair['neighbor_image_id']} · "
-            f"{_md_text(pair.get('neighbor_path') or '')} · then the query box and the neighbour box")
+            f"{common.md_text(pair.get('neighbor_path') or '')} · then the query box and the neighbour box")
 
 
 def _page_key(shown: list[tuple[int, dict]], reviewer: str | None) -> str:
@@ -269,7 +262,7 @@ def _review_form(api: common.Api, by_number: dict[int, dict], reviewer: str | No
         return [n for n in numbers if by_number[n].get("verdict") == verdict]
 
     with st.form(f"pairs_review_{key}", border=False):
-        st.markdown("**Review this page**" + (f" as {_md_text(reviewer)}" if reviewer else ""))
+        st.markdown("**Review this page**" + (f" as {common.md_text(reviewer)}" if reviewer else ""))
         correct = st.multiselect("✓ correct", numbers, default=marked("correct"), key=f"pairs_correct_{key}",
                                  format_func=lambda n: f"#{n}", disabled=why is not None, placeholder="pairs",
                                  help=why or "the pairs of this page whose two boxes show the same kind of object")

@@ -83,8 +83,9 @@ def test_readyz_reports_what_is_down(settings_env, monkeypatch):
 
 def test_a_job_the_broker_cannot_take_is_failed_and_answered_503(settings_env, dataset, checkpoint, auth_headers,
                                                                  monkeypatch):
-    """Redis down at submission of a mine job (a trainer's job is not sent, it is claimed): a 503 that names the job and what to check, and the committed row
-    is marked failed (nobody would ever run it) instead of sitting queued forever."""
+    """Redis down at submission of a mine job (a trainer's job is not sent, it is claimed): a 503
+    that names the job and what to check, and the committed row is marked failed (nobody would
+    ever run it) instead of sitting queued forever."""
     import re
 
     from fastapi.testclient import TestClient

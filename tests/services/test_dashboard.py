@@ -27,6 +27,7 @@ import httpx
 import numpy as np
 import pytest
 
+from dashboard.views.common import md_text
 from tests.services import procs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -523,7 +524,8 @@ def test_image_page_gallery_search_neighbours_and_pairs(app, seeded):
     name = httpx.get(f"{os.environ['ORL_API_URL']}/api/v1/images/{target}").json()["rel_path"]
     at.text_input(key="image_q").set_value(Path(name).stem.upper()).run()
     assert not at.exception and qp(at)["q"] == Path(name).stem.upper()
-    assert [c for im in at.image for c in im.captions] == [f"{target} · {name}"]
+    # The caption is Markdown: the file name is escaped (its "_" and "." shown as they are).
+    assert [c for im in at.image for c in im.captions] == [f"{target} · {md_text(name)}"]
     at.button(key=f"open_{target}").click().run()
     assert not at.exception and qp(at)["image"] == str(target)
     # The photo, its 3 neighbours with similarities, and the pairs with the nearest drawn both ways:
