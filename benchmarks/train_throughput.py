@@ -10,7 +10,9 @@ One run, one machine. Per preset (default tiny and cpu) and stage (byol = stage 
   Variants: ``pil`` (the PIL pipeline, the preset's data-loader workers, rebuilt each epoch:
   the default path), ``pil-w0`` (no workers), ``pil-persistent`` (2 workers kept across
   epochs), ``tensor`` (the image store and batched augmentation on the device), and
-  ``tensor-compile`` (the same with ``train.compile``; opt in: compiling takes minutes on 2 cores).
+  ``tensor-compile`` (the same with ``train.compile``; opt in: compiling takes minutes on 2 cores),
+  ``tensor-bf16`` (the same with bf16 autocast, ``train.cpu_amp`` on the CPU; opt in: it pays only
+  on CPUs with bf16 units, such as Intel AMX; its "of bare" is against the fp32 bare step).
 * **bare**: the same networks' forward + backward of one batch of view tensors (online forward
   and backward, target forward, the losses), repeated: the limit a data path can approach.
 * **lightly** (stage 1 only): the peer, lightly's BYOL building blocks (PyPI ``lightly``:
@@ -71,6 +73,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pil-persistent": {"augment.backend": "pil", "train.num_workers": 2, "train.persistent_workers": True},
     "tensor": {"augment.backend": "tensor"},
     "tensor-compile": {"augment.backend": "tensor", "train.compile": True},
+    # bf16 autocast on either device (train.amp on CUDA is the default already).
+    "tensor-bf16": {"augment.backend": "tensor", "train.cpu_amp": True, "train.amp": True},
 }
 PEER = "lightly"  # a variant too: its own step, not orl.train, so no config overrides of its own
 
@@ -141,12 +145,12 @@ def bare_step(cfg: Config, stage: str, root: Path, files: list[str], corr: Corre
     batch = min(cfg.train.batch_size, len(files))
     model, net, amp = _networks(cfg, stage, dev, 1, init_from=None)
     weights = {"global": cfg.train.w_global, "intra": cfg.train.w_intra, "inter": cfg.train.w_inter}
-    views = _to_device(data.batch(list(range(batch)), batch_seed(0, 0, 0, 0)), dev, amp)
+    views = _to_device(data.batch(list(range(batch)), batch_seed(0, 0, 0, 0)), dev, amp and dev.type == "cuda")
     net.train()
 
     def once() -> None:
         model.zero_grad(set_to_none=True)
-        with _autocast(amp):
+        with _autocast(amp, dev):
             losses = net({b: v for b, v in views.items() if weights[b] > 0})
         sum(weights[b] * v for b, v in losses.items()).backward()  # type: ignore[union-attr]
 
@@ -195,7 +199,7 @@ def peer_step(cfg: Config, root: Path, files: list[str], device: str, warmup: in
     criterion = NegativeCosineSimilarity()
     optimizer = torch.optim.SGD([*online.parameters(), *predictor.parameters()], lr=0.05, momentum=tc.momentum,
                                 weight_decay=tc.weight_decay)
-    amp = tc.amp and dev.type == "cuda"  # as ours: bf16 autocast on CUDA only
+    amp = tc.amp if dev.type == "cuda" else tc.cpu_amp  # as ours
     transform = BYOLTransform(BYOLView1Transform(input_size=ac.image_size, min_scale=ac.min_scale),
                               BYOLView2Transform(input_size=ac.image_size, min_scale=ac.min_scale))
     paths = [root / f for f in files]
@@ -217,7 +221,7 @@ def peer_step(cfg: Config, root: Path, files: list[str], device: str, warmup: in
         for x0, x1 in loader:
             x0, x1 = x0.to(dev, non_blocking=True), x1.to(dev, non_blocking=True)
             update_momentum(online, target, m=tc.ema_base)
-            with _autocast(amp):
+            with _autocast(amp, dev):
                 p0, p1 = predictor(online(x0)), predictor(online(x1))
                 with torch.no_grad():
                     z0, z1 = target(x0), target(x1)

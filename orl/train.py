@@ -94,7 +94,7 @@ class Run:
     schedule: Schedule
     weights: dict[str, float]  # loss weight per branch; a branch weighted 0 is not run
     device: torch.device
-    amp: bool  # bfloat16 autocast and channels_last (CUDA only)
+    amp: bool  # bfloat16 autocast (train.amp on CUDA, with channels_last; train.cpu_amp on the CPU)
     out: Path
     rank: int = 0
     world: int = 1
@@ -210,11 +210,12 @@ def train_one_epoch(run: Run, pos: RunPosition, steps: StepLog, *, max_steps: in
         lr = run.schedule.lr(pos)
         for g in run.optimizer.param_groups:
             g["lr"] = lr
-        with _autocast(run.amp):
+        with _autocast(run.amp, run.device):
             # A branch weighted 0 is not run at all (no forward, no BatchNorm update),
             # so an ablation removes the branch, not just its gradient.
             ran = {b: v for b, v in views.items() if run.weights.get(b, 0) > 0}
-            losses: dict[str, torch.Tensor] = run.net(_to_device(ran, run.device, run.amp))
+            channels_last = run.amp and run.device.type == "cuda"
+            losses: dict[str, torch.Tensor] = run.net(_to_device(ran, run.device, channels_last))
         loss = cast(torch.Tensor, sum(run.weights[b] * v for b, v in losses.items()))
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -458,8 +459,8 @@ def _networks(cfg: Config, stage: str, dev: torch.device, world: int,
     if init_from is not None:
         _init_from(model, init_from)
     model.to(dev)
-    amp = cfg.train.amp and dev.type == "cuda"
-    if amp:
+    amp = cfg.train.amp if dev.type == "cuda" else cfg.train.cpu_amp and dev.type == "cpu"
+    if amp and dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         # In place (nn.Module.compile), so parameter names and checkpoints stay as they are.
@@ -504,8 +505,8 @@ def _fused_sgd(dev: torch.device) -> bool | None:
     return True if dev.type == "cuda" else None
 
 
-def _autocast(amp: bool) -> AbstractContextManager[Any]:
-    return torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
+def _autocast(amp: bool, dev: torch.device) -> AbstractContextManager[Any]:
+    return torch.autocast(dev.type, dtype=torch.bfloat16) if amp else nullcontext()
 
 
 def _to_device(views: dict[str, tuple[torch.Tensor, torch.Tensor] | None], dev: torch.device,

@@ -181,6 +181,23 @@ def test_orl_trains_all_branches_and_images_without_pairs(tmp_path, eight_images
     assert {k.split(".")[1] for k in ck["model"] if k.startswith("predictors.")} == {"global", "intra", "inter"}
 
 
+def test_cpu_bf16_autocast_trains_stage_3_close_to_fp32(tmp_path, eight_images):
+    """train.cpu_amp: the step runs under bf16 autocast on the CPU (the losses move off the fp32
+    values, but only by bf16 rounding) and the weights stay fp32."""
+    root = eight_images / "images"
+    corr = _toy_corr(list_images(root))
+    runs = {}
+    for amp in (False, True):
+        cfg = _cfg(epochs=1, batch=8).override(**{"train.cpu_amp": amp})
+        runs[amp] = train("orl", root, tmp_path / str(amp), cfg, corr=corr, show_progress=False)["metrics"]
+    fp32, bf16 = runs[False], runs[True]
+    for k in ("loss_global", "loss_intra", "loss_inter"):
+        assert np.isfinite(bf16[k]) and bf16[k] == pytest.approx(fp32[k], rel=0.05), (k, fp32[k], bf16[k])
+    assert any(bf16[k] != fp32[k] for k in ("loss_global", "loss_intra", "loss_inter")), "autocast was not applied"
+    ck = load_checkpoint(tmp_path / "True" / "last.pt")
+    assert {v.dtype for v in ck["model"].values() if v.is_floating_point()} == {torch.float32}
+
+
 def test_orl_init_from_stage1(tmp_path, eight_images, tiny_byol_checkpoint):
     root = eight_images / "images"
     corr = _toy_corr(list_images(root))
