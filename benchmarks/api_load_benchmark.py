@@ -215,13 +215,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_api(url: str, port: int, workers: int, log: Path, tmp: Path) -> subprocess.Popen:
+def uvicorn_extras() -> dict[str, str | None]:
+    """Versions of the optional speed-ups uvicorn's "auto" would pick (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for pkg in ("httptools", "uvloop"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def start_api(url: str, port: int, workers: int, log: Path, tmp: Path, http: str = "auto",
+              loop: str = "auto") -> subprocess.Popen:
     (tmp / "data").mkdir(exist_ok=True)
     env = {**os.environ, "ORL_DATABASE_URL": url, "ORL_DATA_ROOTS": str(tmp / "data"),
            "ORL_ARTIFACTS_DIR": str(tmp / "artifacts"), "ORL_API_TOKEN": secrets.token_urlsafe(16),
            "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "uvicorn", "services.api.main:app", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", str(workers), "--no-access-log"]
+           "--workers", str(workers), "--no-access-log", "--http", http, "--loop", loop]
     out = log.open("wb")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
@@ -540,6 +554,15 @@ def stats(samples: dict[str, list[float]], errors: dict[str, list[str]], seconds
     return out
 
 
+def _impl(res: dict, key: str, fast: str, slow: str) -> str:
+    """What uvicorn ran: the chosen implementation, or what "auto" picked from what was installed."""
+    u = res.get("uvicorn") or {}
+    chosen = u.get(key, "auto")
+    if chosen == "auto":
+        chosen = fast if u.get(fast) else slow  # uvicorn's own rule
+    return chosen + (f" {u[fast]}" if chosen == fast and u.get(fast) else "")
+
+
 def markdown(res: dict) -> str:
     rows = "\n".join(
         f"| {name} | {s['requests']} | {s['rps']} | {s['p50_ms']} | {s['p90_ms']} | {s['p99_ms']} | {s['max_ms']} | "
@@ -566,7 +589,8 @@ Load average (1, 5, 15 min) {res['load_average_before']} before, {res['load_aver
 processes that used more than 10% of a core during the run:
 {others}
 
-**Set-up.** One uvicorn process (`uvicorn services.api.main:app`, {res['api_workers']} worker) on a database of
+**Set-up.** One uvicorn process (`uvicorn services.api.main:app`, {res['api_workers']} worker; HTTP parser
+{_impl(res, 'http', 'httptools', 'h11')}, event loop {_impl(res, 'loop', 'uvloop', 'asyncio')}) on a database of
 {res['seed']['pairs']:,} pairs of one mining job over {res['seed']['images']:,} images ({res['seed']['reviews']:,}
 reviews). {res['clients']} reader threads in another process, each a dashboard user: a query kind at random, its
 first page of {PAGE} pairs, then up to {res['pages'] - 1} more by cursor, pausing {res['think_ms']:.0f} ms on
@@ -604,6 +628,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--think-ms", type=float, default=200.0, help="each reader's mean pause between requests")
     p.add_argument("--write-rate", type=float, default=2000.0, help="pairs/s the writer aims at (0: no writer)")
     p.add_argument("--api-workers", type=int, default=1, help="uvicorn processes (production: 1)")
+    # uvicorn's auto picks httptools and uvloop when they are installed (requirements.txt does
+    # not pin them), else its pure-Python h11 parser and asyncio's loop: these compare the two.
+    p.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto", help="uvicorn's HTTP parser")
+    p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto", help="uvicorn's event loop")
     p.add_argument("--out", type=Path, default=RESULTS / "api_load")
     p.add_argument("--role", choices=["readers", "writer"], help=argparse.SUPPRESS)
     p.add_argument("--base", help=argparse.SUPPRESS)
@@ -659,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         port = free_port()
-        api = start_api(url, port, args.api_workers, tmp / "api.log", tmp)
+        api = start_api(url, port, args.api_workers, tmp / "api.log", tmp, args.http, args.loop)
         readers = writer = None
         try:
             common = ["--seconds", str(args.seconds), "--warmup", str(args.warmup), "--info", json.dumps(info),
@@ -711,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         not_clean.append(f"ran at niceness {os.nice(0)}")
     res = {
         "command": command, "seed": info, "database": name, "api_workers": args.api_workers,
+        "uvicorn": {"http": args.http, "loop": args.loop, **uvicorn_extras()},
         "clients": args.clients, "pages": args.pages, "think_ms": args.think_ms, "seconds": args.seconds,
         "warmup": args.warmup,
         "write_rate": args.write_rate, "page_size": PAGE, "target_p99_ms": TARGET_P99_MS,
