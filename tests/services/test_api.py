@@ -81,11 +81,10 @@ def test_readyz_reports_what_is_down(settings_env, monkeypatch):
         reset()
 
 
-def test_a_job_the_broker_cannot_take_is_failed_and_answered_503(settings_env, dataset, checkpoint, auth_headers,
-                                                                 monkeypatch):
-    """Redis down at submission of a mine job (a trainer's job is not sent, it is claimed): a 503
-    that names the job and what to check, and the committed row is marked failed (nobody would
-    ever run it) instead of sitting queued forever."""
+def test_a_job_the_broker_cannot_take_is_failed_and_answered_503(settings_env, auth_headers, monkeypatch):
+    """Redis down when a folder is registered (its register job is sent to the miners; a trainer's
+    job would not be sent, it is claimed): a 503 that names the job and what to check, and the
+    committed row is marked failed (nobody would ever run it) instead of sitting queued forever."""
     import re
 
     from fastapi.testclient import TestClient
@@ -93,18 +92,20 @@ def test_a_job_the_broker_cannot_take_is_failed_and_answered_503(settings_env, d
     from services.api.main import create_app
     from services.common.runtime import reset
 
+    folder = settings_env.data_root / f"broker-down-{_uid()}"
+    folder.mkdir()
+    shutil.copy(sorted(settings_env.images_dir.rglob("*.jpg"))[0], folder / "a.jpg")
     monkeypatch.setenv("ORL_BROKER_URL", "redis://127.0.0.1:1/0")
     reset()
     try:
         client = TestClient(create_app())
-        r = client.post(f"{API}/jobs", json={"kind": "mine", "dataset_id": dataset["id"],
-                                                    "params": {"checkpoint_id": checkpoint}}, headers=auth_headers)
+        r = client.post(f"{API}/datasets", json={"name": folder.name, "path": str(folder)}, headers=auth_headers)
         assert r.status_code == 503, r.text
         detail = r.json()["detail"]
-        assert "broker is unreachable" in detail and "ORL_BROKER_URL" in detail
+        assert "broker is unreachable" in detail and "ORL_BROKER_URL" in detail and "register again" in detail
         job_id = int(re.search(r"job (\d+) was marked failed", detail).group(1))
         row = client.get(f"{API}/jobs/{job_id}").json()
-        assert row["status"] == "failed" and "could not reach the broker to start the job" in row["error"]
+        assert row["status"] == "failed" and "could not reach the broker to start the registration" in row["error"]
     finally:
         monkeypatch.undo()
         reset()

@@ -459,7 +459,7 @@ def test_jobs_page_registers_a_folder_and_shows_the_registration(app, seeded, se
 
     at = open_page(AppTest.from_file(str(REPO / "dashboard" / "app.py"), default_timeout=60), page="dataset",
                    dataset=ds_id)  # a new session: the one above keeps the Jobs page in its state
-    assert f"{folder.name} · {folder} · ready" in texts(at)
+    assert f"{md_text(folder.name)} · {md_text(folder)} · ready" in texts(at)  # names escaped: Markdown
 
 
 def test_jobs_page_shows_api_errors_without_token(live_api, seeded, monkeypatch):

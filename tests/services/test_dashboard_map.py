@@ -15,6 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from dashboard.views.common import md_text
 from tests.services import test_dashboard as dash
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -80,7 +81,7 @@ def test_map_page_plots_points_with_thumbnails_labels_and_links(app, seeded, see
     at = dash.open_page(app, page="map", dataset=seeded["dataset"], checkpoint=seeded["byol"])
     body = dash.texts(at)
     assert f"{len(seeded['images'])} images" in body and "PCA (umap-learn is not installed" in body
-    assert f"job #{seeded_map['job']}" in body and "csv labels from /data/labels.csv" in body
+    assert f"job #{seeded_map['job']}" in body and f"csv labels from {md_text('/data/labels.csv')}" in body
     spec, rows = _chart_spec(at)
     enc = spec.get("encoding") or spec["layer"][0]["encoding"]
     assert enc["color"]["field"] == "label" and enc["href"]["field"] == "open"
