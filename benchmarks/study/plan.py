@@ -92,10 +92,15 @@ class Mode:
     threads: int | None = 2
     svm_jobs: int = 2
     max_minutes: float | None = None
+    # The final stage-1 checkpoint (48 MB in float16) and its pairs kept in git, under
+    # benchmarks/results/study_<mode>_keep/, for a stage 1 too long to recompute in a session
+    # (the long mode's 3,008 steps). Elsewhere the same float16 copy is kept in the work folder:
+    # every run after stage 1 reads the rounded weights either way.
+    keep_in_git: bool = False
 
     def settings(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in ("seeds", "threads", "svm_jobs", "max_minutes"):
+        for k in ("seeds", "threads", "svm_jobs", "max_minutes", "keep_in_git"):
             d.pop(k)
         return json.loads(json.dumps(d))  # as it reads back from the file (tuples -> lists)
 
@@ -113,7 +118,7 @@ MODES = {
     # One long seed: 188 epochs = 3,008 stage-1 steps, snapshots along the way (about 100,
     # 300, 1,000, 2,000 and 3,000 steps), then M = 63 epochs (1,008 steps) of each run.
     "long": Mode("long", "cpu", SMALL, epochs=188, more_epochs=63, snapshots=(0, 6, 19, 63, 125, 188),
-                 seeds=(0,), runs=tuple(RUNS), variants=tuple(VARIANTS), control_epochs=60),
+                 seeds=(0,), runs=tuple(RUNS), variants=tuple(VARIANTS), control_epochs=60, keep_in_git=True),
     # Three seeds at a shorter length (800 + 304 steps) for the spread of the headline comparisons.
     # Lean, so that the three seeds fit one long session: every mining (snapshots, runs, and the
     # pairs stage 3 trains on) uses RoIAlign RoI features, so all its pair scores compare with

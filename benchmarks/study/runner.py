@@ -184,7 +184,8 @@ def main(argv=None) -> int:
 
     from .units import Study
 
-    study = Study(mode, work, store, Path(args.data), args.device, keep=results_dir / f"study_{name}_keep")
+    keep = results_dir / f"study_{name}_keep" if mode.keep_in_git else work / "keep"
+    study = Study(mode, work, store, Path(args.data), args.device, keep=keep)
     d = store.data
     d["machine"] = machine_info(study)
     d["seeds"] = sorted(set(d.get("seeds", [])) | set(mode.seeds))
@@ -216,10 +217,11 @@ def main(argv=None) -> int:
                 print(f"report failed: {exc}", file=sys.stderr)
                 written = None
             paths = ([out] + ([written] if written else []) + sorted(results_dir.glob(f"study_{name}_*.png"))
-                     + study.kept_written)
+                     + (study.kept_written if mode.keep_in_git else []))
             git_commit(repo, paths, f"study {name}: {key} ({store.units[key]['status']})")
         store.after_record = commit
-        study.after_keep = lambda p: git_commit(repo, [p], f"study {name}: keep {p.relative_to(results_dir)}")
+        if mode.keep_in_git:
+            study.after_keep = lambda p: git_commit(repo, [p], f"study {name}: keep {p.relative_to(results_dir)}")
     try:
         study.run()
     finally:

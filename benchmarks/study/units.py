@@ -16,10 +16,12 @@ files. Training resumes from its run folder's last.pt, so even a killed chunk lo
 steps since its last checkpoint (every 50 steps).
 
 The work folder does not survive a new checkout, and every run after stage 1 needs the final
-stage-1 checkpoint and its pairs (about 95 minutes to recompute on 2 cores). Those two are kept
-in git (``benchmarks/results/study_<mode>_keep/``): the model weights in float16 (48 MB for the
-long mode's ResNet-18, online + target; no optimizer state, which stage 3's init does not read)
-and the pairs file. A getter that finds its file missing restores it from there first. A run
+stage-1 checkpoint and its pairs (about 95 minutes to recompute on 2 cores in the long mode).
+Those two are kept (``keep``): the model weights in float16 (48 MB for ResNet-18, online +
+target; no optimizer state, which stage 3's init does not read) and the pairs file; in git
+(``benchmarks/results/study_<mode>_keep/``) for a mode with ``keep_in_git`` (the long one),
+else in the work folder, where a new checkout recomputes them (the short mode's stage 1: about
+20 minutes per seed). A getter that finds its file missing restores it from there first. A run
 after stage 1 whose session ended between its training and its evaluation may be kept the same
 way (``<run>.pt``), by hand: ``units.keep_checkpoint(work/s0/<run>/last.pt, keep/s0/<run>.pt)``.
 """
