@@ -72,8 +72,9 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast + channels_last, CUDA only
     # bf16 autocast on the CPU (without channels_last). Off by default: it pays only on CPUs
     # with bf16 matrix units (Intel AMX / AVX512-BF16: faster than fp32 in every reading of
-    # benchmarks/cpu_amp_probe.py), and costs 10-25x on CPUs without them (measured on AMD
-    # EPYC, AVX2). bf16 rounds activations: a run is not bit-comparable with an fp32 one.
+    # benchmarks/cpu_amp_probe.py), and was reported 10-25x slower on CPUs without them (AMD
+    # EPYC, AVX2; run the probe to see which kind yours is). bf16 rounds activations: a run is
+    # not bit-comparable with an fp32 one.
     cpu_amp: bool = False
     # Data-loader workers kept across epochs ("pil" backend with num_workers > 0): no worker
     # start-up at the first step of each epoch. Either way each sample is seeded by its
