@@ -77,8 +77,13 @@ class Proc:
         return session_processes(self.popen.pid)
 
     def cpu_seconds(self) -> float:
-        """CPU time (user + system) of the session's processes, those that exited included."""
-        return sum(cpu for _, _, cpu in self.processes())
+        """CPU time (user + system) of the session's processes, those that exited included.
+
+        Zombies count too: an exited subprocess's CPU reaches its parent's only when the parent
+        reaps it, so without them a killed selective search would vanish from the sum and come
+        back at the reap, inside a later measuring window (a cancel test once read 161% of a
+        core from an idle worker that way)."""
+        return sum(cpu for _, _, cpu in session_processes(self.popen.pid, zombies=True))
 
     def kill9(self) -> None:
         """SIGKILL the whole process group: no cleanup, no acks, no final checkpoint."""
@@ -100,8 +105,9 @@ class Proc:
         self._log.close()
 
 
-def session_processes(sid: int) -> list[tuple[int, str, float]]:
-    """Live processes whose session id is ``sid``, read from /proc (Linux)."""
+def session_processes(sid: int, zombies: bool = False) -> list[tuple[int, str, float]]:
+    """Live processes whose session id is ``sid``, read from /proc (Linux); with ``zombies``,
+    also those that exited and wait to be reaped (their command line is empty)."""
     tick = os.sysconf("SC_CLK_TCK")
     out = []
     for entry in os.listdir("/proc"):
@@ -116,7 +122,7 @@ def session_processes(sid: int) -> list[tuple[int, str, float]]:
         # fields[0] is the state (3rd field of stat): session is stat's 6th; utime, stime, cutime,
         # cstime its 14th to 17th (with the children's, the CPU of a subprocess that exited, e.g.
         # a killed selective search, still counts, in its parent's).
-        if int(fields[3]) != sid or fields[0] == "Z":
+        if int(fields[3]) != sid or (fields[0] == "Z" and not zombies):
             continue
         out.append((int(entry), cmd, sum(int(f) for f in fields[11:15]) / tick))
     return out
